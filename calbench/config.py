@@ -1,0 +1,185 @@
+"""The lab configuration (one TOML file): instruments, prefixes, sim or hardware, directories, tiled.
+
+Resolution order for the file: the `path` argument, then $CALBENCH_CONFIG, then ./lab.toml, then the
+embedded defaults (calbench/default_lab.toml: every instrument simulated, local tiled). Environment
+variables override single keys: CALBENCH_HOME (lab.home), CALBENCH_PV_PREFIX (lab.pv_prefix),
+CALBENCH_TILED_URI / CALBENCH_TILED_API_KEY (an external tiled server).
+
+Validation names the key and the fix, e.g.
+    lab.toml: [instruments.eiger] backend = 'real': must be 'sim' or 'hardware'
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from calbench.instruments import INSTRUMENTS
+
+DEFAULT_CONFIG = Path(__file__).with_name("default_lab.toml")
+
+
+class ConfigError(ValueError):
+    """The lab configuration is missing or invalid; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class InstrumentConfig:
+    name: str
+    backend: str            # "sim" | "hardware"
+    prefix: str             # instrument prefix, without the lab-wide pv_prefix
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sim(self) -> bool:
+        return self.backend == "sim"
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    source: Path
+    name: str
+    home: Path
+    data_dir: Path
+    results_dir: Path
+    pv_prefix: str
+    interfaces: tuple[str, ...]
+    time_scale: float
+    seed: int
+    operator: str
+    tiled_uri: str
+    tiled_api_key: str
+    tiled_port: int
+    tiled_catalog: str
+    instruments: dict[str, InstrumentConfig]
+
+    def prefix_of(self, instrument: str) -> str:
+        """Full PV prefix of an instrument (lab prefix + instrument prefix)."""
+        try:
+            return self.pv_prefix + self.instruments[instrument].prefix
+        except KeyError:
+            raise ConfigError(
+                f"{self.source}: no [instruments.{instrument}] section; add one "
+                f"(see {DEFAULT_CONFIG} for an example)") from None
+
+    def with_overrides(self, **changes) -> "LabConfig":
+        from dataclasses import replace
+        return replace(self, **changes)
+
+    def as_metadata(self) -> dict:
+        """A JSON-able summary stored in every run's start document."""
+        return {
+            "source": str(self.source), "name": self.name, "pv_prefix": self.pv_prefix,
+            "data_dir": str(self.data_dir), "results_dir": str(self.results_dir),
+            "instruments": {n: {"backend": i.backend, "prefix": i.prefix, **_jsonable(i.settings)}
+                            for n, i in self.instruments.items()},
+        }
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (v if isinstance(v, (str, int, float, bool, list)) else str(v)) for k, v in d.items()}
+
+
+_LAB_KEYS = {"name": str, "home": str, "data_dir": str, "results_dir": str, "pv_prefix": str,
+             "interfaces": list, "time_scale": (int, float), "seed": int, "operator": str}
+_TILED_KEYS = {"uri": str, "port": int, "catalog": str, "api_key": str}
+
+
+def _check_keys(where: str, table: dict, allowed: dict, source: Path) -> None:
+    for key, value in table.items():
+        if key not in allowed:
+            raise ConfigError(f"{source}: unknown key {where}.{key}; allowed keys are "
+                              f"{', '.join(sorted(allowed))}")
+        if not isinstance(value, allowed[key]) or isinstance(value, bool) and allowed[key] is not bool:
+            want = allowed[key]
+            want = " or ".join(t.__name__ for t in want) if isinstance(want, tuple) else want.__name__
+            raise ConfigError(f"{source}: {where}.{key} = {value!r} must be a {want}")
+
+
+def load_config(path: str | os.PathLike | None = None) -> LabConfig:
+    """Read and validate the lab configuration (see the module docstring for where it comes from)."""
+    if path is None:
+        path = os.environ.get("CALBENCH_CONFIG") or (Path("lab.toml") if Path("lab.toml").is_file()
+                                                     else DEFAULT_CONFIG)
+    source = Path(path).expanduser()
+    if not source.is_file():
+        raise ConfigError(f"lab configuration {source} not found; create it (start from "
+                          f"{DEFAULT_CONFIG}) or unset CALBENCH_CONFIG to use the embedded defaults")
+    try:
+        raw = tomllib.loads(source.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source} is not valid TOML: {exc}; fix the syntax at that line") from None
+    return parse_config(raw, source)
+
+
+def parse_config(raw: dict, source: Path = DEFAULT_CONFIG) -> LabConfig:
+    unknown = set(raw) - {"lab", "tiled", "instruments"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; "
+                          "allowed are [lab], [tiled] and [instruments.<name>]")
+    lab = raw.get("lab", {})
+    tiled = raw.get("tiled", {})
+    _check_keys("lab", lab, _LAB_KEYS, source)
+    _check_keys("tiled", tiled, _TILED_KEYS, source)
+
+    home = Path(os.environ.get("CALBENCH_HOME") or lab.get("home", "~/.local/share/calbench"))
+    home = home.expanduser()
+    if not home.is_absolute():
+        home = (source.parent / home).resolve()
+
+    def in_home(key: str, default: str) -> Path:
+        p = Path(lab.get(key, default)).expanduser()
+        return p if p.is_absolute() else home / p
+
+    time_scale = float(lab.get("time_scale", 1.0))
+    if time_scale <= 0:
+        raise ConfigError(f"{source}: lab.time_scale = {time_scale} must be > 0 (1 = real time)")
+    pv_prefix = os.environ.get("CALBENCH_PV_PREFIX", lab.get("pv_prefix", "CB:"))
+    interfaces = tuple(lab.get("interfaces", ["127.0.0.1"]))
+    if not interfaces or not all(isinstance(i, str) for i in interfaces):
+        raise ConfigError(f"{source}: lab.interfaces must be a non-empty list of addresses, "
+                          "e.g. [\"127.0.0.1\"]")
+
+    instruments = {}
+    for name, table in raw.get("instruments", {}).items():
+        spec = INSTRUMENTS.get(name)
+        if spec is None:
+            raise ConfigError(f"{source}: [instruments.{name}] is not a known instrument; "
+                              f"known: {', '.join(sorted(INSTRUMENTS))}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: instruments.{name} must be a table [instruments.{name}]")
+        backend = table.get("backend", "sim")
+        if backend not in ("sim", "hardware"):
+            raise ConfigError(f"{source}: [instruments.{name}] backend = {backend!r}: "
+                              "must be 'sim' or 'hardware'")
+        prefix = table.get("prefix", spec.default_prefix)
+        if not isinstance(prefix, str) or not prefix or " " in prefix:
+            raise ConfigError(f"{source}: [instruments.{name}] prefix = {prefix!r}: must be a "
+                              f"non-empty PV prefix without spaces, e.g. {spec.default_prefix!r}")
+        settings = dict(spec.settings)
+        for key, value in table.items():
+            if key in ("backend", "prefix"):
+                continue
+            if key not in spec.settings:
+                raise ConfigError(f"{source}: unknown key instruments.{name}.{key}; allowed keys "
+                                  f"are backend, prefix, {', '.join(sorted(spec.settings))}")
+            default = spec.settings[key]
+            if default is not None and not isinstance(value, type(default)) and not (
+                    isinstance(default, float) and isinstance(value, int)):
+                raise ConfigError(f"{source}: instruments.{name}.{key} = {value!r} must be a "
+                                  f"{type(default).__name__} (default {default!r})")
+            settings[key] = value
+        instruments[name] = InstrumentConfig(name, backend, prefix, settings)
+
+    return LabConfig(
+        source=source, name=lab.get("name", "calbench lab"), home=home,
+        data_dir=in_home("data_dir", "data"), results_dir=in_home("results_dir", "results"),
+        pv_prefix=pv_prefix, interfaces=interfaces, time_scale=time_scale,
+        seed=int(lab.get("seed", 0)), operator=lab.get("operator", ""),
+        tiled_uri=os.environ.get("CALBENCH_TILED_URI", tiled.get("uri", "")),
+        tiled_api_key=os.environ.get("CALBENCH_TILED_API_KEY", tiled.get("api_key", "")),
+        tiled_port=int(tiled.get("port", 8009)), tiled_catalog=tiled.get("catalog", "raw"),
+        instruments=instruments,
+    )

@@ -1,0 +1,28 @@
+"""Devices of the lab, built from the lab configuration (the profile and the CLIs use this)."""
+from __future__ import annotations
+
+from calbench.config import LabConfig
+from calbench.instruments import INSTRUMENTS, load_object
+
+
+def make_device(cfg: LabConfig, name: str, *, connect: bool = True, timeout: float = 5.0):
+    """The ophyd device of instrument `name` at its configured prefix.
+
+    A device class may define `from_settings(prefix, name=, settings=)` to take instrument settings
+    (geometry, det_id, ...); otherwise it is built as `cls(prefix, name=name)`."""
+    cls = load_object(INSTRUMENTS[name].device)
+    prefix = cfg.prefix_of(name)
+    settings = cfg.instruments[name].settings
+    if hasattr(cls, "from_settings"):
+        device = cls.from_settings(prefix, name=name, settings=settings)
+    else:
+        device = cls(prefix, name=name)
+    if connect:
+        device.ensure_connected(timeout)
+    return device
+
+
+def make_devices(cfg: LabConfig, names: list[str] | None = None, *, connect: bool = True,
+                 timeout: float = 5.0) -> dict:
+    return {n: make_device(cfg, n, connect=connect, timeout=timeout)
+            for n in (names or list(cfg.instruments))}

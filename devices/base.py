@@ -1,0 +1,151 @@
+"""What every calbench device shares: connection checks with a remedy, and puts that fail loudly.
+
+Each calbench IOC publishes StatusMessage_RBV and counts refused puts in Refusals_RBV. A
+`CheckedSignal` watches that counter while its put is in flight, so `set()` returns a Status that
+fails with `InstrumentRefused("<the IOC's reason and remedy>")` instead of a bare CA timeout.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+from ophyd import Component as Cpt
+from ophyd import Device, EpicsSignal, EpicsSignalRO
+from ophyd.status import Status
+
+DEFAULT_PUT_TIMEOUT_S = 10.0
+
+
+class InstrumentRefused(RuntimeError):
+    """The IOC refused a put; the message is the instrument's reason and remedy."""
+
+
+class IocNotAnswering(ConnectionError):
+    """No IOC answers on a prefix."""
+
+
+class LongStringSignalRO(EpicsSignalRO):
+    """A CHAR-waveform string PV read in full (DBR_STRING would cut it at 40 characters)."""
+
+    def get(self, **kwargs):
+        value = super().get(**kwargs)
+        if isinstance(value, str):
+            return value
+        return bytes(bytearray(int(v) & 0xFF for v in value)).split(b"\0", 1)[0].decode(
+            "utf-8", "replace")
+
+    def describe(self):
+        desc = super().describe()
+        desc[self.name].update(dtype="string", shape=[])
+        return desc
+
+
+class InstrumentDevice(Device):
+    """Base device of a calbench instrument IOC (the PVs of iocs/base.py:InstrumentIOC)."""
+
+    # Instrument name in calbench's table, for error messages; subclasses set it.
+    instrument = "instrument"
+
+    status_message = Cpt(LongStringSignalRO, "StatusMessage_RBV", kind="omitted")
+    refusals = Cpt(EpicsSignalRO, "Refusals_RBV", kind="omitted")
+    connected_rbv = Cpt(EpicsSignalRO, "Connected_RBV", kind="omitted")
+    world_time = Cpt(EpicsSignalRO, "WorldTime_RBV", kind="omitted")
+
+    def ensure_connected(self, timeout: float = 5.0) -> "InstrumentDevice":
+        """Wait for every PV; raise IocNotAnswering naming the prefix and how to start the IOC."""
+        wait_for_ioc(self, timeout)
+        return self
+
+    def world_now(self) -> float:
+        """The instrument's clock (epoch s; accelerated in simulations). Plans time holds with it."""
+        return float(self.world_time.get(use_monitor=False))
+
+
+def wait_for_ioc(device: Device, timeout: float = 5.0) -> None:
+    try:
+        device.wait_for_connection(timeout=timeout)
+    except TimeoutError as exc:
+        missing = [s.pvname for s in _signals(device) if not s.connected][:3]
+        name = getattr(device, "instrument", device.name)
+        raise IocNotAnswering(
+            f"no IOC answers on {device.prefix!r} for {name} (unconnected: {', '.join(missing)}); "
+            f"start it with `calbench ioc run {name} --sim` (or `make iocs`), or check the prefix "
+            "and EPICS_CA_ADDR_LIST") from exc
+
+
+def _signals(device: Device):
+    for walk in device.walk_signals(include_lazy=True):
+        if hasattr(walk.item, "pvname"):
+            yield walk.item
+
+
+class CheckedSignal(EpicsSignal):
+    """An EpicsSignal whose set() fails with InstrumentRefused when the IOC refuses the put.
+
+    Completion is the CA put callback; with `tolerance` given, also the readback reaching the
+    setpoint within it (a positioner-like setpoint/readback pair, e.g. tube current).
+    """
+
+    def set(self, value, *, timeout: float | None = None, settle_time: float | None = None, **kwargs):
+        timeout = DEFAULT_PUT_TIMEOUT_S if timeout is None else timeout
+        owner = self.root if hasattr(self.root, "refusals") else None
+        status = Status(self, timeout=timeout, settle_time=settle_time)
+        lock = threading.Lock()
+        tokens = []
+
+        def finish(exc: Exception | None = None):
+            with lock:
+                if status.done:
+                    return
+                for sig, cid in tokens:
+                    sig.unsubscribe(cid)
+                if exc is None:
+                    status.set_finished()
+                else:
+                    status.set_exception(exc)
+
+        if owner is not None:
+            start_count = owner.refusals.get(use_monitor=False)
+
+            def on_refusal(value, **_):
+                if value != start_count:
+                    message = owner.status_message.get(use_monitor=False)
+                    finish(InstrumentRefused(f"{self.setpoint_pvname} = {request!r}: {message}"))
+
+            tokens.append((owner.refusals, owner.refusals.subscribe(on_refusal, run=False)))
+
+        request = value
+
+        def reached(value=None, **_):
+            if self.tolerance is None or abs(self.get() - request) <= self.tolerance:
+                finish()
+
+        def put_done(*args, **kw):
+            if self.tolerance is None:
+                finish()
+            else:
+                tokens.append((self, self.subscribe(reached, event_type=self.SUB_VALUE, run=True)))
+
+        self.put(value, use_complete=True, callback=put_done)
+        return status
+
+
+def set_and_check(signal: CheckedSignal, value, timeout: float = DEFAULT_PUT_TIMEOUT_S):
+    """Blocking set for code outside the RunEngine (CLIs, staging); raises InstrumentRefused."""
+    status = signal.set(value, timeout=timeout)
+    try:
+        status.wait(timeout + 1)
+    except Exception as exc:
+        inner = status.exception() if status.done else None
+        raise (inner or exc) from None
+    return status
+
+
+def poll_until(predicate, timeout: float, period: float = 0.05) -> bool:
+    """True as soon as predicate() is; False after timeout wall seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(period)
+    return bool(predicate())

@@ -1,0 +1,148 @@
+"""Serving calbench IOCs with caproto: one process, one Channel Access server, any set of instruments.
+
+All instruments of a run share one server (one UDP search port): several CA servers on one loopback
+address would steal each other's search requests. `serve_forever` is the `calbench ioc run` main loop
+(SIGINT/SIGTERM shut it down cleanly and leave every instrument safe); `IocThread` runs the same server
+in a background thread, which is what the tests and the demo use.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterable
+
+from caproto.asyncio.server import Context
+from caproto.server import PVGroup
+
+from calbench.iocs.errors import Refused
+
+log = logging.getLogger(__name__)
+
+
+class _RefusalsAreNotCrashes(logging.Filter):
+    """caproto logs every failed put with a traceback; a refusal is expected behaviour, already
+    published on StatusMessage_RBV, so keep it out of the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, Refused)
+
+
+for _name in ("caproto.circ", "caproto.ctx", "caproto"):
+    logging.getLogger(_name).addFilter(_RefusalsAreNotCrashes())
+
+
+def loopback_ca_environment(interfaces: Iterable[str] = ("127.0.0.1",)) -> dict[str, str]:
+    """CA client settings that find servers on the given interfaces without broadcasting to the LAN."""
+    return {"EPICS_CA_AUTO_ADDR_LIST": "NO", "EPICS_CA_ADDR_LIST": " ".join(interfaces),
+            "EPICS_CAS_INTF_ADDR_LIST": " ".join(interfaces),
+            "EPICS_CA_MAX_ARRAY_BYTES": "100000000"}
+
+
+def merged_pvdb(groups: Iterable[PVGroup]) -> dict:
+    pvdb: dict = {}
+    for group in groups:
+        clash = set(pvdb) & set(group.pvdb)
+        if clash:
+            raise ValueError(f"PV names served twice: {sorted(clash)[:5]}; give the instruments "
+                             "different prefixes in the lab configuration")
+        pvdb.update(group.pvdb)
+    return pvdb
+
+
+def _make_safe_all(groups: Iterable[PVGroup]) -> None:
+    for group in groups:
+        try:
+            getattr(group, "make_safe", lambda: None)()
+        except Exception:  # one instrument failing must not keep the others unsafe
+            log.exception("could not make %s safe", group.prefix)
+
+
+async def _serve(groups: list[PVGroup], interfaces: list[str], stop: asyncio.Event,
+                 started: threading.Event | None = None) -> None:
+    ctx = Context(merged_pvdb(groups), list(interfaces))
+    task = asyncio.ensure_future(ctx.run(log_pv_names=False))
+    if started is not None:
+        # caproto binds its sockets at the start of run(); give it a moment, then report readiness
+        await asyncio.sleep(0.05)
+        started.set()
+    stopper = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done and task.exception() is not None:
+        stopper.cancel()
+        raise task.exception()
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
+def serve_forever(groups: list[PVGroup], interfaces: Iterable[str] = ("127.0.0.1",)) -> None:
+    """Run the IOCs until SIGINT or SIGTERM; on the way out every instrument is made safe."""
+    os.environ.update({k: v for k, v in loopback_ca_environment(interfaces).items()
+                       if k.startswith("EPICS_CAS")})
+
+    async def main():
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await _serve(groups, list(interfaces), stop)
+
+    try:
+        asyncio.run(main())
+    finally:
+        _make_safe_all(groups)
+
+
+class IocThread:
+    """The IOCs served from a daemon thread of this process (tests, demos, notebooks)."""
+
+    def __init__(self, groups: list[PVGroup], interfaces: Iterable[str] = ("127.0.0.1",)):
+        self.groups = list(groups)
+        self.interfaces = list(interfaces)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self.error: BaseException | None = None
+
+    @property
+    def pvnames(self) -> list[str]:
+        return sorted(merged_pvdb(self.groups))
+
+    def start(self, timeout: float = 10.0) -> "IocThread":
+        def target():
+            self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self._loop)
+            self._stop = asyncio.Event()
+            try:
+                self._loop.run_until_complete(
+                    _serve(self.groups, self.interfaces, self._stop, self._started))
+            except BaseException as exc:  # surfaced by start()/stop()
+                self.error = exc
+                self._started.set()
+            finally:
+                self._loop.close()
+
+        self._thread = threading.Thread(target=target, name="calbench-iocs", daemon=True)
+        self._thread.start()
+        if not self._started.wait(timeout) or self.error is not None:
+            raise RuntimeError(f"the IOC server did not start: {self.error!r}")
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(timeout)
+        _make_safe_all(self.groups)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,142 @@
+"""XrayBoxIOC: the PSI X-ray box as EPICS PVs (setpoint / _RBV pairs, areaDetector style).
+
+PVs (after the instrument prefix, e.g. CB:XRAY:):
+  HV, HV_RBV (Off/On)             WarmupRemaining_RBV (s)
+  Voltage, Voltage_RBV (kV)       Current, Current_RBV (mA)
+  Target, Target_RBV (enum of the installed targets), TargetEnergy_RBV (keV), TargetMoving_RBV
+  Shutter:XRF, Shutter:XRF_RBV, Shutter:Direct, Shutter:Direct_RBV (Closed/Open)
+  Locked_RBV, Unlock, Lock        Safe_RBV (door may be opened), DoorOpen_RBV
+  StatusMessage_RBV, Connected_RBV, WorldTime_RBV
+  Sim:DoorOpen, Sim:ShutterStuck  (simulated backend only: fault injection for tests and training)
+"""
+from __future__ import annotations
+
+from caproto import ChannelType
+from caproto.server import PVGroup, SubGroup, pvproperty
+
+from calbench.iocs.base import InstrumentFault, InstrumentIOC, enum_pv
+from calbench.iocs.sim.xray import XRF_LINES_KEV, MAX_KV, MAX_MA
+
+OFF_ON = ["Off", "On"]
+CLOSED_OPEN = ["Closed", "Open"]
+POLL_PERIOD_S = 0.1
+
+
+class _SimControls(PVGroup):
+    door_open = pvproperty(name="DoorOpen", value=0, dtype=ChannelType.INT,
+                           doc="simulation: 1 opens the box door (trips the HV)")
+    shutter_stuck = pvproperty(name="ShutterStuck", value=0, dtype=ChannelType.INT,
+                               doc="simulation: 1 jams the XRF shutter closed")
+
+    @door_open.putter
+    async def door_open(self, instance, value):
+        self.parent.backend.set_door(bool(value))
+        return int(bool(value))
+
+    @shutter_stuck.putter
+    async def shutter_stuck(self, instance, value):
+        self.parent.backend.shutter_stuck = bool(value)
+        return int(bool(value))
+
+
+class XrayBoxIOC(InstrumentIOC):
+    hv = enum_pv("HV", OFF_ON)
+    hv_rbv = enum_pv("HV_RBV", OFF_ON, read_only=True)
+    warmup_remaining = pvproperty(name="WarmupRemaining_RBV", value=0.0, read_only=True,
+                                  dtype=ChannelType.DOUBLE, precision=1, units="s")
+    voltage = pvproperty(name="Voltage", value=0.0, dtype=ChannelType.DOUBLE, precision=2,
+                         units="kV", upper_disp_limit=MAX_KV)
+    voltage_rbv = pvproperty(name="Voltage_RBV", value=0.0, read_only=True, dtype=ChannelType.DOUBLE,
+                             precision=2, units="kV")
+    current = pvproperty(name="Current", value=0.0, dtype=ChannelType.DOUBLE, precision=2,
+                         units="mA", upper_disp_limit=MAX_MA)
+    current_rbv = pvproperty(name="Current_RBV", value=0.0, read_only=True, dtype=ChannelType.DOUBLE,
+                             precision=2, units="mA")
+    target = enum_pv("Target", list(XRF_LINES_KEV), "Cu")
+    target_rbv = enum_pv("Target_RBV", list(XRF_LINES_KEV), "Cu", read_only=True)
+    target_energy = pvproperty(name="TargetEnergy_RBV", value=XRF_LINES_KEV["Cu"], read_only=True,
+                               dtype=ChannelType.DOUBLE, precision=3, units="keV")
+    target_moving = pvproperty(name="TargetMoving_RBV", value=0, read_only=True, dtype=ChannelType.INT)
+    xrf_shutter = enum_pv("Shutter:XRF", CLOSED_OPEN)
+    xrf_shutter_rbv = enum_pv("Shutter:XRF_RBV", CLOSED_OPEN, read_only=True)
+    direct_shutter = enum_pv("Shutter:Direct", CLOSED_OPEN)
+    direct_shutter_rbv = enum_pv("Shutter:Direct_RBV", CLOSED_OPEN, read_only=True)
+    locked = pvproperty(name="Locked_RBV", value=0, read_only=True, dtype=ChannelType.INT)
+    unlock = pvproperty(name="Unlock", value=0, dtype=ChannelType.INT)
+    lock = pvproperty(name="Lock", value=0, dtype=ChannelType.INT)
+    safe = pvproperty(name="Safe_RBV", value=1, read_only=True, dtype=ChannelType.INT,
+                      doc="1: HV off and shutters closed, the door may be opened")
+    door_open = pvproperty(name="DoorOpen_RBV", value=0, read_only=True, dtype=ChannelType.INT)
+
+    sim = SubGroup(_SimControls, prefix="Sim:")
+
+    def __init__(self, *, prefix, backend, clock=None, **kwargs):
+        super().__init__(prefix=prefix, backend=backend, clock=clock, **kwargs)
+        if not hasattr(backend, "set_door"):       # hardware: no fault injection PVs
+            for name in list(self.pvdb):
+                if name.startswith(prefix + "Sim:"):
+                    del self.pvdb[name]
+
+    @hv.putter
+    async def hv(self, instance, value):
+        await self.call(self.backend.set_hv, value == "On")
+        return value
+
+    @voltage.putter
+    async def voltage(self, instance, value):
+        await self.call(self.backend.set_voltage, float(value))
+        return value
+
+    @current.putter
+    async def current(self, instance, value):
+        await self.call(self.backend.set_current, float(value))
+        return value
+
+    @target.putter
+    async def target(self, instance, value):
+        await self.call(self.backend.set_target, value)
+        return value
+
+    @xrf_shutter.putter
+    async def xrf_shutter(self, instance, value):
+        await self.call(self.backend.set_shutter, "XRF", value == "Open")
+        return value
+
+    @direct_shutter.putter
+    async def direct_shutter(self, instance, value):
+        await self.call(self.backend.set_shutter, "Direct", value == "Open")
+        return value
+
+    @unlock.putter
+    async def unlock(self, instance, value):
+        if value:
+            await self.call(self.backend.unlock)
+        return 0
+
+    @lock.putter
+    async def lock(self, instance, value):
+        if value:
+            await self.call(self.backend.lock)
+        return 0
+
+    @hv_rbv.scan(period=POLL_PERIOD_S)
+    async def hv_rbv(self, instance, async_lib):
+        try:
+            s = self.backend.read()
+        except InstrumentFault as exc:
+            await self.report(f"fault: {exc}")
+            await self.heartbeat(False)
+            return
+        await self.heartbeat(True)
+        await self.publish(instance, OFF_ON[int(s.hv_on)])
+        await self.publish(self.warmup_remaining, round(s.warmup_remaining_s, 1))
+        await self.publish(self.voltage_rbv, round(s.voltage_kV, 3))
+        await self.publish(self.current_rbv, round(s.current_mA, 3))
+        await self.publish(self.target_rbv, s.target)
+        await self.publish(self.target_energy, XRF_LINES_KEV[s.target])
+        await self.publish(self.target_moving, int(s.target_moving))
+        await self.publish(self.xrf_shutter_rbv, CLOSED_OPEN[int(s.shutters["XRF"])])
+        await self.publish(self.direct_shutter_rbv, CLOSED_OPEN[int(s.shutters["Direct"])])
+        await self.publish(self.locked, int(s.locked))
+        await self.publish(self.safe, int(s.safe))
+        await self.publish(self.door_open, int(s.door_open))

@@ -1,0 +1,98 @@
+"""Plan stubs for the X-ray box: tube on, target selection, and an XRF shutter that always closes.
+
+`xrf_exposure(box, target, plan)` is the Bluesky form of PSI's `xrf_shutter_open(box, target)`
+context manager: move the wheel to the target, open the XRF shutter (checking it really opened, up to
+`retries` times `check_s` apart), run the inner plan, and close the shutter on every exit path.
+"""
+from __future__ import annotations
+
+import bluesky.plan_stubs as bps
+from bluesky.preprocessors import finalize_wrapper
+
+from calbench.devices.base import InstrumentRefused
+
+
+class ShutterError(RuntimeError):
+    """The XRF shutter did not open."""
+
+
+def tube_on(box, voltage_kV: float = 40.0, current_mA: float = 40.0, *, warmup_timeout_s=120.0):
+    """Unlock the box, switch the HV on and ramp the tube; wait for the warm-up to end."""
+    yield from bps.mv(box.unlock_cmd, 1)
+    if (yield from bps.rd(box.hv)) != "On":
+        yield from bps.mv(box.hv, "On")
+    waited = 0.0
+    while (yield from bps.rd(box.warmup_remaining)) > 0:
+        if waited > warmup_timeout_s:
+            raise TimeoutError(f"the X-ray tube is still warming up after {warmup_timeout_s} s; "
+                               "check the box's HV status and the WarmupRemaining_RBV PV")
+        yield from bps.sleep(0.2)
+        waited += 0.2
+    yield from bps.mv(box.voltage, voltage_kV, box.current, current_mA)
+
+
+def select_target(box, target: str, *, timeout_s: float = 30.0):
+    """Move the target wheel and wait until it stands on `target`."""
+    if (yield from bps.rd(box.target)) != target:
+        yield from bps.mv(box.target, target)
+    waited = 0.0
+    while (yield from bps.rd(box.target_moving)) or (yield from bps.rd(box.target)) != target:
+        if waited > timeout_s:
+            raise TimeoutError(f"the target wheel did not reach {target!r} within {timeout_s} s")
+        yield from bps.sleep(0.1)
+        waited += 0.1
+
+
+def open_xrf_shutter(box, target: str, *, retries: int = 10, check_s: float = 0.3):
+    """Select the target and open the XRF shutter; raise ShutterError if it does not open."""
+    yield from select_target(box, target)
+    try:
+        yield from bps.abs_set(box.xrf_shutter, "Open", wait=True)
+    except Exception as exc:  # a refused put arrives as FailedStatus wrapping InstrumentRefused
+        reason = _refusal(exc) or str(exc)
+        raise ShutterError(f"the XRF shutter did not open on {target}: {reason}") from exc
+    for _ in range(retries):
+        if (yield from bps.rd(box.xrf_shutter)) == "Open":
+            return
+        yield from bps.sleep(check_s)
+    raise ShutterError(
+        f"the XRF shutter did not open on {target} after {retries} checks {check_s} s apart; "
+        "the shutter may be jammed: check it at the box, then retry")
+
+
+def close_shutters(box, *, timeout_s: float = 10.0):
+    """Close both shutters and wait until both report Closed (used on every exit path)."""
+    yield from bps.abs_set(box.xrf_shutter, "Closed", wait=True)
+    yield from bps.abs_set(box.direct_shutter, "Closed", wait=True)
+    waited = 0.0
+    while ((yield from bps.rd(box.xrf_shutter)) != "Closed"
+           or (yield from bps.rd(box.direct_shutter)) != "Closed"):
+        if waited > timeout_s:
+            raise ShutterError(f"a shutter still reports Open {timeout_s} s after closing; "
+                               "close it at the box and check its status lamp")
+        yield from bps.sleep(0.05)
+        waited += 0.05
+
+
+def xrf_exposure(box, target: str, plan, *, retries: int = 10, check_s: float = 0.3):
+    """Run `plan` with the XRF shutter open on `target`; the shutter is closed however it ends."""
+    def inner():
+        yield from open_xrf_shutter(box, target, retries=retries, check_s=check_s)
+        return (yield from plan)
+
+    return (yield from finalize_wrapper(inner(), close_shutters(box)))
+
+
+def _refusal(exc: BaseException) -> str | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, InstrumentRefused):
+            return str(exc)
+        inner = getattr(exc, "args", ())
+        status = inner[0] if inner and hasattr(inner[0], "exception") else None
+        if status is not None and status.done and status.exception() is not None:
+            exc = status.exception()
+            continue
+        exc = exc.__cause__ or exc.__context__
+    return None
