@@ -27,7 +27,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 __all__ = ["CHIP_SIZE", "HALF_MODULE_ROWS", "HALF_MODULE_COLS", "VCMP_NAMES", "GEOMETRIES",
-           "EigerGeometry", "geometry"]
+           "DYNAMIC_RANGES", "EigerGeometry", "geometry", "frame_dtype"]
 
 CHIP_SIZE = 256
 HALF_MODULE_ROWS, HALF_MODULE_COLS = 256, 1024
@@ -38,6 +38,20 @@ _LAYOUTS: dict[str, tuple[int, int] | None] = {
     "250k": None, "500k": (1, 1), "1M": (2, 1), "1.5M": (3, 1), "2M": (4, 1), "9M": (6, 3),
 }
 GEOMETRIES: tuple[str, ...] = tuple(_LAYOUTS)
+
+# Counter depths (bits) and the dtype of a frame at each (4-bit data are unpacked to one pixel per
+# byte, as slsReceiver's consumers do).
+DYNAMIC_RANGES: tuple[int, ...] = (4, 8, 12, 16, 32)
+_FRAME_DTYPES = {4: np.uint8, 8: np.uint8, 12: np.uint16, 16: np.uint16, 32: np.uint32}
+
+
+def frame_dtype(dr: int) -> np.dtype:
+    """numpy dtype of a frame at dynamic range ``dr`` bits."""
+    try:
+        return np.dtype(_FRAME_DTYPES[int(dr)])
+    except KeyError:
+        raise ValueError(f"dynamic range {dr} bit: EIGER counts with "
+                         f"{', '.join(map(str, DYNAMIC_RANGES))} bit") from None
 
 
 @dataclass(frozen=True)

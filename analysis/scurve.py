@@ -170,6 +170,9 @@ _FM = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # division here is either guarded or produces a NaN/inf that the status checks catch.
 _jit = njit(fastmath=_FM, error_model="numpy", cache=True)
 _jit_parallel = njit(parallel=True, fastmath=_FM, error_model="numpy", cache=True)
+# Small helpers are inlined at numba IR level: as separate functions, every call passes its
+# array arguments as structs with reference counting, which costs more than the arithmetic.
+_jit_inline = njit(fastmath=_FM, error_model="numpy", cache=True, inline="always")
 
 _INV_SQRT2PI = 0.3989422804014327
 _SQRT1_2 = 0.7071067811865476
@@ -227,13 +230,13 @@ def _cdf_and_gauss(z: float) -> tuple[float, float]:
 
 
 @_jit
-def _gram(u, y, w, m, s, sg, G):
+def _gram(u, ulo, uhi, y, w, m, s, sg, G):
     """Fill the (mu, sigma)-dependent entries of the weighted Gram matrix G (8x8, symmetric).
 
-    Function order: 0:1, 1:u, 2:P, 3:P*d, 4:q, 5:q*d, 6:q*d^2, 7:y with d = u - m,
-    P = Phi(sg*d/s), q = phi(d/s)/s.  The entries among {1, u, y} do not depend on (m, s) and
-    are set once per pixel.  Entries that coincide (P*d*q = P*q*d, q*d*q*d = q*q*d^2, ...) are
-    accumulated once.
+    Function order: 0:(1-u)/2, 1:(1+u)/2 (the linear background as its values at the two scan
+    ends), 2:P, 3:P*d, 4:q, 5:q*d, 6:q*d^2, 7:y with d = u - m, P = Phi(sg*d/s) and
+    q = phi(d/s)/s.  Entries among {0, 1, 7} do not depend on (m, s) and are set once per
+    pixel.  Products that coincide (P*d*q = P*q*d, q*d*q*d = q*q*d^2, ...) are accumulated once.
     """
     inv_s = 1.0 / s
     qs = _INV_SQRT2PI * inv_s
@@ -245,8 +248,7 @@ def _gram(u, y, w, m, s, sg, G):
     g56 = g57 = 0.0
     g66 = g67 = 0.0
     for i in range(u.shape[0]):
-        ui = u[i]
-        d = ui - m
+        d = u[i] - m
         P, e = _cdf_and_gauss(sg * d * inv_s)
         q = e * qs
         Pd = P * d
@@ -254,21 +256,23 @@ def _gram(u, y, w, m, s, sg, G):
         h2 = h1 * d
         wi = w[i]
         yi = y[i]
+        lo = ulo[i]
+        hi = uhi[i]
         wP = wi * P
         wPd = wi * Pd
         wq = wi * q
         wh1 = wi * h1
         wh2 = wi * h2
-        g02 += wP
-        g03 += wPd
-        g04 += wq
-        g05 += wh1
-        g06 += wh2
-        g12 += wP * ui
-        g13 += wPd * ui
-        g14 += wq * ui
-        g15 += wh1 * ui
-        g16 += wh2 * ui
+        g02 += wP * lo
+        g03 += wPd * lo
+        g04 += wq * lo
+        g05 += wh1 * lo
+        g06 += wh2 * lo
+        g12 += wP * hi
+        g13 += wPd * hi
+        g14 += wq * hi
+        g15 += wh1 * hi
+        g16 += wh2 * hi
         g22 += wP * P
         g23 += wP * Pd
         g24 += wP * q
@@ -318,9 +322,13 @@ def _gram(u, y, w, m, s, sg, G):
     G[6, 7] = G[7, 6] = g67
 
 
-@_jit
+@_jit_inline
 def _cholesky(M, k, L) -> bool:
-    """Cholesky factor of the leading k x k block of M into L; False if not positive definite."""
+    """Cholesky factor of the leading k x k block of M into L; False if not positive definite.
+
+    The diagonal of L holds the *reciprocals* 1/L_ii, so that solves multiply instead of
+    divide (divisions dominate these tiny factorisations).
+    """
     for i in range(k):
         for j in range(i + 1):
             acc = M[i, j]
@@ -329,48 +337,142 @@ def _cholesky(M, k, L) -> bool:
             if i == j:
                 # Relative pivot test: a collinear basis (e.g. the step far outside the scan
                 # looks like the constant) must not produce a huge, meaningless solution.
-                if not acc > 1e-12 * M[i, i] or not M[i, i] > 0.0:
+                if not (acc > 1e-12 * M[i, i] and M[i, i] > 0.0):
                     return False
-                L[i, i] = math.sqrt(acc)
+                L[i, i] = 1.0 / math.sqrt(acc)
             else:
-                L[i, j] = acc / L[j, j]
+                L[i, j] = acc * L[j, j]
     return True
 
 
-@_jit
+@_jit_inline
 def _cho_solve(L, k, b, out):
-    """Solve (L L^T) out = b for the leading k x k block."""
+    """Solve (L L^T) out = b for the leading k x k block (L from :func:`_cholesky`)."""
     for i in range(k):
         acc = b[i]
         for t in range(i):
             acc -= L[i, t] * out[t]
-        out[i] = acc / L[i, i]
+        out[i] = acc * L[i, i]
     for i in range(k - 1, -1, -1):
         acc = out[i]
         for t in range(i + 1, k):
             acc -= L[t, i] * out[t]
-        out[i] = acc / L[i, i]
+        out[i] = acc * L[i, i]
 
 
-@_jit
-def _linear_solve(G, n_lin, L, rhs, c) -> float:
-    """Weighted linear least squares for the n_lin linear parameters; returns the cost.
+@_jit_inline
+def _cov_from_cholesky(L, k, Linv, cov_diag) -> float:
+    """Diagonal of (L L^T)^-1 into cov_diag[0:k]; returns the (0, 1) element.
 
-    Returns -1 when the linear basis is (numerically) singular.
+    Uses the triangular inverse: cov = Linv^T Linv, so only the entries needed are formed.
     """
-    if not _cholesky(G, n_lin, L):
+    for j in range(k):
+        Linv[j, j] = L[j, j]
+        for i in range(j + 1, k):
+            acc = 0.0
+            for t in range(j, i):
+                acc -= L[i, t] * Linv[t, j]
+            Linv[i, j] = acc * L[i, i]
+    c01 = 0.0
+    for j in range(k):
+        acc = 0.0
+        for i in range(j, k):
+            acc += Linv[i, j] * Linv[i, j]
+        cov_diag[j] = acc
+    for i in range(1, k):
+        c01 += Linv[i, 0] * Linv[i, 1]
+    return c01
+
+
+@_jit_inline
+def _solve_subset(G, n_lin, fixed, L, M, rhs, sol, c, bas) -> float:
+    """Least squares over the linear parameters not in bit mask ``fixed`` (those are 0).
+
+    Leaves the Cholesky factor of the free block in L, the free indices in bas[1:1+bas[0]] and
+    the solution in c; returns the cost, or -1 if the free basis is singular.
+    """
+    k = 0
+    for j in range(n_lin):
+        c[j] = 0.0
+        if not (fixed >> j) & 1:
+            bas[1 + k] = j
+            k += 1
+    bas[0] = k
+    for a in range(k):
+        for b in range(k):
+            M[a, b] = G[bas[1 + a], bas[1 + b]]
+        rhs[a] = G[bas[1 + a], 7]
+    if not _cholesky(M, k, L):
         return -1.0
-    for i in range(n_lin):
-        rhs[i] = G[i, 7]
-    _cho_solve(L, n_lin, rhs, c)
+    _cho_solve(L, k, rhs, sol)
     cost = G[7, 7]
-    for i in range(n_lin):
-        cost -= c[i] * G[i, 7]
+    for a in range(k):
+        c[bas[1 + a]] = sol[a]
+        cost -= sol[a] * rhs[a]
     # The subtraction can go slightly negative by rounding on a perfect fit.
     return max(cost, 0.0)
 
 
-@_jit
+@_jit_inline
+def _feasible(c) -> bool:
+    return c[0] >= 0.0 and c[1] >= 0.0 and c[2] >= 0.0
+
+
+@_jit_inline
+def _kkt_ok(G, n_lin, fixed, c) -> bool:
+    """Optimality of a face: no parameter held at 0 would lower the cost by growing."""
+    for j in range(3):
+        if (fixed >> j) & 1:
+            r = G[j, 7]
+            for k in range(n_lin):
+                r -= G[j, k] * c[k]
+            if r > 1e-10 * math.sqrt(G[j, j] * G[7, 7]):
+                return False
+    return True
+
+
+@_jit_inline
+def _linear_solve(G, n_lin, L, M, rhs, sol, c, bas, hint) -> float:
+    """Linear parameters at fixed (mu, sigma) with background ends >= 0 and A >= 0.
+
+    Exact non-negative least squares for the three constrained parameters (0, 1, 2).  The cost
+    is convex, so a feasible face solution that passes the KKT test is the optimum: try the
+    unconstrained solution, then the face of the previous iterate (``hint``), then the face
+    fixing the negative parameters; only if all fail, take the best of the 7 faces.  The mask
+    of parameters held at 0 is left in bas[5].  Returns the cost, or -1 if nothing is feasible.
+    """
+    cost = _solve_subset(G, n_lin, 0, L, M, rhs, sol, c, bas)
+    if cost >= 0.0 and _feasible(c):
+        bas[5] = 0
+        return cost
+    neg = 0
+    if cost >= 0.0:
+        for j in range(3):
+            if c[j] < 0.0:
+                neg |= 1 << j
+    for attempt in range(2):
+        cand = hint if attempt == 0 else neg
+        if cand <= 0 or (attempt == 1 and cand == hint):
+            continue
+        cm = _solve_subset(G, n_lin, cand, L, M, rhs, sol, c, bas)
+        if cm >= 0.0 and _feasible(c) and _kkt_ok(G, n_lin, cand, c):
+            bas[5] = cand
+            return cm
+    best = -1.0
+    best_mask = -1
+    for mask in range(1, 8):
+        cm = _solve_subset(G, n_lin, mask, L, M, rhs, sol, c, bas)
+        if cm >= 0.0 and _feasible(c):
+            if best_mask < 0 or cm < best:
+                best = cm
+                best_mask = mask
+    if best_mask < 0:
+        return -1.0
+    bas[5] = best_mask
+    return _solve_subset(G, n_lin, best_mask, L, M, rhs, sol, c, bas)
+
+
+@_jit_inline
 def _nonlinear_columns(c, n_lin, sg, s, a_m, a_s):
     """Coefficients of d f/d mu and d f/d sigma on the 8 Gram functions."""
     A = c[2]
@@ -385,9 +487,12 @@ def _nonlinear_columns(c, n_lin, sg, s, a_m, a_s):
     a_s[6] = -sg * C / s
 
 
-@_jit
-def _reduced_system(G, n_lin, L, c, sg, s, a_m, a_s, Ga_m, Ga_s, tmp, v_m, v_s, S, g):
-    """Reduced (Schur complement) normal equations of the (mu, sigma) step."""
+@_jit_inline
+def _reduced_system(G, n_lin, L, c, bas, sg, s, a_m, a_s, Ga_m, Ga_s, tmp, v_m, v_s, S, g):
+    """Normal equations of the (mu, sigma) step with the free linear parameters projected out.
+
+    S[0:3] = Schur complement (mm, ms, ss), S[3:6] = unprojected J^T W J, g = J^T W r.
+    """
     _nonlinear_columns(c, n_lin, sg, s, a_m, a_s)
     for i in range(8):
         am = 0.0
@@ -404,25 +509,28 @@ def _reduced_system(G, n_lin, L, c, sg, s, a_m, a_s, Ga_m, Ga_s, tmp, v_m, v_s, 
         jj_mm += a_m[j] * Ga_m[j]
         jj_ms += a_m[j] * Ga_s[j]
         jj_ss += a_s[j] * Ga_s[j]
-    # J^T W r with r = y - B c; B^T W r = 0 at the linear solution, so no projection needed.
+    # J^T W r with r = y - B c (fixed parameters have c = 0 and drop out).
     gm = Ga_m[7]
     gs = Ga_s[7]
     for k in range(n_lin):
         gm -= c[k] * Ga_m[k]
         gs -= c[k] * Ga_s[k]
-    S[3] = jj_mm  # unprojected J^T W J, for the covariance at the end
+    S[3] = jj_mm
     S[4] = jj_ms
     S[5] = jj_ss
-    for k in range(n_lin):
-        tmp[k] = Ga_m[k]
-    _cho_solve(L, n_lin, tmp, v_m)
-    for k in range(n_lin):
-        tmp[k] = Ga_s[k]
-    _cho_solve(L, n_lin, tmp, v_s)
-    for k in range(n_lin):
-        jj_mm -= Ga_m[k] * v_m[k]
-        jj_ms -= Ga_m[k] * v_s[k]
-        jj_ss -= Ga_s[k] * v_s[k]
+    k = bas[0]
+    for a in range(k):
+        tmp[a] = Ga_m[bas[1 + a]]
+    _cho_solve(L, k, tmp, v_m)
+    for a in range(k):
+        tmp[a] = Ga_s[bas[1 + a]]
+    _cho_solve(L, k, tmp, v_s)
+    for a in range(k):
+        jm = Ga_m[bas[1 + a]]
+        js = Ga_s[bas[1 + a]]
+        jj_mm -= jm * v_m[a]
+        jj_ms -= jm * v_s[a]
+        jj_ss -= js * v_s[a]
     S[0] = jj_mm
     S[1] = jj_ms
     S[2] = jj_ss
@@ -461,7 +569,7 @@ def _initial_guess(u, y, sg, v, out):
     """Data-driven start in the kernel's units: out = [mu, sigma, baseline, amplitude].
 
     Baseline and plateau are the means of the first and last ~10 % of the points (aare's
-    RisingScurve::estimate_par); mu is the 50 % crossing and sigma = (x90 - x10) / 2.5631.
+    RisingScurve::estimate_par); mu is the 50 % crossing and sigma = (x50 - x10) / 1.2816.
     """
     n = u.shape[0]
     nb = max(1, int(round(0.1 * n)))
@@ -479,9 +587,10 @@ def _initial_guess(u, y, sg, v, out):
     if amp > 0.0:
         x10 = _crossing(u, v, b + 0.1 * amp)
         x50 = _crossing(u, v, b + 0.5 * amp)
-        x90 = _crossing(u, v, b + 0.9 * amp)
         mu = x50
-        sigma = (x90 - x10) / 2.5631
+        # From the lower half only: a post-step slope (C > 0) inflates the plateau estimate
+        # and pushes x90 out, while x10..x50 stay on the erf.  1.2816 = Phi^-1(0.9).
+        sigma = (x50 - x10) / 1.2816
     else:
         # No visible step in the expected direction: start in the middle; the fit will most
         # likely end FAILED, which is the right answer for such a pixel.
@@ -495,11 +604,18 @@ def _initial_guess(u, y, sg, v, out):
 
 
 @_jit
-def _fit_pixel(u, y, w, sg, n_lin, weighted, m_lo, m_hi, s_lo, s_hi, max_iter, tol,
-               min_sig, max_chi2, xc, xh, out, scratch_v, G, Gt, L, Lt, c, ct, rhs,
-               a_m, a_s, Ga_m, Ga_s, tmp, v_m, v_s, S, g, guess, N, Ni, e_k):
-    """Fit one pixel; writes x-unit results into out[0:13]; returns (status, n_passes)."""
+def _fit_pixel(u, ulo, uhi, y, sg, n_lin, weighted, m0, s0, m_lo, m_hi, s_lo, s_hi, max_iter,
+               tol, min_sig, max_chi2, xc, xh, out, ws, G, Gt, L, Lt, M, c, ct, bas, bast, v8):
+    """Fit one pixel from the start (m0, s0) in kernel units.
+
+    Writes x-unit results into out[0:13]; returns (status, model passes).
+
+    ws [2, n]: weights and scratch.  G, Gt, L, Lt, M [8, 8]: Gram matrices and factors of the
+    current and trial states.  c, ct [8], bas, bast [6]: their linear solutions, free sets and active masks.
+    v8 [11, 8]: small vectors.
+    """
     n = u.shape[0]
+    w = ws[0]
     for j in range(_N_OUT):
         out[j] = np.nan
 
@@ -509,41 +625,53 @@ def _fit_pixel(u, y, w, sg, n_lin, weighted, m_lo, m_hi, s_lo, s_hi, max_iter, t
     if not total > 0.0:
         return _ST_SKIPPED, 0
 
+    rhs = v8[0]
+    sol = v8[1]
+    a_m = v8[2]
+    a_s = v8[3]
+    Ga_m = v8[4]
+    Ga_s = v8[5]
+    tmp = v8[6]
+    v_m = v8[7]
+    v_s = v8[8]
+    S = v8[9]
+    g = v8[10]
+
     # Weights, and the Gram entries that do not depend on (mu, sigma).
     s00 = s01 = s11 = s07 = s17 = s77 = 0.0
     for i in range(n):
         yi = y[i]
         wi = 1.0 / max(yi, 1.0) if weighted else 1.0
         w[i] = wi
-        ui = u[i]
-        s00 += wi
-        s01 += wi * ui
-        s11 += wi * ui * ui
-        s07 += wi * yi
-        s17 += wi * ui * yi
+        lo = ulo[i]
+        hi = uhi[i]
+        s00 += wi * lo * lo
+        s01 += wi * lo * hi
+        s11 += wi * hi * hi
+        s07 += wi * lo * yi
+        s17 += wi * hi * yi
         s77 += wi * yi * yi
-    for M in (G, Gt):
-        M[0, 0] = s00
-        M[0, 1] = M[1, 0] = s01
-        M[1, 1] = s11
-        M[0, 7] = M[7, 0] = s07
-        M[1, 7] = M[7, 1] = s17
-        M[7, 7] = s77
+    for Mx in (G, Gt):
+        Mx[0, 0] = s00
+        Mx[0, 1] = Mx[1, 0] = s01
+        Mx[1, 1] = s11
+        Mx[0, 7] = Mx[7, 0] = s07
+        Mx[1, 7] = Mx[7, 1] = s17
+        Mx[7, 7] = s77
+    # Cost of the (unconstrained) straight line alone: reference of the step-significance test.
+    cost_line = s77 - (s11 * s07 * s07 - 2.0 * s01 * s07 * s17 + s00 * s17 * s17) / (
+        s00 * s11 - s01 * s01
+    )
 
-    # Cost of the straight line p0 + p1*u alone: the reference of the step-significance test.
-    det01 = s00 * s11 - s01 * s01
-    cost_line = s77 - (s11 * s07 * s07 - 2.0 * s01 * s07 * s17 + s00 * s17 * s17) / det01
+    m = min(max(m0, m_lo), m_hi)
+    s = min(max(s0, s_lo), s_hi)
 
-    _initial_guess(u, y, sg, scratch_v, guess)
-    m = min(max(guess[0], m_lo), m_hi)
-    s = min(max(guess[1], s_lo), s_hi)
-
-    _gram(u, y, w, m, s, sg, G)
-    cost = _linear_solve(G, n_lin, L, rhs, c)
+    _gram(u, ulo, uhi, y, w, m, s, sg, G)
+    cost = _linear_solve(G, n_lin, L, M, rhs, sol, c, bas, 0)
     passes = 1
     if cost < 0.0:
         return _ST_FAILED, passes
-    _reduced_system(G, n_lin, L, c, sg, s, a_m, a_s, Ga_m, Ga_s, tmp, v_m, v_s, S, g)
+    _reduced_system(G, n_lin, L, c, bas, sg, s, a_m, a_s, Ga_m, Ga_s, tmp, v_m, v_s, S, g)
 
     lam = _LAM0
     converged = False
@@ -553,7 +681,7 @@ def _fit_pixel(u, y, w, sg, n_lin, weighted, m_lo, m_hi, s_lo, s_hi, max_iter, t
         b = S[1]
         det = a * dd - b * b
         if not (S[0] > 0.0 and S[2] > 0.0 and det > 0.0):
-            # Flat direction: the step no longer constrains mu or sigma (e.g. A = 0).
+            # Flat direction: the data no longer constrain mu or sigma (e.g. A = 0).
             break
         dm = (dd * g[0] - b * g[1]) / det
         ds = (a * g[1] - b * g[0]) / det
@@ -562,19 +690,20 @@ def _fit_pixel(u, y, w, sg, n_lin, weighted, m_lo, m_hi, s_lo, s_hi, max_iter, t
         if abs(mt - m) <= tol * s and abs(st - s) <= tol * s:
             converged = True
             break
-        _gram(u, y, w, mt, st, sg, Gt)
-        cost_t = _linear_solve(Gt, n_lin, Lt, rhs, ct)
+        _gram(u, ulo, uhi, y, w, mt, st, sg, Gt)
+        cost_t = _linear_solve(Gt, n_lin, Lt, M, rhs, sol, ct, bast, bas[5])
         passes += 1
         if cost_t >= 0.0 and cost_t <= cost:
-            # Accept: swap the trial state in.
+            # Accept: the trial state becomes the current one.
             G, Gt = Gt, G
             L, Lt = Lt, L
             c, ct = ct, c
+            bas, bast = bast, bas
             m = mt
             s = st
             cost = cost_t
             lam = max(lam * 0.1, _LAM_MIN)
-            _reduced_system(G, n_lin, L, c, sg, s, a_m, a_s, Ga_m, Ga_s, tmp, v_m, v_s, S, g)
+            _reduced_system(G, n_lin, L, c, bas, sg, s, a_m, a_s, Ga_m, Ga_s, tmp, v_m, v_s, S, g)
         else:
             lam *= 10.0
             if lam > _LAM_MAX:
@@ -582,9 +711,11 @@ def _fit_pixel(u, y, w, sg, n_lin, weighted, m_lo, m_hi, s_lo, s_hi, max_iter, t
                 converged = True
                 break
 
-    # Full covariance from the normal matrix of all parameters [linear..., mu, sigma]:
-    # N = [[B^T W B, B^T W J], [J^T W B, J^T W J]], all already at hand for the current state.
+    # Covariance from the normal matrix of all parameters [linear..., mu, sigma]:
+    # N = [[B^T W B, B^T W J], [J^T W B, J^T W J]], all at hand for the current state.  It is
+    # the local curvature whether or not a constraint is active (as curve_fit reports it).
     npar = n_lin + 2
+    N = M
     for i in range(n_lin):
         for j in range(n_lin):
             N[i, j] = G[i, j]
@@ -593,54 +724,49 @@ def _fit_pixel(u, y, w, sg, n_lin, weighted, m_lo, m_hi, s_lo, s_hi, max_iter, t
     N[n_lin, n_lin] = S[3]
     N[n_lin, n_lin + 1] = N[n_lin + 1, n_lin] = S[4]
     N[n_lin + 1, n_lin + 1] = S[5]
-    dof = n - npar
-    chi2 = cost / dof
-    # Errors: inverse normal matrix; inflated by sqrt(chi2) when the scatter exceeds Poisson.
+    chi2 = cost / (n - npar)
+    # Errors: inverse normal matrix, inflated by sqrt(chi2) when the scatter exceeds Poisson.
     # Unweighted fits are always scaled by the residual variance (chi2 is then in counts^2).
     scale = max(chi2, 1.0) if weighted else chi2
-    cov_ok = _cholesky(N, npar, Ni)  # Ni holds the Cholesky factor
-    if cov_ok:
-        # Inverse by solving for unit vectors.
-        for i in range(npar):
-            for k in range(npar):
-                e_k[k] = 0.0
-            e_k[i] = 1.0
-            _cho_solve(Ni, npar, e_k, tmp)
-            for k in range(npar):
-                N[k, i] = tmp[k]  # N now holds the unscaled covariance
+    Lc = Lt  # the trial factor and Gt are free now; Gt serves as the inverse factor
+    cov_ok = _cholesky(N, npar, Lc)
+    var = tmp
+    v01 = _cov_from_cholesky(Lc, npar, Gt, var) if cov_ok else 0.0
+
+    # Back to x units.  Background b0*(1-u)/2 + b1*(1+u)/2 = p0 + p1*x with u = (x - xc)/xh.
+    k = xc / xh
+    ka = 0.5 * (1.0 + k)
+    kb = 0.5 * (1.0 - k)
     A = c[2]
     C = c[3] if n_lin == 4 else 0.0
-    p1 = c[1] / xh
-    p0 = c[0] - c[1] * xc / xh
-
-    out[0] = p0
-    out[1] = p1
+    out[0] = ka * c[0] + kb * c[1]
+    out[1] = 0.5 * (c[1] - c[0]) / xh
     out[2] = xc + xh * m
     out[3] = xh * s
     out[4] = A
     out[5] = C / xh
     out[12] = chi2
     if cov_ok:
-        k = xc / xh
-        var_p0 = N[0, 0] + k * k * N[1, 1] - 2.0 * k * N[0, 1]
+        var_p0 = ka * ka * var[0] + kb * kb * var[1] + 2.0 * ka * kb * v01
+        var_p1 = 0.25 * (var[0] + var[1] - 2.0 * v01)
         out[6] = math.sqrt(max(var_p0, 0.0) * scale)
-        out[7] = math.sqrt(max(N[1, 1], 0.0) * scale) / xh
-        out[8] = math.sqrt(max(N[n_lin, n_lin], 0.0) * scale) * xh
-        out[9] = math.sqrt(max(N[n_lin + 1, n_lin + 1], 0.0) * scale) * xh
-        out[10] = math.sqrt(max(N[2, 2], 0.0) * scale)
-        out[11] = math.sqrt(max(N[3, 3], 0.0) * scale) / xh if n_lin == 4 else 0.0
+        out[7] = math.sqrt(max(var_p1, 0.0) * scale) / xh
+        out[8] = math.sqrt(var[n_lin] * scale) * xh
+        out[9] = math.sqrt(var[n_lin + 1] * scale) * xh
+        out[10] = math.sqrt(var[2] * scale)
+        out[11] = math.sqrt(var[3] * scale) / xh if n_lin == 4 else 0.0
 
-    if not converged or not cov_ok:
+    if not (converged and cov_ok):
         return _ST_FAILED, passes
     span = m_hi - m_lo
     if m <= m_lo + 1e-6 * span or m >= m_hi - 1e-6 * span:
         return _ST_FAILED, passes
     if s <= s_lo * (1.0 + 1e-6) or s >= s_hi * (1.0 - 1e-6):
         return _ST_FAILED, passes
-    # A step that is inverted or absent makes mu and sigma meaningless.  "Absent" is a
-    # likelihood-ratio test against the straight line: the step must lower the chi-square by
-    # min_sig^2 (in units of the per-point scatter).  A/A_err would be the wrong test: with C
-    # free, A is poorly known when mu is near the end of the scan although the step is obvious.
+    # A step that is absent makes mu and sigma meaningless.  "Absent" is a likelihood-ratio
+    # test against the straight line: the step must lower the chi-square by min_sig^2 (in units
+    # of the per-point scatter).  A/A_err would be the wrong test: with C free, A is poorly
+    # known when mu is near the end of the scan although the step is obvious.
     if not A > 0.0:
         return _ST_FAILED, passes
     if not (cost_line - cost) >= min_sig * min_sig * scale:
@@ -655,49 +781,65 @@ def _fit_pixel(u, y, w, sg, n_lin, weighted, m_lo, m_hi, s_lo, s_hi, max_iter, t
 
 @_jit_parallel
 def _fit_kernel(u, Y, skip, sg, n_lin, weighted, m_lo, m_hi, s_lo, s_hi, max_iter, tol,
-                min_sig, max_chi2, xc, xh, out, status, n_iter):
-    """Fit all pixels of Y [npix, n] in parallel; results in out [npix, 13], status, n_iter."""
+                min_sig, max_chi2, xc, xh, res):
+    """Fit all pixels of Y [npix, n] in parallel into res [npix] (records of SCURVE_DTYPE)."""
     npix, n = Y.shape
+    ulo = 0.5 * (1.0 - u)
+    uhi = 0.5 * (1.0 + u)
     nblocks = (npix + _BLOCK - 1) // _BLOCK
     for blk in prange(nblocks):
         # Scratch shared by the pixels of this block (allocation per pixel would dominate).
-        w = np.empty(n)
-        scratch_v = np.empty(n)
+        ws = np.empty((2, n))
         G = np.zeros((8, 8))
         Gt = np.zeros((8, 8))
         L = np.zeros((8, 8))
         Lt = np.zeros((8, 8))
+        M = np.zeros((8, 8))
         c = np.zeros(8)
         ct = np.zeros(8)
-        rhs = np.zeros(8)
-        a_m = np.zeros(8)
-        a_s = np.zeros(8)
-        Ga_m = np.zeros(8)
-        Ga_s = np.zeros(8)
-        tmp = np.zeros(8)
-        v_m = np.zeros(8)
-        v_s = np.zeros(8)
-        S = np.zeros(6)
-        g = np.zeros(2)
+        bas = np.zeros(6, dtype=np.int64)
+        bast = np.zeros(6, dtype=np.int64)
+        v8 = np.zeros((11, 8))
         guess = np.zeros(4)
-        N = np.zeros((8, 8))
-        Ni = np.zeros((8, 8))
-        e_k = np.zeros(8)
+        o = np.empty(_N_OUT)
         start = blk * _BLOCK
         stop = min(npix, start + _BLOCK)
         for p in range(start, stop):
+            passes = 0
             if skip[p]:
                 for j in range(_N_OUT):
-                    out[p, j] = np.nan
-                status[p] = _ST_SKIPPED
-                n_iter[p] = 0
-                continue
-            st, it = _fit_pixel(u, Y[p], w, sg, n_lin, weighted, m_lo, m_hi, s_lo, s_hi,
-                                max_iter, tol, min_sig, max_chi2, xc, xh, out[p], scratch_v,
-                                G, Gt, L, Lt, c, ct, rhs, a_m, a_s, Ga_m, Ga_s, tmp, v_m, v_s,
-                                S, g, guess, N, Ni, e_k)
-            status[p] = st
-            n_iter[p] = min(it, 255)
+                    o[j] = np.nan
+                st = _ST_SKIPPED
+            else:
+                y = Y[p]
+                _initial_guess(u, y, sg, ws[1], guess)
+                # A start far from the optimum can end on a wrong face (A = 0, sigma at a
+                # bound); retrying from a narrower and a wider sigma rescues those rare pixels.
+                for attempt in range(3):
+                    s0 = guess[1] * (1.0, 0.5, 2.0)[attempt]
+                    st, it = _fit_pixel(u, ulo, uhi, y, sg, n_lin, weighted, guess[0], s0,
+                                        m_lo, m_hi, s_lo, s_hi, max_iter, tol, min_sig,
+                                        max_chi2, xc, xh, o, ws, G, Gt, L, Lt, M, c, ct, bas,
+                                        bast, v8)
+                    passes += it
+                    if st != _ST_FAILED:
+                        break
+            r = res[p]
+            r.p0 = o[0]
+            r.p1 = o[1]
+            r.mu = o[2]
+            r.sigma = o[3]
+            r.A = o[4]
+            r.C = o[5]
+            r.p0_err = o[6]
+            r.p1_err = o[7]
+            r.mu_err = o[8]
+            r.sigma_err = o[9]
+            r.A_err = o[10]
+            r.C_err = o[11]
+            r.chi2 = o[12]
+            r.status = st
+            r.n_iter = min(passes, 255)
 
 
 @_jit_parallel
@@ -772,7 +914,7 @@ def _validate_mask(mask: ArrayLike | None, shape: tuple[int, int]) -> NDArray[np
         if ma.dtype.kind not in "iu":
             raise ValueError(f"mask must be boolean (True = excluded pixel), got dtype {ma.dtype}")
         ma = ma != 0
-    return ma
+    return np.ascontiguousarray(ma)
 
 
 def _rows_per_chunk(chunk_pixels: int | None, cols: int) -> int:
@@ -799,8 +941,8 @@ def _run_fit(
     tol: float,
     chunk_pixels: int | None,
     n_threads: int | None,
-) -> tuple[NDArray[np.float64], NDArray[np.int8], NDArray[np.uint8]]:
-    """Chunked driver: returns out [rows, cols, 13], status, n_iter."""
+) -> NDArray[np.void]:
+    """Chunked driver: fits counts [rows, cols, n] into a [rows, cols] SCURVE_DTYPE array."""
     rows, cols, n = counts.shape
     # Work in u = (x - xc)/xh in [-1, 1]: keeps the Gram matrix well conditioned (x^2 ~ 4e6).
     xc = 0.5 * (xa[0] + xa[-1])
@@ -808,10 +950,13 @@ def _run_fit(
     u = (xa - xc) / xh
     m_lo, m_hi = ((mu_bounds[0] - xc) / xh, (mu_bounds[1] - xc) / xh)
     s_lo, s_hi = sigma_bounds[0] / xh, sigma_bounds[1] / xh
-    out = np.empty((rows, cols, _N_OUT), dtype=np.float64)
-    status = np.empty((rows, cols), dtype=np.int8)
-    n_iter = np.empty((rows, cols), dtype=np.uint8)
-    step = _rows_per_chunk(chunk_pixels, cols)
+    res = np.empty((rows, cols), dtype=SCURVE_DTYPE)
+    if res.size == 0:
+        return res
+    step = min(_rows_per_chunk(chunk_pixels, cols), rows)
+    # One float64 buffer for all chunks: the only copy of the data ever made (and reusing it
+    # avoids paying page faults on a fresh allocation per chunk).
+    buf = np.empty((step, cols, n), dtype=np.float64)
     no_mask = np.zeros(step * cols, dtype=np.bool_)
     sg = -1.0 if falling else 1.0
     max_chi2_v = float(max_chi2) if max_chi2 is not None else -1.0
@@ -823,23 +968,19 @@ def _run_fit(
         try:
             for r0 in range(0, rows, step):
                 r1 = min(rows, r0 + step)
-                # The only float64 copy of the data: one chunk at a time.
-                Y = np.ascontiguousarray(counts[r0:r1], dtype=np.float64).reshape(-1, n)
-                skip = (
-                    np.ascontiguousarray(mask[r0:r1]).reshape(-1)
-                    if mask is not None
-                    else no_mask[: Y.shape[0]]
-                )
+                Yc = buf[: r1 - r0]
+                np.copyto(Yc, counts[r0:r1])
+                k = (r1 - r0) * cols
+                skip = mask[r0:r1].reshape(-1) if mask is not None else no_mask[:k]
                 _fit_kernel(
-                    u, Y, skip, sg, n_lin, weighted, m_lo, m_hi, s_lo, s_hi, int(max_iter),
-                    float(tol), float(min_significance), max_chi2_v, xc, xh,
-                    out[r0:r1].reshape(-1, _N_OUT), status[r0:r1].reshape(-1),
-                    n_iter[r0:r1].reshape(-1),
+                    u, Yc.reshape(k, n), skip, sg, n_lin, weighted, m_lo, m_hi, s_lo, s_hi,
+                    int(max_iter), float(tol), float(min_significance), max_chi2_v, xc, xh,
+                    res[r0:r1].reshape(k),
                 )
         finally:
             if n_threads is not None:
                 numba.set_num_threads(prev_threads)
-    return out, status, n_iter
+    return res
 
 
 def _default_sigma_bounds(xa: NDArray[np.float64]) -> tuple[float, float]:
@@ -912,19 +1053,12 @@ def fit_scurves(
     sb = _default_sigma_bounds(xa) if sigma_bounds is None else tuple(map(float, sigma_bounds))
     if not (0 < sb[0] < sb[1]):
         raise ValueError(f"sigma_bounds must satisfy 0 < lo < hi, got {sb}")
-    out, status, n_iter = _run_fit(
+    return _run_fit(
         xa, ca, ma, falling=falling, n_lin=4, weighted=weighting == "poisson",
         mu_bounds=mu_bounds, sigma_bounds=sb, min_significance=min_significance,
         max_chi2=max_chi2, max_iter=max_iter, tol=tol, chunk_pixels=chunk_pixels,
         n_threads=n_threads,
     )
-    res = np.empty(ca.shape[:2], dtype=SCURVE_DTYPE)
-    names = list(SCURVE_PARAMS) + [p + "_err" for p in SCURVE_PARAMS] + ["chi2"]
-    for j, name in enumerate(names):
-        res[name] = out[..., j]
-    res["status"] = status
-    res["n_iter"] = n_iter
-    return res
 
 
 def scurve_initial_guess(
@@ -934,7 +1068,7 @@ def scurve_initial_guess(
 
     Returns [..., 6] = p0, p1, mu, sigma, A, C for counts [..., n_points]: p0 the baseline
     (mean of the first ~10 % of points, last for ``falling``), p1 = C = 0, A the plateau minus
-    the baseline, mu the 50 % crossing, sigma = (x90 - x10)/2.5631 (x units).
+    the baseline, mu the 50 % crossing, sigma = (x50 - x10)/1.2816 (x units).
     """
     xa = _validate_x(x)
     ca = np.asarray(counts)
@@ -1038,30 +1172,29 @@ def fit_trimbit_scans(
     skip = ~np.isfinite(ta)
     if ma is not None:
         skip |= ma
+    skip = np.ascontiguousarray(skip)
     span = float(xa[-1] - xa[0])
     # A pixel whose trimming point lies outside the scan still shows the tail of its step;
     # a wide mu range lets the fit follow it so that the clipped answer is supported by data.
     mu_bounds = (float(xa[0] - 0.5 * span), float(xa[-1] + 0.5 * span))
-    out, status, _ = _run_fit(
+    fit = _run_fit(
         xa, ca, skip, falling=False, n_lin=3, weighted=True, mu_bounds=mu_bounds,
         sigma_bounds=_default_sigma_bounds(xa), min_significance=min_significance,
         max_chi2=max_chi2, max_iter=40, tol=1e-3, chunk_pixels=chunk_pixels,
         n_threads=n_threads,
     )
+    status = fit["status"]
     res = np.empty(ca.shape[:2], dtype=TRIMBIT_DTYPE)
-    for j, name in enumerate(("p0", "p1", "mu", "sigma", "A")):
-        res[name] = out[..., j]
-    res["chi2"] = out[..., 12]
+    for name in ("p0", "p1", "mu", "sigma", "A", "chi2", "status"):
+        res[name] = fit[name]
     res["target"] = ta
     res["t_cross"] = np.nan
     res["trimbit"] = -1
-    res["status"] = status
 
     ok = status == _ST_OK
     if np.any(ok):
-        t = _solve_crossing(
-            out[ok, 0], out[ok, 1], out[ok, 2], out[ok, 3], out[ok, 4], ta[ok]
-        )
+        f = fit[ok]
+        t = _solve_crossing(f["p0"], f["p1"], f["mu"], f["sigma"], f["A"], ta[ok])
         res["t_cross"][ok] = t
         tb = np.rint(t)
         clipped = (tb < 0) | (tb > TRIMBIT_MAX)

@@ -48,3 +48,51 @@ register(InstrumentSpec(
               "targets": ["In", "Ti", "Cr", "Fe", "Cu", "Ge", "Zr", "Mo", "Ag", "Sn"],
               "warmup_s": 20.0},
 ))
+
+register(InstrumentSpec(
+    name="caen",
+    description="CAEN SY5527 HV crate, 14-channel floating board powering two triple-GEM layers (QC6)",
+    ioc="calbench.iocs.caen_crate:CaenCrateIOC",
+    world="qc6",
+    device="calbench.devices.caen:CaenCrate",
+    default_prefix="CAEN:",
+    hardware="calbench.iocs.hw.caen:from_settings",
+    settings={"detector_name": "Detector1", "layer": 1, "slot": 3, "system_type": "SY5527",
+              "link_type": "TCPIP", "address": "192.168.0.1", "username": "admin",
+              "password_env": "CALBENCH_CAEN_PASSWORD", "poll_period_s": 0.5},
+))
+
+register(InstrumentSpec(
+    name="dmm",
+    description="HP/Agilent 34401A multimeter (SCPI over RS-232): DC current/voltage, display",
+    ioc="calbench.iocs.multimeter34401a:Multimeter34401aIOC",
+    world="bench",
+    device="calbench.devices.bench:Multimeter34401a",
+    default_prefix="DMM:",
+    hardware="calbench.iocs.hw.agilent34401a:open_34401a",
+    settings={"resource": "", "visa_library": "", "usb_vid_pid": "067b:2303", "baud_rate": 9600,
+              "timeout_s": 2.0, "retries": 1},
+))
+
+register(InstrumentSpec(
+    name="psu",
+    description="single-output SCPI lab supply (E3632A commands): V, current limit, output, CC",
+    ioc="calbench.iocs.scpi_psu:ScpiPsuIOC",
+    world="bench",
+    device="calbench.devices.bench:ScpiPsu",
+    default_prefix="PSU:",
+    hardware="calbench.iocs.hw.scpi_psu:open_scpi_psu",
+    settings={"resource": "", "visa_library": "", "usb_vid_pid": "", "baud_rate": 9600,
+              "timeout_s": 2.0, "idn_contains": "", "max_voltage_V": 15.0, "max_current_A": 7.0},
+))
+
+register(InstrumentSpec(
+    name="batmet",
+    description="BatMet current sink (serial text protocol): raw DAC, calibrated sink, ADC",
+    ioc="calbench.iocs.batmet:BatmetIOC",
+    world="bench",
+    device="calbench.devices.bench:Batmet",
+    default_prefix="BATMET:",
+    hardware="calbench.iocs.hw.batmet_serial:open_batmet",
+    settings={"port": "", "usb_vid_pid": "0403:6015", "baud_rate": 115200, "timeout_s": 2.0},
+))

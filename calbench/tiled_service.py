@@ -102,7 +102,7 @@ def start_embedded(directory: Path, readable: list[Path], port: int, *, timeout:
                            f"see {directory / 'server.log'} (is port {port} taken? set [tiled] port)")
 
 
-def stop_embedded(directory: Path, timeout: float = 10.0) -> bool:
+def stop_embedded(directory: Path, timeout: float = 5.0) -> bool:
     """Stop the embedded server started from `directory`; True if one was running."""
     pidfile = Path(directory) / "server.pid"
     if not pidfile.exists():

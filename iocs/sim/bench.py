@@ -35,7 +35,7 @@ import math
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -101,7 +101,7 @@ def draw_sink(rng: np.random.Generator) -> SinkTransfer:
         a=float(0.21 + 0.05 * rng.normal()),
         b=float(762.136 * (1 + 0.01 * rng.normal())),
         c=float(522.86 + 6.0 * rng.normal()),
-        inl_amplitude=tuple(float(x) for x in rng.normal(0.0, 0.6, len(cycles))),
+        inl_amplitude=tuple(float(x) for x in rng.normal(0.0, 0.5, len(cycles))),
         inl_cycles=cycles,
         inl_phase=tuple(float(x) for x in rng.uniform(0, 2 * math.pi, len(cycles))),
     )
@@ -199,6 +199,7 @@ class _SimLink:
         self.faults = LinkFaults()
         self.timeout_s = timeout_s
         self._replies: list[str] = []
+        self._busy_s = 0.0
         self.is_open = True
 
     def _sleep(self, world_s: float) -> None:
@@ -217,12 +218,27 @@ class _SimLink:
             reply = _garble(reply, self.world.fault_rng)
         self._replies.append(reply)
 
-    def _pop(self) -> str | None:
-        if self._replies:
-            return self._replies.pop(0)
-        # a timeout lasts the link's timeout in world time (accelerated with the world)
-        self._sleep(self.timeout_s)
-        return None
+    def _take(self) -> str | None:
+        """The next reply, or None after the link's timeout (world time, accelerated)."""
+        with self.world.lock:
+            reply = self._replies.pop(0) if self._replies else None
+        if reply is None:
+            self._sleep(self.timeout_s)
+        return reply
+
+    def _run(self, execute) -> None:
+        """Run firmware under the world lock, then let the instrument's busy time pass outside it
+        (other instruments keep working meanwhile)."""
+        with self.world.lock:
+            self._busy_s = 0.0
+            execute()
+            busy = self._busy_s
+        self._sleep(busy)
+
+    def clear(self) -> None:
+        """Drop pending replies (a VISA device clear / pyserial reset_input_buffer)."""
+        with self.world.lock:
+            self._replies.clear()
 
 
 def _garble(reply: str, rng: np.random.Generator) -> str:
@@ -278,17 +294,13 @@ class _SimScpiResource(_SimLink):
 
     # pyvisa MessageBasedResource subset
     def write(self, command: str) -> int:
-        with self.world.lock:
-            if not self.faults.absent:
-                self._command(command)
+        if not self.faults.absent:
+            self._run(lambda: self._command(command))
         return len(command)
 
     def read(self) -> str:
-        with self.world.lock:
-            reply = self._pop() if self._replies or self.faults.absent else None
-        if reply is None and not self._replies:
-            if not self.faults.absent:      # the queue was empty: a read without a query
-                self._sleep(self.timeout_s)
+        reply = self._take()
+        if reply is None:
             raise LinkTimeout(f"{self.name}: no reply within {self.timeout_s:g} s")
         return reply
 
@@ -440,7 +452,13 @@ class Sim34401A(_SimScpiResource):
         if function == "CURR":
             steps = 0
             if self.auto_range:
-                steps = self._autorange(abs(world.operating_point().current_A))
+                # the shunt of the new range changes the circuit's current: settle like the meter
+                for _ in range(len(METER_RANGES_A)):
+                    step = self._autorange(abs(world.operating_point().current_A))
+                    world.meter_range_A = self.range["CURR"]
+                    steps += step
+                    if step == 0:
+                        break
             world.meter_range_A = self.range["CURR"]
             true_value = world.operating_point().current_A
             floor = METER_FLOOR_A[self.range["CURR"]]
@@ -451,7 +469,7 @@ class Sim34401A(_SimScpiResource):
                 self.range["VOLT"] = ranges[0]
             floor = 3e-6 * self.range["VOLT"]
         nplc = self.nplc[function]
-        self._sleep(nplc / self.line_frequency_Hz + self.overhead_s + steps * self.range_change_s)
+        self._busy_s += nplc / self.line_frequency_Hz + self.overhead_s + steps * self.range_change_s
         if abs(true_value) > 1.2 * self.range[function]:
             return f"{OVERLOAD:+.8E}"
         sigma = (self.relative_noise * abs(true_value) + floor) * math.sqrt(10.0 / nplc)
@@ -509,7 +527,7 @@ class SimE3632A(_SimScpiResource):
         if header in ("OUTP?", "OUTP:STAT?"):
             return "1" if s.output_on else "0"
         if header in ("MEAS:VOLT?", "MEAS:VOLT:DC?", "MEAS:CURR?", "MEAS:CURR:DC?"):
-            self._sleep(self.meas_s)
+            self._busy_s += self.meas_s
             op = self.world.operating_point()
             rng = self.world.meter_rng
             if header.startswith("MEAS:VOLT"):
@@ -545,21 +563,20 @@ class SimBatmetPort(_SimLink):
         self.timeout_s = float(value)
 
     def write(self, data: bytes) -> int:
-        with self.world.lock:
+        def receive():
             self._rx += bytes(data)
             while b"\n" in self._rx:
                 line, _, self._rx = self._rx.partition(b"\n")
                 if not self.faults.absent:
                     for reply in self._execute(line.decode("ascii", "replace").strip()):
                         self._push(reply)
+        self._run(receive)
         return len(data)
 
     def readline(self) -> bytes:
-        with self.world.lock:
-            reply = self._replies.pop(0) if self._replies else None
+        reply = self._take()
         if reply is None:
-            self._sleep(self.timeout_s)       # pyserial returns b"" after its timeout
-            return b""
+            return b""                        # pyserial returns b"" after its timeout
         return reply.encode("latin-1", "replace") + b"\r\n"
 
     @property
@@ -567,8 +584,7 @@ class SimBatmetPort(_SimLink):
         return sum(len(r) + 2 for r in self._replies)
 
     def reset_input_buffer(self) -> None:
-        with self.world.lock:
-            self._replies.clear()
+        self.clear()
 
     def close(self) -> None:
         self.is_open = False
@@ -628,7 +644,6 @@ class BenchHandles:
     meter: Sim34401A
     supply: SimE3632A
     batmet: SimBatmetPort
-    links: dict = field(default_factory=dict)
 
 
 def build_bench(clock: WorldClock, seed: int, timeout_s: float = 2.0) -> BenchHandles:
@@ -649,10 +664,10 @@ def build_world(clock: WorldClock, seed: int, settings: dict[str, dict]) -> dict
 
     timeout_s = float(settings.get("dmm", {}).get("timeout_s", 2.0))
     bench = build_bench(clock, seed, timeout_s)
-    dmm = Agilent34401A(lambda: bench.meter, where="simulated 34401A",
+    dmm = Agilent34401A(lambda: bench.meter, port="sim://bench/dmm",
                         settings=settings.get("dmm", {}))
-    psu = ScpiPsu(lambda: bench.supply, where="simulated E3632A", settings=settings.get("psu", {}))
-    batmet = BatmetSerial(lambda: bench.batmet, where="simulated BatMet",
+    psu = ScpiPsu(lambda: bench.supply, port="sim://bench/psu", settings=settings.get("psu", {}))
+    batmet = BatmetSerial(lambda: bench.batmet, port="sim://bench/batmet",
                           settings=settings.get("batmet", {}))
     dmm.sim, psu.sim, batmet.sim = bench.meter, bench.supply, bench.batmet
     return {"dmm": dmm, "psu": psu, "batmet": batmet}

@@ -1,0 +1,41 @@
+# calbench: `make run` (simulated lab + IPython profile), `make test`, `make demo`, `make bench`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export CALBENCH_HOME ?= $(CURDIR)/var
+export MPLBACKEND ?= Agg
+
+.PHONY: run test demo bench iocs up down venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+run: venv
+	$(BIN)/calbench up
+	MPLBACKEND= $(BIN)/ipython --profile-dir=profile_collection
+
+test: venv
+	$(BIN)/pytest -q
+
+demo: venv
+	$(BIN)/calbench demo
+
+bench: venv
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+iocs: venv
+	$(BIN)/calbench ioc run --sim
+
+up: venv
+	$(BIN)/calbench up
+
+down: venv
+	$(BIN)/calbench down
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,518 @@
+"""Cable transit time from calibration pulses: the time-walk model of leading-edge discrimination.
+
+A calibration sweep gives, for every pulse, the charge Q (pC) and the TDC time t (ns) of the
+direct pulse and of its reflection from the cable's open far end. A leading-edge discriminator
+fires later on small pulses (time walk); for a pulse whose edge rises like sin^2 the crossing time
+expands as
+
+    t = T0 + a Q^-1/2 + b Q^-3/2          (a in ns pC^1/2, b in ns pC^3/2)
+
+(for a sin^2 edge of rise time tr and a threshold reached at charge k: a = (2 tr / pi) sqrt(k),
+b = a k / 6, and the next term of the arcsin series is (3/40) (k/Q)^5/2). T0, the crossing time of
+an infinitely large pulse, is the pulse's start; dt = T0(reflected) - T0(direct) is the round trip
+through the cable and L = v dt / 2.
+
+Two estimators, selectable by name (`method=`):
+
+* "binned" (the paper's): group pulses by TDC bin, take the mean charge in each bin, and fit the
+  model to (mean charge, bin centre) with equal weights. Linear in (T0, a, b): one least-squares
+  solve.
+* "likelihood": every pulse counts. With Gaussian jitter sigma, the probability that a pulse of
+  charge Q lands in the bin [t, t + LSB) is Phi((t + LSB - mu)/sigma) - Phi((t - mu)/sigma),
+  mu = T0 + a Q^-1/2 + b Q^-3/2; (T0, a, b, sigma) maximise the product over pulses. It uses the
+  charges at which pulses change bins, which the per-bin means blur.
+
+Fit range. The two-term model is the start of a series in u = sqrt(k/Q); near the threshold
+(u -> 1) the arcsin's square-root singularity makes a truncated series wrong by a large amount
+and the fitted T0 moves with it (a trial with all pulses and a sin^2 edge gave biases up to
+0.2 ns; adding a Q^-5/2 term quadrupled the spread instead). The fit therefore uses only pulses
+with Q >= `min_charge_over_threshold` x the threshold charge (default 3, so u <= 0.58, where the
+neglected term is below 0.2 % of the walk). The threshold charge is read from the data: the
+smallest charge that fired when some pulses did not fire; otherwise it is estimated from a first
+full-range fit as k = 6 b / a (exact for a sin^2 edge).
+
+Nothing here imports ophyd, bluesky's RunEngine or caproto: arrays in, numbers and figures out.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from scipy.optimize import minimize
+from scipy.special import log_ndtr, ndtr
+
+__all__ = [
+    "TDC_LSB_NS", "RG58_VELOCITY_M_PER_NS", "METHODS", "TransitFitError", "WalkFit",
+    "TransitTimeResult", "VelocityFit", "walk_model", "fit_walk", "fit_transit_time",
+    "naive_transit_time", "fit_velocity", "fit_temperature_coefficient", "plot_walk_fits",
+    "plot_monitor_history",
+]
+
+TDC_LSB_NS = 1.5625                  # Daya Bay FEE TDC least significant bit
+RG58_VELOCITY_M_PER_NS = 0.208       # the paper's fitted propagation velocity in RG58A/U
+METHODS = ("binned", "likelihood")
+MIN_BINS = 4                         # three parameters and one degree of freedom
+Method = Literal["binned", "likelihood"]
+
+
+class TransitFitError(ValueError):
+    """The pulses cannot give a transit time; the message names the channel, the cause and the fix."""
+
+
+def walk_model(q_pC: ArrayLike, t0_ns: float, a: float, b: float) -> NDArray[np.float64]:
+    """Threshold-crossing time (ns) of a pulse of charge q_pC: t0 + a q^-1/2 + b q^-3/2."""
+    q = np.asarray(q_pC, dtype=float)
+    return t0_ns + a / np.sqrt(q) + b / (q * np.sqrt(q))
+
+
+@dataclass(frozen=True)
+class WalkFit:
+    """Fit of the walk model to one pulse type (direct or reflected)."""
+    t0_ns: float
+    a: float                          # ns pC^1/2
+    b: float                          # ns pC^3/2
+    t0_err_ns: float
+    cov: NDArray[np.float64]          # covariance of (t0, a, b)
+    method: str
+    n_pulses: int                     # pulses in the fit range
+    n_bins: int                       # TDC bins in the fit range
+    q_min_pC: float                   # fit range
+    q_max_pC: float
+    threshold_charge_pC: float        # charge at which the discriminator fires (estimated)
+    jitter_ns: float = math.nan       # fitted Gaussian jitter (likelihood only)
+    rms_ns: float = math.nan          # rms residual of the bin means (binned only)
+    bin_charge_pC: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0), repr=False)
+    bin_time_ns: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0), repr=False)
+
+    def predict(self, q_pC: ArrayLike) -> NDArray[np.float64]:
+        """Model crossing time (ns) at charges q_pC."""
+        return walk_model(q_pC, self.t0_ns, self.a, self.b)
+
+    def summary(self) -> dict[str, float]:
+        return {"t0_ns": self.t0_ns, "t0_err_ns": self.t0_err_ns, "a": self.a, "b": self.b,
+                "n_pulses": self.n_pulses, "n_bins": self.n_bins, "q_min_pC": self.q_min_pC,
+                "q_max_pC": self.q_max_pC, "threshold_charge_pC": self.threshold_charge_pC,
+                "jitter_ns": self.jitter_ns, "rms_ns": self.rms_ns}
+
+
+@dataclass(frozen=True)
+class TransitTimeResult:
+    """Round-trip transit time through a cable from one calibration sweep."""
+    dt_ns: float                      # T0(reflected) - T0(direct)
+    dt_err_ns: float                  # statistical error of this calibration
+    length_m: float                   # v dt / 2
+    length_err_m: float
+    velocity_m_per_ns: float          # velocity used for the length
+    method: str
+    direct: WalkFit
+    reflected: WalkFit
+    naive_dt_ns: float                # mean TDC difference, no walk model (for comparison)
+    label: str = ""
+
+    def as_dict(self) -> dict[str, float | str]:
+        """Flat, JSON-able summary (what a derived run stores)."""
+        out: dict[str, float | str] = {
+            "dt_ns": self.dt_ns, "dt_err_ns": self.dt_err_ns, "length_m": self.length_m,
+            "length_err_m": self.length_err_m, "velocity_m_per_ns": self.velocity_m_per_ns,
+            "method": self.method, "naive_dt_ns": self.naive_dt_ns}
+        for kind, fit in (("direct", self.direct), ("reflected", self.reflected)):
+            out.update({f"{kind}_{k}": float(v) for k, v in fit.summary().items()})
+        return out
+
+
+# -- input checks -----------------------------------------------------------------------------------
+
+def _prefix(label: str) -> str:
+    return f"{label}: " if label else ""
+
+
+def _pulses(q: ArrayLike, t: ArrayLike, kind: str, label: str) -> tuple[NDArray, NDArray, NDArray]:
+    """Finite (charge, time) pairs of the pulses that fired, and the mask of those that fired."""
+    q = np.asarray(q, dtype=float).ravel()
+    t = np.asarray(t, dtype=float).ravel()
+    if q.shape != t.shape:
+        raise TransitFitError(f"{_prefix(label)}{kind} charges ({q.size}) and times ({t.size}) "
+                              "differ in length; pass the arrays of one sweep")
+    fired = np.isfinite(q) & np.isfinite(t)
+    bad_q = fired & (q <= 0)
+    if bad_q.any():
+        fired &= ~bad_q
+    return q[fired], t[fired], fired
+
+
+def _bin_index(t: NDArray, lsb_ns: float, kind: str, label: str) -> NDArray[np.int64]:
+    k = np.round(t / lsb_ns)
+    off = np.abs(t - k * lsb_ns)
+    if off.size and off.max() > 1e-3 * lsb_ns:
+        raise TransitFitError(f"{_prefix(label)}{kind} times are not multiples of the TDC LSB "
+                              f"{lsb_ns} ns (off by up to {off.max():.3g} ns); pass raw TDC times "
+                              "or the right lsb_ns")
+    return k.astype(np.int64)
+
+
+# -- binned estimator (the paper's) -------------------------------------------------------------------
+
+def _bin_means(q: NDArray, k: NDArray, min_count: int) -> tuple[NDArray, NDArray, NDArray]:
+    bins, inverse, counts = np.unique(k, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=q)
+    keep = counts >= min_count
+    return bins[keep], sums[keep] / counts[keep], counts[keep]
+
+
+def _design(q: NDArray) -> NDArray:
+    r = 1.0 / np.sqrt(q)
+    return np.column_stack([np.ones_like(q), r, r ** 3])
+
+
+def _binned(q: NDArray, k: NDArray, lsb_ns: float, min_count: int):
+    bins, q_mean, _ = _bin_means(q, k, min_count)
+    t_centre = (bins + 0.5) * lsb_ns
+    if bins.size < MIN_BINS:
+        return None, bins.size, q_mean, t_centre
+    x = _design(q_mean)
+    coef, *_ = np.linalg.lstsq(x, t_centre, rcond=None)
+    resid = t_centre - x @ coef
+    dof = bins.size - 3
+    s2 = float(resid @ resid) / dof
+    cov = s2 * np.linalg.inv(x.T @ x)
+    rms = float(np.sqrt(np.mean(resid ** 2)))
+    return (coef, cov, rms), bins.size, q_mean, t_centre
+
+
+# -- likelihood estimator -------------------------------------------------------------------------------
+
+def _log_interval(z1: NDArray, z2: NDArray) -> NDArray:
+    """log(Phi(z2) - Phi(z1)) for z1 < z2, accurate in both tails."""
+    out = np.empty_like(z1)
+    upper = z1 > 0            # both in the upper tail: use the survival function
+    lower = z2 < 0
+    mid = ~(upper | lower)
+    a, b = log_ndtr(-z1[upper]), log_ndtr(-z2[upper])
+    out[upper] = a + np.log(-np.expm1(b - a))
+    a, b = log_ndtr(z2[lower]), log_ndtr(z1[lower])
+    out[lower] = a + np.log(-np.expm1(b - a))
+    out[mid] = np.log(np.maximum(ndtr(z2[mid]) - ndtr(z1[mid]), 1e-300))
+    return np.maximum(out, -700.0)
+
+
+def _nll_and_grad(theta: NDArray, x: NDArray, lo: NDArray, lsb: float) -> tuple[float, NDArray]:
+    """Negative log-likelihood of TDC bins given charges, and its gradient.
+    theta = (t0, a, b, log sigma); x = design matrix; lo = bin low edges (ns)."""
+    sigma = math.exp(theta[3])
+    mu = x @ theta[:3]
+    z1 = (lo - mu) / sigma
+    z2 = z1 + lsb / sigma
+    logp = _log_interval(z1, z2)
+    # phi(z)/p computed in log space so that far-off pulses do not overflow
+    r1 = np.exp(-0.5 * z1 ** 2 - 0.5 * math.log(2 * math.pi) - logp)
+    r2 = np.exp(-0.5 * z2 ** 2 - 0.5 * math.log(2 * math.pi) - logp)
+    dlogp_dmu = (r1 - r2) / sigma
+    dlogp_dlogs = -(r2 * z2 - r1 * z1)
+    grad = np.empty(4)
+    grad[:3] = -(x.T @ dlogp_dmu)
+    grad[3] = -float(dlogp_dlogs.sum())
+    return -float(logp.sum()), grad
+
+
+def _likelihood(q: NDArray, k: NDArray, lsb_ns: float, start: NDArray):
+    x = _design(q)
+    lo = k * lsb_ns
+    # Scale the parameters so that the optimiser sees numbers of order one.
+    scale = np.array([1.0, max(abs(start[1]), 1.0), max(abs(start[2]), 1.0), 1.0])
+
+    def fun(p):
+        f, g = _nll_and_grad(p * scale, x, lo, lsb_ns)
+        return f, g * scale
+
+    p0 = np.append(start, math.log(0.25 * lsb_ns)) / scale
+    res = minimize(fun, p0, jac=True, method="BFGS", options={"gtol": 1e-6, "maxiter": 500})
+    theta = res.x * scale
+    # Observed information from finite differences of the analytic gradient.
+    h = 1e-5 * np.maximum(np.abs(theta), 1e-2)
+    hess = np.empty((4, 4))
+    for i in range(4):
+        d = np.zeros(4)
+        d[i] = h[i]
+        hess[i] = (_nll_and_grad(theta + d, x, lo, lsb_ns)[1]
+                   - _nll_and_grad(theta - d, x, lo, lsb_ns)[1]) / (2 * h[i])
+    hess = 0.5 * (hess + hess.T)
+    try:
+        cov = np.linalg.inv(hess)
+    except np.linalg.LinAlgError:
+        cov = np.full((4, 4), np.nan)
+    return theta, cov, res.success
+
+
+# -- one pulse type --------------------------------------------------------------------------------------
+
+def _threshold_charge(q_all: NDArray, fired: NDArray, amplitude: NDArray) -> float:
+    """Charge (pC) at which the discriminator starts to fire, when the sweep went below it.
+
+    Input noise lets a few pulses below the threshold fire and a few above it miss, so the smallest
+    charge that fired underestimates it. The threshold is placed where a step in the firing
+    indicator best splits the pulses ordered by amplitude (DAC register, or the sweep order), and
+    converted to charge with the pulses that fired just above that point."""
+    if fired.all() or not fired.any():
+        return math.nan
+    order = np.argsort(amplitude, kind="stable")
+    f = fired[order]
+    # misclassified(i) = fired below the split + missed at or above it
+    fired_below = np.concatenate([[0], np.cumsum(f)])
+    missed_above = np.concatenate([np.cumsum((~f)[::-1])[::-1], [0]])
+    split = int(np.argmin(fired_below + missed_above))
+    above = order[split:][f[split:]][:25]
+    return float(np.median(q_all[above])) if above.size else math.nan
+
+
+def fit_walk(q_pC: ArrayLike, t_ns: ArrayLike, method: Method = "binned", *,
+             lsb_ns: float = TDC_LSB_NS, min_charge_over_threshold: float = 3.0,
+             q_min_pC: float | None = None, min_bin_count: int = 3,
+             amplitude: ArrayLike | None = None, kind: str = "pulses", label: str = "") -> WalkFit:
+    """Fit t = T0 + a Q^-1/2 + b Q^-3/2 to the pulses of one type.
+
+    q_pC, t_ns: charge (pC) and TDC time (ns) per pulse, NaN where the discriminator did not fire.
+    method: "binned" (mean charge per TDC bin, equal weights) or "likelihood" (every pulse).
+    min_charge_over_threshold: fit range starts at this multiple of the threshold charge (see the
+    module docstring); q_min_pC overrides the range's lower end. min_bin_count: bins with fewer
+    pulses are left out of the binned fit. amplitude: a quantity proportional to each pulse's size
+    whether it fired or not (DAC register, direct charge), used to locate the threshold; default:
+    the pulse index (arrays in sweep order). kind/label name the pulses in error messages.
+    Raises TransitFitError when the pulses cannot constrain the model.
+    """
+    if method not in METHODS:
+        raise TransitFitError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    q_all = np.asarray(q_pC, dtype=float).ravel()
+    q, t, fired = _pulses(q_all, t_ns, kind, label)
+    if q.size == 0:
+        raise TransitFitError(f"{_prefix(label)}no {kind} fired in {q_all.size} pulses")
+    k = _bin_index(t, lsb_ns, kind, label)
+    amp = np.arange(q_all.size, dtype=float) if amplitude is None else np.asarray(amplitude, float).ravel()
+    if amp.shape != q_all.shape:
+        raise TransitFitError(f"{_prefix(label)}amplitude has {amp.size} entries for {q_all.size} "
+                              f"{kind}; pass one per pulse")
+    amp = np.where(np.isfinite(amp), amp, -np.inf)
+    threshold = _threshold_charge(q_all, fired, amp)
+    if q_min_pC is None:
+        if math.isfinite(threshold):
+            q_min_pC = min_charge_over_threshold * threshold
+        else:
+            # No pulse below threshold: the model's own k = 6 b / a tells where the threshold is.
+            first, *_ = _binned(q, k, lsb_ns, min_bin_count)
+            if first is not None and first[0][1] > 0 and first[0][2] > 0:
+                threshold = 6.0 * first[0][2] / first[0][1]
+            q_min_pC = min_charge_over_threshold * threshold if math.isfinite(threshold) else 0.0
+    sel = q >= q_min_pC
+    q, k = q[sel], k[sel]
+    n_bins_all = np.unique(k).size
+    fit, n_bins, q_mean, t_centre = _binned(q, k, lsb_ns, min_bin_count)
+    if fit is None:
+        raise TransitFitError(
+            f"{_prefix(label)}{kind} fall in only {n_bins} TDC bin(s) with at least {min_bin_count} "
+            f"pulses above {q_min_pC:.3g} pC ({n_bins_all} bins in all); the walk model needs "
+            f"{MIN_BINS}: start the sweep at a lower DAC register so that the walk spans more bins, "
+            "or lower the discriminator threshold")
+    coef, cov, rms = fit
+    q_range = (float(q.min()), float(q.max()))
+    if method == "binned":
+        return WalkFit(float(coef[0]), float(coef[1]), float(coef[2]),
+                       float(math.sqrt(max(cov[0, 0], 0.0))), cov, "binned", int(q.size), n_bins,
+                       *q_range, threshold, rms_ns=rms, bin_charge_pC=q_mean, bin_time_ns=t_centre)
+    theta, cov4, ok = _likelihood(q, k, lsb_ns, coef)
+    if not ok and not np.all(np.isfinite(cov4)):
+        raise TransitFitError(f"{_prefix(label)}the likelihood fit of the {kind} did not converge; "
+                              "use method='binned' or check the data for outliers")
+    cov3 = cov4[:3, :3]
+    return WalkFit(float(theta[0]), float(theta[1]), float(theta[2]),
+                   float(math.sqrt(max(cov3[0, 0], 0.0))), cov3, "likelihood", int(q.size), n_bins,
+                   *q_range, threshold, jitter_ns=float(math.exp(theta[3])),
+                   bin_charge_pC=q_mean, bin_time_ns=t_centre)
+
+
+# -- transit time -----------------------------------------------------------------------------------------
+
+def naive_transit_time(direct_t_ns: ArrayLike, reflected_t_ns: ArrayLike) -> tuple[float, float]:
+    """Mean TDC time of the reflected pulses minus that of the direct pulses (ns), without any walk
+    correction, and its error of the mean (ns). Quantisation errors do not average out when the
+    pulses are synchronous with the TDC clock: this is the estimate the walk model replaces."""
+    d = np.asarray(direct_t_ns, dtype=float)
+    r = np.asarray(reflected_t_ns, dtype=float)
+    d, r = d[np.isfinite(d)], r[np.isfinite(r)]
+    if d.size < 2 or r.size < 2:
+        return math.nan, math.nan
+    err = math.sqrt(d.var(ddof=1) / d.size + r.var(ddof=1) / r.size)
+    return float(r.mean() - d.mean()), err
+
+
+def fit_transit_time(direct_q_pC: ArrayLike, direct_t_ns: ArrayLike, reflected_q_pC: ArrayLike,
+                     reflected_t_ns: ArrayLike, method: Method = "binned", *,
+                     velocity_m_per_ns: float = RG58_VELOCITY_M_PER_NS, lsb_ns: float = TDC_LSB_NS,
+                     min_charge_over_threshold: float = 3.0, min_bin_count: int = 3,
+                     amplitude: ArrayLike | None = None, label: str = "") -> TransitTimeResult:
+    """Round-trip transit time (ns) through a cable from one calibration sweep.
+
+    Arrays are per pulse (charge pC, TDC time ns; NaN where the discriminator did not fire) for the
+    direct and the reflected pulses. The walk model is fitted separately to each (their shapes
+    differ: the cable attenuates and disperses the reflection); dt = T0_reflected - T0_direct with
+    dt_err_ns from the two fits' covariances; length_m = velocity * dt / 2. `amplitude` (one per
+    pulse, e.g. the DAC register; default the sweep order) locates the threshold. `label` (e.g.
+    "channel 3") prefixes error messages. Raises TransitFitError for a channel without reflection
+    or with too few TDC bins.
+    """
+    common = dict(method=method, lsb_ns=lsb_ns, min_charge_over_threshold=min_charge_over_threshold,
+                  min_bin_count=min_bin_count, amplitude=amplitude, label=label)
+    reflected_t = np.asarray(reflected_t_ns, dtype=float)
+    n_reflected = int(np.isfinite(reflected_t).sum())
+    if n_reflected == 0:
+        raise TransitFitError(
+            f"{_prefix(label)}no reflected pulse in {reflected_t.size} pulses: no cable connected, "
+            "or its far end is terminated; connect the cable with its far end open "
+            "(or raise the sweep so that the reflection crosses the threshold)")
+    direct = fit_walk(direct_q_pC, direct_t_ns, kind="direct pulses", **common)
+    reflected = fit_walk(reflected_q_pC, reflected_t, kind="reflected pulses", **common)
+    dt = reflected.t0_ns - direct.t0_ns
+    dt_err = math.hypot(direct.t0_err_ns, reflected.t0_err_ns)
+    naive, _ = naive_transit_time(direct_t_ns, reflected_t)
+    return TransitTimeResult(dt, dt_err, velocity_m_per_ns * dt / 2.0, velocity_m_per_ns * dt_err / 2.0,
+                             velocity_m_per_ns, method, direct, reflected, naive, label)
+
+
+# -- velocity and temperature ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VelocityFit:
+    """dt = 2 dL / v + offset fitted to (added length, measured dt) pairs."""
+    velocity_m_per_ns: float
+    velocity_err_m_per_ns: float
+    offset_ns: float
+    offset_err_ns: float
+    chi2_ndof: float
+
+
+def fit_velocity(dL_m: ArrayLike, dt_ns: ArrayLike, dt_err_ns: ArrayLike | None = None, *,
+                 through_origin: bool = True) -> VelocityFit:
+    """Propagation velocity (m/ns) from added cable lengths dL_m and the measured changes of the
+    round-trip time dt_ns (weighted by 1/dt_err_ns^2 when given). through_origin: the pairs are
+    increments relative to dL = 0 (no offset fitted)."""
+    x = 2.0 * np.asarray(dL_m, dtype=float)
+    y = np.asarray(dt_ns, dtype=float)
+    w = np.ones_like(y) if dt_err_ns is None else 1.0 / np.maximum(np.asarray(dt_err_ns, float), 1e-12) ** 2
+    cols = [x] if through_origin else [x, np.ones_like(x)]
+    a = np.column_stack(cols)
+    need = a.shape[1] + 1
+    if y.size < need or np.ptp(x) == 0:
+        raise TransitFitError(f"need at least {need} different lengths to fit the velocity, "
+                              f"got {np.unique(x).size}")
+    aw = a * np.sqrt(w)[:, None]
+    coef, *_ = np.linalg.lstsq(aw, y * np.sqrt(w), rcond=None)
+    resid = (y - a @ coef) * np.sqrt(w)
+    ndof = y.size - a.shape[1]
+    chi2 = float(resid @ resid) / ndof
+    cov = np.linalg.inv(aw.T @ aw)
+    if dt_err_ns is None:
+        cov *= chi2           # unweighted: errors from the scatter
+    slope, slope_err = coef[0], math.sqrt(cov[0, 0])     # ns per metre of round trip = 1 / v
+    offset = float(coef[1]) if not through_origin else 0.0
+    offset_err = math.sqrt(cov[1, 1]) if not through_origin else 0.0
+    return VelocityFit(1.0 / slope, slope_err / slope ** 2, offset, offset_err, chi2)
+
+
+def fit_temperature_coefficient(temperature_C: ArrayLike, dt_ns: ArrayLike,
+                                dt_err_ns: ArrayLike | None = None) -> tuple[float, float, float]:
+    """Relative temperature coefficient of the transit time (1/K) from a monitor's history:
+    dt = dt_ref (1 + c (T - T_mean)). Returns (c, error of c, dt_ref ns)."""
+    temp = np.asarray(temperature_C, dtype=float)
+    y = np.asarray(dt_ns, dtype=float)
+    ok = np.isfinite(temp) & np.isfinite(y)
+    temp, y = temp[ok], y[ok]
+    if y.size < 3 or np.ptp(temp) == 0:
+        raise TransitFitError("need at least 3 calibrations at different temperatures to fit the "
+                              "temperature coefficient")
+    w = np.ones_like(y) if dt_err_ns is None else 1.0 / np.asarray(dt_err_ns, float)[ok] ** 2
+    a = np.column_stack([np.ones_like(temp), temp - temp.mean()])
+    aw = a * np.sqrt(w)[:, None]
+    coef, *_ = np.linalg.lstsq(aw, y * np.sqrt(w), rcond=None)
+    resid = (y - a @ coef) * np.sqrt(w)
+    cov = np.linalg.inv(aw.T @ aw) * max(float(resid @ resid) / max(y.size - 2, 1), 1e-300)
+    c = coef[1] / coef[0]
+    c_err = abs(c) * math.hypot(math.sqrt(cov[1, 1]) / coef[1], math.sqrt(cov[0, 0]) / coef[0])
+    return float(c), float(c_err), float(coef[0])
+
+
+# -- plots ---------------------------------------------------------------------------------------------------
+
+def plot_walk_fits(direct_q_pC: ArrayLike, direct_t_ns: ArrayLike, reflected_q_pC: ArrayLike,
+                   reflected_t_ns: ArrayLike, result: TransitTimeResult, path=None):
+    """The paper's figure: TDC time against charge for direct (a) and reflected (b) pulses, the mean
+    charge per TDC bin, the fitted walk curve and T0. Saved to `path` (PNG/PDF) when given; returns
+    the matplotlib Figure."""
+    import matplotlib
+    if path is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, q, t, fit, title in ((axes[0], direct_q_pC, direct_t_ns, result.direct, "(a) direct"),
+                                 (axes[1], reflected_q_pC, reflected_t_ns, result.reflected,
+                                  "(b) reflected")):
+        q = np.asarray(q, float)
+        t = np.asarray(t, float)
+        ax.plot(q, t, ".", color="k", ms=1.5, alpha=0.3, label="pulses")
+        ax.plot(fit.bin_charge_pC, fit.bin_time_ns - 0.5 * TDC_LSB_NS, "s", color="tab:blue", ms=5,
+                label="mean charge per TDC bin")
+        qq = np.linspace(fit.q_min_pC, np.nanmax(q), 300)
+        ax.plot(qq, fit.predict(qq) - 0.5 * TDC_LSB_NS, "-", color="tab:red",
+                label=f"fit ({fit.method}): T0 = {fit.t0_ns:.3f} ± {fit.t0_err_ns:.3f} ns")
+        ax.axvspan(np.nanmin(q), fit.q_min_pC, color="0.9", label="outside fit range")
+        ax.axhline(fit.t0_ns - 0.5 * TDC_LSB_NS, color="tab:red", ls=":", lw=0.8)
+        ax.set_xlabel("charge (pC)")
+        ax.set_ylabel("TDC time (ns)")
+        ax.set_title(title)
+        ax.legend(fontsize=7, loc="upper right")
+    label = f"{result.label}: " if result.label else ""
+    fig.suptitle(f"{label}dt = {result.dt_ns:.3f} ± {result.dt_err_ns:.3f} ns, "
+                 f"L = {result.length_m:.3f} m at v = {result.velocity_m_per_ns} m/ns")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_monitor_history(times_s: ArrayLike, temperature_C: ArrayLike, dt_ns: ArrayLike,
+                         dt_err_ns: ArrayLike, path=None, *, label: str = ""):
+    """Transit time of a cable against time and against temperature (the real-time monitor's
+    history), with the fitted temperature coefficient. Saved to `path` when given."""
+    import matplotlib
+    if path is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    times = np.asarray(times_s, float)
+    temp = np.asarray(temperature_C, float)
+    dt = np.asarray(dt_ns, float)
+    err = np.asarray(dt_err_ns, float)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    hours = (times - times.min()) / 3600.0 if times.size else times
+    ax1.errorbar(hours, dt, yerr=err, fmt="o", ms=3, color="tab:blue", label="dt")
+    ax1.set_xlabel("time since first calibration (h)")
+    ax1.set_ylabel("round-trip transit time (ns)", color="tab:blue")
+    twin = ax1.twinx()
+    twin.plot(hours, temp, "-", color="tab:orange")
+    twin.set_ylabel("cable temperature (°C)", color="tab:orange")
+    ax2.errorbar(temp, dt, yerr=err, fmt="o", ms=3, color="tab:blue")
+    ax2.set_xlabel("cable temperature (°C)")
+    ax2.set_ylabel("round-trip transit time (ns)")
+    ok = np.isfinite(dt) & np.isfinite(temp)
+    if ok.sum() >= 3 and np.ptp(temp[ok]) > 0:
+        c, c_err, ref = fit_temperature_coefficient(temp[ok], dt[ok], err[ok])
+        tt = np.linspace(temp[ok].min(), temp[ok].max(), 50)
+        ax2.plot(tt, ref * (1 + c * (tt - temp[ok].mean())), "-", color="tab:red",
+                 label=f"{100 * c:.4f} ± {100 * c_err:.4f} %/K")
+        ax2.legend(fontsize=8)
+    fig.suptitle(f"{label + ': ' if label else ''}cable transit-time monitor")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig

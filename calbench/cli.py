@@ -1,0 +1,201 @@
+"""`calbench` command line: IOCs, the embedded tiled server, the lab's start-up, procedure tools.
+
+    calbench ioc list                          instruments and their worlds
+    calbench ioc run [NAME ...] [--sim] [--prefix P] [--interfaces A ...] [--time-scale X] [--list-pvs]
+    calbench tiled start|stop|status
+    calbench up | down                         simulated IOCs + tiled in the background (make run)
+    calbench demo                              non-interactive tour of every procedure
+    calbench <procedure> ...                   procedure tools (batmet, qc6, fee, ...)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from calbench.config import ConfigError, load_config
+from calbench.instruments import INSTRUMENTS
+
+# Modules contributing procedure subcommands: each defines add_cli(subparsers).
+PROCEDURE_CLIS: list[str] = []
+
+
+def _cfg(args):
+    cfg = load_config(args.config)
+    if getattr(args, "prefix", None):
+        cfg = cfg.with_overrides(pv_prefix=args.prefix)
+    return cfg
+
+
+# -- ioc ----------------------------------------------------------------------------------------
+def cmd_ioc_list(args) -> int:
+    cfg = _cfg(args)
+    for name, spec in INSTRUMENTS.items():
+        icfg = cfg.instruments.get(name)
+        where = f"{cfg.prefix_of(name):<14} {icfg.backend:<8}" if icfg else f"{'(not configured)':<23}"
+        print(f"{name:<10} {where} world={spec.world:<6} {spec.description}")
+    return 0
+
+
+def cmd_ioc_run(args) -> int:
+    from calbench.iocs.build import build_iocs
+    from calbench.iocs.server import serve_forever
+
+    cfg = _cfg(args)
+    if args.interfaces:
+        cfg = cfg.with_overrides(interfaces=tuple(args.interfaces))
+    names = args.names or None
+    groups = build_iocs(cfg, names, force_sim=args.sim, time_scale=args.time_scale)
+    pvs = sorted(pv for g in groups for pv in g.pvdb)
+    if args.list_pvs:
+        print("\n".join(pvs), flush=True)
+    print(f"serving {len(pvs)} PVs of {', '.join(names or cfg.instruments)} on "
+          f"{', '.join(cfg.interfaces)} (prefix {cfg.pv_prefix}); Ctrl-C stops", flush=True)
+    serve_forever(groups, cfg.interfaces)
+    print("IOCs stopped; instruments left safe", flush=True)
+    return 0
+
+
+# -- tiled --------------------------------------------------------------------------------------
+def cmd_tiled(args) -> int:
+    from calbench.tiled_service import ensure_tiled, healthy, stop_embedded
+
+    cfg = _cfg(args)
+    if args.action == "start":
+        ep = ensure_tiled(cfg)
+        print(f"tiled: {ep.uri} (catalog '{cfg.tiled_catalog}', files in {ep.directory})")
+    elif args.action == "stop":
+        print("stopped" if stop_embedded(cfg.home / "tiled") else "not running")
+    else:
+        uri = cfg.tiled_uri or f"http://127.0.0.1:{cfg.tiled_port}"
+        up = healthy(uri)
+        print(f"tiled at {uri}: {'up' if up else 'down'}")
+        return 0 if up else 1
+    return 0
+
+
+# -- up/down: the background services of `make run` ------------------------------------------------
+def _pidfile(cfg) -> Path:
+    return cfg.home / "iocs.pid"
+
+
+def _alive(pidfile: Path) -> bool:
+    try:
+        os.kill(int(pidfile.read_text()), 0)
+        return True
+    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        return False
+
+
+def start_iocs_background(cfg, *, wait_s: float = 30.0) -> None:
+    """Start `calbench ioc run --sim` for every configured instrument, detached, if not running."""
+    pidfile = _pidfile(cfg)
+    if _alive(pidfile):
+        return
+    cfg.home.mkdir(parents=True, exist_ok=True)
+    log = open(cfg.home / "iocs.log", "ab")
+    cmd = [sys.executable, "-m", "calbench.cli", "--config", str(cfg.source), "ioc", "run",
+           "--prefix", cfg.pv_prefix]
+    env = {**os.environ, "CALBENCH_HOME": str(cfg.home)}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, env=env)
+    pidfile.write_text(str(proc.pid))
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the IOCs exited with code {proc.returncode}; see {cfg.home / 'iocs.log'}")
+        if b"serving" in (cfg.home / "iocs.log").read_bytes()[-4000:]:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"the IOCs did not start within {wait_s} s; see {cfg.home / 'iocs.log'}")
+
+
+def cmd_up(args) -> int:
+    from calbench.tiled_service import ensure_tiled
+
+    cfg = _cfg(args)
+    start_iocs_background(cfg)
+    ep = ensure_tiled(cfg)
+    print(f"IOCs: prefix {cfg.pv_prefix} (log {cfg.home / 'iocs.log'}); tiled: {ep.uri}")
+    return 0
+
+
+def cmd_down(args) -> int:
+    from calbench.tiled_service import stop_embedded
+
+    cfg = _cfg(args)
+    pidfile = _pidfile(cfg)
+    if _alive(pidfile):
+        os.kill(int(pidfile.read_text()), signal.SIGTERM)
+        print("IOCs stopped")
+    pidfile.unlink(missing_ok=True)
+    if stop_embedded(cfg.home / "tiled"):
+        print("tiled stopped")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from calbench.demo import run_demo
+    return run_demo(_cfg(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="calbench", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="lab configuration TOML (default: $CALBENCH_CONFIG, "
+                        "./lab.toml, or the embedded simulated lab)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ioc = sub.add_parser("ioc", help="run instrument IOCs").add_subparsers(dest="ioc_cmd", required=True)
+    p = ioc.add_parser("list", help="list instruments")
+    p.add_argument("--prefix", help="lab-wide PV prefix (default from the configuration)")
+    p.set_defaults(func=cmd_ioc_list)
+    p = ioc.add_parser("run", help="serve instruments (all configured ones by default)")
+    p.add_argument("names", nargs="*", help=f"instruments: {', '.join(INSTRUMENTS)}")
+    p.add_argument("--sim", action="store_true", help="simulated backends even where the "
+                   "configuration says hardware")
+    p.add_argument("--prefix", help="lab-wide PV prefix (default from the configuration)")
+    p.add_argument("--interfaces", nargs="+", help="addresses to serve on (default 127.0.0.1)")
+    p.add_argument("--time-scale", type=float, help="world-clock acceleration of the simulators")
+    p.add_argument("--list-pvs", action="store_true", help="print the PV names served")
+    p.set_defaults(func=cmd_ioc_run)
+
+    p = sub.add_parser("tiled", help="the embedded tiled server")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.set_defaults(func=cmd_tiled)
+    p = sub.add_parser("up", help="start the simulated IOCs and tiled in the background")
+    p.add_argument("--prefix")
+    p.set_defaults(func=cmd_up)
+    p = sub.add_parser("down", help="stop the background IOCs and tiled")
+    p.set_defaults(func=cmd_down)
+    p = sub.add_parser("demo", help="non-interactive tour of every procedure on the simulators")
+    p.set_defaults(func=cmd_demo)
+    for module in PROCEDURE_CLIS:
+        importlib.import_module(module).add_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"calbench: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (ConnectionError, RuntimeError, ValueError, FileNotFoundError) as exc:
+        print(f"calbench: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""`calbench demo` / `make demo`: every procedure once, on the simulators, into the lab's tiled.
+
+The simulated IOCs run in this process under their own prefix (so a running `make run` session is
+not disturbed), with the QC6 world accelerated; runs go to the persistent embedded tiled server, so
+the uids printed at the end stay readable after the server restarts.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+import traceback
+from dataclasses import dataclass, field, replace
+
+from calbench.config import LabConfig
+
+# Each step: "module:function(ctx) -> DemoResult", one per procedure, in this order.
+DEMO_STEPS: list[str] = [
+    "calbench.demo:xray_box_step",
+]
+DEMO_TIME_SCALES = {"qc6": 2000.0, "xray": 5.0}
+
+
+@dataclass
+class DemoResult:
+    title: str
+    uids: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    summary: str = ""
+
+
+@dataclass
+class DemoContext:
+    cfg: LabConfig
+    RE: object
+    catalog: object
+    devices: dict
+    backends: dict
+
+
+def xray_box_step(ctx: DemoContext) -> DemoResult:
+    """Tube on, then a scan of the tube current read back through Channel Access."""
+    from bluesky.plans import scan
+
+    from calbench.plans.xray import tube_on
+
+    box = ctx.devices["xraybox"]
+    ctx.RE(tube_on(box, 40.0, 10.0))
+    uids = ctx.RE(scan([box.voltage], box.current, 10.0, 40.0, 4), purpose="demo")
+    return DemoResult("X-ray box: tube current scan", list(uids),
+                      summary=f"current set 10..40 mA, read back {box.current.get():.2f} mA")
+
+
+def run_demo(cfg: LabConfig) -> int:
+    from bluesky import RunEngine
+
+    from calbench.iocs.build import build_iocs
+    from calbench.iocs.server import IocThread
+    from calbench.lab import make_device
+    from calbench.persistence import TiledPersister
+    from calbench.session import configure_ca
+    from calbench.tiled_service import connect_catalog
+
+    cfg = replace(cfg, pv_prefix=cfg.pv_prefix + "DEMO:")
+    configure_ca(cfg)
+    catalog = connect_catalog(cfg)
+    groups = build_iocs(cfg, force_sim=True, time_scales=DEMO_TIME_SCALES)
+    server = IocThread(groups, cfg.interfaces).start()
+    RE = RunEngine({"operator": "demo", "lab": cfg.name})
+    RE.subscribe(TiledPersister(catalog, backup_directory=cfg.home / "backup"))
+    backends = {name: g.backend for name, g in zip(cfg.instruments, groups)}
+    devices = {name: make_device(cfg, name, timeout=10.0) for name in cfg.instruments}
+    ctx = DemoContext(cfg, RE, catalog, devices, backends)
+    results, failed = [], 0
+    try:
+        for path in DEMO_STEPS:
+            module, _, func = path.partition(":")
+            t0 = time.monotonic()
+            try:
+                result = getattr(importlib.import_module(module), func)(ctx)
+            except Exception:
+                failed += 1
+                print(f"== {path} FAILED\n{traceback.format_exc()}")
+                continue
+            results.append(result)
+            print(f"== {result.title} ({time.monotonic() - t0:.1f} s)")
+            if result.summary:
+                print(f"   {result.summary}")
+            for uid in result.uids:
+                print(f"   run  {uid}  {catalog[uid].start.get('plan_name', '')}")
+            for f in result.files:
+                print(f"   file {f}")
+    finally:
+        server.stop()
+    print("\nRead the runs back (also after a restart of tiled):")
+    print("   from calbench.config import load_config; from calbench.tiled_service import connect_catalog")
+    print("   cat = connect_catalog(load_config())")
+    for r in results:
+        for uid in r.uids[:1]:
+            print(f"   cat['{uid}']['primary'].read()     # {r.title}")
+    print("   from tiled.queries import Key; cat.search(Key('purpose') == 'demo')")
+    return 1 if failed else 0

@@ -1,0 +1,97 @@
+"""Building an interactive (or queue-server) session: RunEngine, persistence, callbacks, devices.
+
+The profile's startup files call these functions and hold no logic themselves.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from calbench.config import LabConfig, load_config
+from calbench.iocs.server import loopback_ca_environment
+
+log = logging.getLogger(__name__)
+
+# Names the lab uses at the prompt: RE(vrf_scan(det, box)).
+PROFILE_NAMES = {"xraybox": "box", "eiger": "det", "caen": "crate", "dmm": "dmm", "psu": "psu",
+                 "batmet": "batmet", "fee": "fee"}
+
+
+def configure_ca(cfg: LabConfig) -> None:
+    """Search the lab's IOC interfaces only (set before the first CA client is created)."""
+    for key, value in loopback_ca_environment(cfg.interfaces).items():
+        os.environ.setdefault(key, value)
+
+
+def make_run_engine(cfg: LabConfig, *, interactive: bool = True):
+    """RunEngine with persistent metadata, tiled persistence (or a JSONL fallback), progress bars and
+    the BestEffortCallback. Returns (RE, bec, catalog or None)."""
+    from bluesky import RunEngine
+    from bluesky.callbacks.best_effort import BestEffortCallback
+    from bluesky.utils import PersistentDict, ProgressBarManager
+
+    from calbench.persistence import TiledPersister
+    from calbench.tiled_service import TiledUnavailable, connect_catalog
+
+    cfg.home.mkdir(parents=True, exist_ok=True)
+    RE = RunEngine(PersistentDict(str(cfg.home / "runengine-metadata")))
+    RE.md.setdefault("operator", cfg.operator or os.environ.get("USER", "unknown"))
+    RE.md["lab"] = cfg.name
+    RE.md["lab_config"] = cfg.as_metadata()
+    if interactive:
+        RE.waiting_hook = ProgressBarManager()
+    bec = BestEffortCallback()
+    if not interactive:
+        bec.disable_plots()
+    RE.subscribe(bec)
+    catalog = None
+    try:
+        catalog = connect_catalog(cfg)
+        RE.persister = TiledPersister(catalog, backup_directory=cfg.home / "backup")
+        RE.subscribe(RE.persister)
+    except (TiledUnavailable, OSError) as exc:
+        from bluesky_tiled_plugins.writing._json_writer import JSONLinesWriter
+
+        backup = cfg.home / "backup"
+        backup.mkdir(parents=True, exist_ok=True)
+        RE.subscribe(JSONLinesWriter(str(backup)))
+        print(f"WARNING: runs are NOT going to tiled ({exc}); they are kept as JSONL in {backup}. "
+              "Start tiled with `calbench tiled start` and restart the session.")
+    return RE, bec, catalog
+
+
+def make_lab_devices(cfg: LabConfig, *, timeout: float = 3.0) -> dict:
+    """Devices of every configured instrument under their prompt names (box, det, ...). An IOC that
+    does not answer is reported, and its device kept (it connects when the IOC comes up)."""
+    from calbench.lab import make_device
+
+    devices = {}
+    for name in cfg.instruments:
+        try:
+            device = make_device(cfg, name, connect=False)
+        except ImportError as exc:
+            print(f"WARNING: no device for {name}: {exc}")
+            continue
+        try:
+            device.ensure_connected(timeout)
+        except ConnectionError as exc:
+            print(f"WARNING: {exc}")
+        devices[PROFILE_NAMES.get(name, name)] = device
+    return devices
+
+
+def start_session(user_ns: dict, *, interactive: bool | None = None) -> LabConfig:
+    """Fill a namespace (IPython's user_ns, or the queue server's) with RE, cat, bec, cfg, devices."""
+    try:
+        from bluesky_queueserver import is_re_worker_active
+        in_queue_server = is_re_worker_active()
+    except ImportError:
+        in_queue_server = False
+    if interactive is None:
+        interactive = not in_queue_server
+    cfg = load_config()
+    configure_ca(cfg)
+    RE, bec, catalog = make_run_engine(cfg, interactive=interactive)
+    user_ns.update(RE=RE, bec=bec, cat=catalog, cfg=cfg, peaks=bec.peaks)
+    user_ns.update(make_lab_devices(cfg))
+    return cfg

@@ -1,0 +1,271 @@
+"""ophyd device of the PSI EIGER detector (PVs of iocs/eiger.py).
+
+Frames never travel through Channel Access or event documents: each trigger makes the IOC write one
+HDF5 file (dataset /entry/data/data [frames, rows, cols]) into the data directory, and the device
+emits a StreamResource for that file and a StreamDatum for the event, so tiled registers the frames
+as external data (``run["primary"]["eiger_image"]``). Events carry the per-chip count sums and the
+total computed by the IOC.
+
+    det = Eiger.from_settings("CB:EIGER:", name="eiger", settings=cfg.instruments["eiger"].settings,
+                              lab=cfg)
+    RE(count([det]))
+    RE(scan([det], det.vthreshold, 0, 2000, 51))      # S-curve
+    det.dacs.vrpreamp.set(3050).wait()
+
+`stage()` points FilePath at ``<data_dir>/eiger/<YYYY-MM-DD>`` with a file name unique to the run
+and switches Capture on; `unstage()` switches it off.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import threading
+import uuid
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+from event_model import compose_stream_resource
+from ophyd import Component as Cpt
+from ophyd import Device, EpicsSignal, EpicsSignalRO
+from ophyd.status import DeviceStatus
+
+from calbench.analysis.eiger_geometry import frame_dtype
+from calbench.analysis.trimfile import DAC_NAMES
+from calbench.devices.base import (CheckedSignal, InstrumentDevice, InstrumentRefused,
+                                   LongStringSignalRO, set_and_check)
+
+DATASET = "/entry/data/data"
+IMAGE_KEY_SUFFIX = "_image"
+
+
+class EigerError(RuntimeError):
+    """An acquisition did not produce its frames; the message says why and what to do."""
+
+
+class LongStringSignal(CheckedSignal):
+    """A writable CHAR-waveform string PV (paths, file names), refused puts raise."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("string", True)
+        super().__init__(*args, **kwargs)
+
+    def get(self, **kwargs):
+        value = super().get(**kwargs)
+        if isinstance(value, str):
+            return value
+        return bytes(bytearray(int(v) & 0xFF for v in value)).split(b"\0", 1)[0].decode(
+            "utf-8", "replace")
+
+    def describe(self):
+        desc = super().describe()
+        desc[self.name].update(dtype="string", shape=[])
+        return desc
+
+
+def _dac_components() -> dict:
+    comps = {}
+    for dac in tuple(DAC_NAMES) + ("iodelay",):
+        comps[dac] = Cpt(CheckedSignal, f"{dac}_RBV", write_pv=dac, kind="config",
+                         doc=f"{dac}, DAC units (readback -1 when half modules differ)")
+    return comps
+
+
+EigerDacs = type("EigerDacs", (Device,), {**_dac_components(),
+                                          "__doc__": "The 16 EIGER DACs and iodelay (slsdet names)."})
+
+
+class Eiger(InstrumentDevice):
+    """PSI EIGER: DACs, vthreshold, per-chip vcmp, trimbits, threshold energy, exposures, HDF5 frames.
+
+    Settable signals complete when the IOC has applied the value and fail with InstrumentRefused
+    (the IOC's reason) when it refuses it. `data_dir` is where the frames go (a directory the tiled
+    server can read)."""
+
+    instrument = "eiger"
+
+    geometry = Cpt(LongStringSignalRO, "Geometry_RBV", kind="config")
+    rows = Cpt(EpicsSignalRO, "ArraySizeY_RBV", kind="config")
+    cols = Cpt(EpicsSignalRO, "ArraySizeX_RBV", kind="config")
+    n_half_modules = Cpt(EpicsSignalRO, "NumHalfModules_RBV", kind="omitted")
+    n_chips = Cpt(EpicsSignalRO, "NumChips_RBV", kind="omitted")
+    hostnames = Cpt(LongStringSignalRO, "Hostnames_RBV", kind="config")
+    det_id = Cpt(LongStringSignalRO, "DetId_RBV", kind="config")
+
+    dacs = Cpt(EigerDacs, "")
+    dac_table = Cpt(CheckedSignal, "DacTable_RBV", write_pv="DacTable", kind="omitted")
+    vthreshold = Cpt(CheckedSignal, "Vthreshold_RBV", write_pv="Vthreshold", kind="config")
+    vcmp = Cpt(CheckedSignal, "Vcmp_RBV", write_pv="Vcmp", kind="config")
+    trimbits = Cpt(CheckedSignal, "Trimbits_RBV", write_pv="Trimbits", kind="omitted")
+    trimval = Cpt(CheckedSignal, "Trimval_RBV", write_pv="Trimval", kind="config")
+    load_trimbits = Cpt(LongStringSignal, "LoadTrimbits", kind="omitted")
+    save_trimbits = Cpt(LongStringSignal, "SaveTrimbits", kind="omitted")
+
+    dynamic_range = Cpt(CheckedSignal, "DynamicRange_RBV", write_pv="DynamicRange", kind="config")
+    exptime = Cpt(CheckedSignal, "AcquireTime_RBV", write_pv="AcquireTime", kind="config")
+    period = Cpt(CheckedSignal, "AcquirePeriod_RBV", write_pv="AcquirePeriod", kind="config")
+    frames = Cpt(CheckedSignal, "NumImages_RBV", write_pv="NumImages", kind="config")
+    threshold_energy = Cpt(CheckedSignal, "ThresholdEnergy_RBV", write_pv="ThresholdEnergy",
+                           kind="config")
+    trim_energies = Cpt(CheckedSignal, "TrimEnergies_RBV", write_pv="TrimEnergies", kind="config")
+    settings = Cpt(CheckedSignal, "Settings", string=True, kind="omitted")
+    settings_rbv = Cpt(EpicsSignalRO, "Settings_RBV", string=True, kind="config")
+    settings_dir = Cpt(LongStringSignal, "SettingsDir", kind="omitted")
+    rate_corr_tau = Cpt(CheckedSignal, "RateCorrTau_RBV", write_pv="RateCorrTau", kind="config")
+    test_pulses = Cpt(CheckedSignal, "TestPulses_RBV", write_pv="TestPulses", kind="config")
+    temperature = Cpt(EpicsSignalRO, "Temperature_RBV", kind="normal")
+
+    acquire = Cpt(EpicsSignal, "Acquire", string=True, kind="omitted")
+    acquire_rbv = Cpt(EpicsSignalRO, "Acquire_RBV", string=True, kind="omitted")
+    detector_state = Cpt(EpicsSignalRO, "DetectorState_RBV", string=True, kind="omitted")
+    array_counter = Cpt(EpicsSignalRO, "ArrayCounter_RBV", kind="omitted")
+    images_counter = Cpt(EpicsSignalRO, "NumImagesCounter_RBV", kind="omitted")
+    acquire_start = Cpt(EpicsSignalRO, "AcquireStartTime_RBV", kind="omitted")
+
+    file_path = Cpt(LongStringSignal, "FilePath", kind="omitted")
+    file_name = Cpt(LongStringSignal, "FileName", kind="omitted")
+    file_number = Cpt(CheckedSignal, "FileNumber_RBV", write_pv="FileNumber", kind="omitted")
+    auto_increment = Cpt(CheckedSignal, "AutoIncrement", string=True, kind="omitted")
+    capture = Cpt(CheckedSignal, "Capture_RBV", write_pv="Capture", string=True, kind="omitted")
+    full_file_name = Cpt(LongStringSignalRO, "FullFileName_RBV", kind="omitted")
+
+    chip_sums = Cpt(EpicsSignalRO, "ChipSums_RBV", kind="normal")
+    total_counts = Cpt(EpicsSignalRO, "TotalCounts_RBV", kind="hinted")
+    live_image = Cpt(EpicsSignalRO, "Image:ArrayData", kind="omitted")
+
+    def __init__(self, prefix="", *, name, data_dir: str | Path | None = None,
+                 trigger_timeout_s: float = 60.0, **kwargs):
+        super().__init__(prefix, name=name, **kwargs)
+        self.data_dir = Path(data_dir) if data_dir else None
+        self.trigger_timeout_s = float(trigger_timeout_s)
+        self._asset_docs: deque = deque()
+        self._frame_shape: tuple[int, ...] | None = None
+        self._frame_dtype: np.dtype | None = None
+
+    @classmethod
+    def from_settings(cls, prefix: str, *, name: str = "eiger", settings: dict | None = None,
+                      lab=None, **kwargs) -> "Eiger":
+        """The device for an [instruments.eiger] section; frames go to settings["data_dir"] or, if
+        empty, to the lab's data directory (``lab.data_dir``, a calbench LabConfig)."""
+        settings = settings or {}
+        data_dir = settings.get("data_dir") or (getattr(lab, "data_dir", None))
+        return cls(prefix, name=name, data_dir=data_dir, **kwargs)
+
+    @property
+    def image_key(self) -> str:
+        return self.name + IMAGE_KEY_SUFFIX
+
+    # -- staging --------------------------------------------------------------------------------
+    def _run_directory(self) -> Path:
+        base = self.data_dir
+        if base is None:
+            current = self.file_path.get(use_monitor=False)
+            if current:
+                return Path(current)
+            raise EigerError(
+                "no data directory for EIGER frames: set [instruments.eiger] data_dir in the lab "
+                "configuration, build the device with Eiger.from_settings(..., lab=cfg), or set "
+                "det.data_dir to a directory the tiled server can read")
+        return Path(base) / "eiger" / _dt.date.today().isoformat()
+
+    def stage(self):
+        """Point the IOC's file writer at a fresh file name in the data directory, Capture on."""
+        directory = self._run_directory()
+        staged = super().stage()
+        set_and_check(self.file_path, str(directory))
+        set_and_check(self.file_name, f"{self.name}_{uuid.uuid4().hex[:12]}")
+        set_and_check(self.file_number, 0)
+        set_and_check(self.auto_increment, "Yes")
+        set_and_check(self.capture, "On")
+        self._asset_docs.clear()
+        self._frame_shape = self._shape()
+        self._frame_dtype = frame_dtype(int(self.dynamic_range.get(use_monitor=False)))
+        return staged
+
+    def unstage(self):
+        try:
+            set_and_check(self.capture, "Off")
+        finally:
+            self._frame_shape = None
+        return super().unstage()
+
+    def _shape(self) -> tuple[int, ...]:
+        rows = int(self.rows.get(use_monitor=False))
+        cols = int(self.cols.get(use_monitor=False))
+        n = int(self.frames.get(use_monitor=False))
+        return (rows, cols) if n == 1 else (n, rows, cols)
+
+    # -- acquisition ----------------------------------------------------------------------------
+    def trigger(self) -> DeviceStatus:
+        """Acquire NumImages frames into one HDF5 file; done when the file is written."""
+        if self._frame_shape is None:
+            raise EigerError(f"{self.name} is not staged; use it inside a plan (count, scan) or "
+                             "call det.stage() first")
+        status = DeviceStatus(self, timeout=self.trigger_timeout_s)
+        before = (int(self.array_counter.get(use_monitor=False)),
+                  int(self.refusals.get(use_monitor=False)))
+
+        def finish():
+            try:
+                self._after_acquisition(*before)
+            except Exception as exc:
+                status.set_exception(exc)
+            else:
+                status.set_finished()
+
+        def put_done(*args, **kwargs):
+            # CA reads are not allowed from the put callback's thread: check from a worker
+            threading.Thread(target=finish, name=f"{self.name}-trigger", daemon=True).start()
+
+        self.acquire.put("Acquire", use_complete=True, callback=put_done)
+        return status
+
+    def _after_acquisition(self, counter_before: int, refusals_before: int) -> None:
+        refusals = int(self.refusals.get(use_monitor=False))
+        counter = int(self.array_counter.get(use_monitor=False))
+        if refusals != refusals_before or counter == counter_before:
+            message = self.status_message.get(use_monitor=False)
+            state = self.detector_state.get(use_monitor=False)
+            if refusals != refusals_before:
+                raise InstrumentRefused(f"{self.prefix}Acquire: {message}")
+            raise EigerError(f"{self.prefix}Acquire produced no frame (state {state}): "
+                             f"{message or 'no message'}; check the detector and retry")
+        path = self.full_file_name.get(use_monitor=False)
+        bundle = compose_stream_resource(
+            mimetype="application/x-hdf5", uri=Path(path).as_uri().replace("file:///",
+                                                                              "file://localhost/"),
+            data_key=self.image_key,
+            parameters={"dataset": DATASET, "chunk_shape": (1, *self._frame_shape[-2:])})
+        self._asset_docs.append(("stream_resource", bundle.stream_resource_doc))
+        self._asset_docs.append(("stream_datum",
+                                 bundle.compose_stream_datum(indices={"start": 0, "stop": 1})))
+
+    def collect_asset_docs(self):
+        """StreamResource / StreamDatum documents of the triggers since the last call."""
+        while self._asset_docs:
+            yield self._asset_docs.popleft()
+
+    def describe(self):
+        desc = super().describe()
+        if self._frame_shape is not None:
+            desc[self.image_key] = {
+                "source": f"CA:{self.prefix}FullFileName_RBV",
+                "shape": list(self._frame_shape),
+                "dtype": "array",
+                "dtype_numpy": self._frame_dtype.str,
+                "external": "STREAM:",
+                "dims": (["frame"] if len(self._frame_shape) == 3 else []) + ["row", "column"],
+            }
+        return desc
+
+    def stop(self, *, success: bool = False):
+        """Abort an acquisition in progress."""
+        if self.acquire_rbv.get(use_monitor=False) == "Acquire":
+            self.acquire.put("Done")
+        super().stop(success=success)
+
+    # -- conveniences ---------------------------------------------------------------------------
+    def frames_of(self, path: str | Path) -> np.ndarray:
+        """Read the frames of one acquisition's HDF5 file (for checks outside a run)."""
+        import h5py
+        with h5py.File(path, "r", swmr=True) as f:
+            return f[DATASET][()]

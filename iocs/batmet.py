@@ -1,0 +1,98 @@
+"""BatmetIOC: the BatMet's current sink and ADC (serial text protocol) as EPICS PVs.
+
+PVs (after the instrument prefix, e.g. CB:BATMET:):
+  DAC, DAC_RBV                    raw sink DAC code 0..4095 (`d <code>`)
+  Sink, Sink_RBV                  sink current (A) through the stored calibration (`sink <A>`);
+                                  refused when not calibrated or outside the calibrated range
+  CalMin, CalMax, CalA, CalB, CalC  a calibration to store: DAC = a*I^2 + b*I + c on CalMin..CalMax A
+  CalWrite                        1: send `csink CalMin CalMax CalA CalB CalC`
+  Calibration_RBV                 the csink line last stored through this IOC
+  AdcExt_RBV, AdcSupply_RBV, AdcSense_RBV   ADC channels EXT, PSUPPLY, SENS (V), from `a`
+  Update                          1: read the ADC now
+  Identity_RBV, Reconnect, StatusMessage_RBV, Refusals_RBV, Connected_RBV, WorldTime_RBV
+  Sim:GarbleNext, Sim:TimeoutNext, Sim:Absent, Sim:Identity   (simulated backend only)
+"""
+from __future__ import annotations
+
+from caproto import ChannelType
+from caproto.server import pvproperty
+
+from calbench.iocs.base import string_pv
+from calbench.iocs.bench_ioc import BenchInstrumentIOC
+
+POLL_PERIOD_S = 1.0
+
+
+class BatmetIOC(BenchInstrumentIOC):
+    dac = pvproperty(name="DAC", value=0, dtype=ChannelType.INT, doc="raw DAC code 0..4095")
+    dac_rbv = pvproperty(name="DAC_RBV", value=0, read_only=True, dtype=ChannelType.INT)
+    sink = pvproperty(name="Sink", value=0.0, dtype=ChannelType.DOUBLE, precision=6, units="A")
+    sink_rbv = pvproperty(name="Sink_RBV", value=0.0, read_only=True, dtype=ChannelType.DOUBLE,
+                          precision=6, units="A")
+    cal_min = pvproperty(name="CalMin", value=0.0, dtype=ChannelType.DOUBLE, precision=3,
+                         units="A")
+    cal_max = pvproperty(name="CalMax", value=4.0, dtype=ChannelType.DOUBLE, precision=3,
+                         units="A")
+    cal_a = pvproperty(name="CalA", value=0.0, dtype=ChannelType.DOUBLE, precision=6)
+    cal_b = pvproperty(name="CalB", value=0.0, dtype=ChannelType.DOUBLE, precision=6)
+    cal_c = pvproperty(name="CalC", value=0.0, dtype=ChannelType.DOUBLE, precision=6)
+    cal_write = pvproperty(name="CalWrite", value=0, dtype=ChannelType.INT,
+                           doc="1: store CalMin CalMax CalA CalB CalC in the BatMet (csink)")
+    calibration = string_pv("Calibration_RBV", doc="the csink line last stored")
+    adc_ext = pvproperty(name="AdcExt_RBV", value=0.0, read_only=True, dtype=ChannelType.DOUBLE,
+                         precision=4, units="V")
+    adc_supply = pvproperty(name="AdcSupply_RBV", value=0.0, read_only=True,
+                            dtype=ChannelType.DOUBLE, precision=4, units="V")
+    adc_sense = pvproperty(name="AdcSense_RBV", value=0.0, read_only=True,
+                           dtype=ChannelType.DOUBLE, precision=4, units="V")
+    update = pvproperty(name="Update", value=0, dtype=ChannelType.INT)
+
+    async def refresh(self, *, put: bool = True) -> None:
+        adc = await self.run(self.backend.read_adc, put=put)
+        await self.publish(self.adc_ext, adc["EXT"])
+        await self.publish(self.adc_supply, adc["PSUPPLY"])
+        await self.publish(self.adc_sense, adc["SENS"])
+
+    async def after_connect(self) -> None:
+        await self.publish(self.dac_rbv, int(self.backend.dac))
+
+    @dac.putter
+    async def dac(self, instance, value):
+        code = await self.run(self.backend.set_dac, int(value))
+        await self.publish(self.dac_rbv, code)
+        return code
+
+    @sink.putter
+    async def sink(self, instance, value):
+        code = await self.run(self.backend.sink, float(value))
+        await self.publish(self.sink_rbv, float(value))
+        if code >= 0:
+            await self.publish(self.dac_rbv, code)
+        return value
+
+    @cal_write.putter
+    async def cal_write(self, instance, value):
+        if value:
+            line = await self.run(self.backend.write_calibration, self.cal_min.value,
+                                  self.cal_max.value, self.cal_a.value, self.cal_b.value,
+                                  self.cal_c.value)
+            await self.publish(self.calibration, line)
+        return 0
+
+    @update.putter
+    async def update(self, instance, value):
+        if value:
+            await self.refresh()
+        return 0
+
+    @adc_sense.scan(period=POLL_PERIOD_S)
+    async def adc_sense(self, instance, async_lib):
+        if await self.keep_connected():
+            try:
+                await self.refresh(put=False)
+            except Exception:       # reported on StatusMessage_RBV; retried next period
+                pass
+
+    def make_safe(self) -> None:
+        """No sink current: DAC 0."""
+        self.backend.make_safe()

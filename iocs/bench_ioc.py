@@ -1,0 +1,146 @@
+"""What the bench IOCs (34401A, lab supply, BatMet) share: drivers called off the event loop,
+faults reported like refusals, reconnection, and the simulated links' fault-injection PVs.
+
+The bench backends are the hardware drivers of iocs/hw/ (on the simulated bench they talk to the
+in-process fakes of iocs/sim/bench.py). A driver call blocks for the instrument's answer (a 34401A
+reading integrates for 10 power-line cycles), so it runs in a worker thread: the one CA server
+keeps serving every other instrument meanwhile.
+
+A put whose driver call fails with `InstrumentFault` (no answer, garbled reply, wrong instrument)
+fails like a refused one: the reason goes to StatusMessage_RBV, Refusals_RBV counts it (so ophyd's
+CheckedSignal fails the put with that message instead of timing out) and Connected_RBV drops to 0.
+
+PVs added to InstrumentIOC's: Identity_RBV (*IDN? / help line), Reconnect (1: close and reopen the
+link), and on simulated backends Sim:GarbleNext, Sim:TimeoutNext (the next N replies garbled / lost),
+Sim:Absent (nothing answers), Sim:Identity (the identity the instrument reports; '' = its own).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from caproto import ChannelType
+from caproto.server import PVGroup, SubGroup, pvproperty
+
+from calbench.iocs.base import InstrumentFault, InstrumentIOC, string_pv
+
+RECONNECT_PERIOD_S = 3.0
+
+
+class _Outcome:
+    """A worker thread's result or exception, re-raised on the event loop's side."""
+
+    def __init__(self, func, args):
+        try:
+            self.value, self.error = func(*args), None
+        except Exception as exc:  # re-raised by get() inside InstrumentIOC.call
+            self.value, self.error = None, exc
+
+    def get(self):
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class LinkFaultPVs(PVGroup):
+    """Fault injection on a simulated link (removed on hardware backends)."""
+
+    garble_next = pvproperty(name="GarbleNext", value=0, dtype=ChannelType.INT,
+                             doc="simulation: the next N replies arrive garbled")
+    timeout_next = pvproperty(name="TimeoutNext", value=0, dtype=ChannelType.INT,
+                              doc="simulation: the next N replies never arrive")
+    absent = pvproperty(name="Absent", value=0, dtype=ChannelType.INT,
+                        doc="simulation: 1 = the instrument does not answer at all")
+    identity = string_pv("Identity", read_only=False,
+                         doc="simulation: identity the instrument reports ('' = its own)")
+
+    def _faults(self):
+        return self.parent.backend.sim.faults
+
+    @garble_next.putter
+    async def garble_next(self, instance, value):
+        self._faults().garble_next = max(0, int(value))
+        return max(0, int(value))
+
+    @timeout_next.putter
+    async def timeout_next(self, instance, value):
+        self._faults().timeout_next = max(0, int(value))
+        return max(0, int(value))
+
+    @absent.putter
+    async def absent(self, instance, value):
+        self._faults().absent = bool(value)
+        return int(bool(value))
+
+    @identity.putter
+    async def identity(self, instance, value):
+        text = value if isinstance(value, str) else bytes(value).split(b"\0")[0].decode()
+        self._faults().identity = text
+        return text
+
+
+class BenchInstrumentIOC(InstrumentIOC):
+    """Base PVGroup of the bench instruments (backend: a driver from iocs/hw/)."""
+
+    identity = string_pv("Identity_RBV", doc="the instrument's identification (*IDN? or help)")
+    reconnect = pvproperty(name="Reconnect", value=0, dtype=ChannelType.INT,
+                           doc="1: close the link and open it again (after fixing a cable)")
+    sim = SubGroup(LinkFaultPVs, prefix="Sim:")
+
+    def __init__(self, *, prefix, backend, clock=None, **kwargs):
+        super().__init__(prefix=prefix, backend=backend, clock=clock, **kwargs)
+        if getattr(backend, "sim", None) is None:        # hardware: no fault injection PVs
+            for name in list(self.pvdb):
+                if name.startswith(prefix + "Sim:"):
+                    del self.pvdb[name]
+        self._last_attempt = 0.0
+
+    async def run(self, func, *args, put: bool = True):
+        """Call a driver method in a worker thread. Refusals and faults are published as by
+        InstrumentIOC.call; on behalf of a put (put=True) a fault also counts in Refusals_RBV (the
+        put was not done). Polls pass put=False: their faults must not fail someone's put."""
+        outcome = await asyncio.to_thread(_Outcome, func, args)
+        try:
+            result = await self.call(outcome.get)
+        except InstrumentFault:
+            if put:
+                await self.refusals.write(self.refusals.value + 1, timestamp=self.clock.now())
+            raise
+        await self._connected_now()
+        return result
+
+    async def _connected_now(self) -> None:
+        if getattr(self.backend, "is_open", False):
+            await self.publish(self.connected, 1)
+            await self.publish(self.identity, self.backend.identity[:255])
+
+    async def connect_backend(self) -> bool:
+        """Open the link (at start-up, and every few seconds while disconnected)."""
+        self._last_attempt = time.monotonic()
+        try:
+            await self.run(self.backend.open, put=False)
+        except Exception:       # reported on StatusMessage_RBV by run()
+            return False
+        await self.report("")
+        await self.after_connect()
+        return True
+
+    async def after_connect(self) -> None:
+        """Hook: publish the instrument's state once it answers."""
+
+    async def keep_connected(self) -> bool:
+        """In a poll loop: True if connected; otherwise retry the link now and then."""
+        await self.world_time.write(self.clock.now(), timestamp=self.clock.now())
+        if self.connected.value and getattr(self.backend, "is_open", False):
+            return True
+        if time.monotonic() - self._last_attempt < RECONNECT_PERIOD_S:
+            return False
+        return await self.connect_backend()
+
+    @reconnect.putter
+    async def reconnect(self, instance, value):
+        if value:
+            await self.run(self.backend.reconnect)
+            await self.report("")
+            await self.after_connect()
+        return 0

@@ -1,0 +1,256 @@
+"""CaenCrateIOC: a CAEN SYx527 high-voltage crate as EPICS PVs, with CAENHVAsyn-style names.
+
+PVs (after the instrument prefix P, e.g. CB:CAEN:), for every channel cc of every board in slot ss:
+  P Sss:Ccc:V0Set (V)   I0Set (uA)   RUp, RDWn (V/s)   Trip (s)   SVMax (V)
+            Pw (Off/On)  PDwn (Kill/Ramp)  ChName (<= 12 characters)
+            VMon (V)  IMon (uA)  Status (CAEN bitmask: 0 ON, 1 RUP, 2 RDW, 3 OVC, 4 OVV, 5 UNV,
+                                         6 ETRIP, 7 MAXV, 8 EXTDIS, 9 ITRIP, 10 CALERR, 11 UNPLUG)
+  crate map: P SystemType_RBV, P Slots_RBV ("3" or "1,3"), P Sss:Model_RBV, Sss:Description_RBV,
+             Sss:SerialNumber_RBV, Sss:Firmware_RBV, Sss:NumChannels_RBV
+  crate commands: P ClearAlarm (put 1: clears latched trips), P Kill (put 1: every channel off now)
+  common: StatusMessage_RBV, Refusals_RBV, Connected_RBV, WorldTime_RBV
+  simulated backend only: P Sim:Unreachable, Sim:SparkRateScale, Sim:DischargeChannel,
+             Sim:ShortChannel (fault injection for tests and training)
+
+Settings the crate changes by itself (Pw after a trip, V0Set clamped at SVMax, values set from the
+crate's front panel) are published from the poll loop, so setpoint PVs always show the crate's state.
+In each poll a channel's Status is published before its VMon: a client reading VMon then Status never
+takes a voltage read after a trip for one read before it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from caproto import ChannelType
+from caproto.server import PVGroup, SubGroup, pvproperty
+
+from calbench.iocs.base import InstrumentFault, InstrumentIOC, enum_pv, string_pv
+
+log = logging.getLogger(__name__)
+
+OFF_ON = ["Off", "On"]
+KILL_RAMP = ["Kill", "Ramp"]
+SIM_DISCHARGE_S = 10.0        # an injected discharge outlasts any usual Trip setting
+SIM_SHORT_GOHM = 0.01         # an injected short: 10 MOhm across the electrode
+
+
+def _double(name: str, units: str, precision: int, *, read_only: bool = False, doc: str = ""):
+    return pvproperty(name=name, value=0.0, dtype=ChannelType.DOUBLE, units=units,
+                      precision=precision, read_only=read_only, doc=doc)
+
+
+class ChannelPVs(PVGroup):
+    """The PVs of one crate channel; puts go to the crate through the IOC's backend."""
+
+    v0set = _double("V0Set", "V", 1, doc="voltage setpoint (clamped to SVMax by the crate)")
+    i0set = _double("I0Set", "uA", 3, doc="current limit: above it for Trip s, the channel trips")
+    rup = _double("RUp", "V/s", 1, doc="ramp-up rate")
+    rdwn = _double("RDWn", "V/s", 1, doc="ramp-down rate")
+    trip = _double("Trip", "s", 1, doc="time above I0Set before a trip")
+    svmax = _double("SVMax", "V", 1, doc="software voltage limit")
+    pw = enum_pv("Pw", OFF_ON, doc="power; the crate switches it Off on a trip")
+    pdwn = enum_pv("PDwn", KILL_RAMP, doc="after a trip: Kill (at once) or Ramp (at RDWn)")
+    ch_name = pvproperty(name="ChName", value="", dtype=ChannelType.STRING, doc="channel name")
+    vmon = _double("VMon", "V", 2, read_only=True, doc="monitored voltage")
+    imon = _double("IMon", "uA", 4, read_only=True, doc="monitored current")
+    status = pvproperty(name="Status", value=0, dtype=ChannelType.LONG, read_only=True,
+                        doc="CAEN channel status bitmask")
+
+    def __init__(self, prefix: str, *, ioc: "CaenCrateIOC", slot: int, channel: int, **kwargs):
+        self.ioc, self.slot, self.channel = ioc, slot, channel
+        super().__init__(prefix, **kwargs)
+
+    async def _put(self, param: str, value):
+        held = await self.ioc.call(self.ioc.backend.set_param, self.slot, self.channel, param, value)
+        if param == "V0Set" and held is not None and held < float(value):
+            await self.ioc.report(f"S{self.slot:02d}:C{self.channel:02d} V0Set {float(value):g} V "
+                                  f"clamped to SVMax = {held:g} V")
+        return held
+
+    @v0set.putter
+    async def v0set(self, instance, value):
+        return float(await self._put("V0Set", float(value)))
+
+    @i0set.putter
+    async def i0set(self, instance, value):
+        return float(await self._put("I0Set", float(value)))
+
+    @rup.putter
+    async def rup(self, instance, value):
+        return float(await self._put("RUp", float(value)))
+
+    @rdwn.putter
+    async def rdwn(self, instance, value):
+        return float(await self._put("RDWn", float(value)))
+
+    @trip.putter
+    async def trip(self, instance, value):
+        return float(await self._put("Trip", float(value)))
+
+    @svmax.putter
+    async def svmax(self, instance, value):
+        return float(await self._put("SVMax", float(value)))
+
+    @pw.putter
+    async def pw(self, instance, value):
+        await self._put("Pw", OFF_ON.index(value) if isinstance(value, str) else int(value))
+        return value
+
+    @pdwn.putter
+    async def pdwn(self, instance, value):
+        await self._put("PDwn", KILL_RAMP.index(value) if isinstance(value, str) else int(value))
+        return value
+
+    @ch_name.putter
+    async def ch_name(self, instance, value):
+        return await self._put("ChName", str(value))
+
+    async def update(self, board: dict[str, list]) -> None:
+        """Publish this channel's entries of a board reading (Status before VMon, see module doc)."""
+        c, pub = self.channel, self.ioc.publish
+        await pub(self.status, int(board["Status"][c]))
+        await pub(self.pw, OFF_ON[int(board["Pw"][c])])
+        await pub(self.vmon, round(float(board["VMon"][c]), 2))
+        await pub(self.imon, round(float(board["IMon"][c]), 4))
+        await pub(self.v0set, float(board["V0Set"][c]))
+        await pub(self.i0set, float(board["I0Set"][c]))
+        await pub(self.rup, float(board["RUp"][c]))
+        await pub(self.rdwn, float(board["RDWn"][c]))
+        await pub(self.trip, float(board["Trip"][c]))
+        await pub(self.svmax, float(board["SVMax"][c]))
+        await pub(self.pdwn, KILL_RAMP[int(board["PDwn"][c])])
+        await pub(self.ch_name, str(board["ChName"][c])[:39])
+
+
+class BoardPVs(PVGroup):
+    """Crate-map entry of one slot."""
+    model = string_pv("Model_RBV", doc="board model, e.g. A1515TG")
+    description = string_pv("Description_RBV")
+    serial_number = pvproperty(name="SerialNumber_RBV", value=0, dtype=ChannelType.LONG,
+                               read_only=True)
+    firmware = string_pv("Firmware_RBV")
+    n_channels = pvproperty(name="NumChannels_RBV", value=0, dtype=ChannelType.LONG, read_only=True)
+
+
+class _SimControls(PVGroup):
+    unreachable = pvproperty(name="Unreachable", value=0, dtype=ChannelType.INT,
+                             doc="simulation: 1 makes the crate stop answering")
+    spark_rate_scale = pvproperty(name="SparkRateScale", value=1.0, dtype=ChannelType.DOUBLE,
+                                  doc="simulation: multiplies every foil's discharge rate")
+    discharge_channel = pvproperty(name="DischargeChannel", value=-1, dtype=ChannelType.INT,
+                                   doc="simulation: put a channel number to start a 10 s discharge")
+    short_channel = pvproperty(name="ShortChannel", value=-1, dtype=ChannelType.INT,
+                               doc="simulation: put a channel number to short its electrode "
+                                   "(10 MOhm), -1 repairs")
+
+    @unreachable.putter
+    async def unreachable(self, instance, value):
+        self.parent.backend.unreachable = bool(value)
+        return int(bool(value))
+
+    @spark_rate_scale.putter
+    async def spark_rate_scale(self, instance, value):
+        self.parent.backend.spark_rate_scale = max(0.0, float(value))
+        return max(0.0, float(value))
+
+    @discharge_channel.putter
+    async def discharge_channel(self, instance, value):
+        if value >= 0:
+            await self.parent.call(self.parent.backend.inject_discharge, self.parent.sim_slot,
+                                   int(value), SIM_DISCHARGE_S)
+        return -1
+
+    @short_channel.putter
+    async def short_channel(self, instance, value):
+        backend, slot = self.parent.backend, self.parent.sim_slot
+        for ch in range(self.parent.n_channels(slot)):
+            backend.set_short(slot, ch, SIM_SHORT_GOHM if ch == value else None)
+        return int(value)
+
+
+class CaenCrateIOC(InstrumentIOC):
+    """The crate: per-channel PVs built from the crate map the backend reports at start."""
+
+    system_type = string_pv("SystemType_RBV", doc="crate model, e.g. SY5527")
+    slots = string_pv("Slots_RBV", doc="occupied slots, comma separated")
+    clear_alarm = pvproperty(name="ClearAlarm", value=0, dtype=ChannelType.INT,
+                             doc="put 1: clear latched trips on every channel")
+    kill = pvproperty(name="Kill", value=0, dtype=ChannelType.INT,
+                      doc="put 1: switch every channel off at once")
+
+    sim = SubGroup(_SimControls, prefix="Sim:")
+
+    def __init__(self, *, prefix, backend, clock=None, **kwargs):
+        super().__init__(prefix=prefix, backend=backend, clock=clock, **kwargs)
+        if not hasattr(backend, "inject_discharge"):       # hardware: no fault injection PVs
+            for name in list(self.pvdb):
+                if name.startswith(prefix + "Sim:"):
+                    del self.pvdb[name]
+        self.boards = {b.slot: b for b in backend.crate_map()}
+        self.sim_slot = min(self.boards) if self.boards else 0
+        self.board_pvs: dict[int, BoardPVs] = {}
+        self.channel_pvs: dict[int, list[ChannelPVs]] = {}
+        for slot, board in self.boards.items():
+            bp = BoardPVs(f"{prefix}S{slot:02d}:", parent=self)
+            self.board_pvs[slot] = bp
+            self.pvdb.update(bp.pvdb)
+            self.channel_pvs[slot] = []
+            for ch in range(board.n_channels):
+                cp = ChannelPVs(f"{prefix}S{slot:02d}:C{ch:02d}:", ioc=self, slot=slot, channel=ch,
+                                parent=self)
+                self.channel_pvs[slot].append(cp)
+                self.pvdb.update(cp.pvdb)
+        self._last_fault = ""
+
+    def n_channels(self, slot: int) -> int:
+        return len(self.channel_pvs.get(slot, []))
+
+    @clear_alarm.putter
+    async def clear_alarm(self, instance, value):
+        if value:
+            await self.call(self.backend.clear_alarm)
+            await self.poll()
+        return 0
+
+    @kill.putter
+    async def kill(self, instance, value):
+        if value:
+            await self.call(self.backend.kill)
+            await self.poll()
+        return 0
+
+    @system_type.startup
+    async def system_type(self, instance, async_lib):
+        await self.publish(self.system_type, str(self.backend.system_type))
+        await self.publish(self.slots, ",".join(str(s) for s in sorted(self.boards)))
+        for slot, board in self.boards.items():
+            bp = self.board_pvs[slot]
+            await self.publish(bp.model, board.model)
+            await self.publish(bp.description, board.description)
+            await self.publish(bp.serial_number, int(board.serial_number))
+            await self.publish(bp.firmware, str(board.firmware))
+            await self.publish(bp.n_channels, int(board.n_channels))
+        while True:
+            await self.poll()
+            await asyncio.sleep(float(getattr(self.backend, "poll_period_s", 0.5)))
+
+    async def poll(self) -> None:
+        """Read every board and publish what changed (world-clock timestamps)."""
+        try:
+            readings = {slot: self.backend.read_board(slot) for slot in self.channel_pvs}
+        except Exception as exc:     # a fault (or a driver bug) must not stop the IOC
+            if not isinstance(exc, InstrumentFault):
+                log.exception("reading the crate failed")
+            if str(exc) != self._last_fault:
+                self._last_fault = str(exc)
+                await self.report(f"fault: {exc}")
+            await self.heartbeat(False)
+            return
+        if self._last_fault:
+            self._last_fault = ""
+            await self.report("the crate answers again")
+        for slot, board in readings.items():
+            for channel in self.channel_pvs[slot]:
+                await channel.update(board)
+        await self.heartbeat(True)

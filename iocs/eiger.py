@@ -1,0 +1,590 @@
+"""EigerIOC: the PSI EIGER detector as EPICS PVs (slsdet names for DACs, areaDetector for acquisition).
+
+PVs after the instrument prefix (e.g. CB:EIGER:). Setpoints have an _RBV readback; DAC setpoints
+write every half module and their _RBV reads -1 when the half modules differ.
+
+  Geometry_RBV, ArraySizeY_RBV (rows), ArraySizeX_RBV (cols), NumHalfModules_RBV, NumChips_RBV,
+  Hostnames_RBV ("beb058+beb059"), DetId_RBV
+  vsvp vtrim vrpreamp vrshaper vsvn vtgstv vcmp_ll vcmp_lr vcal vcmp_rl rxb_rb rxb_lb vcmp_rr vcp
+  vcn vishaper iodelay (+ _RBV)            DAC units 0..4000
+  DacTable, DacTable_RBV                   all DACs [17 x n_half_modules] row-major (slsdet
+                                           dacs.get_asarray(): 16 DACs in index order, iodelay)
+  Vthreshold, Vthreshold_RBV               the four vcmp + vcp of every half module; -1 on mismatch
+  Vcmp, Vcmp_RBV                           per-chip vcmp, slsdet order (bottom half modules reversed)
+  Trimbits, Trimbits_RBV                   whole-detector trimbits (rows x cols, row-major), 0..63
+  Trimval, Trimval_RBV                     all trimbits to one value; -1 when they differ
+  LoadTrimbits, SaveTrimbits               path prefix; ".snXXX" is appended per half module
+  DynamicRange, DynamicRange_RBV           4, 8, 12, 16 or 32 bit
+  AcquireTime, AcquirePeriod, NumImages (+ _RBV)   s, s, frames per acquisition
+  ThresholdEnergy, ThresholdEnergy_RBV     eV, trim-energy interpolation; -1 = settings undefined
+  TrimEnergies, TrimEnergies_RBV           eV list; Settings (folder for ThresholdEnergy),
+  Settings_RBV (loaded settings or "undefined"); SettingsDir, SettingsDir_RBV
+  RateCorrTau, RateCorrTau_RBV             dead-time correction tau, ns (0 = off)
+  TestPulses, TestPulses_RBV               test pulses per frame (height set by vcal; 0 = off)
+  Temperature_RBV                          FPGA temperature, degC
+  Acquire (Done/Acquire; the put completes when the frames are written), Acquire_RBV,
+  DetectorState_RBV, ArrayCounter, ArrayCounter_RBV, NumImagesCounter_RBV, AcquireStartTime_RBV
+  FilePath, FileName, FileNumber (+ _RBV), FilePathExists_RBV, AutoIncrement, Capture, Capture_RBV,
+  FullFileName_RBV                         with Capture = 1 each acquisition writes one HDF5 file
+                                           {FilePath}/{FileName}_{FileNumber:06d}.h5, dataset
+                                           /entry/data/data [frames, rows, cols] in the dr dtype
+  ChipSums_RBV, TotalCounts_RBV            counts per chip / in total of the last acquisition
+  Image:ArrayData, Image:ArraySizeX_RBV, Image:ArraySizeY_RBV, Image:Binning_RBV
+                                           live view: last frame summed in 4 x 4 bins (float32)
+  StatusMessage_RBV, Refusals_RBV, Connected_RBV, WorldTime_RBV   (iocs/base.py)
+  Sim:Unresponsive                         simulated backend only: 1 = the detector stops answering
+
+Settings puts are refused while an acquisition runs ("detector is acquiring"), as the real
+detector server does.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+from caproto import ChannelType
+from caproto.server import PVGroup, SubGroup, pvproperty
+
+from calbench.analysis.eiger_geometry import EigerGeometry, frame_dtype
+from calbench.analysis.trimfile import DAC_NAMES, SETTINGS_NAMES
+from calbench.iocs.base import InstrumentFault, InstrumentIOC, Refused, enum_pv, string_pv
+
+DETECTOR_STATES = ["Idle", "Acquire", "Readout", "Correct", "Saving", "Aborting", "Error",
+                   "Waiting", "Initializing", "Disconnected", "Aborted"]
+ACQUIRE = ["Done", "Acquire"]
+OFF_ON = ["Off", "On"]
+NO_YES = ["No", "Yes"]
+LIVE_BINNING = 4
+POLL_PERIOD_S = 1.0
+MAX_TRIM_ENERGIES = 32
+DATASET = "/entry/data/data"
+ALL_DACS = tuple(DAC_NAMES) + ("iodelay",)
+
+
+def _int_pv(name, value=0, *, read_only=False, doc=""):
+    return pvproperty(name=name, value=value, dtype=ChannelType.LONG, read_only=read_only, doc=doc)
+
+
+def _float_pv(name, value=0.0, *, read_only=False, units="", precision=4, doc=""):
+    return pvproperty(name=name, value=value, dtype=ChannelType.DOUBLE, read_only=read_only,
+                      units=units, precision=precision, doc=doc)
+
+
+def _array_pv(name, dtype, *, read_only=False, doc=""):
+    """A waveform sized for the detector when the IOC is built (see EigerIOC._create_pvdb)."""
+    zero = np.zeros(2, dtype={ChannelType.LONG: np.int32, ChannelType.INT: np.int16,
+                              ChannelType.DOUBLE: np.float64, ChannelType.FLOAT: np.float32}[dtype])
+    return pvproperty(name=name, value=zero, dtype=dtype, max_length=2, read_only=read_only, doc=doc)
+
+
+def _dac_group() -> type[PVGroup]:
+    """PVGroup with `<dac>` and `<dac>_RBV` for the 16 DACs and iodelay (slsdet names)."""
+
+    def make_putter(dac: str):
+        async def putter(group, instance, value):
+            ioc = group.parent
+            await ioc.refuse_if_busy()
+            await ioc.call(ioc.backend.set_dac, dac, int(value))
+            await ioc.refresh_settings(trimbits=False)
+            return value
+        return putter
+
+    attrs = {}
+    for dac in ALL_DACS:
+        attrs[dac] = pvproperty(name=dac, value=0, dtype=ChannelType.LONG, put=make_putter(dac),
+                                doc=f"{dac} of every half module, DAC units 0..4000")
+        attrs[f"{dac}_rbv"] = pvproperty(name=f"{dac}_RBV", value=0, dtype=ChannelType.LONG,
+                                         read_only=True, doc=f"{dac}; -1 if half modules differ")
+    return type("EigerDacs", (PVGroup,), attrs)
+
+
+class _SimControls(PVGroup):
+    unresponsive = pvproperty(name="Unresponsive", value=0, dtype=ChannelType.INT,
+                              doc="simulation: 1 makes the detector stop answering")
+
+    @unresponsive.putter
+    async def unresponsive(self, instance, value):
+        self.parent.backend.unresponsive = bool(value)
+        return int(bool(value))
+
+
+class _LiveImage(PVGroup):
+    array_data = _array_pv("ArrayData", ChannelType.FLOAT, read_only=True,
+                           doc="last frame, summed in Binning x Binning bins, row-major")
+    size_x = _int_pv("ArraySizeX_RBV", read_only=True)
+    size_y = _int_pv("ArraySizeY_RBV", read_only=True)
+    binning = _int_pv("Binning_RBV", LIVE_BINNING, read_only=True)
+
+
+class EigerIOC(InstrumentIOC):
+    """PVs of an EIGER detector over a backend (iocs/sim/eiger.py:EigerSim or iocs/hw/eiger.py)."""
+
+    geometry_name = string_pv("Geometry_RBV")
+    size_y = _int_pv("ArraySizeY_RBV", read_only=True, doc="rows")
+    size_x = _int_pv("ArraySizeX_RBV", read_only=True, doc="columns")
+    n_half_modules = _int_pv("NumHalfModules_RBV", read_only=True)
+    n_chips = _int_pv("NumChips_RBV", read_only=True)
+    hostnames = string_pv("Hostnames_RBV")
+    det_id = string_pv("DetId_RBV")
+
+    dacs = SubGroup(_dac_group(), prefix="")
+    dac_table = _array_pv("DacTable", ChannelType.LONG, doc="[17 x half modules] DACs + iodelay")
+    dac_table_rbv = _array_pv("DacTable_RBV", ChannelType.LONG, read_only=True)
+    vthreshold = _int_pv("Vthreshold", doc="vcmp_ll/lr/rl/rr and vcp of every half module")
+    vthreshold_rbv = _int_pv("Vthreshold_RBV", read_only=True, doc="-1 if they differ")
+    vcmp = _array_pv("Vcmp", ChannelType.LONG, doc="per-chip vcmp (slsdet order)")
+    vcmp_rbv = _array_pv("Vcmp_RBV", ChannelType.LONG, read_only=True)
+
+    trimbits = _array_pv("Trimbits", ChannelType.INT, doc="rows x cols trimbits 0..63")
+    trimbits_rbv = _array_pv("Trimbits_RBV", ChannelType.INT, read_only=True)
+    trimval = _int_pv("Trimval", 32, doc="set every trimbit to this value")
+    trimval_rbv = _int_pv("Trimval_RBV", read_only=True, doc="-1 if trimbits differ")
+    load_trimbits = string_pv("LoadTrimbits", read_only=False,
+                              doc="path prefix of trim files to load (.snXXX appended)")
+    save_trimbits = string_pv("SaveTrimbits", read_only=False,
+                              doc="path prefix to save the trim files to (.snXXX appended)")
+
+    dynamic_range = _int_pv("DynamicRange", 16, doc="bits: 4, 8, 12, 16 or 32")
+    dynamic_range_rbv = _int_pv("DynamicRange_RBV", 16, read_only=True)
+    acquire_time = _float_pv("AcquireTime", 1.0, units="s")
+    acquire_time_rbv = _float_pv("AcquireTime_RBV", 1.0, units="s", read_only=True)
+    acquire_period = _float_pv("AcquirePeriod", 0.0, units="s")
+    acquire_period_rbv = _float_pv("AcquirePeriod_RBV", 0.0, units="s", read_only=True)
+    num_images = _int_pv("NumImages", 1)
+    num_images_rbv = _int_pv("NumImages_RBV", 1, read_only=True)
+
+    threshold_energy = _int_pv("ThresholdEnergy", -1, doc="eV; loads/interpolates trim files")
+    threshold_energy_rbv = _int_pv("ThresholdEnergy_RBV", -1, read_only=True,
+                                   doc="eV; -1 when DACs or trimbits were set directly")
+    trim_energies = pvproperty(name="TrimEnergies", value=[4500, 5400, 6400],
+                               dtype=ChannelType.LONG, max_length=MAX_TRIM_ENERGIES,
+                               doc="eV for which trim files exist")
+    trim_energies_rbv = pvproperty(name="TrimEnergies_RBV", value=[4500, 5400, 6400],
+                                   dtype=ChannelType.LONG, max_length=MAX_TRIM_ENERGIES,
+                                   read_only=True)
+    settings = enum_pv("Settings", list(SETTINGS_NAMES), "standard")
+    settings_rbv = enum_pv("Settings_RBV", list(SETTINGS_NAMES) + ["undefined"], "undefined",
+                           read_only=True)
+    settings_dir = string_pv("SettingsDir", read_only=False, max_length=1024)
+    settings_dir_rbv = string_pv("SettingsDir_RBV", max_length=1024)
+    rate_corr_tau = _float_pv("RateCorrTau", 0.0, units="ns", precision=1)
+    rate_corr_tau_rbv = _float_pv("RateCorrTau_RBV", 0.0, units="ns", precision=1, read_only=True)
+    test_pulses = _int_pv("TestPulses", 0, doc="test pulses per frame; 0 = off")
+    test_pulses_rbv = _int_pv("TestPulses_RBV", 0, read_only=True)
+    temperature = _float_pv("Temperature_RBV", 0.0, units="degC", precision=2, read_only=True)
+
+    acquire = enum_pv("Acquire", ACQUIRE)
+    acquire_rbv = enum_pv("Acquire_RBV", ACQUIRE, read_only=True)
+    detector_state = enum_pv("DetectorState_RBV", DETECTOR_STATES, read_only=True)
+    array_counter = _int_pv("ArrayCounter")
+    array_counter_rbv = _int_pv("ArrayCounter_RBV", read_only=True)
+    images_counter = _int_pv("NumImagesCounter_RBV", read_only=True)
+    acquire_start = _float_pv("AcquireStartTime_RBV", 0.0, units="s", precision=3, read_only=True,
+                              doc="world time (epoch s) of the last acquisition's first exposure")
+
+    file_path = string_pv("FilePath", read_only=False, max_length=1024)
+    file_path_rbv = string_pv("FilePath_RBV", max_length=1024)
+    file_path_exists = enum_pv("FilePathExists_RBV", NO_YES, read_only=True)
+    file_name = string_pv("FileName", "eiger", read_only=False)
+    file_name_rbv = string_pv("FileName_RBV", "eiger")
+    file_number = _int_pv("FileNumber", 0)
+    file_number_rbv = _int_pv("FileNumber_RBV", 0, read_only=True)
+    auto_increment = enum_pv("AutoIncrement", NO_YES, "Yes")
+    capture = enum_pv("Capture", OFF_ON)
+    capture_rbv = enum_pv("Capture_RBV", OFF_ON, read_only=True)
+    full_file_name = string_pv("FullFileName_RBV", max_length=1024)
+
+    chip_sums = _array_pv("ChipSums_RBV", ChannelType.DOUBLE, read_only=True,
+                          doc="counts per chip in the last acquisition (all frames)")
+    total_counts = _float_pv("TotalCounts_RBV", 0.0, precision=0, read_only=True)
+
+    image = SubGroup(_LiveImage, prefix="Image:")
+    sim = SubGroup(_SimControls, prefix="Sim:")
+
+    def __init__(self, *, prefix, backend, clock=None, **kwargs):
+        self.geometry: EigerGeometry = backend.geometry
+        super().__init__(prefix=prefix, backend=backend, clock=clock, **kwargs)
+        self._busy = False
+        if not hasattr(backend, "truth"):             # hardware: no fault-injection PVs
+            for name in list(self.pvdb):
+                if name.startswith(prefix + "Sim:"):
+                    del self.pvdb[name]
+
+    # -- waveforms sized for this detector ------------------------------------------------------
+    def _sized_lengths(self) -> dict[str, int]:
+        g = self.geometry
+        return {"dac_table": len(ALL_DACS) * g.n_half_modules, "dac_table_rbv": len(ALL_DACS)
+                * g.n_half_modules, "vcmp": g.n_chips, "vcmp_rbv": g.n_chips,
+                "trimbits": g.n_pixels, "trimbits_rbv": g.n_pixels, "chip_sums": g.n_chips,
+                "image.array_data": (g.rows // LIVE_BINNING) * (g.cols // LIVE_BINNING)}
+
+    def _create_pvdb(self):
+        super()._create_pvdb()
+        # caproto sizes waveforms per class; re-create ours with this detector's length
+        for attr, n in self._sized_lengths().items():
+            if "." in attr:
+                group_attr, sub = attr.split(".")
+                group = self.groups[group_attr]
+            else:
+                group, sub = self, attr
+            old = group.attr_pvdb[sub]
+            cls, kwargs = old.pvspec.get_instantiation_info(group)
+            kwargs.update(value=np.zeros(n, dtype=np.asarray(old.value).dtype), max_length=n)
+            new = cls(**kwargs)
+            for g in {group, self}:
+                key = sub if g is group else attr
+                g.attr_pvdb[key] = new
+                g.pvdb[old.pvname] = new
+
+    # -- helpers --------------------------------------------------------------------------------
+    def check_idle(self) -> None:
+        """Refuse a settings change during an acquisition (the detector server does too)."""
+        if self._busy:
+            raise Refused("the detector is acquiring; wait for DetectorState_RBV = Idle or put "
+                          "Acquire = 0 to abort")
+
+    async def refuse_if_busy(self) -> None:
+        try:
+            self.check_idle()
+        except Refused as exc:
+            await self.call(_raise, exc)
+
+    async def refresh_settings(self, *, trimbits: bool = True) -> None:
+        """Publish every settings readback from the backend."""
+        b = self.backend
+        table = b.dac_table()
+        same = np.all(table == table[:, :1], axis=1)
+        for i, dac in enumerate(ALL_DACS):
+            value = int(table[i, 0]) if same[i] else -1
+            await self.publish(getattr(self.dacs, f"{dac}_rbv"), value)
+        await self.publish(self.dac_table_rbv, table.astype(np.int32).ravel())
+        await self.publish(self.vthreshold_rbv, int(b.vthreshold()))
+        await self.publish(self.vcmp_rbv, np.asarray(b.vcmp(), np.int32))
+        await self.publish(self.trimval_rbv, int(b.trimval()))
+        if trimbits:
+            await self.publish(self.trimbits_rbv, np.asarray(b.trimbits(), np.int16).ravel(),
+                               force=True)
+        await self.publish(self.dynamic_range_rbv, int(b.dr))
+        await self.publish(self.acquire_time_rbv, float(b.exptime))
+        await self.publish(self.acquire_period_rbv, float(b.period))
+        await self.publish(self.num_images_rbv, int(b.frames))
+        await self.publish(self.threshold_energy_rbv, int(b.threshold_eV))
+        await self.publish(self.trim_energies_rbv, list(b.trim_energies) or [0])
+        await self.publish(self.settings_rbv, b.loaded_settings
+                           if b.loaded_settings in SETTINGS_NAMES else "undefined")
+        await self.publish(self.settings_dir_rbv, str(b.settings_dir))
+        await self.publish(self.rate_corr_tau_rbv, float(b.tau_ns))
+        await self.publish(self.test_pulses_rbv, int(b.test_pulses))
+
+    async def _setting(self, func, *args, trimbits: bool = False):
+        """A settings put: refused while acquiring, then the backend call, then the readbacks."""
+        await self.refuse_if_busy()
+        await self.call(func, *args)
+        await self.refresh_settings(trimbits=trimbits)
+
+    # -- startup and polling ----------------------------------------------------------------------
+    @geometry_name.startup
+    async def geometry_name(self, instance, async_lib):
+        g = self.geometry
+        await instance.write(g.name)
+        await self.size_y.write(g.rows)
+        await self.size_x.write(g.cols)
+        await self.n_half_modules.write(g.n_half_modules)
+        await self.n_chips.write(g.n_chips)
+        await self.hostnames.write("+".join(self.backend.hostnames))
+        await self.det_id.write(str(getattr(self.backend, "det_id", "")))
+        await self.image.size_x.write(g.cols // LIVE_BINNING)
+        await self.image.size_y.write(g.rows // LIVE_BINNING)
+        await self.settings_dir.write(str(self.backend.settings_dir))
+        try:
+            await self.refresh_settings()
+            await self.heartbeat(True)
+        except InstrumentFault as exc:
+            await self.report(f"fault: {exc}")
+            await self.heartbeat(False)
+
+    @temperature.scan(period=POLL_PERIOD_S)
+    async def temperature(self, instance, async_lib):
+        if self._busy:          # the detector server answers one client at a time
+            await self.heartbeat(True)
+            return
+        try:
+            t = self.backend.temperature()
+        except InstrumentFault as exc:
+            await self.report(f"fault: {exc}")
+            await self.heartbeat(False)
+            await self.publish(self.detector_state, "Disconnected")
+            return
+        await self.heartbeat(True)
+        await self.publish(instance, float(t))
+        if self.detector_state.value == "Disconnected":
+            await self.publish(self.detector_state, "Idle")
+
+    # -- DACs, vthreshold, vcmp ---------------------------------------------------------------------
+    @dac_table.putter
+    async def dac_table(self, instance, value):
+        await self._setting(self.backend.set_dac_table, np.asarray(value))
+        return value
+
+    @vthreshold.putter
+    async def vthreshold(self, instance, value):
+        await self._setting(self.backend.set_vthreshold, int(value))
+        return value
+
+    @vcmp.putter
+    async def vcmp(self, instance, value):
+        await self._setting(self.backend.set_vcmp, np.asarray(value))
+        return value
+
+    # -- trimbits -----------------------------------------------------------------------------------
+    @trimbits.putter
+    async def trimbits(self, instance, value):
+        await self._setting(self.backend.set_trimbits, np.asarray(value), trimbits=True)
+        return value
+
+    @trimval.putter
+    async def trimval(self, instance, value):
+        await self._setting(self.backend.set_trimval, int(value), trimbits=True)
+        return value
+
+    @load_trimbits.putter
+    async def load_trimbits(self, instance, value):
+        if value:
+            await self._setting(self.backend.load_trimbits, str(value), trimbits=True)
+        return value
+
+    @save_trimbits.putter
+    async def save_trimbits(self, instance, value):
+        if value:
+            await self.refuse_if_busy()
+            await self.call(self.backend.save_trimbits, str(value))
+        return value
+
+    # -- acquisition settings -----------------------------------------------------------------------
+    @dynamic_range.putter
+    async def dynamic_range(self, instance, value):
+        await self._setting(self.backend.set_dynamic_range, int(value))
+        return value
+
+    @acquire_time.putter
+    async def acquire_time(self, instance, value):
+        await self._setting(self.backend.set_exptime, float(value))
+        return value
+
+    @acquire_period.putter
+    async def acquire_period(self, instance, value):
+        await self._setting(self.backend.set_period, float(value))
+        return value
+
+    @num_images.putter
+    async def num_images(self, instance, value):
+        await self._setting(self.backend.set_frames, int(value))
+        return value
+
+    @threshold_energy.putter
+    async def threshold_energy(self, instance, value):
+        await self._setting(self.backend.set_threshold_energy, int(value), trimbits=True)
+        return value
+
+    @trim_energies.putter
+    async def trim_energies(self, instance, value):
+        await self._setting(self.backend.set_trim_energies, list(np.atleast_1d(value)))
+        return value
+
+    @settings.putter
+    async def settings(self, instance, value):
+        await self._setting(self.backend.set_settings, str(value))
+        return value
+
+    @settings_dir.putter
+    async def settings_dir(self, instance, value):
+        await self._setting(self.backend.set_settings_dir, str(value))
+        return value
+
+    @rate_corr_tau.putter
+    async def rate_corr_tau(self, instance, value):
+        await self._setting(self.backend.set_rate_correction, float(value))
+        return value
+
+    @test_pulses.putter
+    async def test_pulses(self, instance, value):
+        await self._setting(self.backend.set_test_pulses, int(value))
+        return value
+
+    # -- file writing -------------------------------------------------------------------------------
+    @file_path.putter
+    async def file_path(self, instance, value):
+        await self.refuse_if_busy()
+        path = str(value)
+        if path and not os.path.isabs(path):
+            await self.call(_raise, Refused(f"FilePath {path!r} must be an absolute directory"))
+        await self.publish(self.file_path_rbv, path)
+        await self.publish(self.file_path_exists, NO_YES[int(bool(path) and os.path.isdir(path))])
+        return value
+
+    @file_name.putter
+    async def file_name(self, instance, value):
+        await self.refuse_if_busy()
+        name = str(value)
+        if not name or "/" in name or name.startswith("."):
+            await self.call(_raise, Refused(f"FileName {name!r}: use a plain, non-empty name "
+                                            "without '/' (the directory is FilePath)"))
+        await self.publish(self.file_name_rbv, name)
+        return value
+
+    @file_number.putter
+    async def file_number(self, instance, value):
+        await self.refuse_if_busy()
+        if int(value) < 0:
+            await self.call(_raise, Refused(f"FileNumber {value} must be >= 0"))
+        await self.publish(self.file_number_rbv, int(value))
+        return value
+
+    @capture.putter
+    async def capture(self, instance, value):
+        await self.refuse_if_busy()
+        await self.publish(self.capture_rbv, value)
+        return value
+
+    @array_counter.putter
+    async def array_counter(self, instance, value):
+        await self.publish(self.array_counter_rbv, int(value))
+        return value
+
+    def _next_file(self) -> Path:
+        """The HDF5 file the next acquisition writes; Refused if it cannot be written."""
+        directory = self.file_path_rbv.value
+        if not directory:
+            raise Refused("Capture is On but FilePath is empty; set FilePath to a directory the "
+                          "tiled server can read (the lab's data directory)")
+        name = f"{self.file_name_rbv.value}_{int(self.file_number_rbv.value):06d}.h5"
+        path = Path(directory) / name
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise Refused(f"cannot create FilePath {directory}: {exc.strerror}; choose a writable "
+                          "directory") from None
+        if path.exists():
+            raise Refused(f"{path} exists already; increase FileNumber or change FileName "
+                          "(frames are never overwritten)")
+        return path
+
+    # -- acquisition ----------------------------------------------------------------------------------
+    @acquire.putter
+    async def acquire(self, instance, value):
+        if value == "Done":
+            if self._busy:
+                await self.publish(self.detector_state, "Aborting")
+                self.backend.abort()
+            return "Done"
+        await self.refuse_if_busy()
+        path = await self.call(self._next_file) if self.capture_rbv.value == "On" else None
+        self._busy = True
+        try:
+            await self.publish(self.acquire_rbv, "Acquire")
+            await self.publish(self.detector_state, "Acquire")
+            await self.publish(self.images_counter, 0)
+            loop = asyncio.get_running_loop()
+            try:
+                frames, starts, aborted = await loop.run_in_executor(
+                    None, self._acquire_to_file, path)
+            except OSError as exc:
+                raise Refused(f"writing {path} failed: {exc}; check FilePath, free space and "
+                              "permissions") from None
+            await self._publish_acquisition(frames, starts, path)
+        except (Refused, InstrumentFault) as exc:
+            await self.publish(self.detector_state, "Error")
+            await self.call(_raise, exc)
+        finally:
+            self._busy = False
+            await self.publish(self.acquire_rbv, "Done")
+        if path is not None and self.auto_increment.value == "Yes":
+            await self.file_number.write(int(self.file_number_rbv.value) + 1)
+        await self.array_counter.write(int(self.array_counter_rbv.value))
+        await self.publish(self.detector_state, "Aborted" if aborted else "Idle")
+        return "Done"
+
+    async def _publish_acquisition(self, frames: np.ndarray, starts: np.ndarray,
+                                   path: Path | None) -> None:
+        """Reductions, live image and counters of a finished acquisition."""
+        g = self.geometry
+        if len(frames):
+            await self.publish(self.chip_sums, g.chip_sums(frames), force=True)
+            await self.publish(self.total_counts, float(frames.sum(dtype=np.float64)))
+            last = frames[-1].astype(np.float32)
+            b = LIVE_BINNING
+            binned = last[: g.rows // b * b, : g.cols // b * b].reshape(
+                g.rows // b, b, g.cols // b, b).sum(axis=(1, 3))
+            await self.publish(self.image.array_data, binned.ravel(), force=True)
+            await self.publish(self.acquire_start, float(starts[0]))
+        await self.publish(self.images_counter, len(frames))
+        await self.publish(self.array_counter_rbv, int(self.array_counter_rbv.value) + len(frames))
+        if path is not None:
+            await self.publish(self.full_file_name, str(path))
+
+    def _acquire_to_file(self, path: Path | None):
+        """Worker thread: run the acquisition, streaming frames into the HDF5 file."""
+        writer = _FrameFile(path, self.geometry, self.backend, self.clock.now()) if path else None
+        try:
+            result = self.backend.acquire(writer.append if writer else None)
+        except BaseException:
+            if writer is not None:
+                writer.discard()
+            raise
+        if writer is not None:
+            writer.close()
+        return result.frames, result.start_times, result.aborted
+
+    def make_safe(self) -> None:
+        """Abort any acquisition, stop test pulses (backend.make_safe)."""
+        super().make_safe()
+
+
+class _FrameFile:
+    """One acquisition's HDF5 file: /entry/data/data [frames, rows, cols], SWMR, one chunk per frame.
+
+    The file is written as <name>.part and renamed when complete, so a reader never sees a file
+    that is missing frames (except through SWMR while it is written)."""
+
+    def __init__(self, path: Path, geometry: EigerGeometry, backend, world_time: float):
+        self.path = path
+        self.part = path.with_name(path.name + ".part")
+        rows, cols = geometry.shape
+        self.file = h5py.File(self.part, "w", libver="latest")
+        entry = self.file.create_group("entry")
+        entry.attrs["NX_class"] = "NXentry"
+        data = entry.create_group("data")
+        data.attrs.update(NX_class="NXdata", signal="data")
+        self.dataset = data.create_dataset(
+            "data", shape=(0, rows, cols), maxshape=(None, rows, cols), chunks=(1, rows, cols),
+            dtype=frame_dtype(int(backend.dr)))
+        det = entry.create_group("instrument").create_group("detector")
+        det.attrs["NX_class"] = "NXdetector"
+        det.attrs.update(
+            description="PSI EIGER", geometry=geometry.name, hostnames="+".join(backend.hostnames),
+            dynamic_range_bits=int(backend.dr), count_time_s=float(backend.exptime),
+            frame_period_s=float(backend.period), threshold_energy_eV=int(backend.threshold_eV),
+            start_world_time=float(world_time))
+        self.file.swmr_mode = True
+
+    def append(self, index: int, frame: np.ndarray) -> None:
+        self.dataset.resize(index + 1, axis=0)
+        self.dataset[index] = frame
+        self.dataset.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        os.replace(self.part, self.path)
+
+    def discard(self) -> None:
+        try:
+            self.file.close()
+        finally:
+            self.part.unlink(missing_ok=True)
+
+
+def _raise(exc: BaseException):
+    raise exc

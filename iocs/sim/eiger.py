@@ -1,0 +1,741 @@
+"""Simulated PSI EIGER: single-photon counting pixels lit by the X-ray box's fluorescence line.
+
+Physics (all parameters seeded; the truth is hidden from analysis and returned by `EigerSim.truth()`)
+---------------------------------------------------------------------------------------------------
+The comparator of a pixel fires when the pulse height exceeds the pixel's threshold. In DAC units of
+the chip's vcmp (a comparator *reference*: a larger vcmp is a *lower* energy threshold, PSI's
+``vcmp = m - k*E``) a photon of energy E is counted when
+
+    vcmp_chip + step_pix * (trimbit - 31.5)  >  base_pix - G_pix(vrf) * E        (+ noise)
+
+* ``base_pix = m_chip + offset_pix``: the chip's baseline m (``BASELINE_DAC`` +- ``CHIP_SPREAD_DAC``)
+  plus the pixel's untrimmed threshold offset (Gaussian, ``OFFSET_SPREAD_DAC`` ~ 95 DAC, so that the
+  untrimmed inflection points spread by about 100 DAC as in PSI's calibration plots).
+* ``G_pix(vrf) = GAIN_AT_VRF_REF * exp(GAIN_SLOPE * (vrpreamp - VRF_REF)) * g_hm * g_chip * g_pix``,
+  in DAC/keV. The exponential slope 0.0013 /DAC is what PSI's standard settings imply (vrpreamp 3422,
+  3278, 3153 hold the 4.5, 5.4, 6.4 keV lines at the same vcmp); with 118 DAC/keV at vrpreamp 3000
+  the Cu line (8.02 keV) sits at vthreshold ~1200 near vrpreamp ~3040.
+* ``step_pix = TRIM_STEP_DAC * vtrim / 2500 * s_pix``: the trimbit step (15 DAC at vtrim 2500, +-5 %
+  per pixel), so the 64 trimbits span about +-470 DAC, several times the untrimmed spread. Counts
+  rise with the trimbit.
+* Width of the S-curve: ``sigma_pix = sqrt((G_pix * ENC_KEV)^2 + sigma_thr_pix^2)`` (electronic noise
+  0.3 keV plus comparator threshold noise ~110 DAC) -> 110-130 DAC at Cu.
+* Charge sharing: photons near a pixel border leave part of their charge in the neighbour, so the
+  counted fraction rises as the threshold energy drops: ``(1 + c_pix * (1 - E_thr/E))`` with
+  c_pix ~ 0.45 (PSI's sloped plateau, the C term of the S-curve model).
+* Electronic noise hits: ``NOISE_RATE_HZ * exp(-E_thr^2 / (2 ENC_KEV^2))`` per second, E_thr the
+  pixel's threshold energy: negligible above ~1.3 keV, a flood below (vthreshold near m).
+* Counts are Poisson (numpy Generator) in every frame; test pulses add Binomial(n, P) counts with a
+  pulse height ``(4000 - vcal) * TP_KEV_PER_DAC``. A few dead pixels (never count), noisy pixels
+  (4x threshold noise, 30x noise-hit rate) and hot pixels (count ~2e5 /s whatever the threshold).
+* The counter saturates at 2**dr - 1; at 32 bit the detector sums 12-bit subframes of 2.62144 ms,
+  so a pixel saturates at 4095 per subframe.
+* Beam: photon energy and flux per pixel come from the X-ray box (`source() -> (keV, photons/pixel/s)`),
+  shaped by a smooth illumination profile (-25 % at the corners) and +-3 % pixel efficiency.
+
+The energy calibration of chip c at the current settings is ``vcmp = m_c - k_c * E`` with
+``m_c = mean(base_pix - step_pix*(trimbit - 31.5))`` and ``k_c = mean(G_pix)`` over its live pixels
+(`EigerTruth.chip_calibration`).
+
+Time: exposures last `exptime` world seconds on the world clock (accelerated by time_scale); frames
+are computed lazily from the beam at the start and end of each exposure.
+"""
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy.special import ndtr
+
+from calbench.analysis.eiger_geometry import DYNAMIC_RANGES, EigerGeometry, frame_dtype
+from calbench.analysis.eiger_geometry import geometry as eiger_geometry
+from calbench.analysis.trimfile import (DAC_DEFAULTS, DAC_MAX, DAC_MIN, DAC_NAMES,
+                                        IODELAY_DEFAULT, SETTINGS_NAMES, TRIMBIT_MAX, TrimFile,
+                                        TrimFileError, bracket_trim_energies, interpolate_trim,
+                                        read_trim_file, serial_from_hostname, trim_file_path,
+                                        write_trim_file)
+from calbench.iocs.errors import InstrumentFault, Refused
+from calbench.iocs.sim.clock import WorldClock
+
+# --- physics constants (documented in the module docstring) ---------------------------------------
+BASELINE_DAC = 2350.0
+CHIP_SPREAD_DAC = 30.0
+OFFSET_SPREAD_DAC = 95.0
+GAIN_AT_VRF_REF = 140.0          # DAC/keV at vrpreamp = VRF_REF
+VRF_REF = 3000.0
+GAIN_SLOPE = 0.0013              # d ln(gain) / d vrpreamp, 1/DAC
+HM_GAIN_SPREAD, CHIP_GAIN_SPREAD, PIXEL_GAIN_SPREAD = 0.015, 0.03, 0.02
+TRIM_STEP_DAC = 15.0             # per trimbit at vtrim 2500
+TRIM_STEP_SPREAD = 0.05
+THRESHOLD_NOISE_DAC = 110.0
+ENC_KEV = 0.3
+CHARGE_SHARING = 0.45
+NOISE_RATE_HZ = 1.0e5
+HOT_RATE_HZ = 2.0e5
+TP_KEV_PER_DAC = 0.005           # test-pulse height per vcal step below 4000
+SUBFRAME_S = 2.62144e-3          # 32-bit mode: 12-bit subframes of this length
+N_DEAD, N_NOISY, N_HOT = 12, 8, 4  # per half module
+TRIM_CENTER = 31.5
+
+# Factory trim files: tau (ns) PSI ships at the standard trim energies (settingsdir/eiger/standard).
+FACTORY_TAU_NS = {4500: 540, 5400: 350, 6400: 300}
+FACTORY_IODELAY = 660
+FACTORY_VCMP_TARGET = 1150       # vcmp of the line at each trim energy (PSI's files: 1125-1155)
+
+
+@dataclass
+class EigerTruth:
+    """The simulator's hidden parameters and the quantities derived from them (for tests only).
+
+    Per-pixel arrays are image-shaped (rows, cols); per-chip arrays are in chip order."""
+    geometry: EigerGeometry
+    base: NDArray[np.float64]          # DAC: m_chip + offset
+    gain_rel: NDArray[np.float64]      # g_hm * g_chip * g_pix
+    step_rel: NDArray[np.float64]      # trim step spread
+    sigma_thr: NDArray[np.float64]     # DAC
+    charge_sharing: NDArray[np.float64]
+    efficiency: NDArray[np.float64]    # illumination profile x pixel efficiency (0 for dead pixels)
+    noise_scale: NDArray[np.float64]   # multiplies NOISE_RATE_HZ
+    hot: NDArray[np.bool_]
+    dead: NDArray[np.bool_]
+    noisy: NDArray[np.bool_]
+    chip_baseline: NDArray[np.float64]  # m per chip at trimbit 31.5 (before pixel offsets)
+
+    def gain(self, vrf: NDArray | float) -> NDArray[np.float64]:
+        """Pixel gain (DAC/keV) for vrpreamp ``vrf`` (scalar or image-shaped per-pixel vrf)."""
+        return GAIN_AT_VRF_REF * np.exp(GAIN_SLOPE * (np.asarray(vrf, float) - VRF_REF)) * self.gain_rel
+
+    def trim_step(self, vtrim: NDArray | float) -> NDArray[np.float64]:
+        """Threshold shift per trimbit (DAC) for vtrim (scalar or per pixel)."""
+        return TRIM_STEP_DAC * np.asarray(vtrim, float) / 2500.0 * self.step_rel
+
+    def sigma(self, vrf: NDArray | float) -> NDArray[np.float64]:
+        """S-curve width (DAC) per pixel."""
+        return np.hypot(self.gain(vrf) * ENC_KEV, self.sigma_thr)
+
+    def inflection(self, energy_keV: float, vrf: NDArray | float, trimbits: NDArray | float,
+                   vtrim: NDArray | float) -> NDArray[np.float64]:
+        """vthreshold (DAC) at which each pixel counts half of the photons of energy ``energy_keV``."""
+        return (self.base - self.gain(vrf) * energy_keV
+                - self.trim_step(vtrim) * (np.asarray(trimbits, float) - TRIM_CENTER))
+
+    def live(self) -> NDArray[np.bool_]:
+        """Pixels that respond normally (not dead, noisy or hot)."""
+        return ~(self.dead | self.noisy | self.hot)
+
+    def chip_calibration(self, vrf: NDArray | float, trimbits: NDArray | float,
+                         vtrim: NDArray | float) -> tuple[NDArray, NDArray]:
+        """(m, k) per chip such that the chip's mean inflection is vcmp = m - k * E[keV]."""
+        g = self.geometry
+        offset = self.base - self.trim_step(vtrim) * (np.asarray(trimbits, float) - TRIM_CENTER)
+        gain = np.broadcast_to(self.gain(vrf), g.shape)
+        live = self.live()
+        m = np.empty(g.n_chips)
+        k = np.empty(g.n_chips)
+        for chip in range(g.n_chips):
+            sl = g.chip_slice(chip)
+            mask = live[sl]
+            m[chip] = offset[sl][mask].mean()
+            k[chip] = gain[sl][mask].mean()
+        return m, k
+
+
+def make_truth(geom: EigerGeometry, seed: int) -> EigerTruth:
+    """Draw the hidden detector parameters (reproducible for a seed)."""
+    rng = np.random.default_rng([seed, 0xE16E])
+    shape = geom.shape
+    chip_map = geom.chip_map
+    hm_of_chip = np.arange(geom.n_chips) // 4
+    chip_m = BASELINE_DAC + np.clip(rng.normal(0, CHIP_SPREAD_DAC, geom.n_chips),
+                                    -3 * CHIP_SPREAD_DAC, 3 * CHIP_SPREAD_DAC)
+    g_hm = 1 + rng.normal(0, HM_GAIN_SPREAD, geom.n_half_modules)
+    g_chip = (1 + rng.normal(0, CHIP_GAIN_SPREAD, geom.n_chips)) * g_hm[hm_of_chip]
+    offset = rng.normal(0, OFFSET_SPREAD_DAC, shape)
+    base = chip_m[chip_map] + offset
+    gain_rel = g_chip[chip_map] * (1 + rng.normal(0, PIXEL_GAIN_SPREAD, shape))
+    step_rel = 1 + rng.normal(0, TRIM_STEP_SPREAD, shape)
+    sigma_thr = THRESHOLD_NOISE_DAC * np.clip(1 + rng.normal(0, 0.1, shape), 0.6, 1.6)
+    charge_sharing = CHARGE_SHARING * np.clip(1 + rng.normal(0, 0.1, shape), 0.5, 1.5)
+    rows, cols = np.mgrid[0:shape[0], 0:shape[1]]
+    r2 = ((rows - (shape[0] - 1) / 2) / (shape[0] / 2)) ** 2 * 0.5 + \
+         ((cols - (shape[1] - 1) / 2) / (shape[1] / 2)) ** 2 * 0.5
+    efficiency = (1 - 0.25 * r2) * np.clip(1 + rng.normal(0, 0.03, shape), 0.8, 1.2)
+    noise_scale = np.ones(shape)
+    dead = np.zeros(shape, bool)
+    noisy = np.zeros(shape, bool)
+    hot = np.zeros(shape, bool)
+    for hm in range(geom.n_half_modules):
+        rs, cs = geom.half_module_slice(hm)
+        n = N_DEAD + N_NOISY + N_HOT
+        flat = rng.choice(256 * 1024, size=n, replace=False)
+        r, c = np.divmod(flat, 1024)
+        r, c = r + rs.start, c + cs.start
+        dead[r[:N_DEAD], c[:N_DEAD]] = True
+        noisy[r[N_DEAD:N_DEAD + N_NOISY], c[N_DEAD:N_DEAD + N_NOISY]] = True
+        hot[r[N_DEAD + N_NOISY:], c[N_DEAD + N_NOISY:]] = True
+    efficiency[dead] = 0.0
+    noise_scale[dead] = 0.0
+    sigma_thr[noisy] *= 4.0
+    noise_scale[noisy] = 30.0
+    return EigerTruth(geometry=geom, base=base, gain_rel=gain_rel, step_rel=step_rel,
+                      sigma_thr=sigma_thr, charge_sharing=charge_sharing, efficiency=efficiency,
+                      noise_scale=noise_scale, hot=hot, dead=dead, noisy=noisy, chip_baseline=chip_m)
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """What an acquisition returns: the frames [n, rows, cols] (dtype of the dynamic range), the
+    world time (epoch s) each exposure started, and whether it was aborted."""
+    frames: NDArray
+    start_times: NDArray[np.float64]
+    aborted: bool = False
+
+
+BeamSource = Callable[[], tuple[float, float]]
+
+
+class EigerSim:
+    """Simulated EIGER backend (the interface the EigerIOC drives; iocs/hw/eiger.py has the same).
+
+    DAC state is a [17, n_half_modules] int table (16 DACs in ``DAC_NAMES`` order + iodelay), as
+    slsdet's ``dacs.get_asarray()``; trimbits are image-shaped."""
+
+    def __init__(self, clock: WorldClock, *, geometry: str = "500k", seed: int = 0,
+                 source: BeamSource | None = None, hostnames: list[str] | None = None,
+                 det_id: str = "T63", settings_dir: str = "",
+                 trim_energies: list[int] | None = None):
+        self.clock = clock
+        self.geometry = eiger_geometry(geometry)
+        g = self.geometry
+        self.source = source
+        self.det_id = det_id
+        hostnames = list(hostnames or [])
+        if len(hostnames) < g.n_half_modules:     # name the missing half modules after the first
+            first = int(serial_from_hostname(hostnames[0])) if hostnames else 58
+            hostnames += [f"beb{first + i:03d}" for i in range(len(hostnames), g.n_half_modules)]
+        self.hostnames = hostnames[:g.n_half_modules]
+        self._truth = make_truth(g, seed)
+        self._rng = np.random.default_rng([seed, 0xF4A3E])
+        self._lock = threading.RLock()
+        self._abort = threading.Event()
+        self.unresponsive = False          # fault injection: the detector stops answering
+        self._tmpdir: Path | None = None
+        if settings_dir:
+            self.settings_dir = str(Path(settings_dir).expanduser())
+        else:                               # the module's own factory settings, private to this IOC
+            self._tmpdir = Path(tempfile.mkdtemp(prefix="calbench-eiger-settings-"))
+            atexit.register(shutil.rmtree, self._tmpdir, True)
+            self.settings_dir = str(self._tmpdir)
+        self.trim_energies = sorted(int(e) for e in (trim_energies or [4500, 5400, 6400]))
+        self.settings = "standard"          # folder used by set_threshold_energy
+        self.loaded_settings = "undefined"
+        self.threshold_eV = -1
+        # detector state (server defaults)
+        dac0 = [DAC_DEFAULTS[n] for n in DAC_NAMES] + [IODELAY_DEFAULT]
+        self._dacs = np.tile(np.array(dac0, np.int64)[:, None], (1, g.n_half_modules))
+        self._trimbits = np.zeros(g.shape, np.int8)
+        self.dr = 16
+        self.exptime = 1.0
+        self.period = 0.0
+        self.frames = 1
+        self.tau_ns = 0
+        self.test_pulses = 0
+        self._cache: dict | None = None
+        self._trim_version = 0
+        self.ensure_factory_settings()
+
+    # -- hidden truth -----------------------------------------------------------------------------
+    def truth(self) -> EigerTruth:
+        """The hidden parameters (tests only; analysis must never call this)."""
+        return self._truth
+
+    def pixel_state(self) -> dict[str, NDArray]:
+        """Per-pixel effective settings now: vrf, vtrim, vcmp (image-shaped), trimbits."""
+        g = self.geometry
+        vrf = np.empty(g.shape)
+        vtrim = np.empty(g.shape)
+        vcmp = np.empty(g.shape)
+        for hm in range(g.n_half_modules):
+            sl = g.half_module_slice(hm)
+            vrf[sl] = self._dacs[DAC_NAMES.index("vrpreamp"), hm]
+            vtrim[sl] = self._dacs[DAC_NAMES.index("vtrim"), hm]
+        for chip in range(g.n_chips):
+            hm, name = g.chip_vcmp(chip)
+            vcmp[g.chip_slice(chip)] = self._dacs[DAC_NAMES.index(name), hm]
+        return {"vrf": vrf, "vtrim": vtrim, "vcmp": vcmp, "trimbits": self._trimbits.astype(float)}
+
+    # -- checks -------------------------------------------------------------------------------------
+    def _check_responsive(self) -> None:
+        if self.unresponsive:
+            raise InstrumentFault(f"no answer from {'+'.join(self.hostnames)}: the detector server "
+                                  "does not respond; power-cycle the module and check the network")
+
+    @staticmethod
+    def _check_dac(name: str, value) -> int:
+        v = float(value)
+        if not v.is_integer() or not DAC_MIN <= v <= DAC_MAX:
+            raise Refused(f"DAC {name} = {value} outside {DAC_MIN}..{DAC_MAX} (12-bit DAC units); "
+                          "use an integer in range")
+        return int(v)
+
+    def _changed(self) -> None:
+        """Direct DAC/trimbit edits make the loaded settings undefined (slsDetector #1507)."""
+        self.loaded_settings = "undefined"
+        self.threshold_eV = -1
+
+    def _check_hm(self, hm: int | None) -> list[int]:
+        if hm is None:
+            return list(range(self.geometry.n_half_modules))
+        if not 0 <= hm < self.geometry.n_half_modules:
+            raise Refused(f"half module {hm} does not exist (0..{self.geometry.n_half_modules - 1})")
+        return [hm]
+
+    # -- DACs ---------------------------------------------------------------------------------------
+    def dac_table(self) -> NDArray[np.int64]:
+        """[17, n_half_modules]: 16 DACs (``DAC_NAMES`` order) and iodelay, DAC units."""
+        self._check_responsive()
+        return self._dacs.copy()
+
+    def set_dac(self, name: str, value: int, hm: int | None = None) -> None:
+        """Set a DAC (slsdet name, or 'iodelay') on one or all half modules."""
+        self._check_responsive()
+        index = self._dac_index(name)
+        v = self._check_dac(name, value)
+        with self._lock:
+            for h in self._check_hm(hm):
+                self._dacs[index, h] = v
+            self._changed()
+
+    def set_dac_table(self, table) -> None:
+        """Set every DAC of every half module from a [17, n_half_modules] table."""
+        self._check_responsive()
+        t = np.asarray(table, dtype=float)
+        shape = self._dacs.shape
+        if t.size != self._dacs.size:
+            raise Refused(f"DAC table needs {shape[0]} x {shape[1]} = {self._dacs.size} values "
+                          f"(DACs x half modules), got {t.size}")
+        t = t.reshape(shape)
+        names = list(DAC_NAMES) + ["iodelay"]
+        checked = np.array([[self._check_dac(names[i], t[i, h]) for h in range(shape[1])]
+                            for i in range(shape[0])], np.int64)
+        with self._lock:
+            self._dacs[:] = checked
+            self._changed()
+
+    @staticmethod
+    def _dac_index(name: str) -> int:
+        if name == "iodelay":
+            return len(DAC_NAMES)
+        try:
+            return DAC_NAMES.index(name)
+        except ValueError:
+            raise Refused(f"no DAC {name!r}; EIGER DACs are {', '.join(DAC_NAMES)}, iodelay") from None
+
+    def vthreshold(self) -> int:
+        """Common value of vcmp_ll/lr/rl/rr and vcp of every half module, or -1 if they differ."""
+        self._check_responsive()
+        idx = [DAC_NAMES.index(n) for n in ("vcmp_ll", "vcmp_lr", "vcmp_rl", "vcmp_rr", "vcp")]
+        values = self._dacs[idx]
+        return int(values.flat[0]) if np.all(values == values.flat[0]) else -1
+
+    def set_vthreshold(self, value: int) -> None:
+        """Set the four vcmp and vcp of every half module (slsdet E_VTHRESHOLD)."""
+        self._check_responsive()
+        v = self._check_dac("vthreshold", value)
+        idx = [DAC_NAMES.index(n) for n in ("vcmp_ll", "vcmp_lr", "vcmp_rl", "vcmp_rr", "vcp")]
+        with self._lock:
+            self._dacs[idx, :] = v
+            self._changed()
+
+    def vcmp(self) -> list[int]:
+        """Per-chip vcmp in chip order (slsdet ``d.vcmp[:]``: bottom half modules reversed)."""
+        self._check_responsive()
+        g = self.geometry
+        out = []
+        for chip in range(g.n_chips):
+            hm, name = g.chip_vcmp(chip)
+            out.append(int(self._dacs[DAC_NAMES.index(name), hm]))
+        return out
+
+    def set_vcmp(self, values) -> None:
+        """Set the vcmp of every chip (chip order, as slsdet ``d.vcmp = [...]``)."""
+        self._check_responsive()
+        g = self.geometry
+        values = list(np.asarray(values).ravel())
+        if len(values) != g.n_chips:
+            raise Refused(f"vcmp needs one value per chip ({g.n_chips}), got {len(values)}")
+        checked = [self._check_dac("vcmp", v) for v in values]
+        with self._lock:
+            for chip, v in enumerate(checked):
+                hm, name = g.chip_vcmp(chip)
+                self._dacs[DAC_NAMES.index(name), hm] = v
+            self._changed()
+
+    # -- trimbits -----------------------------------------------------------------------------------
+    def trimbits(self) -> NDArray[np.int8]:
+        """Image-shaped trimbits (0..63)."""
+        self._check_responsive()
+        return self._trimbits.copy()
+
+    def set_trimbits(self, values) -> None:
+        """Set every pixel's trimbit from an image-shaped (or flat) array of 0..63."""
+        self._check_responsive()
+        g = self.geometry
+        a = np.asarray(values)
+        if a.size != g.n_pixels:
+            raise Refused(f"trimbits need {g.n_pixels} values ({g.rows} x {g.cols}, a {g.name}), "
+                          f"got {a.size}")
+        if a.size and (a.min() < 0 or a.max() > TRIMBIT_MAX or np.any(np.round(a) != a)):
+            raise Refused(f"trimbits must be integers 0..{TRIMBIT_MAX}, got {a.min()}..{a.max()}")
+        with self._lock:
+            self._trimbits[:] = a.reshape(g.shape)
+            self._trim_version += 1
+            self._changed()
+
+    def trimval(self) -> int:
+        """The common trimbit of every pixel, -1 if they differ (slsdet ``trimval``)."""
+        self._check_responsive()
+        t = self._trimbits
+        return int(t.flat[0]) if np.all(t == t.flat[0]) else -1
+
+    def set_trimval(self, value: int) -> None:
+        """Set all trimbits to one value 0..63."""
+        self._check_responsive()
+        v = float(value)
+        if not v.is_integer() or not 0 <= v <= TRIMBIT_MAX:
+            raise Refused(f"trimbit {value} outside 0..{TRIMBIT_MAX}")
+        with self._lock:
+            self._trimbits[:] = int(v)
+            self._trim_version += 1
+            self._changed()
+
+    # -- trim / settings files ------------------------------------------------------------------------
+    def _serials(self) -> list[str]:
+        return [serial_from_hostname(h) for h in self.hostnames]
+
+    def _apply(self, per_hm: list[TrimFile], *, trimbits: bool = True) -> None:
+        g = self.geometry
+        with self._lock:
+            for hm, tf in enumerate(per_hm):
+                self._dacs[:len(DAC_NAMES), hm] = tf.dacs
+                self._dacs[len(DAC_NAMES), hm] = tf.iodelay
+                if trimbits:
+                    self._trimbits[g.half_module_slice(hm)] = tf.trimbits
+            self.tau_ns = int(per_hm[0].tau_ns)
+            self._trim_version += 1
+
+    def load_trimbits(self, prefix: str) -> list[str]:
+        """Load ``{prefix}.sn{serial}`` for every half module (slsdet ``d.trimbits = prefix``): DACs,
+        iodelay, tau and trimbits. Returns the file names."""
+        self._check_responsive()
+        files = [f"{prefix}.sn{s}" for s in self._serials()]
+        per_hm = [self._read(f) for f in files]
+        self._apply(per_hm)
+        self._changed()
+        return files
+
+    def save_trimbits(self, prefix: str) -> list[str]:
+        """Write the current settings of every half module to ``{prefix}.sn{serial}``."""
+        self._check_responsive()
+        g = self.geometry
+        files = []
+        for hm, serial in enumerate(self._serials()):
+            path = f"{prefix}.sn{serial}"
+            try:
+                write_trim_file(path, self._dacs[:len(DAC_NAMES), hm], int(self._dacs[-1, hm]),
+                                self.tau_ns, self._trimbits[g.half_module_slice(hm)])
+            except OSError as exc:
+                raise Refused(f"cannot write trim file {path}: {exc.strerror}; choose a writable "
+                              "directory") from None
+            files.append(path)
+        return files
+
+    @staticmethod
+    def _read(path) -> TrimFile:
+        try:
+            return read_trim_file(path)
+        except FileNotFoundError as exc:
+            raise Refused(str(exc)) from None
+        except TrimFileError as exc:
+            raise Refused(f"{exc}") from None
+
+    def set_trim_energies(self, energies) -> None:
+        """The trim energies (eV) for which trim files exist in the settings directory."""
+        self._check_responsive()
+        values = [float(e) for e in np.asarray(energies).ravel() if float(e) > 0]
+        if any(not v.is_integer() for v in values) or len(set(values)) != len(values):
+            raise Refused(f"trim energies must be distinct whole eV values, got {values}")
+        self.trim_energies = sorted(int(v) for v in values)
+
+    def set_settings_dir(self, path: str) -> None:
+        """Root of the settings tree ``{dir}/{settings}/{E}eV/noise.snXXX`` (slsdet settingspath)."""
+        self._check_responsive()
+        if not path or not Path(path).is_absolute():
+            raise Refused(f"settings directory {path!r} must be an absolute path")
+        if not Path(path).is_dir():
+            raise Refused(f"settings directory {path} does not exist; create it or copy the "
+                          "module's settings there")
+        self.settings_dir = str(path)
+
+    def set_settings(self, name: str) -> None:
+        """Settings folder used by the next threshold energy (standard, highgain, ...)."""
+        if name not in SETTINGS_NAMES:
+            raise Refused(f"settings {name!r} unknown; use one of {', '.join(SETTINGS_NAMES)}")
+        self.settings = name
+
+    def set_threshold_energy(self, energy_eV: int, trimbits: bool = True) -> None:
+        """slsDetector ``setThresholdEnergy``: load or interpolate the trim files of the settings
+        folder; refused outside the trim energies or when a file is missing or inconsistent."""
+        self._check_responsive()
+        e = float(energy_eV)
+        if not e.is_integer():
+            raise Refused(f"threshold energy {energy_eV} eV must be a whole number of eV")
+        e = int(e)
+        try:
+            found = bracket_trim_energies(e, self.trim_energies)
+        except ValueError as exc:
+            raise Refused(str(exc)) from None
+        serials = self._serials()
+
+        def load(energy: int) -> list[TrimFile]:
+            return [self._read(trim_file_path(self.settings_dir, self.settings, energy, s))
+                    for s in serials]
+
+        if isinstance(found, int):
+            per_hm = load(found)
+        else:
+            e1, e2 = found
+            a, b = load(e1), load(e2)
+            try:
+                per_hm = [interpolate_trim(e, e1, x, e2, y, trimbits=trimbits) for x, y in zip(a, b)]
+            except TrimFileError as exc:
+                raise Refused(str(exc)) from None
+        self._apply(per_hm, trimbits=trimbits)
+        self.loaded_settings = self.settings
+        self.threshold_eV = e
+
+    def ensure_factory_settings(self) -> list[Path]:
+        """Write the module's factory trim files (standard settings, each trim energy) where they
+        are missing, as PSI ships them with a module: the line at vcmp ~1150, trimmed. Existing
+        files are never touched. Returns the files written."""
+        written = []
+        for energy in self.trim_energies:
+            paths = [trim_file_path(self.settings_dir, "standard", energy, s) for s in self._serials()]
+            if all(p.is_file() for p in paths):
+                continue
+            files = self.factory_trim(energy / 1000.0)
+            tau = FACTORY_TAU_NS.get(energy, 300)
+            for path, tf in zip(paths, files):
+                if not path.is_file():
+                    write_trim_file(path, tf.dacs, tf.iodelay, tau, tf.trimbits)
+                    written.append(path)
+        return written
+
+    def factory_trim(self, energy_keV: float) -> list[TrimFile]:
+        """Per half module: DACs with vrpreamp putting the line at vcmp ~1150, chip vcmp at the
+        mean inflection, and trimbits levelling every pixel to it (uses the hidden truth, as the
+        vendor's own calibration of the module would)."""
+        t, g = self._truth, self.geometry
+        live = t.live()
+        out = []
+        for hm in range(g.n_half_modules):
+            sl = g.half_module_slice(hm)
+            base = t.base[sl][live[sl]].mean()
+            grel = t.gain_rel[sl][live[sl]].mean()
+            # G(vrf) * E = base - target  ->  vrf
+            need = (base - FACTORY_VCMP_TARGET) / (energy_keV * GAIN_AT_VRF_REF * grel)
+            vrf = int(np.clip(round(VRF_REF + np.log(need) / GAIN_SLOPE), DAC_MIN, DAC_MAX))
+            dacs = {**DAC_DEFAULTS, "vtrim": 2500, "vrpreamp": vrf, "vrshaper": 1400, "vcal": 4000}
+            mu = t.inflection(energy_keV, vrf, TRIM_CENTER, 2500)
+            step = t.trim_step(2500)
+            tb = np.zeros(g.shape)
+            vcmps = []
+            for k in range(4):
+                chip = 4 * hm + k
+                csl = g.chip_slice(chip)
+                vcmp = int(round(mu[csl][live[csl]].mean()))
+                vcmps.append(vcmp)
+                dacs[g.chip_vcmp(chip)[1]] = vcmp
+                tb[csl] = TRIM_CENTER + (mu[csl] - vcmp) / step[csl]
+            dacs["vcp"] = int(round(np.mean(vcmps)))
+            trim = np.clip(np.round(tb[sl]), 0, TRIMBIT_MAX).astype(np.int32)
+            out.append(TrimFile(dacs=np.array([dacs[n] for n in DAC_NAMES], np.int32),
+                                iodelay=FACTORY_IODELAY, tau_ns=0, trimbits=trim))
+        return out
+
+    # -- acquisition settings -------------------------------------------------------------------------
+    def set_dynamic_range(self, dr: int) -> None:
+        self._check_responsive()
+        if int(dr) != dr or int(dr) not in DYNAMIC_RANGES:
+            raise Refused(f"dynamic range {dr} bit not supported; EIGER counts with "
+                          f"{', '.join(map(str, DYNAMIC_RANGES))} bit")
+        self.dr = int(dr)
+
+    def set_exptime(self, seconds: float) -> None:
+        self._check_responsive()
+        if not 0 < float(seconds) <= 3600:
+            raise Refused(f"exposure time {seconds} s outside (0, 3600] s")
+        self.exptime = float(seconds)
+
+    def set_period(self, seconds: float) -> None:
+        self._check_responsive()
+        if not 0 <= float(seconds) <= 3600:
+            raise Refused(f"period {seconds} s outside 0..3600 s (0: as fast as possible)")
+        self.period = float(seconds)
+
+    def set_frames(self, n: int) -> None:
+        self._check_responsive()
+        if int(n) != n or not 1 <= int(n) <= 100000:
+            raise Refused(f"number of frames {n} outside 1..100000")
+        self.frames = int(n)
+
+    def set_rate_correction(self, tau_ns: float) -> None:
+        self._check_responsive()
+        if not 0 <= float(tau_ns) <= 10000:
+            raise Refused(f"rate-correction tau {tau_ns} ns outside 0..10000 ns (0 disables it)")
+        self.tau_ns = int(round(float(tau_ns)))
+
+    def set_test_pulses(self, n: int) -> None:
+        """Test pulses injected into every pixel during each exposure (0: off)."""
+        self._check_responsive()
+        if int(n) != n or not 0 <= int(n) <= 65535:
+            raise Refused(f"test pulse count {n} outside 0..65535")
+        self.test_pulses = int(n)
+
+    def temperature(self) -> float:
+        """FPGA temperature (degC): warm module drifting with the room's air conditioning."""
+        self._check_responsive()
+        t = self.clock.now()
+        return round(41.0 + 1.2 * np.sin(2 * np.pi * t / 5400.0) + 0.3 * np.sin(t / 97.0), 2)
+
+    # -- counting -------------------------------------------------------------------------------------
+    def _pixel_model(self) -> dict:
+        """Per-pixel quantities for the current settings. The part that depends on vrpreamp, vtrim
+        and the trimbits is cached (threshold scans only change vcmp, a cheap per-chip term)."""
+        g, t = self.geometry, self._truth
+        with self._lock:
+            i_vrf, i_vtrim = DAC_NAMES.index("vrpreamp"), DAC_NAMES.index("vtrim")
+            key = (self._dacs[i_vrf].tobytes(), self._dacs[i_vtrim].tobytes(), self._trim_version)
+            if self._cache is None or self._cache["key"] != key:
+                st = self.pixel_state()
+                gain = t.gain(st["vrf"])
+                trimmed = t.base - t.trim_step(st["vtrim"]) * (st["trimbits"] - TRIM_CENTER)
+                self._cache = {
+                    "key": key,
+                    "gain": gain.astype(np.float32),
+                    "trimmed": trimmed.astype(np.float32),            # base - trim shift, DAC
+                    "sigma": np.hypot(gain * ENC_KEV, t.sigma_thr).astype(np.float32),
+                    "efficiency": t.efficiency.astype(np.float32),
+                    "sharing": t.charge_sharing.astype(np.float32),
+                    "noise": t.noise_scale.astype(np.float32),
+                }
+            m = dict(self._cache)
+            vcmp_chip = np.array(self.vcmp(), np.float32)
+        m["below"] = m["trimmed"] - vcmp_chip[g.chip_map]                # DAC the pulse must exceed
+        m["ethr"] = m["below"] / m["gain"]                               # threshold energy, keV
+        return m
+
+    def expected_counts(self, energy_keV: float, flux: float, seconds: float) -> NDArray[np.float32]:
+        """Mean counts per pixel for one exposure (photons + noise hits + hot pixels)."""
+        t = self._truth
+        m = self._pixel_model()
+        lam = np.zeros(self.geometry.shape, np.float32)
+        if flux > 0 and energy_keV > 0:
+            x = m["gain"] * np.float32(energy_keV) - m["below"]       # DAC above threshold
+            p = ndtr(x / m["sigma"])
+            share = 1 + m["sharing"] * np.clip(x / (m["gain"] * np.float32(energy_keV)), 0, None)
+            lam += np.float32(flux * seconds) * m["efficiency"] * p * share
+        ethr = np.clip(m["ethr"], 0, None)
+        lam += np.float32(NOISE_RATE_HZ * seconds) * m["noise"] * np.exp(
+            np.float32(-0.5 / ENC_KEV ** 2) * ethr * ethr)
+        lam[t.hot] += HOT_RATE_HZ * seconds
+        return lam
+
+    def _pulse_probability(self) -> NDArray[np.float32]:
+        m = self._pixel_model()
+        vcal = self._dacs[DAC_NAMES.index("vcal")]
+        e_tp = np.empty(self.geometry.shape, np.float32)
+        for hm in range(self.geometry.n_half_modules):
+            e_tp[self.geometry.half_module_slice(hm)] = (4000 - vcal[hm]) * TP_KEV_PER_DAC
+        p = ndtr((m["gain"] * e_tp - m["below"]) / m["sigma"])
+        p[self._truth.dead] = 0.0
+        return p
+
+    def _count(self, energy_keV: float, flux: float, seconds: float) -> NDArray:
+        counts = self._rng.poisson(self.expected_counts(energy_keV, flux, seconds))
+        if self.test_pulses:
+            counts += self._rng.binomial(self.test_pulses, self._pulse_probability())
+        limit = 2 ** self.dr - 1
+        if self.dr == 32:
+            limit = min(limit, 4095 * max(1, int(np.ceil(seconds / SUBFRAME_S))))
+        np.minimum(counts, limit, out=counts)
+        return counts.astype(frame_dtype(self.dr))
+
+    def _beam(self) -> tuple[float, float]:
+        return self.source() if self.source is not None else (0.0, 0.0)
+
+    def acquire(self, on_frame: Callable[[int, NDArray], None] | None = None) -> Acquisition:
+        """Take ``frames`` exposures of ``exptime`` world seconds, ``period`` apart (blocking; the
+        IOC runs it in a worker thread). ``on_frame(i, frame)`` is called as each frame is read
+        out. `abort()` ends it early with the frames taken so far."""
+        self._check_responsive()
+        self._abort.clear()
+        n, exptime = self.frames, self.exptime
+        spacing = max(self.period, exptime)
+        frames = np.empty((n,) + self.geometry.shape, frame_dtype(self.dr))
+        starts = np.empty(n)
+        t0 = self.clock.now()
+        done = 0
+        for i in range(n):
+            start = t0 + i * spacing
+            self._sleep_until(start)
+            if self._abort.is_set():
+                break
+            e0, f0 = self._beam()
+            frame = self._count(e0, f0, exptime)         # computed while the exposure runs
+            self._sleep_until(start + exptime)
+            if self._abort.is_set():
+                break
+            e1, f1 = self._beam()
+            if abs(f1 - f0) > 1e-6 * max(f0, f1, 1.0) or e1 != e0:
+                # the beam changed during the exposure (shutter, target): average what was seen
+                frame = self._count(e1 if f1 >= f0 else e0, 0.5 * (f0 + f1), exptime)
+            frames[i] = frame
+            starts[i] = start
+            done += 1
+            if on_frame is not None:
+                on_frame(i, frame)
+        return Acquisition(frames=frames[:done], start_times=starts[:done],
+                           aborted=done < n)
+
+    def _sleep_until(self, world_t: float) -> None:
+        while not self._abort.is_set():
+            remaining = world_t - self.clock.now()
+            if remaining <= 0:
+                return
+            self._abort.wait(min(self.clock.wall_seconds(remaining), 0.05))
+
+    def abort(self) -> None:
+        """Stop an acquisition in progress."""
+        self._abort.set()
+
+    def make_safe(self) -> None:
+        """Stop any acquisition and the test pulses (the sensor bias stays: it is safe on)."""
+        self._abort.set()
+        self.test_pulses = 0
+
+
+def build_eiger(clock: WorldClock, seed: int, settings: dict, source: BeamSource | None) -> EigerSim:
+    """The EIGER simulator from its instrument settings (calbench/instruments.py)."""
+    return EigerSim(clock, geometry=settings.get("geometry", "500k"), seed=seed, source=source,
+                    hostnames=list(settings.get("hostnames", ["beb058", "beb059"])),
+                    det_id=settings.get("det_id", "T63"),
+                    settings_dir=settings.get("settings_dir", ""),
+                    trim_energies=list(settings.get("trimen", [4500, 5400, 6400])))

@@ -1,0 +1,5 @@
+# Plans of every procedure, and the plans and stubs of bluesky.
+from bluesky.plans import count, scan, rel_scan, list_scan, grid_scan  # noqa: F401
+from bluesky.plan_stubs import mv, mvr, rd, sleep  # noqa: F401
+
+from calbench.plans.xray import tube_on, select_target, open_xrf_shutter, close_shutters, xrf_exposure  # noqa: F401

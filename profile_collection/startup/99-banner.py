@@ -1,0 +1,2 @@
+print(f"calbench: lab '{cfg.name}', IOC prefix {cfg.pv_prefix}, results in {cfg.results_dir}")
+print("  runs: cat[-1], cat[uid], cat.search(Key('plan_name') == 'scan')   (from tiled.queries import Key)")
