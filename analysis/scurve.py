@@ -170,9 +170,6 @@ _FM = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # division here is either guarded or produces a NaN/inf that the status checks catch.
 _jit = njit(fastmath=_FM, error_model="numpy", cache=True)
 _jit_parallel = njit(parallel=True, fastmath=_FM, error_model="numpy", cache=True)
-# Small helpers are inlined at numba IR level: as separate functions, every call passes its
-# array arguments as structs with reference counting, which costs more than the arithmetic.
-_jit_inline = njit(fastmath=_FM, error_model="numpy", cache=True, inline="always")
 
 _INV_SQRT2PI = 0.3989422804014327
 _SQRT1_2 = 0.7071067811865476
@@ -322,7 +319,7 @@ def _gram(u, ulo, uhi, y, w, m, s, sg, G):
     G[6, 7] = G[7, 6] = g67
 
 
-@_jit_inline
+@_jit
 def _cholesky(M, k, L) -> bool:
     """Cholesky factor of the leading k x k block of M into L; False if not positive definite.
 
@@ -345,7 +342,7 @@ def _cholesky(M, k, L) -> bool:
     return True
 
 
-@_jit_inline
+@_jit
 def _cho_solve(L, k, b, out):
     """Solve (L L^T) out = b for the leading k x k block (L from :func:`_cholesky`)."""
     for i in range(k):
@@ -360,7 +357,7 @@ def _cho_solve(L, k, b, out):
         out[i] = acc * L[i, i]
 
 
-@_jit_inline
+@_jit
 def _cov_from_cholesky(L, k, Linv, cov_diag) -> float:
     """Diagonal of (L L^T)^-1 into cov_diag[0:k]; returns the (0, 1) element.
 
@@ -384,7 +381,7 @@ def _cov_from_cholesky(L, k, Linv, cov_diag) -> float:
     return c01
 
 
-@_jit_inline
+@_jit
 def _solve_subset(G, n_lin, fixed, L, M, rhs, sol, c, bas) -> float:
     """Least squares over the linear parameters not in bit mask ``fixed`` (those are 0).
 
@@ -413,12 +410,12 @@ def _solve_subset(G, n_lin, fixed, L, M, rhs, sol, c, bas) -> float:
     return max(cost, 0.0)
 
 
-@_jit_inline
+@_jit
 def _feasible(c) -> bool:
     return c[0] >= 0.0 and c[1] >= 0.0 and c[2] >= 0.0
 
 
-@_jit_inline
+@_jit
 def _kkt_ok(G, n_lin, fixed, c) -> bool:
     """Optimality of a face: no parameter held at 0 would lower the cost by growing."""
     for j in range(3):
@@ -431,7 +428,7 @@ def _kkt_ok(G, n_lin, fixed, c) -> bool:
     return True
 
 
-@_jit_inline
+@_jit
 def _linear_solve(G, n_lin, L, M, rhs, sol, c, bas, hint) -> float:
     """Linear parameters at fixed (mu, sigma) with background ends >= 0 and A >= 0.
 
@@ -472,43 +469,28 @@ def _linear_solve(G, n_lin, L, M, rhs, sol, c, bas, hint) -> float:
     return _solve_subset(G, n_lin, best_mask, L, M, rhs, sol, c, bas)
 
 
-@_jit_inline
-def _nonlinear_columns(c, n_lin, sg, s, a_m, a_s):
-    """Coefficients of d f/d mu and d f/d sigma on the 8 Gram functions."""
-    A = c[2]
-    C = c[3] if n_lin == 4 else 0.0
-    for j in range(8):
-        a_m[j] = 0.0
-        a_s[j] = 0.0
-    a_m[2] = -C
-    a_m[4] = -sg * A
-    a_m[5] = -sg * C
-    a_s[5] = -sg * A / s
-    a_s[6] = -sg * C / s
-
-
-@_jit_inline
-def _reduced_system(G, n_lin, L, c, bas, sg, s, a_m, a_s, Ga_m, Ga_s, tmp, v_m, v_s, S, g):
+@_jit
+def _reduced_system(G, n_lin, L, c, bas, sg, s, Ga_m, Ga_s, tmp, v_m, v_s, S, g):
     """Normal equations of the (mu, sigma) step with the free linear parameters projected out.
 
-    S[0:3] = Schur complement (mm, ms, ss), S[3:6] = unprojected J^T W J, g = J^T W r.
+    d f/d mu = -C*P - sg*A*q - sg*C*q*d and d f/d sigma = -sg*(A*q*d + C*q*d^2)/s are sparse
+    combinations of the Gram functions (columns 2, 4, 5 and 5, 6), so J^T W F = G a costs five
+    columns.  Ga_m, Ga_s [8] = G a; S[0:3] = Schur complement (mm, ms, ss); S[3:6] = the
+    unprojected J^T W J; g = J^T W r.
     """
-    _nonlinear_columns(c, n_lin, sg, s, a_m, a_s)
+    A = c[2]
+    C = c[3] if n_lin == 4 else 0.0
+    am2 = -C
+    am4 = -sg * A
+    am5 = -sg * C
+    as5 = -sg * A / s
+    as6 = -sg * C / s
     for i in range(8):
-        am = 0.0
-        as_ = 0.0
-        for j in range(8):
-            am += G[i, j] * a_m[j]
-            as_ += G[i, j] * a_s[j]
-        Ga_m[i] = am
-        Ga_s[i] = as_
-    jj_mm = 0.0
-    jj_ms = 0.0
-    jj_ss = 0.0
-    for j in range(8):
-        jj_mm += a_m[j] * Ga_m[j]
-        jj_ms += a_m[j] * Ga_s[j]
-        jj_ss += a_s[j] * Ga_s[j]
+        Ga_m[i] = am2 * G[i, 2] + am4 * G[i, 4] + am5 * G[i, 5]
+        Ga_s[i] = as5 * G[i, 5] + as6 * G[i, 6]
+    jj_mm = am2 * Ga_m[2] + am4 * Ga_m[4] + am5 * Ga_m[5]
+    jj_ms = am2 * Ga_s[2] + am4 * Ga_s[4] + am5 * Ga_s[5]
+    jj_ss = as5 * Ga_s[5] + as6 * Ga_s[6]
     # J^T W r with r = y - B c (fixed parameters have c = 0 and drop out).
     gm = Ga_m[7]
     gs = Ga_s[7]
@@ -612,7 +594,7 @@ def _fit_pixel(u, ulo, uhi, y, sg, n_lin, weighted, m0, s0, m_lo, m_hi, s_lo, s_
 
     ws [2, n]: weights and scratch.  G, Gt, L, Lt, M [8, 8]: Gram matrices and factors of the
     current and trial states.  c, ct [8], bas, bast [6]: their linear solutions, free sets and active masks.
-    v8 [11, 8]: small vectors.
+    v8 [9, 8]: small vectors.
     """
     n = u.shape[0]
     w = ws[0]
@@ -627,15 +609,13 @@ def _fit_pixel(u, ulo, uhi, y, sg, n_lin, weighted, m0, s0, m_lo, m_hi, s_lo, s_
 
     rhs = v8[0]
     sol = v8[1]
-    a_m = v8[2]
-    a_s = v8[3]
-    Ga_m = v8[4]
-    Ga_s = v8[5]
-    tmp = v8[6]
-    v_m = v8[7]
-    v_s = v8[8]
-    S = v8[9]
-    g = v8[10]
+    Ga_m = v8[2]
+    Ga_s = v8[3]
+    tmp = v8[4]
+    v_m = v8[5]
+    v_s = v8[6]
+    S = v8[7]
+    g = v8[8]
 
     # Weights, and the Gram entries that do not depend on (mu, sigma).
     s00 = s01 = s11 = s07 = s17 = s77 = 0.0
@@ -671,7 +651,7 @@ def _fit_pixel(u, ulo, uhi, y, sg, n_lin, weighted, m0, s0, m_lo, m_hi, s_lo, s_
     passes = 1
     if cost < 0.0:
         return _ST_FAILED, passes
-    _reduced_system(G, n_lin, L, c, bas, sg, s, a_m, a_s, Ga_m, Ga_s, tmp, v_m, v_s, S, g)
+    _reduced_system(G, n_lin, L, c, bas, sg, s, Ga_m, Ga_s, tmp, v_m, v_s, S, g)
 
     lam = _LAM0
     converged = False
@@ -703,7 +683,7 @@ def _fit_pixel(u, ulo, uhi, y, sg, n_lin, weighted, m0, s0, m_lo, m_hi, s_lo, s_
             s = st
             cost = cost_t
             lam = max(lam * 0.1, _LAM_MIN)
-            _reduced_system(G, n_lin, L, c, bas, sg, s, a_m, a_s, Ga_m, Ga_s, tmp, v_m, v_s, S, g)
+            _reduced_system(G, n_lin, L, c, bas, sg, s, Ga_m, Ga_s, tmp, v_m, v_s, S, g)
         else:
             lam *= 10.0
             if lam > _LAM_MAX:
@@ -799,7 +779,7 @@ def _fit_kernel(u, Y, skip, sg, n_lin, weighted, m_lo, m_hi, s_lo, s_hi, max_ite
         ct = np.zeros(8)
         bas = np.zeros(6, dtype=np.int64)
         bast = np.zeros(6, dtype=np.int64)
-        v8 = np.zeros((11, 8))
+        v8 = np.zeros((9, 8))
         guess = np.zeros(4)
         o = np.empty(_N_OUT)
         start = blk * _BLOCK

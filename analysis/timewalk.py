@@ -45,6 +45,7 @@ from scipy.optimize import minimize
 from scipy.special import log_ndtr, ndtr
 
 __all__ = [
+    "proportional_charge",
     "TDC_LSB_NS", "RG58_VELOCITY_M_PER_NS", "METHODS", "TransitFitError", "WalkFit",
     "TransitTimeResult", "VelocityFit", "walk_model", "fit_walk", "fit_transit_time",
     "naive_transit_time", "fit_velocity", "fit_temperature_coefficient", "plot_walk_fits",
@@ -167,8 +168,13 @@ def _design(q: NDArray) -> NDArray:
     return np.column_stack([np.ones_like(q), r, r ** 3])
 
 
-def _binned(q: NDArray, k: NDArray, lsb_ns: float, min_count: int):
+DROP_OPEN_BINS = False
+def _binned(q: NDArray, k: NDArray, lsb_ns: float, min_count: int, q_min: float = 0.0):
     bins, q_mean, _ = _bin_means(q, k, min_count)
+    keep = q_mean >= q_min
+    bins, q_mean = bins[keep], q_mean[keep]
+    if DROP_OPEN_BINS and bins.size > MIN_BINS + 1:
+        bins, q_mean = bins[1:], q_mean[1:]
     t_centre = (bins + 0.5) * lsb_ns
     if bins.size < MIN_BINS:
         return None, bins.size, q_mean, t_centre
@@ -296,24 +302,21 @@ def fit_walk(q_pC: ArrayLike, t_ns: ArrayLike, method: Method = "binned", *,
     amp = np.where(np.isfinite(amp), amp, -np.inf)
     threshold = _threshold_charge(q_all, fired, amp)
     if q_min_pC is None:
-        if math.isfinite(threshold):
-            q_min_pC = min_charge_over_threshold * threshold
-        else:
-            # No pulse below threshold: the model's own k = 6 b / a tells where the threshold is.
-            first, *_ = _binned(q, k, lsb_ns, min_bin_count)
-            if first is not None and first[0][1] > 0 and first[0][2] > 0:
-                threshold = 6.0 * first[0][2] / first[0][1]
-            q_min_pC = min_charge_over_threshold * threshold if math.isfinite(threshold) else 0.0
+        # Without pulses below the threshold the data cannot place it; the sweep then starts far
+        # enough above it (u small) for the two-term model to hold over the whole range.
+        q_min_pC = min_charge_over_threshold * threshold if math.isfinite(threshold) else 0.0
+    # The binned fit keeps whole bins (mean charge in range): cutting pulses would leave bins that
+    # hold only the jitter tail of larger pulses. The likelihood conditions on each pulse's charge,
+    # so it cuts pulses.
+    fit, n_bins, q_mean, t_centre = _binned(q, k, lsb_ns, min_bin_count, q_min_pC)
     sel = q >= q_min_pC
     q, k = q[sel], k[sel]
-    n_bins_all = np.unique(k).size
-    fit, n_bins, q_mean, t_centre = _binned(q, k, lsb_ns, min_bin_count)
     if fit is None:
         raise TransitFitError(
             f"{_prefix(label)}{kind} fall in only {n_bins} TDC bin(s) with at least {min_bin_count} "
-            f"pulses above {q_min_pC:.3g} pC ({n_bins_all} bins in all); the walk model needs "
-            f"{MIN_BINS}: start the sweep at a lower DAC register so that the walk spans more bins, "
-            "or lower the discriminator threshold")
+            f"pulses and a mean charge above {q_min_pC:.3g} pC ({np.unique(k).size} bins in all); "
+            f"the walk model needs {MIN_BINS}: start the sweep at a lower DAC register so that the "
+            "walk spans more bins, or lower the discriminator threshold")
     coef, cov, rms = fit
     q_range = (float(q.min()), float(q.max()))
     if method == "binned":
@@ -333,6 +336,22 @@ def fit_walk(q_pC: ArrayLike, t_ns: ArrayLike, method: Method = "binned", *,
 
 # -- transit time -----------------------------------------------------------------------------------------
 
+def proportional_charge(reference_q_pC: ArrayLike, q_pC: ArrayLike) -> NDArray[np.float64]:
+    """q_pC replaced by ratio * reference_q_pC, the ratio fitted (least squares through the origin)
+    over the pulses where both were measured; NaN where q_pC is NaN.
+
+    The calibration charges are proportional to the DAC register (the paper notes that the register
+    can stand in for Q without changing T0), so the small reflected charges, whose ADC noise and
+    0.16 pC quantisation are a few per cent, are better known from the large direct charges."""
+    ref = np.asarray(reference_q_pC, dtype=float)
+    q = np.asarray(q_pC, dtype=float)
+    both = np.isfinite(ref) & np.isfinite(q)
+    if not both.any():
+        return q.copy()
+    ratio = float(np.dot(ref[both], q[both]) / np.dot(ref[both], ref[both]))
+    return np.where(np.isfinite(q), ratio * ref, np.nan)
+
+
 def naive_transit_time(direct_t_ns: ArrayLike, reflected_t_ns: ArrayLike) -> tuple[float, float]:
     """Mean TDC time of the reflected pulses minus that of the direct pulses (ns), without any walk
     correction, and its error of the mean (ns). Quantisation errors do not average out when the
@@ -350,7 +369,8 @@ def fit_transit_time(direct_q_pC: ArrayLike, direct_t_ns: ArrayLike, reflected_q
                      reflected_t_ns: ArrayLike, method: Method = "binned", *,
                      velocity_m_per_ns: float = RG58_VELOCITY_M_PER_NS, lsb_ns: float = TDC_LSB_NS,
                      min_charge_over_threshold: float = 3.0, min_bin_count: int = 3,
-                     amplitude: ArrayLike | None = None, label: str = "") -> TransitTimeResult:
+                     amplitude: ArrayLike | None = None, smooth_reflected_charge: bool = True,
+                     label: str = "") -> TransitTimeResult:
     """Round-trip transit time (ns) through a cable from one calibration sweep.
 
     Arrays are per pulse (charge pC, TDC time ns; NaN where the discriminator did not fire) for the
@@ -358,8 +378,9 @@ def fit_transit_time(direct_q_pC: ArrayLike, direct_t_ns: ArrayLike, reflected_q
     differ: the cable attenuates and disperses the reflection); dt = T0_reflected - T0_direct with
     dt_err_ns from the two fits' covariances; length_m = velocity * dt / 2. `amplitude` (one per
     pulse, e.g. the DAC register; default the sweep order) locates the threshold. `label` (e.g.
-    "channel 3") prefixes error messages. Raises TransitFitError for a channel without reflection
-    or with too few TDC bins.
+    "channel 3") prefixes error messages. smooth_reflected_charge: fit the reflected pulses against
+    their DAC-proportional charge (see `proportional_charge`). Raises TransitFitError for a channel
+    without reflection or with too few TDC bins.
     """
     common = dict(method=method, lsb_ns=lsb_ns, min_charge_over_threshold=min_charge_over_threshold,
                   min_bin_count=min_bin_count, amplitude=amplitude, label=label)
@@ -371,7 +392,10 @@ def fit_transit_time(direct_q_pC: ArrayLike, direct_t_ns: ArrayLike, reflected_q
             "or its far end is terminated; connect the cable with its far end open "
             "(or raise the sweep so that the reflection crosses the threshold)")
     direct = fit_walk(direct_q_pC, direct_t_ns, kind="direct pulses", **common)
-    reflected = fit_walk(reflected_q_pC, reflected_t, kind="reflected pulses", **common)
+    reflected_q = np.asarray(reflected_q_pC, dtype=float)
+    if smooth_reflected_charge:
+        reflected_q = proportional_charge(direct_q_pC, reflected_q)
+    reflected = fit_walk(reflected_q, reflected_t, kind="reflected pulses", **common)
     dt = reflected.t0_ns - direct.t0_ns
     dt_err = math.hypot(direct.t0_err_ns, reflected.t0_err_ns)
     naive, _ = naive_transit_time(direct_t_ns, reflected_t)

@@ -96,3 +96,17 @@ register(InstrumentSpec(
     hardware="calbench.iocs.hw.batmet_serial:open_batmet",
     settings={"port": "", "usb_vid_pid": "0403:6015", "baud_rate": 115200, "timeout_s": 2.0},
 ))
+
+register(InstrumentSpec(
+    name="eiger",
+    description="PSI EIGER single-photon-counting detector (slsdet): DACs, trimbits, threshold "
+                "energy, frames to HDF5",
+    ioc="calbench.iocs.eiger:EigerIOC",
+    world="xray",
+    device="calbench.devices.eiger:Eiger",
+    default_prefix="EIGER:",
+    hardware="calbench.iocs.hw.eiger:open_eiger",
+    settings={"geometry": "500k", "det_id": "T63", "hostnames": ["beb058", "beb059"],
+              "settings_dir": "", "data_dir": "", "trimen": [4500, 5400, 6400],
+              "slsdet_id": 0, "scratch_dir": ""},
+))

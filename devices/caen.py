@@ -170,11 +170,22 @@ def _channel_cpt(electrode: str, kind: str):
                 kind=kind)
 
 
+class BoardInfo(Device):
+    """Crate-map entry of a slot (prefix "<P>Sss:")."""
+    model = Cpt(LongStringSignalRO, "Model_RBV", kind="config")
+    description = Cpt(LongStringSignalRO, "Description_RBV", kind="config")
+    serial_number = Cpt(EpicsSignalRO, "SerialNumber_RBV", kind="config")
+    firmware = Cpt(LongStringSignalRO, "Firmware_RBV", kind="config")
+    n_channels = Cpt(EpicsSignalRO, "NumChannels_RBV", kind="config")
+
+
 class _CrateCommon(InstrumentDevice):
+    """PVs of the crate itself; subclasses set `slot` before initialising."""
     instrument = "caen"
     clear_alarm_cmd = Cpt(CheckedSignal, "ClearAlarm", kind="omitted")
     kill_cmd = Cpt(CheckedSignal, "Kill", kind="omitted")
     system_type = Cpt(LongStringSignalRO, "SystemType_RBV", kind="config")
+    board = FCpt(BoardInfo, "{prefix}S{slot:02d}:", kind="config")
 
 
 class GemLayer(_CrateCommon):
@@ -259,22 +270,3 @@ class CaenCrate(_CrateCommon):
         if connect:
             device.ensure_connected(timeout)
         return device
-
-    def board(self, slot: int | None = None, timeout: float = 5.0) -> dict:
-        """Crate-map entry of a slot: model, description, serial, firmware, channels."""
-        slot = self.slot if slot is None else int(slot)
-        p = f"{self.prefix}S{slot:02d}:"
-        sigs = {"model": LongStringSignalRO(p + "Model_RBV", name="model"),
-                "description": LongStringSignalRO(p + "Description_RBV", name="description"),
-                "serial_number": EpicsSignalRO(p + "SerialNumber_RBV", name="serial"),
-                "firmware": LongStringSignalRO(p + "Firmware_RBV", name="firmware"),
-                "n_channels": EpicsSignalRO(p + "NumChannels_RBV", name="n_channels")}
-        out = {"slot": slot}
-        for key, sig in sigs.items():
-            try:
-                sig.wait_for_connection(timeout)
-            except TimeoutError:
-                raise LookupError(f"no board in slot {slot} on {self.prefix} (crate slots: "
-                                  f"{self.slots.get()!r}); check the `slot` setting") from None
-            out[key] = sig.get(use_monitor=False)
-        return out

@@ -262,10 +262,3 @@ class Eiger(InstrumentDevice):
         if self.acquire_rbv.get(use_monitor=False) == "Acquire":
             self.acquire.put("Done")
         super().stop(success=success)
-
-    # -- conveniences ---------------------------------------------------------------------------
-    def frames_of(self, path: str | Path) -> np.ndarray:
-        """Read the frames of one acquisition's HDF5 file (for checks outside a run)."""
-        import h5py
-        with h5py.File(path, "r", swmr=True) as f:
-            return f[DATASET][()]

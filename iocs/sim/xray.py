@@ -224,4 +224,8 @@ def build_world(clock: WorldClock, seed: int, settings: dict[str, dict]) -> dict
     """The X-ray box world's backends by instrument name."""
     box_settings = settings.get("xraybox", {})
     box = XrayBoxSim(clock=clock, warmup_s=float(box_settings.get("warmup_s", 20.0)))
-    return {"xraybox": box}
+    world: dict[str, object] = {"xraybox": box}
+    if "eiger" in settings:           # the EIGER behind the XRF shutter sees the fluorescence line
+        from calbench.iocs.sim.eiger import build_eiger
+        world["eiger"] = build_eiger(clock, seed, settings["eiger"], source=box.xrf_beam)
+    return world

@@ -1,0 +1,70 @@
+"""RunEngine time per event with persistence to tiled, against the RunEngine alone, same run.
+
+    python benchmarks/bench_persistence.py [--events 200]
+
+Rows: no writer (baseline); the stock TiledWriter(batch_size=1) subscribed directly; calbench's
+TiledPersister (worker thread, exactly-once appends, stop waits for the run). "per event" is the
+RunEngine's wall time for `count` divided by the number of events, including the wait at stop.
+"""
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bluesky import RunEngine
+from bluesky.plans import count
+from bluesky_tiled_plugins import TiledWriter
+from ophyd.sim import SynSignal
+
+from calbench.persistence import TiledPersister
+from calbench.tiled_service import runs_catalog, start_embedded, stop_embedded
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def timed(RE, n: int) -> tuple[float, str]:
+    det = SynSignal(func=lambda: 1.0, name="det")
+    t0 = time.perf_counter()
+    (uid,) = RE(count([det], num=n))
+    return (time.perf_counter() - t0) / n * 1e3, uid
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--events", type=int, default=200)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp) / "tiled"
+        endpoint, _ = start_embedded(directory, [Path(tmp) / "data"], _port())
+        try:
+            catalog = runs_catalog(endpoint)
+            rows = []
+            RE = RunEngine({})
+            timed(RE, 10)                                      # warm-up
+            rows.append(("RunEngine alone", *timed(RE, args.events)))
+            RE = RunEngine({})
+            RE.subscribe(TiledWriter(catalog, batch_size=1))
+            rows.append(("TiledWriter(batch_size=1)", *timed(RE, args.events)))
+            RE = RunEngine({})
+            RE.subscribe(TiledPersister(catalog, backup_directory=Path(tmp) / "backup"))
+            rows.append(("calbench TiledPersister", *timed(RE, args.events)))
+            print(f"{'writer':<28} {'ms/event':>9} {'rows in tiled':>14}")
+            for name, ms, uid in rows:
+                stored = ("-" if name == "RunEngine alone"
+                          else len(catalog[uid]["primary"].base["internal"].read()))
+                print(f"{name:<28} {ms:9.2f} {stored!s:>14}")
+        finally:
+            stop_embedded(directory)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

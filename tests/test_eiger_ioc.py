@@ -1,0 +1,187 @@
+"""EIGER end to end: simulated detector behind the X-ray box -> EigerIOC -> ophyd Eiger -> RunEngine
+-> HDF5 + tiled -> frames read back; refused puts; trim files through the IOC."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from bluesky.plans import count, scan
+from scipy.optimize import curve_fit
+
+from calbench.analysis.scurve import scurve
+from calbench.analysis.trimfile import read_trim_file
+from calbench.devices.base import InstrumentRefused, set_and_check
+from calbench.plans.xray import tube_on, xrf_exposure
+
+KV, MA = 40.0, 40.0
+
+
+@pytest.fixture
+def box(lab):
+    box = lab.device("xraybox")
+    yield box
+    lab.backend("xraybox").make_safe()
+
+
+@pytest.fixture
+def det(lab):
+    det = lab.device("eiger")
+    det.data_dir = lab.cfg.data_dir
+    sim = lab.backend("eiger")
+    for name, value in ((det.dynamic_range, 32), (det.exptime, 0.1), (det.frames, 1),
+                        (det.period, 0.0), (det.trimval, 32), (det.vthreshold, 1200),
+                        (det.dacs.vrpreamp, 3040), (det.dacs.vtrim, 2500), (det.test_pulses, 0)):
+        set_and_check(name, value)
+    yield det
+    sim.unresponsive = False
+
+
+def _beam_now(lab):
+    return lab.backend("xraybox").xrf_beam()
+
+
+def test_count_on_cu_gives_frames_in_tiled_that_follow_the_physics(lab, box, det, RE):
+    RE(tube_on(box, KV, MA))
+    beams = []
+
+    def counting():
+        beams.append(_beam_now(lab))        # the line the detector sees, once the shutter is open
+        return (yield from count([det], num=3))
+
+    (uid,) = RE(xrf_exposure(box, "Cu", counting()))
+    run = RE.catalog[uid]
+    image = run["primary"]["eiger_image"]
+    assert image.shape == (3, 512, 1024)
+    frames = image.read()
+    assert frames.dtype == np.uint32
+
+    # per-pixel means follow the simulator's expectation for the beam the box delivered
+    sim = lab.backend("eiger")
+    energy, flux = beams[0]
+    assert energy == pytest.approx(8.02) and flux > 0
+    lam = sim.expected_counts(energy, flux, 0.1).astype(float)
+    live = sim.truth().live()
+    mean = frames.mean(axis=0)
+    chi2 = ((mean - lam) ** 2 / (lam / 3))[live & (lam > 20)].mean()
+    assert 0.85 < chi2 < 1.15, f"frames do not follow Poisson(expected): chi2/pixel {chi2:.3f}"
+    assert mean[sim.truth().dead].max() == 0
+
+    # events carry the per-chip sums of the same frames
+    chip_sums = np.stack(run["primary"]["eiger_chip_sums"].read())
+    expected = [lab.ioc("eiger").geometry.chip_sums(f) for f in frames]
+    np.testing.assert_allclose(chip_sums, expected)
+    assert run.metadata["stop"]["exit_status"] == "success"
+
+
+def _one_pixel_scan(RE, box, det, pixel, trimval):
+    set_and_check(det.trimval, trimval)
+    (uid,) = RE(xrf_exposure(box, "Cu", scan([det], det.vthreshold, 0, 2000, 26)))
+    run = RE.catalog[uid]
+    x = np.asarray(run["primary"]["eiger_vthreshold"].read(), float)
+    y = np.asarray(run["primary"]["eiger_image"][:, pixel[0], pixel[1]], float)
+    return x, y
+
+
+def _fit_mu(x, y):
+    top = max(y[-3:].mean(), 1.0)
+    p0 = [0, 0, x[np.argmin(abs(y - top / 2))], 120, top, 0]
+    popt, _ = curve_fit(scurve, x, y, p0=p0, sigma=np.sqrt(np.maximum(y, 1)), maxfev=20000)
+    return popt[2]
+
+
+def test_threshold_scan_of_one_pixel_is_an_s_curve_moving_with_its_trimbit(lab, box, det, RE):
+    RE(tube_on(box, KV, MA))
+    truth = lab.backend("eiger").truth()
+    pixel = (300, 100)
+    assert truth.live()[pixel]
+    mus = {}
+    for trimval in (16, 48):
+        x, y = _one_pixel_scan(RE, box, det, pixel, trimval)
+        assert y[0] < 0.05 * y[-1] and y[-1] > 300, "not a rising S-curve"
+        mus[trimval] = _fit_mu(x, y)
+    step = truth.trim_step(2500)[pixel]
+    expected = {t: truth.inflection(8.02, 3040, t, 2500)[pixel] for t in mus}
+    for t in mus:
+        assert mus[t] == pytest.approx(expected[t], abs=25)
+    # a higher trimbit lowers the inflection (counts rise with the trimbit) by 32 steps
+    assert mus[16] - mus[48] == pytest.approx(32 * step, rel=0.1)
+
+
+def test_describe_gives_frame_shape_and_dtype_per_dynamic_range(det):
+    set_and_check(det.dynamic_range, 16)
+    set_and_check(det.frames, 2)
+    det.stage()
+    try:
+        desc = det.describe()["eiger_image"]
+    finally:
+        det.unstage()
+    assert desc["shape"] == [2, 512, 1024]
+    assert np.dtype(desc["dtype_numpy"]) == np.uint16
+    assert desc["external"] == "STREAM:"
+
+
+@pytest.mark.parametrize("signal, value, reason", [
+    ("dacs.vrpreamp", 4500, "outside 0..4000"),
+    ("trimval", 64, "outside 0..63"),
+    ("dynamic_range", 10, "10 bit not supported"),
+    ("threshold_energy", 8000, "8000 not defined for this module"),
+    ("vcmp", [1200] * 7, "one value per chip"),
+])
+def test_bad_puts_are_refused_and_leave_the_detector_unchanged(det, signal, value, reason):
+    sig = det
+    for part in signal.split("."):
+        sig = getattr(sig, part)
+    before = {"vrf": det.dacs.vrpreamp.get(use_monitor=False), "dr": det.dynamic_range.get(
+        use_monitor=False), "trimval": det.trimval.get(use_monitor=False),
+        "vcmp": list(det.vcmp.get(use_monitor=False))}
+    with pytest.raises(InstrumentRefused, match=reason):
+        set_and_check(sig, value)
+    after = {"vrf": det.dacs.vrpreamp.get(use_monitor=False), "dr": det.dynamic_range.get(
+        use_monitor=False), "trimval": det.trimval.get(use_monitor=False),
+        "vcmp": list(det.vcmp.get(use_monitor=False))}
+    assert after == before
+    assert reason.split()[0] in det.status_message.get(use_monitor=False)
+
+
+def test_wrong_trimbit_waveform_and_missing_trim_file_are_refused(det, tmp_path):
+    with pytest.raises(InstrumentRefused, match="trimbits need 524288 values"):
+        set_and_check(det.trimbits, np.zeros(1000, np.int16))
+    with pytest.raises(InstrumentRefused, match="not found"):
+        set_and_check(det.load_trimbits, str(tmp_path / "nothing" / "noise"))
+    assert det.trimval.get(use_monitor=False) == 32
+
+
+def test_trim_files_round_trip_through_the_ioc_bit_exactly(lab, det, tmp_path):
+    rng = np.random.default_rng(7)
+    tb = rng.integers(0, 64, size=(512, 1024)).astype(np.int16)
+    set_and_check(det.trimbits, tb.ravel())
+    set_and_check(det.dacs.vrpreamp, 3111)
+    prefix = tmp_path / "T63_CuXRF_gain5"
+    set_and_check(det.save_trimbits, str(prefix))
+    top, bottom = read_trim_file(f"{prefix}.sn058"), read_trim_file(f"{prefix}.sn059")
+    np.testing.assert_array_equal(top.trimbits, tb[256:512])
+    np.testing.assert_array_equal(bottom.trimbits, tb[0:256])
+    assert top.dac("vrpreamp") == 3111 and top.dac("vcmp_ll") == 1200
+
+    set_and_check(det.trimval, 0)
+    set_and_check(det.dacs.vrpreamp, 2000)
+    set_and_check(det.load_trimbits, str(prefix))
+    np.testing.assert_array_equal(np.asarray(det.trimbits.get(use_monitor=False)).reshape(512, 1024),
+                                  tb)
+    assert det.dacs.vrpreamp.get(use_monitor=False) == 3111
+    again = tmp_path / "again"
+    set_and_check(det.save_trimbits, str(again))
+    for sn in ("058", "059"):
+        assert (tmp_path / f"again.sn{sn}").read_bytes() == (tmp_path / f"T63_CuXRF_gain5.sn{sn}") \
+            .read_bytes()
+
+
+def test_threshold_energy_loads_interpolated_settings_until_a_dac_is_touched(det):
+    set_and_check(det.threshold_energy, 6000)
+    assert det.threshold_energy.get(use_monitor=False) == 6000
+    assert det.settings_rbv.get(use_monitor=False) == "standard"
+    assert det.trimval.get(use_monitor=False) == -1          # trimmed: the trimbits differ
+    assert det.vthreshold.get(use_monitor=False) == -1       # chip vcmp differ
+    set_and_check(det.vthreshold, 1100)
+    assert det.threshold_energy.get(use_monitor=False) == -1
+    assert det.settings_rbv.get(use_monitor=False) == "undefined"
+    assert list(det.vcmp.get(use_monitor=False)) == [1100] * 8
