@@ -157,10 +157,14 @@ def _bin_index(t: NDArray, lsb_ns: float, kind: str, label: str) -> NDArray[np.i
 # -- binned estimator (the paper's) -------------------------------------------------------------------
 
 def _bin_means(q: NDArray, k: NDArray, min_count: int) -> tuple[NDArray, NDArray, NDArray]:
+    """TDC bins with at least min_count pulses: (bin index, mean charge, error of the mean charge)."""
     bins, inverse, counts = np.unique(k, return_inverse=True, return_counts=True)
     sums = np.bincount(inverse, weights=q)
+    squares = np.bincount(inverse, weights=q * q)
+    mean = sums / counts
+    var = np.maximum(squares / counts - mean ** 2, 0.0) / np.maximum(counts - 1, 1)
     keep = counts >= min_count
-    return bins[keep], sums[keep] / counts[keep], counts[keep]
+    return bins[keep], mean[keep], np.sqrt(var[keep])
 
 
 def _design(q: NDArray) -> NDArray:
@@ -168,22 +172,25 @@ def _design(q: NDArray) -> NDArray:
     return np.column_stack([np.ones_like(q), r, r ** 3])
 
 
-DROP_OPEN_BINS = False
 def _binned(q: NDArray, k: NDArray, lsb_ns: float, min_count: int, q_min: float = 0.0):
-    bins, q_mean, _ = _bin_means(q, k, min_count)
+    """Equal-weight least squares of the walk model on (mean charge, bin centre) of the bins whose
+    mean charge is at least q_min. The covariance is that of the equal-weight solution given the
+    statistical error of each bin's mean charge (carried to time through the model's slope); the
+    scatter of the bin points about the curve is mostly the fixed offset between a bin's centre and
+    the crossing time of its mean charge, not noise, and would overstate the error."""
+    bins, q_mean, q_err = _bin_means(q, k, min_count)
     keep = q_mean >= q_min
-    bins, q_mean = bins[keep], q_mean[keep]
-    if DROP_OPEN_BINS and bins.size > MIN_BINS + 1:
-        bins, q_mean = bins[1:], q_mean[1:]
+    bins, q_mean, q_err = bins[keep], q_mean[keep], q_err[keep]
     t_centre = (bins + 0.5) * lsb_ns
     if bins.size < MIN_BINS:
         return None, bins.size, q_mean, t_centre
     x = _design(q_mean)
     coef, *_ = np.linalg.lstsq(x, t_centre, rcond=None)
     resid = t_centre - x @ coef
-    dof = bins.size - 3
-    s2 = float(resid @ resid) / dof
-    cov = s2 * np.linalg.inv(x.T @ x)
+    slope = -0.5 * coef[1] * q_mean ** -1.5 - 1.5 * coef[2] * q_mean ** -2.5     # ns per pC
+    t_err = np.abs(slope) * q_err
+    xtx_inv = np.linalg.inv(x.T @ x)
+    cov = xtx_inv @ (x.T * t_err ** 2) @ x @ xtx_inv
     rms = float(np.sqrt(np.mean(resid ** 2)))
     return (coef, cov, rms), bins.size, q_mean, t_centre
 
@@ -352,12 +359,22 @@ def proportional_charge(reference_q_pC: ArrayLike, q_pC: ArrayLike) -> NDArray[n
     return np.where(np.isfinite(q), ratio * ref, np.nan)
 
 
-def naive_transit_time(direct_t_ns: ArrayLike, reflected_t_ns: ArrayLike) -> tuple[float, float]:
-    """Mean TDC time of the reflected pulses minus that of the direct pulses (ns), without any walk
-    correction, and its error of the mean (ns). Quantisation errors do not average out when the
-    pulses are synchronous with the TDC clock: this is the estimate the walk model replaces."""
-    d = np.asarray(direct_t_ns, dtype=float)
-    r = np.asarray(reflected_t_ns, dtype=float)
+def naive_transit_time(direct_t_ns: ArrayLike, reflected_t_ns: ArrayLike,
+                       amplitude: ArrayLike | None = None, *,
+                       top_fraction: float = 0.02) -> tuple[float, float]:
+    """The transit time without the walk model: mean TDC time of the reflected pulses minus that of
+    the direct pulses, over the largest pulses of the sweep (the top `top_fraction` by amplitude;
+    default amplitude: the sweep order), i.e. pulses of one amplitude as a plain TDR measurement
+    would use. Returns (dt ns, error of the mean ns).
+
+    The walk of both pulses stays in the result, and since the pulses are synchronous with the TDC
+    clock they fall in the same one or two bins every time: more pulses do not beat the LSB."""
+    d = np.asarray(direct_t_ns, dtype=float).ravel()
+    r = np.asarray(reflected_t_ns, dtype=float).ravel()
+    amp = np.arange(d.size, dtype=float) if amplitude is None else np.asarray(amplitude, float).ravel()
+    n_top = max(2, int(round(top_fraction * d.size)))
+    top = np.argsort(np.where(np.isfinite(amp), amp, -np.inf), kind="stable")[-n_top:]
+    d, r = d[top], r[top]
     d, r = d[np.isfinite(d)], r[np.isfinite(r)]
     if d.size < 2 or r.size < 2:
         return math.nan, math.nan
@@ -398,7 +415,7 @@ def fit_transit_time(direct_q_pC: ArrayLike, direct_t_ns: ArrayLike, reflected_q
     reflected = fit_walk(reflected_q, reflected_t, kind="reflected pulses", **common)
     dt = reflected.t0_ns - direct.t0_ns
     dt_err = math.hypot(direct.t0_err_ns, reflected.t0_err_ns)
-    naive, _ = naive_transit_time(direct_t_ns, reflected_t)
+    naive, _ = naive_transit_time(direct_t_ns, reflected_t, amplitude)
     return TransitTimeResult(dt, dt_err, velocity_m_per_ns * dt / 2.0, velocity_m_per_ns * dt_err / 2.0,
                              velocity_m_per_ns, method, direct, reflected, naive, label)
 

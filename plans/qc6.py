@@ -54,6 +54,7 @@ MEGGER_VOLTAGE_V = 550.0
 OFF_V = 2.0                  # a channel below this (V) counts as ramped down
 MIN_POLL_S, MAX_POLL_S = 0.01, 0.5      # wall seconds between two looks at the crate
 PROGRESS_EVERY_S = 600.0     # world seconds between progress events of a stability hold
+RAMP_MARGIN_S = 300.0       # world seconds a ramp may take beyond 3x its nominal time
 ACK_TIMEOUT_S = 20.0         # wall seconds for the crate to acknowledge a command
 
 
@@ -270,7 +271,7 @@ def _ramp(session: _Session, setpoints: dict[HvChannel, float], watch: Sequence[
         vmon = float((yield from bps.rd(ch.vmon)))
         rate = max(min(float((yield from bps.rd(ch.rup))), float((yield from bps.rd(ch.rdwn)))), 0.1)
         slowest_s = max(slowest_s, abs(v - vmon) / rate)
-    timeout_s = 2.0 * slowest_s + 60.0
+    timeout_s = 3.0 * slowest_s + RAMP_MARGIN_S
     t0 = yield from session.now()
     retried: set = set()
     while True:
@@ -288,9 +289,9 @@ def _ramp(session: _Session, setpoints: dict[HvChannel, float], watch: Sequence[
                 raise Qc6Error(f"{ch.label()} cannot reach {setpoints[ch]:g} V: {exc}") from exc
             retried.add(ch)                  # a lost answer while the crate was away: once more
             statuses[ch] = yield from bps.abs_set(ch, setpoints[ch])
+        now = yield from session.now()
         if all(st.done and st.success for st in statuses.values()):
             return []
-        now = yield from session.now()
         if now - t0 > timeout_s:
             late = []
             for c, st in statuses.items():
@@ -352,7 +353,7 @@ def all_off(layer: GemLayer, *, off_V: float = OFF_V, timeout_s: float | None = 
         for ch in layer.channels:
             rate = max(float((yield from bps.rd(ch.rdwn))), 0.1)
             worst = max(worst, float((yield from bps.rd(ch.vmon))) / rate)
-        timeout_s = 2.0 * worst + 60.0
+        timeout_s = 3.0 * worst + RAMP_MARGIN_S
     t0 = yield from session.now()
     while True:
         high = []
