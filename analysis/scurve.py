@@ -14,13 +14,22 @@ The model is linear in (p0, p1, A, C) once (mu, sigma) are fixed, so each pixel 
 linear parameters are the weighted linear least-squares solution at every trial point
 (Kaufman's approximation of the projected Jacobian).  Every trial needs a single pass over the
 points: it accumulates the weighted Gram matrix of the eight per-point functions
-``[1, x, P, P*d, q, q*d, q*d^2, y]`` (``P`` the normal CDF, ``q`` its density, ``d = x - mu``),
-from which the linear solution, the cost, the reduced normal equations of the nonlinear step
-and, at the end, the full 6-parameter covariance all follow by small dense algebra.
+``[(1-u)/2, (1+u)/2, P, P*d, q, q*d, q*d^2, y]`` (``u`` the scan rescaled to [-1, 1], ``P`` the
+normal CDF, ``q`` its density, ``d = u - mu``), from which the linear solution, the cost, the
+reduced normal equations of the nonlinear step and, at the end, the full 6-parameter
+covariance all follow by small dense algebra.  The background is carried as its values at the
+two ends of the scan so that "background >= 0 over the scan" and "A >= 0" are plain
+non-negativity constraints, solved exactly (small NNLS) at every step: without them, scans
+that show only part of the step admit unphysical fits (a wide step on a large negative
+background) with a lower chi-square than the truth.
 
-Weights are Poisson, ``w = 1/max(y, 1)`` (Neyman's chi-square), by default; they gave a smaller
-median |mu - mu_true| than unweighted fits on simulated EIGER data (see
-``benchmarks/bench_scurve_fit.py``).  ``chi2`` is the reduced chi-square of that weighted fit.
+Weighting: by default Mighell's chi-square-gamma (ApJ 518 (1999) 380), i.e. least squares of
+``y + min(y, 1)`` with weights ``1/(y + 1)``.  It is as cheap as Neyman's ``1/max(y, 1)`` (the
+weights are fixed per pixel, so every iteration stays a single pass) but nearly unbiased for
+Poisson counts: on simulated EIGER modules it reaches the Cramér-Rao bound for mu and sigma
+with no measurable bias, where Neyman weights bias sigma low by ~0.4 % and unweighted fits
+lose ~50 % in sigma precision (see ``benchmarks/bench_scurve_fit.py``).  ``chi2`` is the
+reduced chi-square-gamma of the fit (expectation ~1 for a correct model).
 
 Everything here is pure numpy/numba: no ophyd, bluesky RunEngine or caproto.
 """
@@ -139,7 +148,8 @@ SCURVE_PARAMS: tuple[str, ...] = ("p0", "p1", "mu", "sigma", "A", "C")
 
 #: Result of :func:`fit_scurves`, one record per pixel.  Units: p0, A in counts; p1, C in
 #: counts per x unit; mu, sigma in x units; errors in the unit of their parameter; chi2 is the
-#: reduced Poisson-weighted chi-square (dimensionless); n_iter the number of model passes.
+#: reduced chi-square of the weighted fit (dimensionless for the Poisson weightings, counts^2
+#: for weighting="none"); n_iter the number of model evaluations over the scan points.
 SCURVE_DTYPE = np.dtype(
     [(name, np.float64) for name in SCURVE_PARAMS]
     + [(name + "_err", np.float64) for name in SCURVE_PARAMS]
@@ -175,8 +185,13 @@ _INV_SQRT2PI = 0.3989422804014327
 _SQRT1_2 = 0.7071067811865476
 _BLOCK = 128  # pixels per parallel work item (scratch arrays are allocated once per block)
 
-# Columns of the kernel's float output (before conversion to the structured dtype).
-_N_OUT = 13  # 6 params, 6 errors, chi2
+_N_OUT = 13  # values per pixel from _fit_pixel: 6 params, 6 errors, chi2
+
+# Weightings (kernel codes).
+_W_NONE = 0
+_W_NEYMAN = 1
+_W_MIGHELL = 2
+_WEIGHTINGS = {"none": _W_NONE, "neyman": _W_NEYMAN, "poisson": _W_MIGHELL}
 
 _ST_OK = 0
 _ST_SKIPPED = 1
@@ -196,7 +211,8 @@ def _exp_neg(t: float) -> float:
     zero for every use here).
     """
     r = min(t, 64.0) * (1.0 / 1024.0)
-    p = 1.0 - r * (1.0 - r * (0.5 - r * (1.0 / 6.0 - r * (1.0 / 24.0 - r * (1.0 / 120.0 - r * (1.0 / 720.0))))))
+    p = 1.0 - r * (1.0 - r * (0.5 - r * (1.0 / 6.0 - r * (
+        1.0 / 24.0 - r * (1.0 / 120.0 - r * (1.0 / 720.0))))))
     p = p * p
     p = p * p
     p = p * p
@@ -221,7 +237,8 @@ def _cdf_and_gauss(z: float) -> tuple[float, float]:
     e = _exp_neg(0.5 * z * z)
     a = abs(z) * _SQRT1_2
     t = 1.0 / (1.0 + 0.3275911 * a)
-    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (
+        1.421413741 + t * (-1.453152027 + t * 1.061405429))))
     erf_a = 1.0 - poly * e
     return 0.5 + 0.5 * math.copysign(erf_a, z), e
 
@@ -433,40 +450,44 @@ def _linear_solve(G, n_lin, L, M, rhs, sol, c, bas, hint) -> float:
     """Linear parameters at fixed (mu, sigma) with background ends >= 0 and A >= 0.
 
     Exact non-negative least squares for the three constrained parameters (0, 1, 2).  The cost
-    is convex, so a feasible face solution that passes the KKT test is the optimum: try the
-    unconstrained solution, then the face of the previous iterate (``hint``), then the face
-    fixing the negative parameters; only if all fail, take the best of the 7 faces.  The mask
-    of parameters held at 0 is left in bas[5].  Returns the cost, or -1 if nothing is feasible.
+    is convex, so a feasible face solution that passes the KKT test is the optimum.  Faces are
+    tried in order: the face of the previous iterate (``hint``), the unconstrained solution,
+    the face fixing its negative parameters; if none qualifies, the best feasible one of the 7
+    faces is taken.  The mask of parameters held at 0 is left in bas[5].  Returns the cost, or
+    -1 if no face is feasible.  (One call site of _solve_subset keeps the compiled code small.)
     """
-    cost = _solve_subset(G, n_lin, 0, L, M, rhs, sol, c, bas)
-    if cost >= 0.0 and _feasible(c):
-        bas[5] = 0
-        return cost
     neg = 0
-    if cost >= 0.0:
-        for j in range(3):
-            if c[j] < 0.0:
-                neg |= 1 << j
-    for attempt in range(2):
-        cand = hint if attempt == 0 else neg
-        if cand <= 0 or (attempt == 1 and cand == hint):
-            continue
-        cm = _solve_subset(G, n_lin, cand, L, M, rhs, sol, c, bas)
-        if cm >= 0.0 and _feasible(c) and _kkt_ok(G, n_lin, cand, c):
-            bas[5] = cand
-            return cm
     best = -1.0
     best_mask = -1
-    for mask in range(1, 8):
-        cm = _solve_subset(G, n_lin, mask, L, M, rhs, sol, c, bas)
-        if cm >= 0.0 and _feasible(c):
-            if best_mask < 0 or cm < best:
-                best = cm
-                best_mask = mask
-    if best_mask < 0:
-        return -1.0
-    bas[5] = best_mask
-    return _solve_subset(G, n_lin, best_mask, L, M, rhs, sol, c, bas)
+    for stage in range(11):
+        if stage == 0:
+            mask = hint
+        elif stage == 1:
+            mask = 0
+        elif stage == 2:
+            mask = neg
+        elif stage < 10:
+            mask = stage - 2  # 1..7: enumeration
+        else:
+            mask = best_mask  # re-solve the best face to leave its state behind
+        if mask < 0 or (mask == 0 and stage != 1) or (stage == 2 and mask == hint):
+            if stage == 10:
+                return -1.0
+            continue
+        cost = _solve_subset(G, n_lin, mask, L, M, rhs, sol, c, bas)
+        if stage == 1 and cost >= 0.0:
+            for j in range(3):
+                if c[j] < 0.0:
+                    neg |= 1 << j
+        if cost < 0.0 or not _feasible(c):
+            continue
+        if stage == 10 or stage == 1 or (stage < 3 and _kkt_ok(G, n_lin, mask, c)):
+            bas[5] = mask
+            return cost
+        if stage >= 3 and (best_mask < 0 or cost < best):
+            best = cost
+            best_mask = mask
+    return -1.0
 
 
 @_jit
@@ -586,15 +607,15 @@ def _initial_guess(u, y, sg, v, out):
 
 
 @_jit
-def _fit_pixel(u, ulo, uhi, y, sg, n_lin, weighted, m0, s0, m_lo, m_hi, s_lo, s_hi, max_iter,
+def _fit_pixel(u, ulo, uhi, y, sg, n_lin, weighting, m0, s0, m_lo, m_hi, s_lo, s_hi, max_iter,
                tol, min_sig, max_chi2, xc, xh, out, ws, G, Gt, L, Lt, M, c, ct, bas, bast, v8):
     """Fit one pixel from the start (m0, s0) in kernel units.
 
     Writes x-unit results into out[0:13]; returns (status, model passes).
 
-    ws [2, n]: weights and scratch.  G, Gt, L, Lt, M [8, 8]: Gram matrices and factors of the
-    current and trial states.  c, ct [8], bas, bast [6]: their linear solutions, free sets and active masks.
-    v8 [9, 8]: small vectors.
+    Scratch: ws [3, n] weights, guess scratch, fitted data; G, Gt, L, Lt [8, 8] Gram matrices
+    and Cholesky factors of the current and trial states, M [8, 8] a work matrix; c, ct [8] and
+    bas, bast [6] their linear solutions, free sets and active masks; v8 [9, 8] small vectors.
     """
     n = u.shape[0]
     w = ws[0]
@@ -617,12 +638,22 @@ def _fit_pixel(u, ulo, uhi, y, sg, n_lin, weighted, m0, s0, m_lo, m_hi, s_lo, s_
     S = v8[7]
     g = v8[8]
 
-    # Weights, and the Gram entries that do not depend on (mu, sigma).
+    # Weights and fitted data, and the Gram entries that do not depend on (mu, sigma).
+    yf = ws[2]
     s00 = s01 = s11 = s07 = s17 = s77 = 0.0
     for i in range(n):
-        yi = y[i]
-        wi = 1.0 / max(yi, 1.0) if weighted else 1.0
+        yr = y[i]
+        if weighting == _W_MIGHELL:
+            yi = yr + min(yr, 1.0)
+            wi = 1.0 / (yr + 1.0)
+        elif weighting == _W_NEYMAN:
+            yi = yr
+            wi = 1.0 / max(yr, 1.0)
+        else:
+            yi = yr
+            wi = 1.0
         w[i] = wi
+        yf[i] = yi
         lo = ulo[i]
         hi = uhi[i]
         s00 += wi * lo * lo
@@ -645,17 +676,39 @@ def _fit_pixel(u, ulo, uhi, y, sg, n_lin, weighted, m0, s0, m_lo, m_hi, s_lo, s_
 
     m = min(max(m0, m_lo), m_hi)
     s = min(max(s0, s_lo), s_hi)
-
-    _gram(u, ulo, uhi, y, w, m, s, sg, G)
-    cost = _linear_solve(G, n_lin, L, M, rhs, sol, c, bas, 0)
-    passes = 1
-    if cost < 0.0:
-        return _ST_FAILED, passes
-    _reduced_system(G, n_lin, L, c, bas, sg, s, Ga_m, Ga_s, tmp, v_m, v_s, S, g)
-
+    mt = m
+    st = s
+    cost = -1.0
     lam = _LAM0
     converged = False
+    passes = 0
+    # One evaluation site for the model (the first pass evaluates the start): the inlined
+    # Gram loop and NNLS are large, and every extra call site costs compile time.
     while passes < max_iter:
+        _gram(u, ulo, uhi, yf, w, mt, st, sg, Gt)
+        cost_t = _linear_solve(Gt, n_lin, Lt, M, rhs, sol, ct, bast, bas[5] if passes > 0 else 0)
+        passes += 1
+        if cost_t >= 0.0 and (passes == 1 or cost_t <= cost):
+            # Accept: the trial state becomes the current one.
+            G, Gt = Gt, G
+            L, Lt = Lt, L
+            c, ct = ct, c
+            bas, bast = bast, bas
+            m = mt
+            s = st
+            cost = cost_t
+            if passes > 1:
+                lam = max(lam * 0.1, _LAM_MIN)
+            _reduced_system(G, n_lin, L, c, bas, sg, s, Ga_m, Ga_s, tmp, v_m, v_s, S, g)
+        elif passes == 1:
+            return _ST_FAILED, passes  # no feasible linear solution at the start
+        else:
+            lam *= 10.0
+            if lam > _LAM_MAX:
+                # No descent even for a tiny gradient step: numerically at the minimum.
+                converged = True
+                break
+        # Next damped Gauss-Newton step from the current state.
         a = S[0] * (1.0 + lam)
         dd = S[2] * (1.0 + lam)
         b = S[1]
@@ -668,28 +721,19 @@ def _fit_pixel(u, ulo, uhi, y, sg, n_lin, weighted, m0, s0, m_lo, m_hi, s_lo, s_
         mt = min(max(m + dm, m_lo), m_hi)
         st = min(max(s + ds, s_lo), s_hi)
         if abs(mt - m) <= tol * s and abs(st - s) <= tol * s:
-            converged = True
-            break
-        _gram(u, ulo, uhi, y, w, mt, st, sg, Gt)
-        cost_t = _linear_solve(Gt, n_lin, Lt, M, rhs, sol, ct, bast, bas[5])
-        passes += 1
-        if cost_t >= 0.0 and cost_t <= cost:
-            # Accept: the trial state becomes the current one.
-            G, Gt = Gt, G
-            L, Lt = Lt, L
-            c, ct = ct, c
-            bas, bast = bast, bas
+            # Converged.  Take this last, small step without another pass: the free linear
+            # parameters follow to first order, dc = -(B^T W B)^-1 B^T W J dtheta (= v).
+            dm = mt - m
+            ds = st - s
+            for a in range(bas[0]):
+                j = bas[1 + a]
+                c[j] -= v_m[a] * dm + v_s[a] * ds
+                if j < 3:
+                    c[j] = max(c[j], 0.0)
             m = mt
             s = st
-            cost = cost_t
-            lam = max(lam * 0.1, _LAM_MIN)
-            _reduced_system(G, n_lin, L, c, bas, sg, s, Ga_m, Ga_s, tmp, v_m, v_s, S, g)
-        else:
-            lam *= 10.0
-            if lam > _LAM_MAX:
-                # No descent even for a tiny gradient step: numerically at the minimum.
-                converged = True
-                break
+            converged = True
+            break
 
     # Covariance from the normal matrix of all parameters [linear..., mu, sigma]:
     # N = [[B^T W B, B^T W J], [J^T W B, J^T W J]], all at hand for the current state.  It is
@@ -707,7 +751,7 @@ def _fit_pixel(u, ulo, uhi, y, sg, n_lin, weighted, m0, s0, m_lo, m_hi, s_lo, s_
     chi2 = cost / (n - npar)
     # Errors: inverse normal matrix, inflated by sqrt(chi2) when the scatter exceeds Poisson.
     # Unweighted fits are always scaled by the residual variance (chi2 is then in counts^2).
-    scale = max(chi2, 1.0) if weighted else chi2
+    scale = max(chi2, 1.0) if weighting != _W_NONE else chi2
     Lc = Lt  # the trial factor and Gt are free now; Gt serves as the inverse factor
     cov_ok = _cholesky(N, npar, Lc)
     var = tmp
@@ -751,7 +795,7 @@ def _fit_pixel(u, ulo, uhi, y, sg, n_lin, weighted, m0, s0, m_lo, m_hi, s_lo, s_
         return _ST_FAILED, passes
     if not (cost_line - cost) >= min_sig * min_sig * scale:
         return _ST_FAILED, passes
-    if weighted and max_chi2 > 0.0 and not chi2 <= max_chi2:
+    if weighting != _W_NONE and max_chi2 > 0.0 and not chi2 <= max_chi2:
         return _ST_FAILED, passes
     for j in range(_N_OUT):
         if not math.isfinite(out[j]):
@@ -760,7 +804,7 @@ def _fit_pixel(u, ulo, uhi, y, sg, n_lin, weighted, m0, s0, m_lo, m_hi, s_lo, s_
 
 
 @_jit_parallel
-def _fit_kernel(u, Y, skip, sg, n_lin, weighted, m_lo, m_hi, s_lo, s_hi, max_iter, tol,
+def _fit_kernel(u, Y, skip, sg, n_lin, weighting, m_lo, m_hi, s_lo, s_hi, max_iter, tol,
                 min_sig, max_chi2, xc, xh, res):
     """Fit all pixels of Y [npix, n] in parallel into res [npix] (records of SCURVE_DTYPE)."""
     npix, n = Y.shape
@@ -769,7 +813,7 @@ def _fit_kernel(u, Y, skip, sg, n_lin, weighted, m_lo, m_hi, s_lo, s_hi, max_ite
     nblocks = (npix + _BLOCK - 1) // _BLOCK
     for blk in prange(nblocks):
         # Scratch shared by the pixels of this block (allocation per pixel would dominate).
-        ws = np.empty((2, n))
+        ws = np.empty((3, n))
         G = np.zeros((8, 8))
         Gt = np.zeros((8, 8))
         L = np.zeros((8, 8))
@@ -797,7 +841,7 @@ def _fit_kernel(u, Y, skip, sg, n_lin, weighted, m_lo, m_hi, s_lo, s_hi, max_ite
                 # bound); retrying from a narrower and a wider sigma rescues those rare pixels.
                 for attempt in range(3):
                     s0 = guess[1] * (1.0, 0.5, 2.0)[attempt]
-                    st, it = _fit_pixel(u, ulo, uhi, y, sg, n_lin, weighted, guess[0], s0,
+                    st, it = _fit_pixel(u, ulo, uhi, y, sg, n_lin, weighting, guess[0], s0,
                                         m_lo, m_hi, s_lo, s_hi, max_iter, tol, min_sig,
                                         max_chi2, xc, xh, o, ws, G, Gt, L, Lt, M, c, ct, bas,
                                         bast, v8)
@@ -822,17 +866,12 @@ def _fit_kernel(u, Y, skip, sg, n_lin, weighted, m_lo, m_hi, s_lo, s_hi, max_ite
             r.n_iter = min(passes, 255)
 
 
-@_jit_parallel
+@_jit
 def _guess_kernel(u, Y, sg, out):
     """Initial guesses for all pixels of Y [npix, n]: out [npix, 4] = mu, sigma, base, amp."""
-    npix, n = Y.shape
-    nblocks = (npix + _BLOCK - 1) // _BLOCK
-    for blk in prange(nblocks):
-        v = np.empty(n)
-        start = blk * _BLOCK
-        stop = min(npix, start + _BLOCK)
-        for p in range(start, stop):
-            _initial_guess(u, Y[p], sg, v, out[p])
+    v = np.empty(Y.shape[1])
+    for p in range(Y.shape[0]):
+        _initial_guess(u, Y[p], sg, v, out[p])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -912,7 +951,7 @@ def _run_fit(
     *,
     falling: bool,
     n_lin: int,
-    weighted: bool,
+    weighting: int,
     mu_bounds: tuple[float, float],
     sigma_bounds: tuple[float, float],
     min_significance: float,
@@ -953,7 +992,7 @@ def _run_fit(
                 k = (r1 - r0) * cols
                 skip = mask[r0:r1].reshape(-1) if mask is not None else no_mask[:k]
                 _fit_kernel(
-                    u, Yc.reshape(k, n), skip, sg, n_lin, weighted, m_lo, m_hi, s_lo, s_hi,
+                    u, Yc.reshape(k, n), skip, sg, n_lin, weighting, m_lo, m_hi, s_lo, s_hi,
                     int(max_iter), float(tol), float(min_significance), max_chi2_v, xc, xh,
                     res[r0:r1].reshape(k),
                 )
@@ -977,14 +1016,14 @@ def fit_scurves(
     mask: ArrayLike | None = None,
     *,
     falling: bool = False,
-    weighting: Literal["poisson", "none"] = "poisson",
+    weighting: Literal["poisson", "neyman", "none"] = "poisson",
     chunk_pixels: int | None = None,
     mu_margin: float = 0.1,
     sigma_bounds: tuple[float, float] | None = None,
     min_significance: float = 5.0,
     max_chi2: float | None = 20.0,
     max_iter: int = 40,
-    tol: float = 1e-3,
+    tol: float = 1e-2,
     n_threads: int | None = None,
 ) -> NDArray[np.void]:
     """Fit PSI's S-curve model to every pixel of a threshold scan.
@@ -996,7 +1035,9 @@ def fit_scurves(
         Converted to float64 one chunk of rows at a time, never as a whole.
     mask : [rows, cols] bool, True = pixel excluded (reported SKIPPED).
     falling : fit :func:`scurve_falling` (``1 - erf``) instead of the rising curve.
-    weighting : "poisson" weights each point by 1/max(counts, 1); "none" fits unweighted.
+    weighting : "poisson" (default): Mighell's chi-square-gamma, data y + min(y, 1) with
+        weights 1/(y + 1), nearly unbiased for Poisson counts; "neyman": weights
+        1/max(y, 1); "none": unweighted (errors scaled by the residual variance).
     chunk_pixels : pixels per chunk (rounded down to whole rows, at least one row); bounds the
         extra memory to about chunk_pixels * n_points * 8 bytes. Default 65536.
     mu_margin : mu is bounded to [x[0] - m*span, x[-1] + m*span] with m = mu_margin.
@@ -1006,14 +1047,17 @@ def fit_scurves(
         that exceeds 1): a likelihood-ratio significance of the step in standard deviations.
     max_chi2 : a fit is FAILED if its reduced chi2 exceeds this (None disables the test).
     max_iter : maximum number of model evaluations per pixel.
-    tol : convergence when the (mu, sigma) step is below tol * sigma.
+    tol : converged when the proposed (mu, sigma) step is below tol * sigma; that last step is
+        applied without another model evaluation (linear parameters to first order), so the
+        remaining error is second order in it (~1e-4 sigma for the default).
     n_threads : numba threads for this call (default: numba's current setting).
 
     Returns
     -------
     Structured array [rows, cols] of :data:`SCURVE_DTYPE`: p0, p1, mu, sigma, A, C, their
     ``*_err`` (1-sigma from the covariance of all six parameters, scaled up by sqrt(chi2) when
-    chi2 > 1), ``chi2`` (reduced, Poisson-weighted), ``status`` (:class:`FitStatus`) and
+    chi2 > 1), ``chi2`` (reduced chi-square of the weighted fit, ~1 for a good fit),
+    ``status`` (:class:`FitStatus`) and
     ``n_iter``.  SKIPPED pixels (masked or zero total counts) have NaN parameters; FAILED
     pixels keep the parameters of their last iterate for inspection but must not be used.
 
@@ -1026,15 +1070,15 @@ def fit_scurves(
     xa = _validate_x(x)
     ca = _validate_counts(counts, xa.size)
     ma = _validate_mask(mask, ca.shape[:2])
-    if weighting not in ("poisson", "none"):
-        raise ValueError(f"weighting must be 'poisson' or 'none', got {weighting!r}")
+    if weighting not in _WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {sorted(_WEIGHTINGS)}, got {weighting!r}")
     span = float(xa[-1] - xa[0])
     mu_bounds = (float(xa[0] - mu_margin * span), float(xa[-1] + mu_margin * span))
     sb = _default_sigma_bounds(xa) if sigma_bounds is None else tuple(map(float, sigma_bounds))
     if not (0 < sb[0] < sb[1]):
         raise ValueError(f"sigma_bounds must satisfy 0 < lo < hi, got {sb}")
     return _run_fit(
-        xa, ca, ma, falling=falling, n_lin=4, weighted=weighting == "poisson",
+        xa, ca, ma, falling=falling, n_lin=4, weighting=_WEIGHTINGS[weighting],
         mu_bounds=mu_bounds, sigma_bounds=sb, min_significance=min_significance,
         max_chi2=max_chi2, max_iter=max_iter, tol=tol, chunk_pixels=chunk_pixels,
         n_threads=n_threads,
@@ -1158,9 +1202,9 @@ def fit_trimbit_scans(
     # a wide mu range lets the fit follow it so that the clipped answer is supported by data.
     mu_bounds = (float(xa[0] - 0.5 * span), float(xa[-1] + 0.5 * span))
     fit = _run_fit(
-        xa, ca, skip, falling=False, n_lin=3, weighted=True, mu_bounds=mu_bounds,
+        xa, ca, skip, falling=False, n_lin=3, weighting=_W_MIGHELL, mu_bounds=mu_bounds,
         sigma_bounds=_default_sigma_bounds(xa), min_significance=min_significance,
-        max_chi2=max_chi2, max_iter=40, tol=1e-3, chunk_pixels=chunk_pixels,
+        max_chi2=max_chi2, max_iter=40, tol=1e-2, chunk_pixels=chunk_pixels,
         n_threads=n_threads,
     )
     status = fit["status"]

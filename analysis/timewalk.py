@@ -41,7 +41,6 @@ from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy.optimize import minimize
 from scipy.special import log_ndtr, ndtr
 
 __all__ = [
@@ -181,6 +180,12 @@ def _binned(q: NDArray, k: NDArray, lsb_ns: float, min_count: int, q_min: float 
     bins, q_mean, q_err = _bin_means(q, k, min_count)
     keep = q_mean >= q_min
     bins, q_mean, q_err = bins[keep], q_mean[keep], q_err[keep]
+    # The bin holding the sweep's largest pulses is open-ended (its charges run up to the end of the
+    # sweep, not to a bin edge), so its mean charge belongs to no definite time; earlier bins hold
+    # only the jitter tail of those pulses. Both are left out.
+    top = np.median(k[q >= np.quantile(q, 0.99)])
+    later = bins > top
+    bins, q_mean, q_err = bins[later], q_mean[later], q_err[later]
     t_centre = (bins + 0.5) * lsb_ns
     if bins.size < MIN_BINS:
         return None, bins.size, q_mean, t_centre
@@ -211,52 +216,90 @@ def _log_interval(z1: NDArray, z2: NDArray) -> NDArray:
     return np.maximum(out, -700.0)
 
 
-def _nll_and_grad(theta: NDArray, x: NDArray, lo: NDArray, lsb: float) -> tuple[float, NDArray]:
-    """Negative log-likelihood of TDC bins given charges, and its gradient.
-    theta = (t0, a, b, log sigma); x = design matrix; lo = bin low edges (ns)."""
-    sigma = math.exp(theta[3])
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _nll_derivatives(theta: NDArray, x: NDArray, lo: NDArray, lsb: float, hessian: bool = True):
+    """Negative log-likelihood of the TDC bins given the charges, its gradient and Hessian.
+
+    theta = (t0, a, b, c, d): mu = t0 + a Q^-1/2 + b Q^-3/2 and the jitter
+    sigma^2 = exp(2c) + exp(2d) / Q (clock jitter, plus input noise divided by the edge's slope,
+    which grows like Q^1/2 on a sin^2 edge); x = design matrix [1, Q^-1/2, Q^-3/2]; lo = bin low
+    edges. With z1,2 = (edge - mu) / sigma, log p = log(Phi(z2) - Phi(z1)); the derivatives in z are
+    chained to (mu, s = log sigma), then to the parameters."""
+    inv_q = x[:, 1] ** 2
+    var_c = math.exp(2 * theta[3])
+    var_d = math.exp(2 * theta[4]) * inv_q
+    var = var_c + var_d
+    sigma = np.sqrt(var)
+    w = var_c / var                       # d s / d c; d s / d d = 1 - w
     mu = x @ theta[:3]
     z1 = (lo - mu) / sigma
     z2 = z1 + lsb / sigma
     logp = _log_interval(z1, z2)
-    # phi(z)/p computed in log space so that far-off pulses do not overflow
-    r1 = np.exp(-0.5 * z1 ** 2 - 0.5 * math.log(2 * math.pi) - logp)
-    r2 = np.exp(-0.5 * z2 ** 2 - 0.5 * math.log(2 * math.pi) - logp)
-    dlogp_dmu = (r1 - r2) / sigma
-    dlogp_dlogs = -(r2 * z2 - r1 * z1)
-    grad = np.empty(4)
-    grad[:3] = -(x.T @ dlogp_dmu)
-    grad[3] = -float(dlogp_dlogs.sum())
-    return -float(logp.sum()), grad
+    # phi(z)/p in log space, so that pulses far from the model do not overflow
+    r1 = np.exp(-0.5 * z1 ** 2 - _LOG_SQRT_2PI - logp)
+    r2 = np.exp(-0.5 * z2 ** 2 - _LOG_SQRT_2PI - logp)
+    g_mu = (r1 - r2) / sigma
+    g_s = r1 * z1 - r2 * z2
+    grad = -np.concatenate([x.T @ g_mu, [np.dot(g_s, w), np.dot(g_s, 1 - w)]])
+    if not hessian:
+        return -float(logp.sum()), grad, None
+    d11 = z1 * r1 - r1 ** 2            # d2 log p / dz1^2
+    d22 = -z2 * r2 - r2 ** 2           # d2 log p / dz2^2
+    d12 = r1 * r2                      # d2 log p / dz1 dz2
+    h_mumu = (d11 + d22 + 2 * d12) / var
+    h_mus = (d11 * z1 + d22 * z2 + d12 * (z1 + z2) - r1 + r2) / sigma
+    h_ss = d11 * z1 ** 2 + d22 * z2 ** 2 + 2 * d12 * z1 * z2 - r1 * z1 + r2 * z2
+    curv = 2 * w * (1 - w)             # d2 s/dc2 = d2 s/dd2 = -d2 s/dc dd
+    hess = np.empty((5, 5))
+    hess[:3, :3] = (x.T * h_mumu) @ x
+    hess[:3, 3] = hess[3, :3] = x.T @ (h_mus * w)
+    hess[:3, 4] = hess[4, :3] = x.T @ (h_mus * (1 - w))
+    hess[3, 3] = np.dot(h_ss, w * w) + np.dot(g_s, curv)
+    hess[4, 4] = np.dot(h_ss, (1 - w) ** 2) + np.dot(g_s, curv)
+    hess[3, 4] = hess[4, 3] = np.dot(h_ss, w * (1 - w)) - np.dot(g_s, curv)
+    return -float(logp.sum()), grad, -hess
 
 
 def _likelihood(q: NDArray, k: NDArray, lsb_ns: float, start: NDArray):
+    """Maximum-likelihood (t0, a, b, c, d) by damped Newton steps from the binned solution;
+    returns the parameters, their covariance (inverse observed information) and success."""
     x = _design(q)
     lo = k * lsb_ns
-    # Scale the parameters so that the optimiser sees numbers of order one.
-    scale = np.array([1.0, max(abs(start[1]), 1.0), max(abs(start[2]), 1.0), 1.0])
-
-    def fun(p):
-        f, g = _nll_and_grad(p * scale, x, lo, lsb_ns)
-        return f, g * scale
-
-    p0 = np.append(start, math.log(0.25 * lsb_ns)) / scale
-    res = minimize(fun, p0, jac=True, method="BFGS", options={"gtol": 1e-6, "maxiter": 500})
-    theta = res.x * scale
-    # Observed information from finite differences of the analytic gradient.
-    h = 1e-5 * np.maximum(np.abs(theta), 1e-2)
-    hess = np.empty((4, 4))
-    for i in range(4):
-        d = np.zeros(4)
-        d[i] = h[i]
-        hess[i] = (_nll_and_grad(theta + d, x, lo, lsb_ns)[1]
-                   - _nll_and_grad(theta - d, x, lo, lsb_ns)[1]) / (2 * h[i])
-    hess = 0.5 * (hess + hess.T)
+    jitter0 = 0.2 * lsb_ns
+    theta = np.concatenate([start, [math.log(jitter0), math.log(jitter0 * math.sqrt(np.median(q)))]])
+    f, g, h = _nll_derivatives(theta, x, lo, lsb_ns)
+    n = theta.size
+    damping = 1e-3
+    converged = False
+    for _ in range(100):
+        scale = np.sqrt(np.maximum(np.abs(np.diag(h)), 1e-300))
+        while True:
+            a = h / np.outer(scale, scale) + damping * np.eye(n)
+            try:
+                step = -np.linalg.solve(a, g / scale) / scale
+            except np.linalg.LinAlgError:
+                step = None
+            if step is not None:
+                f_new, g_new, h_new = _nll_derivatives(theta + step, x, lo, lsb_ns)
+                if np.isfinite(f_new) and f_new <= f + 1e-12 * abs(f):
+                    break
+            damping *= 10.0
+            if damping > 1e10:
+                return theta, np.full((n, n), np.nan), False
+        theta = theta + step
+        done = abs(f - f_new) < 1e-9 * max(1.0, abs(f_new))
+        f, g, h = f_new, g_new, h_new
+        damping = max(damping / 10.0, 1e-9)
+        if done:
+            converged = True
+            break
     try:
-        cov = np.linalg.inv(hess)
+        cov = np.linalg.inv(h)
     except np.linalg.LinAlgError:
-        cov = np.full((4, 4), np.nan)
-    return theta, cov, res.success
+        cov = np.full((n, n), np.nan)
+    return theta, cov, converged
 
 
 # -- one pulse type --------------------------------------------------------------------------------------
@@ -283,7 +326,8 @@ def _threshold_charge(q_all: NDArray, fired: NDArray, amplitude: NDArray) -> flo
 def fit_walk(q_pC: ArrayLike, t_ns: ArrayLike, method: Method = "binned", *,
              lsb_ns: float = TDC_LSB_NS, min_charge_over_threshold: float = 3.0,
              q_min_pC: float | None = None, min_bin_count: int = 3,
-             amplitude: ArrayLike | None = None, kind: str = "pulses", label: str = "") -> WalkFit:
+             amplitude: ArrayLike | None = None, threshold_bound_pC: float | None = None,
+             kind: str = "pulses", label: str = "") -> WalkFit:
     """Fit t = T0 + a Q^-1/2 + b Q^-3/2 to the pulses of one type.
 
     q_pC, t_ns: charge (pC) and TDC time (ns) per pulse, NaN where the discriminator did not fire.
@@ -292,7 +336,9 @@ def fit_walk(q_pC: ArrayLike, t_ns: ArrayLike, method: Method = "binned", *,
     module docstring); q_min_pC overrides the range's lower end. min_bin_count: bins with fewer
     pulses are left out of the binned fit. amplitude: a quantity proportional to each pulse's size
     whether it fired or not (DAC register, direct charge), used to locate the threshold; default:
-    the pulse index (arrays in sweep order). kind/label name the pulses in error messages.
+    the pulse index (arrays in sweep order). threshold_bound_pC: an upper bound on the threshold
+    charge known from elsewhere, used when every pulse fired (otherwise the smallest charge that
+    fired is the bound). kind/label name the pulses in error messages.
     Raises TransitFitError when the pulses cannot constrain the model.
     """
     if method not in METHODS:
@@ -308,10 +354,13 @@ def fit_walk(q_pC: ArrayLike, t_ns: ArrayLike, method: Method = "binned", *,
                               f"{kind}; pass one per pulse")
     amp = np.where(np.isfinite(amp), amp, -np.inf)
     threshold = _threshold_charge(q_all, fired, amp)
+    if not math.isfinite(threshold):
+        # Every pulse fired: the threshold is below the smallest charge, or below a bound known
+        # from elsewhere. Using the bound keeps u <= 1/sqrt(min_charge_over_threshold).
+        threshold = float(q.min()) if threshold_bound_pC is None else min(float(q.min()),
+                                                                           threshold_bound_pC)
     if q_min_pC is None:
-        # Without pulses below the threshold the data cannot place it; the sweep then starts far
-        # enough above it (u small) for the two-term model to hold over the whole range.
-        q_min_pC = min_charge_over_threshold * threshold if math.isfinite(threshold) else 0.0
+        q_min_pC = min_charge_over_threshold * threshold
     # The binned fit keeps whole bins (mean charge in range): cutting pulses would leave bins that
     # hold only the jitter tail of larger pulses. The likelihood conditions on each pulse's charge,
     # so it cuts pulses.
@@ -337,7 +386,8 @@ def fit_walk(q_pC: ArrayLike, t_ns: ArrayLike, method: Method = "binned", *,
     cov3 = cov4[:3, :3]
     return WalkFit(float(theta[0]), float(theta[1]), float(theta[2]),
                    float(math.sqrt(max(cov3[0, 0], 0.0))), cov3, "likelihood", int(q.size), n_bins,
-                   *q_range, threshold, jitter_ns=float(math.exp(theta[3])),
+                   *q_range, threshold,
+                   jitter_ns=float(math.sqrt(math.exp(2 * theta[3]) + math.exp(2 * theta[4]) / np.median(q))),
                    bin_charge_pC=q_mean, bin_time_ns=t_centre)
 
 
@@ -408,11 +458,15 @@ def fit_transit_time(direct_q_pC: ArrayLike, direct_t_ns: ArrayLike, reflected_q
             f"{_prefix(label)}no reflected pulse in {reflected_t.size} pulses: no cable connected, "
             "or its far end is terminated; connect the cable with its far end open "
             "(or raise the sweep so that the reflection crosses the threshold)")
-    direct = fit_walk(direct_q_pC, direct_t_ns, kind="direct pulses", **common)
     reflected_q = np.asarray(reflected_q_pC, dtype=float)
     if smooth_reflected_charge:
         reflected_q = proportional_charge(direct_q_pC, reflected_q)
     reflected = fit_walk(reflected_q, reflected_t, kind="reflected pulses", **common)
+    # The reflection is never narrower than the direct pulse (the cable only disperses), so at the
+    # same threshold voltage it needs at least as much of its own charge to fire: its threshold
+    # charge bounds the direct pulses'.
+    direct = fit_walk(direct_q_pC, direct_t_ns, kind="direct pulses",
+                      threshold_bound_pC=reflected.threshold_charge_pC, **common)
     dt = reflected.t0_ns - direct.t0_ns
     dt_err = math.hypot(direct.t0_err_ns, reflected.t0_err_ns)
     naive, _ = naive_transit_time(direct_t_ns, reflected_t, amplitude)
@@ -489,12 +543,10 @@ def plot_walk_fits(direct_q_pC: ArrayLike, direct_t_ns: ArrayLike, reflected_q_p
     """The paper's figure: TDC time against charge for direct (a) and reflected (b) pulses, the mean
     charge per TDC bin, the fitted walk curve and T0. Saved to `path` (PNG/PDF) when given; returns
     the matplotlib Figure."""
-    import matplotlib
-    if path is not None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
     for ax, q, t, fit, title in ((axes[0], direct_q_pC, direct_t_ns, result.direct, "(a) direct"),
                                  (axes[1], reflected_q_pC, reflected_t_ns, result.reflected,
                                   "(b) reflected")):
@@ -525,16 +577,14 @@ def plot_monitor_history(times_s: ArrayLike, temperature_C: ArrayLike, dt_ns: Ar
                          dt_err_ns: ArrayLike, path=None, *, label: str = ""):
     """Transit time of a cable against time and against temperature (the real-time monitor's
     history), with the fitted temperature coefficient. Saved to `path` when given."""
-    import matplotlib
-    if path is not None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     times = np.asarray(times_s, float)
     temp = np.asarray(temperature_C, float)
     dt = np.asarray(dt_ns, float)
     err = np.asarray(dt_err_ns, float)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax1, ax2 = fig.subplots(1, 2)
     hours = (times - times.min()) / 3600.0 if times.size else times
     ax1.errorbar(hours, dt, yerr=err, fmt="o", ms=3, color="tab:blue", label="dt")
     ax1.set_xlabel("time since first calibration (h)")

@@ -37,6 +37,8 @@ def add_cli(subparsers) -> None:
                    help="stop after the first point above this current, A (3)")
     p.add_argument("--no-psu", action="store_true",
                    help="the supply is set by hand (4 V, 3 A limit, output on)")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds to wait for the instruments' IOCs to answer (10)")
     p.add_argument("-o", "--output", type=Path,
                    help="also write the points to this file (complete, or not at all)")
     p.set_defaults(func=cmd_collect)
@@ -75,11 +77,11 @@ def cmd_collect(args) -> int:
 
     cfg = _cfg(args)
     configure_ca(cfg)
-    dmm = make_device(cfg, "dmm")
-    batmet = make_device(cfg, "batmet")
+    dmm = make_device(cfg, "dmm", timeout=args.timeout)
+    batmet = make_device(cfg, "batmet", timeout=args.timeout)
     psu = None
     if not args.no_psu and "psu" in cfg.instruments:
-        psu = make_device(cfg, "psu")
+        psu = make_device(cfg, "psu", timeout=args.timeout)
     with contextlib.redirect_stdout(sys.stderr):     # stdout carries the data lines only
         RE, bec, catalog = make_run_engine(cfg, interactive=False)
     bec.disable_table()

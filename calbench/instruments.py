@@ -110,3 +110,19 @@ register(InstrumentSpec(
               "settings_dir": "", "data_dir": "", "trimen": [4500, 5400, 6400],
               "slsdet_id": 0, "scratch_dir": ""},
 ))
+
+register(InstrumentSpec(
+    name="fee",
+    description="Daya Bay FEE board (VME, 16 channels): calibration DAC, ADC/TDC of direct and "
+                "reflected pulses, DAC-sweep sequencer; simulated with RG58 cables",
+    ioc="calbench.iocs.fee:FeeIOC",
+    world="fee",
+    device="calbench.devices.fee:Fee",
+    default_prefix="FEE:",
+    hardware="calbench.iocs.hw.fee:open_fee",
+    settings={"cable_lengths_m": [20.0] * 16, "velocity_m_per_ns": 0.208, "temp_coeff_per_K": 1.0e-4,
+              "threshold_mV": 0.7, "pulse_rate_hz": 10000.0, "rise_ns": 80.0,
+              "mean_temperature_C": 20.0, "daily_swing_K": 8.0,
+              "vme_link": "USB", "vme_link_number": 0, "vme_conet_node": 0,
+              "vme_base_address": 0, "register_map": ""},
+))

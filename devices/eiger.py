@@ -1,10 +1,13 @@
 """ophyd device of the PSI EIGER detector (PVs of iocs/eiger.py).
 
-Frames never travel through Channel Access or event documents: each trigger makes the IOC write one
-HDF5 file (dataset /entry/data/data [frames, rows, cols]) into the data directory, and the device
-emits a StreamResource for that file and a StreamDatum for the event, so tiled registers the frames
-as external data (``run["primary"]["eiger_image"]``). Events carry the per-chip count sums and the
-total computed by the IOC.
+Frames never travel through Channel Access or event documents: the IOC writes them to HDF5 in the
+data directory (dataset /entry/data/data [frames, rows, cols]) and the device emits StreamResource /
+StreamDatum documents, so tiled registers the frames as external data
+(``run["primary"]["eiger_image"]``). Events carry the per-chip count sums and the total computed by
+the IOC. By default a run is one file (the IOC's FileWriteMode Stream: each trigger appends its
+frames; one StreamResource, one StreamDatum per event); ``file_per_trigger=True`` makes every
+trigger its own file and StreamResource (FileWriteMode Single), which costs tiled one more asset per
+event (see benchmarks/bench_eiger_frames.py).
 
     det = Eiger.from_settings("CB:EIGER:", name="eiger", settings=cfg.instruments["eiger"].settings,
                               lab=cfg)
@@ -13,7 +16,7 @@ total computed by the IOC.
     det.dacs.vrpreamp.set(3050).wait()
 
 `stage()` points FilePath at ``<data_dir>/eiger/<YYYY-MM-DD>`` with a file name unique to the run
-and switches Capture on; `unstage()` switches it off.
+and switches Capture on; `unstage()` switches it off (closing the file).
 """
 from __future__ import annotations
 
@@ -65,7 +68,9 @@ class LongStringSignal(CheckedSignal):
 def _dac_components() -> dict:
     comps = {}
     for dac in tuple(DAC_NAMES) + ("iodelay",):
-        comps[dac] = Cpt(CheckedSignal, f"{dac}_RBV", write_pv=dac, kind="config",
+        # vrpreamp is scanned (vrf scan): in the events; the others are configuration
+        comps[dac] = Cpt(CheckedSignal, f"{dac}_RBV", write_pv=dac,
+                         kind="normal" if dac == "vrpreamp" else "config",
                          doc=f"{dac}, DAC units (readback -1 when half modules differ)")
     return comps
 
@@ -79,7 +84,9 @@ class Eiger(InstrumentDevice):
 
     Settable signals complete when the IOC has applied the value and fail with InstrumentRefused
     (the IOC's reason) when it refuses it. `data_dir` is where the frames go (a directory the tiled
-    server can read)."""
+    server can read). The settings calibration scans over (vthreshold, trimval, dacs.vrpreamp) are
+    read into every event, so `scan([det], det.vthreshold, ...)` records them although they are
+    components of the detector."""
 
     instrument = "eiger"
 
@@ -93,10 +100,10 @@ class Eiger(InstrumentDevice):
 
     dacs = Cpt(EigerDacs, "")
     dac_table = Cpt(CheckedSignal, "DacTable_RBV", write_pv="DacTable", kind="omitted")
-    vthreshold = Cpt(CheckedSignal, "Vthreshold_RBV", write_pv="Vthreshold", kind="config")
+    vthreshold = Cpt(CheckedSignal, "Vthreshold_RBV", write_pv="Vthreshold", kind="normal")
     vcmp = Cpt(CheckedSignal, "Vcmp_RBV", write_pv="Vcmp", kind="config")
     trimbits = Cpt(CheckedSignal, "Trimbits_RBV", write_pv="Trimbits", kind="omitted")
-    trimval = Cpt(CheckedSignal, "Trimval_RBV", write_pv="Trimval", kind="config")
+    trimval = Cpt(CheckedSignal, "Trimval_RBV", write_pv="Trimval", kind="normal")
     load_trimbits = Cpt(LongStringSignal, "LoadTrimbits", kind="omitted")
     save_trimbits = Cpt(LongStringSignal, "SaveTrimbits", kind="omitted")
 
@@ -124,6 +131,9 @@ class Eiger(InstrumentDevice):
     file_path = Cpt(LongStringSignal, "FilePath", kind="omitted")
     file_name = Cpt(LongStringSignal, "FileName", kind="omitted")
     file_number = Cpt(CheckedSignal, "FileNumber_RBV", write_pv="FileNumber", kind="omitted")
+    file_write_mode = Cpt(CheckedSignal, "FileWriteMode_RBV", write_pv="FileWriteMode", string=True,
+                          kind="omitted")
+    num_captured = Cpt(EpicsSignalRO, "NumCaptured_RBV", kind="omitted")
     auto_increment = Cpt(CheckedSignal, "AutoIncrement", string=True, kind="omitted")
     capture = Cpt(CheckedSignal, "Capture_RBV", write_pv="Capture", string=True, kind="omitted")
     full_file_name = Cpt(LongStringSignalRO, "FullFileName_RBV", kind="omitted")
@@ -133,11 +143,14 @@ class Eiger(InstrumentDevice):
     live_image = Cpt(EpicsSignalRO, "Image:ArrayData", kind="omitted")
 
     def __init__(self, prefix="", *, name, data_dir: str | Path | None = None,
-                 trigger_timeout_s: float = 60.0, **kwargs):
+                 trigger_timeout_s: float = 60.0, file_per_trigger: bool = False, **kwargs):
         super().__init__(prefix, name=name, **kwargs)
         self.data_dir = Path(data_dir) if data_dir else None
         self.trigger_timeout_s = float(trigger_timeout_s)
+        self.file_per_trigger = bool(file_per_trigger)
         self._asset_docs: deque = deque()
+        self._stream = None                 # the run's ComposeStreamResourceBundle (Stream mode)
+        self._events = 0
         self._frame_shape: tuple[int, ...] | None = None
         self._frame_dtype: np.dtype | None = None
 
@@ -171,14 +184,21 @@ class Eiger(InstrumentDevice):
         """Point the IOC's file writer at a fresh file name in the data directory, Capture on."""
         directory = self._run_directory()
         staged = super().stage()
+        set_and_check(self.capture, "Off")          # close what an interrupted run left open
+        set_and_check(self.file_write_mode, "Single" if self.file_per_trigger else "Stream")
         set_and_check(self.file_path, str(directory))
         set_and_check(self.file_name, f"{self.name}_{uuid.uuid4().hex[:12]}")
         set_and_check(self.file_number, 0)
         set_and_check(self.auto_increment, "Yes")
-        set_and_check(self.capture, "On")
         self._asset_docs.clear()
         self._frame_shape = self._shape()
         self._frame_dtype = frame_dtype(int(self.dynamic_range.get(use_monitor=False)))
+        set_and_check(self.capture, "On")
+        self._events = 0
+        self._stream = None
+        if not self.file_per_trigger:           # one file for the run, opened by Capture = On
+            self._stream = self._resource(self.full_file_name.get(use_monitor=False))
+            self._asset_docs.append(("stream_resource", self._stream.stream_resource_doc))
         return staged
 
     def unstage(self):
@@ -229,15 +249,22 @@ class Eiger(InstrumentDevice):
                 raise InstrumentRefused(f"{self.prefix}Acquire: {message}")
             raise EigerError(f"{self.prefix}Acquire produced no frame (state {state}): "
                              f"{message or 'no message'}; check the detector and retry")
-        path = self.full_file_name.get(use_monitor=False)
-        bundle = compose_stream_resource(
-            mimetype="application/x-hdf5", uri=Path(path).as_uri().replace("file:///",
-                                                                              "file://localhost/"),
-            data_key=self.image_key,
+        if self.file_per_trigger:
+            bundle = self._resource(self.full_file_name.get(use_monitor=False))
+            self._asset_docs.append(("stream_resource", bundle.stream_resource_doc))
+            index = 0
+        else:
+            bundle, index = self._stream, self._events
+        self._events += 1
+        self._asset_docs.append(("stream_datum", bundle.compose_stream_datum(
+            indices={"start": index, "stop": index + 1})))
+
+    def _resource(self, path: str):
+        """StreamResource bundle for one HDF5 file of this detector's frames."""
+        uri = Path(path).as_uri().replace("file:///", "file://localhost/")
+        return compose_stream_resource(
+            mimetype="application/x-hdf5", uri=uri, data_key=self.image_key,
             parameters={"dataset": DATASET, "chunk_shape": (1, *self._frame_shape[-2:])})
-        self._asset_docs.append(("stream_resource", bundle.stream_resource_doc))
-        self._asset_docs.append(("stream_datum",
-                                 bundle.compose_stream_datum(indices={"start": 0, "stop": 1})))
 
     def collect_asset_docs(self):
         """StreamResource / StreamDatum documents of the triggers since the last call."""

@@ -63,6 +63,8 @@ class ChannelPVs(PVGroup):
 
     async def _put(self, param: str, value):
         held = await self.ioc.call(self.ioc.backend.set_param, self.slot, self.channel, param, value)
+        if param in ("V0Set", "Pw"):      # Status and VMon follow at once, not a poll later
+            await self.ioc.poll()
         if param == "V0Set" and held is not None and held < float(value):
             await self.ioc.report(f"S{self.slot:02d}:C{self.channel:02d} V0Set {float(value):g} V "
                                   f"clamped to SVMax = {held:g} V")
@@ -106,9 +108,14 @@ class ChannelPVs(PVGroup):
     async def ch_name(self, instance, value):
         return await self._put("ChName", str(value))
 
+    async def _show(self, instance, value) -> None:
+        """Publish what the crate holds without running the putter (that would send it back)."""
+        if instance.value != value:
+            await instance.write(value, verify_value=False, timestamp=self.ioc.clock.now())
+
     async def update(self, board: dict[str, list]) -> None:
         """Publish this channel's entries of a board reading (Status before VMon, see module doc)."""
-        c, pub = self.channel, self.ioc.publish
+        c, pub = self.channel, self._show
         await pub(self.status, int(board["Status"][c]))
         await pub(self.pw, OFF_ON[int(board["Pw"][c])])
         await pub(self.vmon, round(float(board["VMon"][c]), 2))
@@ -209,6 +216,7 @@ class CaenCrateIOC(InstrumentIOC):
     @clear_alarm.putter
     async def clear_alarm(self, instance, value):
         if value:
+            await self.poll()      # trips since the last poll are published before they are cleared
             await self.call(self.backend.clear_alarm)
             await self.poll()
         return 0

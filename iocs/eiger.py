@@ -25,9 +25,14 @@ write every half module and their _RBV reads -1 when the half modules differ.
   Acquire (Done/Acquire; the put completes when the frames are written), Acquire_RBV,
   DetectorState_RBV, ArrayCounter, ArrayCounter_RBV, NumImagesCounter_RBV, AcquireStartTime_RBV
   FilePath, FileName, FileNumber (+ _RBV), FilePathExists_RBV, AutoIncrement, Capture, Capture_RBV,
-  FullFileName_RBV                         with Capture = 1 each acquisition writes one HDF5 file
-                                           {FilePath}/{FileName}_{FileNumber:06d}.h5, dataset
-                                           /entry/data/data [frames, rows, cols] in the dr dtype
+  FileWriteMode(_RBV), FullFileName_RBV, NumCaptured_RBV
+                                           HDF5 files {FilePath}/{FileName}_{FileNumber:06d}.h5,
+                                           dataset /entry/data/data [frames, rows, cols] in the dr
+                                           dtype (SWMR). FileWriteMode Single: with Capture = On,
+                                           each acquisition writes one file (as slsReceiver does).
+                                           Stream: Capture = On opens one file, every acquisition
+                                           appends its frames, Capture = Off closes it (one file,
+                                           one tiled asset per run: what the ophyd device uses)
   ChipSums_RBV, TotalCounts_RBV            counts per chip / in total of the last acquisition
   Image:ArrayData, Image:ArraySizeX_RBV, Image:ArraySizeY_RBV, Image:Binning_RBV
                                            live view: last frame summed in 4 x 4 bins (float32)
@@ -57,6 +62,7 @@ DETECTOR_STATES = ["Idle", "Acquire", "Readout", "Correct", "Saving", "Aborting"
 ACQUIRE = ["Done", "Acquire"]
 OFF_ON = ["Off", "On"]
 NO_YES = ["No", "Yes"]
+FILE_WRITE_MODES = ["Single", "Stream"]
 LIVE_BINNING = 4
 POLL_PERIOD_S = 1.0
 MAX_TRIM_ENERGIES = 32
@@ -193,8 +199,11 @@ class EigerIOC(InstrumentIOC):
     file_number = _int_pv("FileNumber", 0)
     file_number_rbv = _int_pv("FileNumber_RBV", 0, read_only=True)
     auto_increment = enum_pv("AutoIncrement", NO_YES, "Yes")
+    file_write_mode = enum_pv("FileWriteMode", FILE_WRITE_MODES)
+    file_write_mode_rbv = enum_pv("FileWriteMode_RBV", FILE_WRITE_MODES, read_only=True)
     capture = enum_pv("Capture", OFF_ON)
     capture_rbv = enum_pv("Capture_RBV", OFF_ON, read_only=True)
+    num_captured = _int_pv("NumCaptured_RBV", read_only=True, doc="frames in the current file")
     full_file_name = string_pv("FullFileName_RBV", max_length=1024)
 
     chip_sums = _array_pv("ChipSums_RBV", ChannelType.DOUBLE, read_only=True,
@@ -208,6 +217,7 @@ class EigerIOC(InstrumentIOC):
         self.geometry: EigerGeometry = backend.geometry
         super().__init__(prefix=prefix, backend=backend, clock=clock, **kwargs)
         self._busy = False
+        self._stream_file: _FrameFile | None = None
         if not hasattr(backend, "truth"):             # hardware: no fault-injection PVs
             for name in list(self.pvdb):
                 if name.startswith(prefix + "Sim:"):
@@ -446,7 +456,32 @@ class EigerIOC(InstrumentIOC):
     @capture.putter
     async def capture(self, instance, value):
         await self.refuse_if_busy()
+        if value == self.capture_rbv.value:
+            return value
+        stream = self.file_write_mode_rbv.value == "Stream"
+        if value == "On" and stream:               # Stream: one file for every acquisition
+            path = await self.call(self._next_file)
+            try:
+                self._stream_file = _FrameFile(path, self.geometry, self.backend)
+            except OSError as exc:
+                await self.call(_raise, Refused(f"cannot create {path}: {exc}; check FilePath "
+                                                "and its permissions"))
+            await self.publish(self.full_file_name, str(path))
+            await self.publish(self.num_captured, 0)
+        elif value == "Off" and self._stream_file is not None:
+            self._stream_file.close()
+            self._stream_file = None
+            await self._advance_file_number()
         await self.publish(self.capture_rbv, value)
+        return value
+
+    @file_write_mode.putter
+    async def file_write_mode(self, instance, value):
+        await self.refuse_if_busy()
+        if self.capture_rbv.value == "On":
+            await self.call(_raise, Refused("FileWriteMode cannot change while capturing; put "
+                                            "Capture = Off first"))
+        await self.publish(self.file_write_mode_rbv, value)
         return value
 
     @array_counter.putter
@@ -454,8 +489,13 @@ class EigerIOC(InstrumentIOC):
         await self.publish(self.array_counter_rbv, int(value))
         return value
 
+    async def _advance_file_number(self) -> None:
+        if self.auto_increment.value == "Yes":
+            await self.file_number.write(int(self.file_number_rbv.value) + 1)
+
     def _next_file(self) -> Path:
-        """The HDF5 file the next acquisition writes; Refused if it cannot be written."""
+        """The HDF5 file the next acquisition (Single) or capture (Stream) writes; Refused if it
+        cannot be written."""
         directory = self.file_path_rbv.value
         if not directory:
             raise Refused("Capture is On but FilePath is empty; set FilePath to a directory the "
@@ -481,7 +521,13 @@ class EigerIOC(InstrumentIOC):
                 self.backend.abort()
             return "Done"
         await self.refuse_if_busy()
-        path = await self.call(self._next_file) if self.capture_rbv.value == "On" else None
+        single = self.capture_rbv.value == "On" and self._stream_file is None
+        if self._stream_file is not None and self._stream_file.dtype != frame_dtype(
+                int(self.backend.dr)):
+            await self.call(_raise, Refused(
+                f"the open file {self._stream_file.path.name} holds {self._stream_file.dtype} "
+                "frames but DynamicRange changed; put Capture = Off and On to start a new file"))
+        path = await self.call(self._next_file) if single else None
         self._busy = True
         try:
             await self.publish(self.acquire_rbv, "Acquire")
@@ -492,8 +538,8 @@ class EigerIOC(InstrumentIOC):
                 frames, starts, aborted = await loop.run_in_executor(
                     None, self._acquire_to_file, path)
             except OSError as exc:
-                raise Refused(f"writing {path} failed: {exc}; check FilePath, free space and "
-                              "permissions") from None
+                raise Refused(f"writing {path or self._stream_file.path} failed: {exc}; check "
+                              "FilePath, free space and permissions") from None
             await self._publish_acquisition(frames, starts, path)
         except (Refused, InstrumentFault) as exc:
             await self.publish(self.detector_state, "Error")
@@ -501,8 +547,8 @@ class EigerIOC(InstrumentIOC):
         finally:
             self._busy = False
             await self.publish(self.acquire_rbv, "Done")
-        if path is not None and self.auto_increment.value == "Yes":
-            await self.file_number.write(int(self.file_number_rbv.value) + 1)
+        if path is not None:
+            await self._advance_file_number()
         await self.array_counter.write(int(self.array_counter_rbv.value))
         await self.publish(self.detector_state, "Aborted" if aborted else "Idle")
         return "Done"
@@ -524,66 +570,97 @@ class EigerIOC(InstrumentIOC):
         await self.publish(self.array_counter_rbv, int(self.array_counter_rbv.value) + len(frames))
         if path is not None:
             await self.publish(self.full_file_name, str(path))
+            await self.publish(self.num_captured, len(frames))
+        elif self._stream_file is not None:
+            await self.publish(self.num_captured, self._stream_file.n_frames)
 
     def _acquire_to_file(self, path: Path | None):
-        """Worker thread: run the acquisition, streaming frames into the HDF5 file."""
-        writer = _FrameFile(path, self.geometry, self.backend, self.clock.now()) if path else None
+        """Worker thread: run the acquisition, streaming its frames into the HDF5 file (a new one
+        at ``path`` in Single mode, the open one in Stream mode, none without Capture)."""
+        writer = _FrameFile(path, self.geometry, self.backend) if path else self._stream_file
+        if writer is not None:
+            writer.begin_acquisition(self.backend)
         try:
             result = self.backend.acquire(writer.append if writer else None)
         except BaseException:
-            if writer is not None:
+            if writer is not None and path is not None:
                 writer.discard()
             raise
         if writer is not None:
-            writer.close()
+            writer.end_acquisition(result.start_times)
+            if path is not None:
+                writer.close()
         return result.frames, result.start_times, result.aborted
 
     def make_safe(self) -> None:
-        """Abort any acquisition, stop test pulses (backend.make_safe)."""
+        """Abort any acquisition, stop test pulses (backend.make_safe), close an open file."""
         super().make_safe()
+        if self._stream_file is not None:
+            self._stream_file.close()
+            self._stream_file = None
 
 
 class _FrameFile:
-    """One acquisition's HDF5 file: /entry/data/data [frames, rows, cols], SWMR, one chunk per frame.
+    """An HDF5 file of EIGER frames: /entry/data/data [frames, rows, cols] in the dr dtype, one
+    chunk per frame, SWMR (readers such as tiled see each frame once it is flushed). Per frame,
+    /entry/instrument/detector holds start_time (world epoch s), count_time (s) and vthreshold
+    (DAC, -1 when the chips differ), so a threshold scan's file describes itself."""
 
-    The file is written as <name>.part and renamed when complete, so a reader never sees a file
-    that is missing frames (except through SWMR while it is written)."""
-
-    def __init__(self, path: Path, geometry: EigerGeometry, backend, world_time: float):
+    def __init__(self, path: Path, geometry: EigerGeometry, backend):
         self.path = path
-        self.part = path.with_name(path.name + ".part")
         rows, cols = geometry.shape
-        self.file = h5py.File(self.part, "w", libver="latest")
+        self.dtype = frame_dtype(int(backend.dr))
+        self.n_frames = 0
+        self._first = 0
+        self.file = h5py.File(path, "w", libver="latest")
         entry = self.file.create_group("entry")
         entry.attrs["NX_class"] = "NXentry"
         data = entry.create_group("data")
         data.attrs.update(NX_class="NXdata", signal="data")
         self.dataset = data.create_dataset(
             "data", shape=(0, rows, cols), maxshape=(None, rows, cols), chunks=(1, rows, cols),
-            dtype=frame_dtype(int(backend.dr)))
+            dtype=self.dtype)
         det = entry.create_group("instrument").create_group("detector")
-        det.attrs["NX_class"] = "NXdetector"
-        det.attrs.update(
-            description="PSI EIGER", geometry=geometry.name, hostnames="+".join(backend.hostnames),
-            dynamic_range_bits=int(backend.dr), count_time_s=float(backend.exptime),
-            frame_period_s=float(backend.period), threshold_energy_eV=int(backend.threshold_eV),
-            start_world_time=float(world_time))
+        det.attrs.update(NX_class="NXdetector", description="PSI EIGER", geometry=geometry.name,
+                         hostnames="+".join(backend.hostnames),
+                         dynamic_range_bits=int(backend.dr))
+        self.per_frame = {name: det.create_dataset(name, shape=(0,), maxshape=(None,),
+                                                   chunks=(256,), dtype=dtype)
+                          for name, dtype in (("start_time", "f8"), ("count_time", "f8"),
+                                              ("vthreshold", "i4"))}
         self.file.swmr_mode = True
+        self._settings = {}
+
+    def begin_acquisition(self, backend) -> None:
+        self._first = self.n_frames
+        self._settings = {"count_time": float(backend.exptime),
+                          "vthreshold": int(backend.vthreshold())}
 
     def append(self, index: int, frame: np.ndarray) -> None:
-        self.dataset.resize(index + 1, axis=0)
-        self.dataset[index] = frame
+        n = self._first + index + 1
+        self.dataset.resize(n, axis=0)
+        self.dataset[n - 1] = frame
         self.dataset.flush()
+        self.n_frames = n
+
+    def end_acquisition(self, start_times: np.ndarray) -> None:
+        n = self.n_frames
+        values = {"start_time": np.asarray(start_times, float)[: n - self._first],
+                  "count_time": self._settings["count_time"],
+                  "vthreshold": self._settings["vthreshold"]}
+        for name, ds in self.per_frame.items():
+            ds.resize(n, axis=0)
+            ds[self._first:n] = values[name]
+            ds.flush()
 
     def close(self) -> None:
         self.file.close()
-        os.replace(self.part, self.path)
 
     def discard(self) -> None:
         try:
             self.file.close()
         finally:
-            self.part.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)
 
 
 def _raise(exc: BaseException):

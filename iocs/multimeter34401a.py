@@ -8,7 +8,8 @@ PVs (after the instrument prefix, e.g. CB:DMM:):
   Measure                     1: take Samples readings (READ?); the put completes when they are in
   Reading_RBV                 their mean (A or V); ReadingStd_RBV their standard deviation
   ReadingCount_RBV            measurements completed (changes once per Measure)
-  DisplayText                 front-panel text, up to 12 characters ('' clears)
+  DisplayText                 front-panel text, up to 12 characters
+  DisplayClear                1: clear the front-panel text (the normal display returns)
   Remote, Remote_RBV          Local | Remote (SYSTEM:LOCAL / SYSTEM:REMOTE)
   ClearStatus                 1: read out and clear the error queue (*CLS)
   Identity_RBV, Reconnect, StatusMessage_RBV, Refusals_RBV, Connected_RBV, WorldTime_RBV
@@ -57,6 +58,7 @@ class Multimeter34401aIOC(BenchInstrumentIOC):
                                dtype=ChannelType.INT)
     display_text = string_pv("DisplayText", read_only=False, max_length=40,
                              doc="front-panel text (12 characters)")
+    display_clear = pvproperty(name="DisplayClear", value=0, dtype=ChannelType.INT)
     remote = enum_pv("Remote", LOCAL_REMOTE)
     remote_rbv = enum_pv("Remote_RBV", LOCAL_REMOTE, read_only=True)
     clear_status = pvproperty(name="ClearStatus", value=0, dtype=ChannelType.INT)
@@ -111,6 +113,13 @@ class Multimeter34401aIOC(BenchInstrumentIOC):
         text = value if isinstance(value, str) else bytes(value).split(b"\0")[0].decode()
         await self.run(self.backend.display, text)
         return text
+
+    @display_clear.putter
+    async def display_clear(self, instance, value):
+        if value:
+            await self.run(self.backend.display, "")
+            await self.publish(self.display_text, "")
+        return 0
 
     @remote.putter
     async def remote(self, instance, value):

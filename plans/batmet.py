@@ -149,7 +149,7 @@ def _leave_safe(dmm, sink, psu, state: dict):
             yield from bps.mv(psu.output, "Off")
         except Exception as exc:
             unsafe.append(f"the supply output could not be switched off ({_reason(exc)})")
-    for signal, value in ((dmm.display_text, ""), (dmm.remote, "Local")):
+    for signal, value in ((dmm.display_clear, 1), (dmm.remote, "Local")):
         try:
             yield from bps.mv(signal, value)
         except Exception as exc:
@@ -199,12 +199,12 @@ def collect_sink_calibration(dmm, sink, psu=None, *, dac_start: int = DAC_START,
     `DAC-<code>` when `display`. Returns a SinkScan; the run's primary stream has the DAC code
     (`<sink>_dac`), the mean current (`<dmm>_reading`, A), its spread, the meter range, the
     BatMet's ADC and the supply's readbacks and over-current flag."""
-    if not (0 <= dac_start < dac_stop <= 4096 and dac_step > 0):
-        raise ValueError(f"DAC scan {dac_start}..{dac_stop} step {dac_step}: need "
-                         "0 <= start < stop <= 4096 and step > 0")
+    codes = list(range(dac_start, dac_stop, dac_step)) if dac_step > 0 else []
+    if not codes or codes[0] < 0 or codes[-1] > 4095:
+        raise ValueError(f"DAC scan range({dac_start}, {dac_stop}, {dac_step}): need codes in "
+                         "0..4095 and a positive step")
     if readings_per_point < 1:
         raise ValueError(f"readings_per_point = {readings_per_point}: need at least 1")
-    codes = list(range(dac_start, dac_stop, dac_step))
     detectors = [dmm, sink] + ([psu] if psu is not None else [])
     state: dict = {}
     keys = {"dac_key": sink.dac.name, "current_key": dmm.reading.name,

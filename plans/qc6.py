@@ -32,15 +32,15 @@ import bluesky.plan_stubs as bps
 import numpy as np
 from bluesky.preprocessors import finalize_wrapper, subs_wrapper, suspend_wrapper
 from bluesky.suspenders import SuspenderBase
-from bluesky.utils import Msg, RunEngineControlException
+from bluesky.utils import FailedStatus, Msg, RunEngineControlException
 from ophyd import Component as Cpt
 from ophyd import Device, Signal
 
 from calbench.analysis.qc6 import Qc6LivePlot, Qc6ResultFiles, result_path
 from calbench.devices.base import InstrumentRefused
 from calbench.devices.caen import (
-    ELECTRODES, FOILS, RAMPING, STATUS_ON, TRIPPED, ChannelOff, ChannelTripped, GemLayer,
-    HvChannel, describe_status)
+    ELECTRODES, FOILS, RAMPING, STATUS_ON, TRIPPED, GemLayer, HvChannel, at_setpoint,
+    describe_status)
 
 # Lab defaults (reference/qc6_batmet.md part A)
 STRESS_DEFAULTS = dict(vstart_V=0.0, vmax_V=650.0, vstep_V=10.0, itrip_uA=2.0, tripmax=5,
@@ -52,10 +52,18 @@ LONG_DEFAULTS = dict(vstart_V=200.0, vstep_V=200.0, vmax_V=4200.0, stable_s=10.0
 MEGGER_VOLTAGE_V = 550.0
 
 OFF_V = 2.0                  # a channel below this (V) counts as ramped down
-MIN_POLL_S, MAX_POLL_S = 0.01, 0.5      # wall seconds between two looks at the crate
+MIN_POLL_S, MAX_POLL_S = 0.005, 0.5     # wall seconds between two looks at the crate
+MAX_LOOK_WORLD_S = 60.0      # world seconds between two looks during a hold, at most
 PROGRESS_EVERY_S = 600.0     # world seconds between progress events of a stability hold
 RAMP_MARGIN_S = 300.0       # world seconds a ramp may take beyond 3x its nominal time
+# A fault timeout also needs this many wall seconds: at high world-clock acceleration a
+# scheduling hiccup of the host is many world seconds, and must not look like a stuck channel.
+MIN_TIMEOUT_WALL_S = 10.0
 ACK_TIMEOUT_S = 20.0         # wall seconds for the crate to acknowledge a command
+
+
+# Status recorded for a channel found off after a ClearAlarm erased its trip bit: ITRIP
+ITRIP_CLEARED = 0x200
 
 
 class Qc6Error(RuntimeError):
@@ -164,6 +172,7 @@ class _Session:
         self.record = Qc6Record(name="qc6")
         self.incidents = 0
         self.last_ok_V: dict[int, float] = {ch.channel: 0.0 for ch in layer.channels}
+        self.state: dict[HvChannel, tuple[int, float, int]] = {}   # last (Status, VMon, Pw)
         self._rate = 1.0                 # world seconds per wall second, measured
         self._last: tuple[float, float] | None = None
 
@@ -182,6 +191,7 @@ class _Session:
 
     def pause_for(self, world_s: float):
         """A short wall sleep: the rest of a world interval, or one poll (plan)."""
+        world_s = min(world_s, MAX_LOOK_WORLD_S)
         wall = world_s / self._rate if world_s > 0 else MIN_POLL_S
         yield from bps.sleep(min(max(wall, MIN_POLL_S), MAX_POLL_S))
 
@@ -191,6 +201,8 @@ class _Session:
         for ch in channels:
             reading = yield from bps.read(ch)
             bits = int(reading[ch.status.name]["value"])
+            self.state[ch] = (bits, float(reading[ch.vmon.name]["value"]),
+                              int(reading[ch.pw.name]["value"]))
             if bits & TRIPPED:
                 tripped.append((ch, bits))
             elif bits & STATUS_ON:
@@ -224,7 +236,13 @@ class _Session:
 def _put(signal, value, *, retries: int = 3):
     """Put and wait for the crate's acknowledgement; a refusal raises, a lost answer is retried."""
     for attempt in range(retries + 1):
-        status = yield from bps.abs_set(signal, value)
+        group = f"qc6-put-{id(signal)}-{attempt}-{time.monotonic_ns()}"
+        status = yield from bps.abs_set(signal, value, group=group)
+        try:
+            yield from bps.wait(group=group, timeout=ACK_TIMEOUT_S, error_on_timeout=False)
+        except FailedStatus:           # the RunEngine reports the failed put; handled below
+            pass
+        # a pause or suspension may end the wait early: look at the status itself
         deadline = time.monotonic() + ACK_TIMEOUT_S
         while not status.done and time.monotonic() < deadline:
             yield from bps.sleep(MIN_POLL_S)
@@ -236,9 +254,10 @@ def _put(signal, value, *, retries: int = 3):
         yield from bps.sleep(1.0)
 
 
-def _clear_alarm(session: _Session):
+def _clear_alarm(session: _Session, expected_on: Sequence[HvChannel] = ()):
     """ClearAlarm, then wait until no channel of the layer shows a trip bit (so a trip is never
-    counted twice)."""
+    counted twice). ClearAlarm acts on the whole crate: a channel of `expected_on` that tripped just
+    before it lost its trip bit unseen, and is found off; those channels are returned."""
     layer = session.layer
     yield from _put(layer.clear_alarm_cmd, 1)
     deadline = time.monotonic() + ACK_TIMEOUT_S
@@ -248,57 +267,78 @@ def _clear_alarm(session: _Session):
             if int((yield from bps.rd(ch.status))) & TRIPPED:
                 still.append(ch)
         if not still:
-            return
+            break
         if time.monotonic() > deadline:
             raise Qc6Error(f"ClearAlarm did not clear the trip of "
                            f"{', '.join(c.label() for c in still)}; check the crate's alarms")
         yield from bps.sleep(MIN_POLL_S)
+    missed = list(expected_on)
+    for _ in range(3):                      # off in three looks: not a monitor in flight
+        off = []
+        for ch in missed:
+            if int((yield from bps.rd(ch.pw))) != 1:
+                off.append(ch)
+        missed = off
+        if not missed:
+            break
+        yield from bps.sleep(MIN_POLL_S)
+    return missed
 
 
 def _switch_on(session: _Session, channels: Sequence[HvChannel]):
+    """Pw On, and wait until the monitored Pw says so (monitors may trail the put's answer)."""
     for ch in channels:
         if int((yield from bps.rd(ch.pw))) != 1:
             yield from _put(ch.pw, 1)
+    deadline = time.monotonic() + ACK_TIMEOUT_S
+    for ch in channels:
+        while int((yield from bps.rd(ch.pw))) != 1:
+            if time.monotonic() > deadline:
+                raise Qc6Error(f"{ch.label()} does not show Pw On after switching it on; check "
+                               "the crate (interlock, channel disabled)")
+            yield from bps.sleep(MIN_POLL_S)
 
 
 def _ramp(session: _Session, setpoints: dict[HvChannel, float], watch: Sequence[HvChannel]):
-    """Set the channels (positioners) and wait, in world time, until all have arrived; returns the
-    tripped channels as soon as one of `watch` trips ([] when all arrived)."""
-    statuses = {}
-    slowest_s = 0.0
+    """Write the channels' V0Set and wait, in world time, until each has arrived (not ramping,
+    |VMon - V0Set| <= 1 V, V0Set as held by the crate, i.e. capped at SVMax). Returns the tripped
+    channels as soon as one of them or of `watch` trips ([] when all arrived)."""
+    targets, slowest_s = {}, 0.0
     for ch, v in setpoints.items():
-        statuses[ch] = yield from bps.abs_set(ch, v)
+        targets[ch] = min(float(v), float((yield from bps.rd(ch.svmax))))
+        yield from _put(ch.v0set, float(v))
         vmon = float((yield from bps.rd(ch.vmon)))
         rate = max(min(float((yield from bps.rd(ch.rup))), float((yield from bps.rd(ch.rdwn)))), 0.1)
-        slowest_s = max(slowest_s, abs(v - vmon) / rate)
+        slowest_s = max(slowest_s, abs(targets[ch] - vmon) / rate)
     timeout_s = 3.0 * slowest_s + RAMP_MARGIN_S
+    looked_at = list(dict.fromkeys([*watch, *targets]))
+    off_looks: dict[HvChannel, int] = {}
     t0 = yield from session.now()
-    retried: set = set()
+    wall0 = time.monotonic()
     while True:
         yield from bps.checkpoint()
-        tripped = yield from session.scan(watch)
+        tripped = yield from session.scan(looked_at)
         if tripped:
             return tripped
-        for ch, st in list(statuses.items()):
-            if not st.done or st.success:
-                continue
-            exc = st.exception()
-            if isinstance(exc, ChannelTripped):
-                continue                     # the next scan sees the trip bit
-            if isinstance(exc, ChannelOff) or isinstance(exc, InstrumentRefused) or ch in retried:
-                raise Qc6Error(f"{ch.label()} cannot reach {setpoints[ch]:g} V: {exc}") from exc
-            retried.add(ch)                  # a lost answer while the crate was away: once more
-            statuses[ch] = yield from bps.abs_set(ch, setpoints[ch])
         now = yield from session.now()
-        if all(st.done and st.success for st in statuses.values()):
+        late = [ch for ch, v in targets.items() if not at_setpoint(*session.state[ch][:2], v)]
+        if not late:
             return []
-        if now - t0 > timeout_s:
-            late = []
-            for c, st in statuses.items():
-                if not st.done:
-                    late.append(f"{c.label()} VMon {float((yield from bps.rd(c.vmon))):.1f} V")
-            raise RampTimeout(f"not at the setpoint after {now - t0:.0f} s (world): "
-                              f"{'; '.join(late)}; check RUp/RDWn and the channels' Status")
+        # Pw, not the ON bit (Status follows at the crate's next poll); seen off three looks in a
+        # row, so that a monitor still in flight after switching on is not taken for it
+        for ch in late:
+            off_looks[ch] = off_looks.get(ch, 0) + 1 if not session.state[ch][2] else 0
+        off = [ch for ch in late if off_looks[ch] >= 3]
+        if off:
+            raise Qc6Error(f"{', '.join(c.label() for c in off)} went off without a trip while "
+                           "ramping: someone switched it off, or the crate's interlock; check the "
+                           "crate before restarting")
+        if now - t0 > timeout_s and time.monotonic() - wall0 > MIN_TIMEOUT_WALL_S:
+            raise RampTimeout(
+                f"not at the setpoint after {now - t0:.0f} s (world): " + "; ".join(
+                    f"{c.label()} VMon {session.state[c][1]:.1f} V for {targets[c]:g} V, Status "
+                    f"{describe_status(session.state[c][0])}" for c in late)
+                + "; check RUp/RDWn and the channels")
         yield from session.pause_for(0.0)
 
 
@@ -327,8 +367,11 @@ def _recover(session: _Session, tripped, watch: Sequence[HvChannel], recovery_s:
         yield from session.record_trips(tripped)
         incidents += 1
         off += [ch for ch, _ in tripped]
-        yield from _clear_alarm(session)
         still_on = [c for c in watch if c not in off]
+        missed = yield from _clear_alarm(session, still_on)
+        if missed:                        # tripped as the alarm was cleared: a trip all the same
+            tripped = [(ch, ITRIP_CLEARED) for ch in missed]
+            continue
         tripped = yield from _hold(session, still_on, recovery_s)
     return incidents, off
 
@@ -355,6 +398,7 @@ def all_off(layer: GemLayer, *, off_V: float = OFF_V, timeout_s: float | None = 
             worst = max(worst, float((yield from bps.rd(ch.vmon))) / rate)
         timeout_s = 3.0 * worst + RAMP_MARGIN_S
     t0 = yield from session.now()
+    wall0 = time.monotonic()
     while True:
         high = []
         for ch in layer.channels:
@@ -364,7 +408,7 @@ def all_off(layer: GemLayer, *, off_V: float = OFF_V, timeout_s: float | None = 
         if not high:
             return
         now = yield from session.now()
-        if now - t0 > timeout_s:
+        if now - t0 > timeout_s and time.monotonic() - wall0 > MIN_TIMEOUT_WALL_S:
             raise Qc6Error(f"the layer is switched off but still not discharged after "
                            f"{now - t0:.0f} s: {', '.join(high)}; check the crate")
         yield from session.pause_for(0.0)
@@ -537,7 +581,8 @@ def stress_test(layer: GemLayer, *, vstart_V: float = 0.0, vmax_V: float = 650.0
         for foil in foils:
             trips = yield from _stress_foil(session, foil, list(steps), itrip_uA=itrip_uA,
                                             tripmax=tripmax, hold_s=hold_s, end_hold_s=end_hold_s,
-                                            recovery_s=recovery_s, back_steps=back_steps)
+                                            recovery_s=recovery_s, back_steps=back_steps,
+                                            all_foils=foils)
             verdicts[foil.electrode] = {"trips": trips, "passed": trips < tripmax}
         return {"passed": all(v["passed"] for v in verdicts.values()), "foils": verdicts}
 
@@ -546,7 +591,7 @@ def stress_test(layer: GemLayer, *, vstart_V: float = 0.0, vmax_V: float = 650.0
 
 
 def _stress_foil(session: _Session, foil: HvChannel, steps: list[float], *, itrip_uA, tripmax,
-                 hold_s, end_hold_s, recovery_s, back_steps):
+                 hold_s, end_hold_s, recovery_s, back_steps, all_foils):
     yield from _put(foil.i0set, float(itrip_uA))
     yield from _switch_on(session, [foil])
     trips, i = 0, 0
@@ -566,10 +611,12 @@ def _stress_foil(session: _Session, foil: HvChannel, steps: list[float], *, itri
             if trips >= tripmax:
                 print(f"QC6 stress: {foil.label()} tripped {trips} times: stopping this foil")
                 break
-            yield from _switch_on(session, [foil])
+            # the lower voltage first: switching on would otherwise ramp back to the one that tripped
             i = max(0, i - back_steps)
+            yield from _put(foil.v0set, min(steps[i], float((yield from bps.rd(foil.svmax)))))
+            yield from _switch_on(session, [foil])
             continue
-        yield from session.progress(0.0, trips, steps[i], [foil], stream="primary")
+        yield from session.progress(0.0, trips, steps[i], all_foils, stream="primary")
         i += 1
     yield from _put(foil.v0set, 0.0)
     yield from _put(foil.pw, 0)
@@ -806,6 +853,8 @@ def _qc6_run(layer: GemLayer, test: str, params: dict, body, kinds: set[str], re
 
         def run_body():
             result = yield from body(session)
+            # switch off before the stop document: its callbacks (plots) must not keep HV on
+            yield from all_off(layer)
             return result
 
         return (yield from _with_callbacks(_run(run_body(), run_md), live_plot))

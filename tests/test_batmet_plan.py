@@ -14,19 +14,25 @@ from bluesky.utils import RunEngineInterrupted
 from calbench.analysis.batmet import fit_sink, sink_data_from_table
 from calbench.devices.base import InstrumentRefused, set_and_check
 from calbench.iocs.sim.bench import LinkFaults
+from calbench.lab import make_device
 from calbench.plans.batmet import (BenchNotReady, calibrate_sink, collect_sink_calibration,
                                    write_sink_calibration)
 
 SHORT = {"dac_stop": 700}       # fault tests: 25 points through the dead zone and 0.2 A
 
 
+@pytest.fixture(scope="module")
+def bench_devices(lab):
+    # a generous connection timeout: CA searches are slow on a loaded machine
+    return {name: make_device(lab.cfg, name, timeout=30.0) for name in ("dmm", "psu", "batmet")}
+
+
 @pytest.fixture
-def bench(lab):
+def bench(lab, bench_devices):
     """The bench's devices and the simulated parts behind them; faults cleared afterwards."""
     sims = {name: lab.backend(name).sim for name in ("dmm", "psu", "batmet")}
-    b = SimpleNamespace(dmm=lab.device("dmm"), psu=lab.device("psu"), batmet=lab.device("batmet"),
-                        meter=sims["dmm"], supply=sims["psu"], firmware=sims["batmet"],
-                        world=sims["batmet"].world)
+    b = SimpleNamespace(**bench_devices, meter=sims["dmm"], supply=sims["psu"],
+                        firmware=sims["batmet"], world=sims["batmet"].world)
     yield b
     for sim in sims.values():
         sim.faults = LinkFaults()

@@ -2,6 +2,7 @@
 -> HDF5 + tiled -> frames read back; refused puts; trim files through the IOC."""
 from __future__ import annotations
 
+import h5py
 import numpy as np
 import pytest
 from bluesky.plans import count, scan
@@ -72,9 +73,28 @@ def test_count_on_cu_gives_frames_in_tiled_that_follow_the_physics(lab, box, det
     assert run.metadata["stop"]["exit_status"] == "success"
 
 
+def test_one_file_per_trigger_mode_writes_a_file_per_event(lab, det, RE, tmp_path):
+    det.file_per_trigger = True
+    det.data_dir = lab.cfg.data_dir / "per_trigger"
+    try:
+        (uid,) = RE(count([det], num=2))
+    finally:
+        det.file_per_trigger = False
+    run = RE.catalog[uid]
+    frames = run["primary"]["eiger_image"].read()
+    assert frames.shape == (2, 512, 1024)
+    files = sorted((lab.cfg.data_dir / "per_trigger").rglob("*.h5"))
+    assert [f.name.rsplit("_", 1)[1] for f in files] == ["000000.h5", "000001.h5"]
+    with h5py.File(files[1], "r", swmr=True) as f:
+        np.testing.assert_array_equal(f["/entry/data/data"][0], frames[1])
+        assert f["/entry/instrument/detector/vthreshold"][0] == 1200
+
+
 def _one_pixel_scan(RE, box, det, pixel, trimval):
     set_and_check(det.trimval, trimval)
-    (uid,) = RE(xrf_exposure(box, "Cu", scan([det], det.vthreshold, 0, 2000, 26)))
+    set_and_check(det.exptime, 0.4)         # ~4000 counts on the plateau: mu to ~12 DAC
+    # up to 1840: a high trimbit also brings the pixel's noise edge (near its baseline) to ~1900
+    (uid,) = RE(xrf_exposure(box, "Cu", scan([det], det.vthreshold, 0, 1840, 24)))
     run = RE.catalog[uid]
     x = np.asarray(run["primary"]["eiger_vthreshold"].read(), float)
     y = np.asarray(run["primary"]["eiger_image"][:, pixel[0], pixel[1]], float)
@@ -91,8 +111,11 @@ def _fit_mu(x, y):
 def test_threshold_scan_of_one_pixel_is_an_s_curve_moving_with_its_trimbit(lab, box, det, RE):
     RE(tube_on(box, KV, MA))
     truth = lab.backend("eiger").truth()
-    pixel = (300, 100)
-    assert truth.live()[pixel]
+    # a pixel with the chip's median offset: at high trimbits its noise edge stays above 2000
+    chip = lab.ioc("eiger").geometry.chip_slice(1)
+    base = np.where(truth.live()[chip], truth.base[chip], np.nan)
+    r, c = np.unravel_index(np.nanargmin(abs(base - np.nanmedian(base))), base.shape)
+    pixel = (chip[0].start + int(r), chip[1].start + int(c))
     mus = {}
     for trimval in (16, 48):
         x, y = _one_pixel_scan(RE, box, det, pixel, trimval)
@@ -101,7 +124,7 @@ def test_threshold_scan_of_one_pixel_is_an_s_curve_moving_with_its_trimbit(lab, 
     step = truth.trim_step(2500)[pixel]
     expected = {t: truth.inflection(8.02, 3040, t, 2500)[pixel] for t in mus}
     for t in mus:
-        assert mus[t] == pytest.approx(expected[t], abs=25)
+        assert mus[t] == pytest.approx(expected[t], abs=35)
     # a higher trimbit lowers the inflection (counts rise with the trimbit) by 32 steps
     assert mus[16] - mus[48] == pytest.approx(32 * step, rel=0.1)
 

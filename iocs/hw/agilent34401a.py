@@ -71,6 +71,12 @@ class Agilent34401A:
                 self.link.close()
                 raise InstrumentFault(f"There is no 34401A multimeter connected to {self.port}: "
                                       f"{exc}") from None
+            if not idn:
+                self.link.close()
+                raise InstrumentFault(
+                    f"There is no 34401A multimeter connected to {self.port}: no answer to "
+                    "*IDN?; check that it is on, the null-modem cable and 9600 baud 8N1, or "
+                    "power-cycle it")
             if "34401A" not in idn:
                 self.link.close()
                 raise InstrumentFault(

@@ -23,11 +23,12 @@ the chip's vcmp (a comparator *reference*: a larger vcmp is a *lower* energy thr
 * Charge sharing: photons near a pixel border leave part of their charge in the neighbour, so the
   counted fraction rises as the threshold energy drops: ``(1 + c_pix * (1 - E_thr/E))`` with
   c_pix ~ 0.45 (PSI's sloped plateau, the C term of the S-curve model).
-* Electronic noise hits: ``NOISE_RATE_HZ * exp(-E_thr^2 / (2 ENC_KEV^2))`` per second, E_thr the
+* Electronic noise hits: ``NOISE_RATE_HZ * exp(-E_thr^2 / (2 ENC^2))`` per second, E_thr the
   pixel's threshold energy: negligible above ~1.3 keV, a flood below (vthreshold near m).
 * Counts are Poisson (numpy Generator) in every frame; test pulses add Binomial(n, P) counts with a
   pulse height ``(4000 - vcal) * TP_KEV_PER_DAC``. A few dead pixels (never count), noisy pixels
-  (4x threshold noise, 30x noise-hit rate) and hot pixels (count ~2e5 /s whatever the threshold).
+  (2.5x electronic noise, 2x threshold noise, 30x noise-hit rate: they flood well below the
+  baseline) and hot pixels (count ~2e5 /s whatever the threshold).
 * The counter saturates at 2**dr - 1; at 32 bit the detector sums 12-bit subframes of 2.62144 ms,
   so a pixel saturates at 4095 per subframe.
 * Beam: photon energy and flux per pixel come from the X-ray box (`source() -> (keV, photons/pixel/s)`),
@@ -100,6 +101,7 @@ class EigerTruth:
     gain_rel: NDArray[np.float64]      # g_hm * g_chip * g_pix
     step_rel: NDArray[np.float64]      # trim step spread
     sigma_thr: NDArray[np.float64]     # DAC
+    enc: NDArray[np.float64]           # electronic noise, keV
     charge_sharing: NDArray[np.float64]
     efficiency: NDArray[np.float64]    # illumination profile x pixel efficiency (0 for dead pixels)
     noise_scale: NDArray[np.float64]   # multiplies NOISE_RATE_HZ
@@ -118,7 +120,7 @@ class EigerTruth:
 
     def sigma(self, vrf: NDArray | float) -> NDArray[np.float64]:
         """S-curve width (DAC) per pixel."""
-        return np.hypot(self.gain(vrf) * ENC_KEV, self.sigma_thr)
+        return np.hypot(self.gain(vrf) * self.enc, self.sigma_thr)
 
     def inflection(self, energy_keV: float, vrf: NDArray | float, trimbits: NDArray | float,
                    vtrim: NDArray | float) -> NDArray[np.float64]:
@@ -182,10 +184,12 @@ def make_truth(geom: EigerGeometry, seed: int) -> EigerTruth:
         hot[r[N_DEAD + N_NOISY:], c[N_DEAD + N_NOISY:]] = True
     efficiency[dead] = 0.0
     noise_scale[dead] = 0.0
-    sigma_thr[noisy] *= 4.0
+    enc = np.full(shape, ENC_KEV)
+    enc[noisy] *= 2.5
+    sigma_thr[noisy] *= 2.0
     noise_scale[noisy] = 30.0
     return EigerTruth(geometry=geom, base=base, gain_rel=gain_rel, step_rel=step_rel,
-                      sigma_thr=sigma_thr, charge_sharing=charge_sharing, efficiency=efficiency,
+                      sigma_thr=sigma_thr, enc=enc, charge_sharing=charge_sharing, efficiency=efficiency,
                       noise_scale=noise_scale, hot=hot, dead=dead, noisy=noisy, chip_baseline=chip_m)
 
 
@@ -631,7 +635,8 @@ class EigerSim:
                     "key": key,
                     "gain": gain.astype(np.float32),
                     "trimmed": trimmed.astype(np.float32),            # base - trim shift, DAC
-                    "sigma": np.hypot(gain * ENC_KEV, t.sigma_thr).astype(np.float32),
+                    "sigma": np.hypot(gain * t.enc, t.sigma_thr).astype(np.float32),
+                    "inv2enc2": (-0.5 / t.enc ** 2).astype(np.float32),
                     "efficiency": t.efficiency.astype(np.float32),
                     "sharing": t.charge_sharing.astype(np.float32),
                     "noise": t.noise_scale.astype(np.float32),
@@ -653,8 +658,7 @@ class EigerSim:
             share = 1 + m["sharing"] * np.clip(x / (m["gain"] * np.float32(energy_keV)), 0, None)
             lam += np.float32(flux * seconds) * m["efficiency"] * p * share
         ethr = np.clip(m["ethr"], 0, None)
-        lam += np.float32(NOISE_RATE_HZ * seconds) * m["noise"] * np.exp(
-            np.float32(-0.5 / ENC_KEV ** 2) * ethr * ethr)
+        lam += np.float32(NOISE_RATE_HZ * seconds) * m["noise"] * np.exp(m["inv2enc2"] * ethr * ethr)
         lam[t.hot] += HOT_RATE_HZ * seconds
         return lam
 

@@ -3,30 +3,31 @@
 What is modelled (reference/fee.md), all in physical units:
 
 * Calibration pulse. The board's 16-bit DAC (AD9726) synthesises a current pulse with a sin^2
-  leading edge (`rise_ns`) and an exponential tail (`fall_ns`); register 0..65535 maps linearly
-  (with a seeded, sub-LSB integral non-linearity) to 0..1834 pC of direct-pulse charge. The
-  board input has a finite bandwidth (single pole, `input_tau_ns`), so the edge that reaches the
-  discriminator is the sin^2 edge convolved with an exponential: close to, but not exactly, the
-  shape the walk model t = T0 + a Q^-1/2 + b Q^-3/2 is derived from.
-* Cable. Part of the pulse is launched into the cable (`coupling`), travels to the open far end
-  and back (2 L at velocity v), is attenuated by the DC loop resistance and dispersed by the skin
-  effect: the causal kernel of H(s) = exp(-K l sqrt(s)),
-  h(t) = K l / (2 sqrt(pi) t^3/2) exp(-(K l)^2 / 4 t), with K fitted to RG58's 0.16 dB/m at
-  100 MHz. The reflected pulse therefore rises more slowly and its ADC charge is smaller (about
-  12 pC for 336 pC direct at the default 50 m). The transit time grows with temperature by
-  `temp_coeff_per_K` (0.01 %/K). A length of 0 m means no cable: no separate reflection.
-* Discriminator and TDC. A leading-edge discriminator fires when the pulse crosses the channel's
-  threshold (mV into 50 ohm); the crossing time is found by inverting the tabulated edge, so the
-  time walk emerges from the pulse shape. Voltage noise (converted to time by the edge's slope)
-  and clock jitter smear it; the TDC quantises it in 1.5625 ns bins. The calibration pulses are
-  generated from the board clock, so the sub-LSB phase between a pulse and the TDC bins is a
-  fixed (seeded, random) property of each channel: only the jitter dithers it, which is why the
-  plain average of TDC times cannot beat the LSB.
+  leading edge (`rise_ns`, default 80 ns) and a short exponential tail (`fall_ns`, 5 ns); register
+  0..65535 maps linearly (with a seeded integral non-linearity below 1 LSB) to 0..1834 pC of
+  direct-pulse charge. The board input has a finite bandwidth (one pole, `input_tau_ns`), so the
+  edge that reaches the discriminator is the sin^2 edge convolved with an exponential: close to,
+  but not exactly, the shape the walk model t = T0 + a Q^-1/2 + b Q^-3/2 is derived from.
+* Cable. Part of the pulse is launched into the cable (`coupling`), travels to the open far end and
+  back (2 L at the high-frequency velocity v), is attenuated by the DC loop resistance and
+  dispersed by the skin effect: the causal kernel of H(s) = exp(-K l sqrt(s)),
+  h(t) = K l / (2 sqrt(pi) t^3/2) exp(-(K l)^2 / 4 t), with K from RG58's 0.16 dB/m at 100 MHz.
+  The reflection therefore rises more slowly, arrives later than 2 L / v by a delay that grows
+  with the edge's duration (the skin effect's group delay; about 2 ns for an 80 ns edge through
+  2 x 20 m), and its ADC charge is smaller (12 pC for 336 pC direct at 20 m). The transit time
+  grows with temperature by `temp_coeff_per_K` (0.01 %/K). Length 0 m: nothing connected.
+* Discriminator and TDC. A leading-edge discriminator fires when the pulse plus input noise
+  (`voltage_noise_mV`, slow against the edge) crosses the channel's threshold (mV into 50 ohm); the
+  crossing time comes from inverting the tabulated edge, so the time walk emerges from the pulse
+  shape. Clock jitter (`clock_jitter_ns`) adds to it and the TDC quantises it in 1.5625 ns bins.
+  The calibration pulses are generated from the board clock, so the sub-LSB phase between a pulse
+  and the TDC bins is a fixed (seeded, random) property of each channel: only the jitter dithers
+  it, which is why plain averages of TDC times at one amplitude cannot beat the LSB.
 * ADC. The charge is the integral of the pulse in the ADC gate plus noise, quantised to 0.16 pC
   (fine range, 12 bit) or 0.44 pC (coarse range, up to 1800 pC).
 * Sequencer. The board steps its DAC register over a range, one pulse every 1/pulse_rate_hz
-  world seconds; the results of the whole sweep are computed at once with numpy (milliseconds
-  for 11,501 pulses) and released when the world clock says the sweep is over.
+  world seconds; the results of a whole sweep are computed at once with numpy (milliseconds for
+  11,501 pulses) and released when the world clock says the sweep is over.
 * Environment. The cable's temperature follows a daily cycle plus slow seeded weather.
 
 Nothing here imports caproto; `FeeBoardSim` is the backend of `calbench.iocs.fee.FeeIOC`.
@@ -54,6 +55,10 @@ ADC_COARSE_LSB_PC = ADC_COARSE_MAX_PC / 4095
 INPUT_OHM = 50.0
 THRESHOLD_RANGE_MV = (0.1, 500.0)
 MAX_SWEEP_PULSES = DAC_MAX + 1
+DEFAULT_CABLE_M = 20.0
+# The threshold puts the reflections' firing point just inside the default sweep (register ~640 of
+# 500..12000 for 20 m of RG58), so the analysis sees where it is and keeps the fit away from it.
+DEFAULT_THRESHOLD_MV = 0.7
 
 # RG58A/U: 0.16 dB/m at 100 MHz from the skin effect -> K = alpha / sqrt(omega / 2) (ns^1/2 / m).
 _RG58_ALPHA_NP_PER_M = 0.16 / 8.686
@@ -109,8 +114,8 @@ def skin_effect_kernel(t_ns: np.ndarray, k_l: float) -> np.ndarray:
 @dataclass(frozen=True)
 class BoardShape:
     """Parameters of the calibration pulse and of the board's input (shared by all channels)."""
-    rise_ns: float = 30.0
-    fall_ns: float = 40.0
+    rise_ns: float = 80.0
+    fall_ns: float = 5.0
     input_tau_ns: float = 0.7
     adc_gate_ns: float = 300.0
     span_ns: float = 800.0
@@ -146,7 +151,7 @@ class BoardShape:
 @dataclass
 class CableSim:
     """An RG58 cable between a channel and its (open) far end. length_m = 0: nothing connected."""
-    length_m: float = 50.0
+    length_m: float = 20.0
     velocity_m_per_ns: float = 0.208          # at reference_C
     temp_coeff_per_K: float = 1.0e-4          # relative change of the transit time per kelvin
     reference_C: float = 20.0
@@ -202,6 +207,7 @@ class SweepResult:
     """What the board's sequencer delivers after a sweep."""
     registers: np.ndarray                   # DAC register of each pulse
     pulse_times: np.ndarray                 # world time of each pulse, epoch s
+    period_s: float                         # time between pulses (world s)
     temperature_C: float                    # cable temperature at the sweep's start
     channels: dict[int, PulseResults]       # enabled channels only
     complete: bool                          # False when the sweep was stopped early
@@ -236,14 +242,15 @@ class FeeBoardSim:
 
     def __init__(self, clock: WorldClock, seed: int = 0, *, cable_lengths_m: list[float] | None = None,
                  velocity_m_per_ns: float = 0.208, temp_coeff_per_K: float = 1.0e-4,
-                 shape: BoardShape | None = None, coupling: float = 0.0525,
-                 threshold_mV: float = 2.0, pulse_rate_hz: float = 10_000.0,
-                 clock_jitter_ns: float = 0.05, voltage_noise_mV: float = 0.05,
+                 shape: BoardShape | None = None, coupling: float = 0.0383,
+                 threshold_mV: float = DEFAULT_THRESHOLD_MV, pulse_rate_hz: float = 10_000.0,
+                 clock_jitter_ns: float = 0.25, voltage_noise_mV: float = 0.02,
                  adc_noise_pC: float = 0.08, environment: Environment | None = None):
         self.clock = clock
         self.seed = int(seed)
         self._rng = np.random.default_rng([self.seed, 3])
-        lengths = list(cable_lengths_m) if cable_lengths_m is not None else [50.0] * N_CHANNELS
+        lengths = (list(cable_lengths_m) if cable_lengths_m is not None
+                   else [DEFAULT_CABLE_M] * N_CHANNELS)
         if len(lengths) != N_CHANNELS:
             raise ValueError(f"cable_lengths_m needs {N_CHANNELS} entries (0 = no cable), got {len(lengths)}")
         self.cables = [CableSim(float(L), velocity_m_per_ns, temp_coeff_per_K) for L in lengths]
@@ -436,7 +443,7 @@ class FeeBoardSim:
         channels = {c: PulseResults(*(getattr(r, f)[:n] for f in PulseResults.__dataclass_fields__))
                     for c, r in sweep.results.items()}
         return SweepResult(sweep.registers[:n], sweep.t_start + np.arange(n) * sweep.period_s,
-                           sweep.temperature_C, channels, n == len(sweep.registers))
+                           sweep.period_s, sweep.temperature_C, channels, n == len(sweep.registers))
 
     def fire(self) -> dict[int, tuple[float, float, float, float]]:
         """One calibration pulse at the current register on every enabled channel:
@@ -473,16 +480,19 @@ class FeeBoardSim:
 
 
 def build_world(clock: WorldClock, seed: int, settings: dict[str, dict]) -> dict[str, object]:
-    """The FEE world's backends by instrument name."""
+    """The FEE world's backends by instrument name (settings: the [instruments.fee] keys)."""
     s = settings.get("fee", {})
+    lengths = [float(x) for x in s.get("cable_lengths_m", [DEFAULT_CABLE_M] * N_CHANNELS)]
+    if len(lengths) != N_CHANNELS:
+        raise ValueError(f"[instruments.fee] cable_lengths_m needs {N_CHANNELS} lengths in metres "
+                         f"(0 = nothing connected), got {len(lengths)}")
     board = FeeBoardSim(
-        clock, seed,
-        cable_lengths_m=[float(x) for x in s.get("cable_lengths_m", [50.0] * N_CHANNELS)],
+        clock, seed, cable_lengths_m=lengths,
         velocity_m_per_ns=float(s.get("velocity_m_per_ns", 0.208)),
         temp_coeff_per_K=float(s.get("temp_coeff_per_K", 1.0e-4)),
-        threshold_mV=float(s.get("threshold_mV", 2.0)),
+        threshold_mV=float(s.get("threshold_mV", DEFAULT_THRESHOLD_MV)),
         pulse_rate_hz=float(s.get("pulse_rate_hz", 10_000.0)),
-        shape=BoardShape(rise_ns=float(s.get("rise_ns", 30.0))),
+        shape=BoardShape(rise_ns=float(s.get("rise_ns", 80.0))),
         environment=Environment(mean_C=float(s.get("mean_temperature_C", 20.0)),
                                 daily_swing_K=float(s.get("daily_swing_K", 8.0)), seed=seed),
     )

@@ -286,7 +286,7 @@ def _default_physics(offset: int, rng: np.random.Generator) -> ElectrodePhysics:
         return ElectrodePhysics(
             name=name, leak_GOhm=float(rng.uniform(8.0, 30.0)),
             offset_uA=float(rng.normal(0.0, 0.002)), capacitance_nF=float(rng.uniform(3.0, 6.0)),
-            spark_rate_ref_per_s=0.02, spark_v_ref_V=float(rng.normal(605.0, 8.0)),
+            spark_rate_ref_per_s=0.02, spark_v_ref_V=float(rng.normal(635.0, 8.0)),
             spark_v_scale_V=float(rng.uniform(16.0, 20.0)), discharge_mean_s=0.3,
             discharge_uA=(5.0, 60.0))
     return ElectrodePhysics(
@@ -308,7 +308,7 @@ class CaenCrateSim:
     system_type = "SY5527"
 
     def __init__(self, clock: WorldClock, seed: int = 0, *, slot: int = 3,
-                 imon_noise_uA: float = 0.0015, vmon_noise_V: float = 0.05):
+                 imon_noise_uA: float = 0.0005, vmon_noise_V: float = 0.05):
         self.clock = clock
         self.slot = int(slot)
         self.imon_noise_uA = imon_noise_uA

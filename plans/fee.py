@@ -1,0 +1,305 @@
+"""Cable transit-time calibration with the Daya Bay FEE board (reference/fee.md) as Bluesky plans.
+
+    RE(transit_time_calibration(fee, channel=3))                   # one calibration, two runs
+    RE(realtime_cable_monitor(fee, channels=range(16)))            # every 20 min (world time)
+
+A calibration is the paper's: the board's sequencer sweeps the calibration DAC register from 500 to
+12000 in steps of 1 (11,501 pulses, 14..336 pC direct); every pulse's direct and reflected charge and
+TDC time land in tiled as arrays (one event of stream "fee_sweep"); the time-walk fit
+(calbench.analysis.timewalk) gives the round-trip transit time dt = T0_reflected - T0_direct and the
+cable length. The fit is stored as a derived run (start.parent_uid = the sweep's uid, stream "fit").
+
+The monitor repeats the calibration for each channel every `every_s` seconds of the board's clock
+(world time, so simulations can run a day in minutes) and tracks dt against time and the cable
+temperature. A channel that cannot be calibrated (no cable, too few TDC bins, a refused setting)
+is reported, its derived run closed with exit_status "fail" and the reason, and the monitor goes on
+with the others. The board is left safe (sequencer stopped, DAC at 0) on every exit path.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import bluesky.plan_stubs as bps
+import bluesky.preprocessors as bpp
+from bluesky.preprocessors import finalize_wrapper
+
+from calbench.analysis.fee_callbacks import ChannelFit, TransitTimeFitter
+from calbench.analysis.timewalk import (RG58_VELOCITY_M_PER_NS, TransitTimeResult,
+                                        plot_monitor_history, plot_walk_fits)
+from calbench.devices.base import InstrumentRefused
+
+log = logging.getLogger(__name__)
+
+# The paper's sweep (reference/fee.md): 11,501 pulses from register 500 to 12000.
+SWEEP_START = 500
+SWEEP_STOP = 12000
+SWEEP_STEP = 1
+MONITOR_PERIOD_S = 1200.0           # real-time mode: a calibration every ~20 minutes
+MIN_POLL_S, MAX_POLL_S = 0.02, 1.0  # wall-clock bounds of one wait step (keeps pause/abort prompt)
+
+
+class FeeCalibrationError(RuntimeError):
+    """A channel could not be calibrated; the message names the channel, the cause and the fix."""
+
+
+@dataclass
+class MonitorEntry:
+    """One calibration in the monitor's history (error: why the channel has no result)."""
+    channel: int
+    time: float                      # world time of the sweep, epoch s
+    temperature_C: float
+    dt_ns: float = math.nan
+    dt_err_ns: float = math.nan
+    length_m: float = math.nan
+    error: str = ""
+    uids: list[str] = field(default_factory=list)
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+
+def _reason(exc: BaseException) -> str:
+    """The instrument's own reason inside a failed put (FailedStatus -> InstrumentRefused)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, InstrumentRefused):
+            return str(exc).split(": ", 1)[-1]
+        status = exc.args[0] if exc.args and hasattr(exc.args[0], "exception") else None
+        if status is not None and status.done and status.exception() is not None:
+            exc = status.exception()
+            continue
+        exc = exc.__cause__ or exc.__context__
+    return "no reason given"
+
+
+def _put(signal, value, channel: int, what: str):
+    try:
+        yield from bps.mv(signal, value)
+    except Exception as exc:
+        raise FeeCalibrationError(f"channel {channel}: {what} = {value!r} refused: "
+                                  f"{_reason(exc)}") from exc
+
+
+def _leave_safe(fee):
+    """Stop the sequencer and park the DAC at 0 (no calibration pulses reach the detectors)."""
+    try:
+        if int((yield from bps.rd(fee.seq_busy))):
+            yield from bps.abs_set(fee.seq_acquire, "Done", wait=True)
+        yield from bps.abs_set(fee.cal_dac, 0, wait=True)
+    except Exception:          # the board gone: nothing more a plan can do; the IOC makes it safe
+        log.exception("could not leave the FEE board safe")
+
+
+def _check_connected(fee, channel: int):
+    if not int((yield from bps.rd(fee.connected_rbv))):
+        message = yield from bps.rd(fee.status_message)
+        raise FeeCalibrationError(f"channel {channel}: the FEE board ({fee.prefix}) does not answer: "
+                                  f"{message or 'no reason given'}")
+
+
+class _WorldClock:
+    """The board's clock seen from a plan: reads WorldTime_RBV, measures its rate against the wall
+    clock, and sleeps in short wall steps until a world time is reached."""
+
+    def __init__(self, fee):
+        self.fee = fee
+        self.rate = 1.0
+        self._last: tuple[float, float] | None = None
+
+    def now(self):
+        t = float((yield from bps.rd(self.fee.world_time)))
+        wall = time.monotonic()
+        if self._last is None:
+            self._last = (t, wall)
+        elif wall - self._last[1] >= 0.2:
+            rate = (t - self._last[0]) / (wall - self._last[1])
+            if rate > 0:
+                self.rate = rate
+            self._last = (t, wall)
+        return t
+
+    def wait_until(self, world_t: float):
+        while True:
+            now = yield from self.now()
+            remaining = world_t - now
+            if remaining <= 0:
+                return now
+            yield from bps.sleep(min(max(0.8 * remaining / self.rate, MIN_POLL_S), MAX_POLL_S))
+
+
+def _record_fit(fit: ChannelFit | None, *, channel: int, parent_uid: str, method: str,
+                error: str, md: dict):
+    """The derived run of one channel's fit: one event in stream "fit"; closed with exit_status
+    "fail" and the reason when there is no result. Returns the run's uid."""
+    from ophyd import Signal
+
+    result = fit.result if fit is not None else None
+    values = {k: v for k, v in result.as_dict().items() if isinstance(v, (int, float))} if result else {}
+    sweep = fit.sweep if fit is not None else None
+    values.update(channel=channel,
+                  temperature_C=sweep.temperature_C if sweep is not None else math.nan,
+                  sweep_time=sweep.start_time if sweep is not None else math.nan)
+    _md = {"procedure": "fee_transit_time_fit", "analysis": "calbench.analysis.timewalk:fit_transit_time",
+           "parent_uid": parent_uid, "channel": channel, "method": method, **md}
+    uid = yield from bps.open_run(md=_md)
+    if result is None:
+        yield from bps.close_run(exit_status="fail", reason=error)
+        return uid
+    signals = [Signal(name=f"fee_ch{channel:02d}_{k}", value=float(v)) for k, v in values.items()]
+    yield from bps.trigger_and_read(signals, name="fit")
+    yield from bps.close_run()
+    return uid
+
+
+# -- plans ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CableCalibration:
+    """One calibration of one channel: the fit and where it is stored."""
+    channel: int
+    result: TransitTimeResult
+    time: float                      # world time of the sweep's first pulse, epoch s
+    temperature_C: float             # cable temperature at the sweep
+    sweep_uid: str
+    fit_uid: str
+
+    @property
+    def dt_ns(self) -> float:
+        return self.result.dt_ns
+
+    @property
+    def dt_err_ns(self) -> float:
+        return self.result.dt_err_ns
+
+    @property
+    def length_m(self) -> float:
+        return self.result.length_m
+
+
+def transit_time_calibration(fee, channel: int, start: int = SWEEP_START, stop: int = SWEEP_STOP,
+                             step: int = SWEEP_STEP, *, method: str = "binned",
+                             velocity_m_per_ns: float = RG58_VELOCITY_M_PER_NS,
+                             plot_dir: str | Path | None = None, md: dict | None = None):
+    """Calibrate the transit time of the cable on `channel` (plan; returns a CableCalibration).
+
+    Sweeps the calibration DAC register from `start` to `stop` (inclusive) in steps of `step` with
+    the board's sequencer (the paper's 500..12000 by 1 by default), stores every pulse in a run,
+    fits the time-walk model (`method` "binned", the paper's, or "likelihood") and stores the fit as
+    a derived run; `plot_dir` also saves the fit's figure there. Raises FeeCalibrationError naming
+    the channel when the board refuses the sweep (register range, channel number) or the pulses
+    cannot give a transit time (no cable, too few TDC bins). The board is left safe either way."""
+    channel = int(channel)
+    if not 0 <= channel < 16:
+        raise FeeCalibrationError(f"channel {channel}: the FEE board has channels 0..15")
+    md = dict(md or {})
+    fitter = TransitTimeFitter(method, velocity_m_per_ns=velocity_m_per_ns)
+
+    def fly():
+        try:
+            yield from bps.kickoff(fee, wait=True)
+        except Exception as exc:
+            raise FeeCalibrationError(f"channel {channel}: the sweep did not start: "
+                                      f"{_reason(exc)}") from exc
+        try:
+            yield from bps.complete(fee, wait=True)
+        except Exception as exc:
+            raise FeeCalibrationError(
+                f"channel {channel}: the sweep did not finish within {fee.complete_timeout_s} s: "
+                f"{_reason(exc)}; check that the board answers (Connected_RBV)") from exc
+        yield from bps.collect(fee)
+
+    def sweep():
+        yield from _check_connected(fee, channel)
+        yield from _put(fee.channel_mask, 1 << channel, channel, "ChannelMask")
+        # Order the puts so that every intermediate range is one the board accepts.
+        yield from _put(fee.seq_step, int(step), channel, "Seq:Step")
+        if int(start) > int((yield from bps.rd(fee.seq_stop))):
+            yield from _put(fee.seq_stop, int(stop), channel, "Seq:Stop")
+            yield from _put(fee.seq_start, int(start), channel, "Seq:Start")
+        else:
+            yield from _put(fee.seq_start, int(start), channel, "Seq:Start")
+            yield from _put(fee.seq_stop, int(stop), channel, "Seq:Stop")
+        threshold = float((yield from bps.rd(fee.channel(channel).threshold)))
+        yield from bpp.run_wrapper(fly(), md={
+            "plan_name": "transit_time_calibration", "procedure": "fee_transit_time",
+            "instrument": "fee", "channel": channel,
+            "sweep": {"start": int(start), "stop": int(stop), "step": int(step)},
+            "threshold_mV": threshold, "method": method, **md})
+
+    yield from finalize_wrapper(bpp.subs_wrapper(sweep(), fitter), _leave_safe(fee))
+    sweep_uid = fitter.run_uid
+    fit = fitter.fits.get(channel)
+    error = fit.error if fit is not None else (f"channel {channel}: the sweep produced no data for "
+                                               "this channel; check ChannelMask")
+    fit_uid = yield from _record_fit(fit, channel=channel, parent_uid=sweep_uid, method=method,
+                                     error=error, md=md)
+    if fit is None or not fit.ok:
+        raise FeeCalibrationError(error)
+    s = fit.sweep
+    if plot_dir is not None:
+        path = Path(plot_dir) / f"fee_ch{channel:02d}_walk_{sweep_uid[:8]}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        plot_walk_fits(s.direct_q_pC, s.direct_t_ns, s.reflected_q_pC, s.reflected_t_ns,
+                       fit.result, path)
+    return CableCalibration(channel, fit.result, s.start_time, s.temperature_C, sweep_uid, fit_uid)
+
+
+def realtime_cable_monitor(fee, channels: Iterable[int], every_s: float = MONITOR_PERIOD_S, *,
+                           cycles: int | None = None, start: int = SWEEP_START,
+                           stop: int = SWEEP_STOP, step: int = SWEEP_STEP, method: str = "binned",
+                           velocity_m_per_ns: float = RG58_VELOCITY_M_PER_NS,
+                           plot_dir: str | Path | None = None, md: dict | None = None):
+    """Calibrate the cables on `channels` every `every_s` world seconds (plan; returns the history,
+    a list of MonitorEntry). `cycles` limits the number of rounds (None: until stopped).
+
+    Each round calibrates every channel in turn (transit_time_calibration); a channel that fails is
+    recorded with its reason and the others go on. `plot_dir` keeps a figure per channel of its
+    transit time against time and temperature, updated after every round."""
+    channels = [int(c) for c in channels]
+    if not channels:
+        raise FeeCalibrationError("realtime_cable_monitor needs at least one channel")
+    if every_s <= 0:
+        raise FeeCalibrationError(f"every_s = {every_s}: the period must be positive (seconds)")
+    clock = _WorldClock(fee)
+    history: list[MonitorEntry] = []
+    md = {"monitor": {"channels": channels, "every_s": float(every_s)}, **(md or {})}
+    round_no = 0
+    next_round = yield from clock.now()
+    while cycles is None or round_no < cycles:
+        yield from clock.wait_until(next_round)
+        next_round += every_s
+        for channel in channels:
+            t = yield from clock.now()
+            temperature = float((yield from bps.rd(fee.temperature)))
+            try:
+                result = yield from transit_time_calibration(
+                    fee, channel, start, stop, step, method=method,
+                    velocity_m_per_ns=velocity_m_per_ns, md={**md, "monitor_round": round_no})
+            except FeeCalibrationError as exc:
+                log.warning("cable monitor: %s", exc)
+                print(f"cable monitor: {exc}")
+                history.append(MonitorEntry(channel, t, temperature, error=str(exc)))
+                continue
+            history.append(MonitorEntry(channel, result.time, result.temperature_C,
+                                        result.dt_ns, result.dt_err_ns, result.length_m,
+                                        uids=[result.sweep_uid, result.fit_uid]))
+        round_no += 1
+        if plot_dir is not None:
+            _plot_history(history, Path(plot_dir))
+    return history
+
+
+def _plot_history(history: list[MonitorEntry], plot_dir: Path) -> None:
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    for channel in sorted({e.channel for e in history}):
+        good = [e for e in history if e.channel == channel and not e.error]
+        if not good:
+            continue
+        plot_monitor_history([e.time for e in good], [e.temperature_C for e in good],
+                             [e.dt_ns for e in good], [e.dt_err_ns for e in good],
+                             plot_dir / f"fee_ch{channel:02d}_monitor.png", label=f"channel {channel}")

@@ -1,0 +1,152 @@
+"""PSI trim/settings files: bit compatibility with slsDetectorPackage's layout, round trips, bad files,
+and slsDetector's trim-energy interpolation rules."""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from calbench.analysis.trimfile import (DAC_NAMES, TRIM_FILE_BYTES, TrimFile, TrimFileError,
+                                        bracket_trim_energies, interpolate_trim, read_trim_file,
+                                        round_half_away, serial_from_hostname, settings_for_energy,
+                                        trim_file_path, write_trim_file)
+
+dacs_st = arrays(np.int32, 16, elements=st.integers(0, 4000))
+trimbits_st = arrays(np.int8, (256, 1024), elements=st.integers(0, 63),
+                     fill=st.integers(0, 63))
+
+
+def test_layout_is_slsdetectors_int32_sequence(tmp_path):
+    """A file assembled by hand with struct (16 DACs, iodelay, tau, trimbits) reads back field by
+    field; and our writer produces exactly those bytes."""
+    dacs = [0, 2500, 3422, 1400, 4000, 2556, 1125, 1155, 4000, 1140, 1100, 1100, 1150, 1140, 2000,
+            1550]
+    tb = (np.arange(256 * 1024) % 64).astype(np.int32).reshape(256, 1024)
+    raw = struct.pack("<18i", *dacs, 660, 540) + struct.pack(f"<{tb.size}i", *tb.ravel())
+    assert len(raw) == TRIM_FILE_BYTES == 1_048_648
+    path = tmp_path / "noise.sn058"
+    path.write_bytes(raw)
+    tf = read_trim_file(path)
+    assert tf.dacs.tolist() == dacs and tf.iodelay == 660 and tf.tau_ns == 540
+    assert tf.dac("vrpreamp") == 3422 and tf.dac("vcp") == 1140
+    np.testing.assert_array_equal(tf.trimbits, tb)
+    out = write_trim_file(tmp_path / "copy.sn058", dacs, 660, 540, tb)
+    assert out.read_bytes() == raw
+
+
+@settings(max_examples=15, deadline=None)
+@given(dacs=dacs_st, iodelay=st.integers(0, 4000), tau=st.integers(0, 2000), tb=trimbits_st)
+def test_write_read_write_is_bit_exact(tmp_path_factory, dacs, iodelay, tau, tb):
+    d = tmp_path_factory.mktemp("tf")
+    first = write_trim_file(d / "a.sn000", dacs, iodelay, tau, tb)
+    tf = read_trim_file(first)
+    second = write_trim_file(d / "b.sn000", tf.dacs, tf.iodelay, tf.tau_ns, tf.trimbits)
+    assert first.read_bytes() == second.read_bytes()
+    np.testing.assert_array_equal(tf.trimbits, tb)
+    assert tf.dacs.tolist() == dacs.tolist() and (tf.iodelay, tf.tau_ns) == (iodelay, tau)
+
+
+def test_seventeen_dacs_as_slsdet_get_asarray_are_accepted(tmp_path):
+    tb = np.zeros((256, 1024), int)
+    asarray = np.array([*range(100, 1700, 100), 660], float)      # slsdet gives floats
+    tf = read_trim_file(write_trim_file(tmp_path / "x.sn001", asarray, 660, 0, tb))
+    assert tf.iodelay == 660 and tf.dacs[0] == 100
+    with pytest.raises(TrimFileError, match="disagrees with iodelay"):
+        write_trim_file(tmp_path / "y.sn001", asarray, 650, 0, tb)
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.binary(min_size=0, max_size=4096))
+def test_truncated_or_foreign_files_are_rejected_with_the_expected_size(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("bad") / "noise.sn058"
+    path.write_bytes(data)
+    with pytest.raises(TrimFileError, match="1048648"):
+        read_trim_file(path)
+
+
+def test_corrupt_trimbit_and_missing_file_are_named(tmp_path):
+    tb = np.zeros((256, 1024), np.int32)
+    path = write_trim_file(tmp_path / "noise.sn058", np.zeros(16), 660, 0, tb)
+    raw = bytearray(path.read_bytes())
+    struct.pack_into("<i", raw, 4 * (18 + 5 * 1024 + 7), 99)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(TrimFileError, match="trimbit 99 at row 5, column 7"):
+        read_trim_file(path)
+    with pytest.raises(FileNotFoundError, match="nothing.sn058 not found"):
+        read_trim_file(tmp_path / "nothing.sn058")
+
+
+@pytest.mark.parametrize("kwargs, reason", [
+    ({"trimbits": np.zeros((256, 512))}, "256 x 1024"),
+    ({"trimbits": np.full((256, 1024), 64)}, "0..63"),
+    ({"dacs": np.zeros(15)}, "need 16 DAC values"),
+    ({"dacs": np.full(16, 0.5)}, "integers"),
+])
+def test_bad_content_is_refused_before_writing(tmp_path, kwargs, reason):
+    args = {"dacs": np.zeros(16), "iodelay": 660, "tau": 0, "trimbits": np.zeros((256, 1024))}
+    args.update(kwargs)
+    with pytest.raises(TrimFileError, match=reason):
+        write_trim_file(tmp_path / "t.sn000", **args)
+    assert not list(tmp_path.iterdir())
+
+
+def test_paths_and_serials_follow_slsdetector():
+    assert serial_from_hostname("beb058") == "058"
+    assert str(trim_file_path("/s/eiger", "standard", 5400, "58")) == \
+        "/s/eiger/standard/5400eV/noise.sn058"
+    with pytest.raises(ValueError, match="settings 'fast'"):
+        trim_file_path("/s", "fast", 5400, 1)
+
+
+def _tf(**dacs) -> TrimFile:
+    """A trim file with PSI's standard DACs (some overridden), iodelay 660, zero trimbits."""
+    base = {"vsvp": 0, "vtrim": 2500, "vrpreamp": 3300, "vrshaper": 1400, "vsvn": 4000,
+            "vtgstv": 2556, "vcmp_ll": 1100, "vcmp_lr": 1100, "vcal": 4000, "vcmp_rl": 1100,
+            "rxb_rb": 1100, "rxb_lb": 1100, "vcmp_rr": 1100, "vcp": 1100, "vcn": 2000,
+            "vishaper": 1550, **dacs}
+    return TrimFile(dacs=np.array([base[n] for n in DAC_NAMES], np.int32), iodelay=660,
+                    tau_ns=0, trimbits=np.zeros((256, 1024), np.int32))
+
+
+def test_interpolation_uses_slsdetector_rounding_and_dac_lists():
+    a = TrimFile(dacs=_tf(vrpreamp=3422, vcmp_ll=1125, vtrim=2500, vcal=4000).dacs, iodelay=660,
+                 tau_ns=540, trimbits=np.full((256, 1024), 30, np.int32))
+    b = TrimFile(dacs=_tf(vrpreamp=3278, vcmp_ll=1150, vtrim=2600, vcal=3000).dacs, iodelay=660,
+                 tau_ns=350, trimbits=np.full((256, 1024), 33, np.int32))
+    with pytest.warns(UserWarning, match="vcal differs"):
+        out = interpolate_trim(4950, 4500, a, 5400, b)
+    # k = (y2 - y1)/(E2 - E1), y = round(k*E + y1 - k*E1), half away from zero
+    assert out.dac("vrpreamp") == 3350          # 3422 - 144*0.5 = 3350
+    assert out.dac("vcmp_ll") == 1138           # 1137.5 -> 1138
+    assert out.dac("vtrim") == 2550
+    assert out.dac("vcal") == 4000              # taken from the first file
+    assert out.tau_ns == 445 and out.iodelay == 660
+    assert np.all(out.trimbits == 32)           # 31.5 -> 32
+    assert round_half_away([-1.5, -0.5, 0.5, 2.5]).tolist() == [-2, -1, 1, 3]
+
+
+def test_interpolation_refuses_files_whose_fixed_dacs_differ():
+    a, b = _tf(), _tf(vcn=2100)
+    with pytest.raises(TrimFileError, match="vcn differs"):
+        interpolate_trim(5000, 4500, a, 5400, b)
+
+
+def test_energy_selection_matches_or_brackets_and_refuses_outside():
+    energies = [4500, 5400, 6400]
+    assert bracket_trim_energies(5400, energies) == 5400
+    assert bracket_trim_energies(6000, energies) == (5400, 6400)
+    for e in (4499, 6401):
+        with pytest.raises(ValueError, match=f"This energy {e} not defined for this module"):
+            bracket_trim_energies(e, energies)
+    loaded = []
+
+    def load(e):
+        loaded.append(e)
+        return _tf(vrpreamp={4500: 3400, 5400: 3300, 6400: 3100}[e])
+
+    assert settings_for_energy(6000, energies, load).dac("vrpreamp") == 3180
+    assert loaded == [5400, 6400]
