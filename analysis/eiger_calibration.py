@@ -46,7 +46,7 @@ __all__ = [
     "analyse_scurve", "trimbit_targets", "TrimbitResult", "analyse_trimbit_scan",
     "clean_chip_counts", "chip_sums", "ChipInflections", "chip_inflections",
     "EnergyCalibration", "fit_energy_calibration", "Dispersion", "threshold_dispersion",
-    "chip_statistics",
+    "chip_statistics", "CalibrationResults",
 ]
 
 # XRF line energies (keV) of PSI's calibration (sls_detector_tools ``xrf``): rounded K-alpha lines,
@@ -278,9 +278,9 @@ class BadPixels:
     """Image-shaped masks of pixels that are not trimmed (True = bad).
 
     dead: no count in the whole scan; hot: counting at the scan's highest energy threshold
-    (first point), where no photon passes; noisy: flooding at the lowest energy threshold (last
-    point) or with an S-curve width or inflection more than ``n_std`` robust standard deviations
-    from its chip's; unfitted: the S-curve fit did not give usable parameters."""
+    (first point), where no photon passes; noisy: an S-curve width or inflection more than
+    ``n_std`` robust standard deviations from its chip's; unfitted: the S-curve fit did not give
+    usable parameters."""
     dead: NDArray[np.bool_]
     hot: NDArray[np.bool_]
     noisy: NDArray[np.bool_]
@@ -334,23 +334,20 @@ def find_bad_pixels(x: ArrayLike, counts: ArrayLike, fit: NDArray, geometry: Eig
                     n_std: float = DEFAULTS.bad_pixel_std) -> BadPixels:
     """Dead, hot, noisy and unfitted pixels of an S-curve (see :class:`BadPixels`).
 
-    The count rule is PSI's cleaning, ``counts > 3 * max(median, clean_threshold)`` at a point;
-    the width/inflection rule is PSI's ``generate_mask`` (``cfg.calibration.std`` = 5) with robust
-    statistics per chip so that the outliers themselves do not widen it."""
+    The hot rule is PSI's cleaning, ``counts > 3 * max(median, clean_threshold)``, at the first
+    point; the width/inflection rule is PSI's ``generate_mask`` (``cfg.calibration.std`` = 5)
+    with robust statistics per chip so that the outliers themselves do not widen it."""
     xa, ca = _check_scan(x, counts, "S-curve")
     total = ca.sum(axis=-1, dtype=np.float64)
     dead = total == 0
 
-    def outliers(i: int) -> NDArray[np.bool_]:
-        frame = ca[:, :, i]
-        return frame > 3.0 * max(float(np.median(frame)), clean_threshold)
-
-    # Only at the scan's ends does every good pixel see the same (nothing, or its plateau); in
-    # between, pixels with an early threshold would pass the rule too.
-    hot = outliers(0)
-    over = outliers(xa.size - 1)
-    ok = (fit["status"] == FitStatus.OK) & ~dead & ~hot & ~over
-    noisy = over & ~hot
+    # At the first point (highest energy threshold) no photon passes: whatever counts there is
+    # hot. In the edge the rule would also catch pixels whose threshold is merely early, and at
+    # the last point pixels with a low threshold meet the noise floor: both are good pixels.
+    first = ca[:, :, 0]
+    hot = first > 3.0 * max(float(np.median(first)), clean_threshold)
+    ok = (fit["status"] == FitStatus.OK) & ~dead & ~hot
+    noisy = np.zeros(ca.shape[:2], bool)
     for chip in range(geometry.n_chips):
         sl = geometry.chip_slice(chip)
         use = ok[sl]
@@ -437,7 +434,9 @@ def analyse_scurve(x: ArrayLike, counts: ArrayLike, geometry: EigerGeometry, *,
     if ca.shape[:2] != geometry.shape:
         raise ValueError(f"S-curve frames {ca.shape[:2]} do not match a {geometry.name} "
                          f"{geometry.shape}")
-    fit = fit_scurves(xa, ca)
+    # No chi-square cut: pixels whose threshold is low meet the noise floor in the last points;
+    # their inflection is still well measured, and broken fits are caught as outliers below.
+    fit = fit_scurves(xa, ca, max_chi2=None)
     bad = find_bad_pixels(xa, ca, fit, geometry, clean_threshold=clean_threshold, n_std=n_std)
     good = ~bad.mask
     vcmp, vcp = chip_vcmp(fit["mu"], good, geometry, mu_range=mu_range)
@@ -651,3 +650,69 @@ def threshold_dispersion(mu: ArrayLike, good: ArrayLike, calibration: EnergyCali
                       mean_keV=float(e.mean()) if e.size else math.nan,
                       sigma_eV=1000.0 * float(e.std()) if e.size else math.nan)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole procedure's results
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class CalibrationResults:
+    """Everything one calibration decided: what the plans produce while they run and what the
+    re-analysis from tiled recomputes. ``lines`` holds, per target, the chip inflections of the
+    trimmed detector (run id 1) that the energy calibration is fitted to."""
+    det_id: str
+    gain: str
+    target: str
+    geometry: EigerGeometry
+    vrf: VrfScanResult | None = None
+    untrimmed: SCurveResult | None = None
+    trimbits: TrimbitResult | None = None
+    trimmed: SCurveResult | None = None
+    lines: dict[str, ChipInflections] | None = None
+    calibration: EnergyCalibration | None = None
+    dispersion_untrimmed: Dispersion | None = None
+    dispersion_trimmed: Dispersion | None = None
+
+    def add_line(self, point: ChipInflections) -> None:
+        self.lines = {**(self.lines or {}), point.target: point}
+
+    def finish(self) -> EnergyCalibration:
+        """Fit the energy calibration to the lines (in order of energy) and the dispersions."""
+        points = sorted((self.lines or {}).values(), key=lambda p: p.energy_keV)
+        self.calibration = fit_energy_calibration(points)
+        if self.untrimmed is not None:
+            self.dispersion_untrimmed = threshold_dispersion(
+                self.untrimmed.fit["mu"], self.untrimmed.good, self.calibration, self.geometry)
+        if self.trimmed is not None:
+            good = self.trimmed.good & (self.trimbits.trimmed if self.trimbits is not None
+                                        else True)
+            self.dispersion_trimmed = threshold_dispersion(
+                self.trimmed.fit["mu"], good, self.calibration, self.geometry)
+        return self.calibration
+
+    def summary(self) -> dict:
+        """JSON-able numbers of every decision (what the summary run stores)."""
+        out: dict = {"det_id": self.det_id, "gain": self.gain, "target": self.target,
+                     "geometry": self.geometry.name}
+        if self.vrf is not None:
+            out["vrf_scan"] = self.vrf.summary()
+        if self.untrimmed is not None:
+            out["untrimmed"] = self.untrimmed.summary()
+        if self.trimbits is not None:
+            out["trimbits"] = self.trimbits.summary()
+        if self.trimmed is not None:
+            out["trimmed"] = self.trimmed.summary()
+        if self.lines:
+            out["lines"] = {t: {"energy_keV": p.energy_keV, "mu": [float(v) for v in p.mu]}
+                            for t, p in sorted(self.lines.items())}
+        if self.calibration is not None:
+            out["calibration"] = self.calibration.summary()
+            low, high = self.calibration.threshold_range()
+            out["calibration"]["threshold_range_keV"] = [low, high]
+        for name in ("dispersion_untrimmed", "dispersion_trimmed"):
+            d = getattr(self, name)
+            if d is not None:
+                out[name] = {"sigma_eV": d.sigma_eV, "mean_keV": d.mean_keV,
+                             "chip_sigma_eV": [float(v) for v in d.chip_sigma_eV]}
+        return out

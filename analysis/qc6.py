@@ -181,6 +181,9 @@ def read_iv_file(path: str | os.PathLike) -> IvTable:
                                "alternates CH<n>Voltage,CH<n>Current")
         if k % 2 == 0:
             channels.append(int(m.group(1)))
+    if len(names) % 2:
+        raise Qc6FileError(f"{path}: header ends with {names[-1]!r} alone; an IV scan header "
+                           "alternates CH<n>Voltage,CH<n>Current")
     rows = []
     for n, line in enumerate(lines[1:], start=2):
         try:
@@ -351,6 +354,7 @@ def plot_stress(trips: StressTrips, title: str = "Stress Test", *, ax=None):
         ax.plot(np.arange(1, len(v) + 1), v, marker="o", label=gem_label(c))
     ax.set_xlabel("Trip Iteration")
     ax.set_ylabel("Voltage [V]")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_title(title)
     if trips.channels:
         ax.legend(frameon=True, loc="upper right")
@@ -377,6 +381,7 @@ def plot_stability(log: StabilityLog, title: str = "Stability Test", *, ax=None)
     ax.plot(hours, counts, marker="o")
     ax.set_xlabel("Time [h]")
     ax.set_ylabel("Trips")
+    ax.yaxis.get_major_locator().set_params(integer=True)
     ax.set_title(title)
     return fig
 

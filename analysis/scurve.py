@@ -984,6 +984,9 @@ def _run_fit(
     with _KERNEL_LOCK:
         if n_threads is not None:
             numba.set_num_threads(max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS)))
+        # Dynamic scheduling in small chunks of blocks: with a static split, a thread that the
+        # OS deschedules (a busy machine) leaves the others waiting at the end of each chunk.
+        prev_chunk = numba.set_parallel_chunksize(4)
         try:
             for r0 in range(0, rows, step):
                 r1 = min(rows, r0 + step)
@@ -997,6 +1000,7 @@ def _run_fit(
                     res[r0:r1].reshape(k),
                 )
         finally:
+            numba.set_parallel_chunksize(prev_chunk)
             if n_threads is not None:
                 numba.set_num_threads(prev_threads)
     return res

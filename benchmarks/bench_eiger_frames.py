@@ -1,4 +1,4 @@
-"""Software overhead per EIGER frame: simulated 500k module at 32 bit, IOC -> HDF5 -> documents -> tiled.
+"""Software overhead per EIGER frame, 500k module at 32 bit: IOC -> HDF5 -> documents -> tiled.
 
     python benchmarks/bench_eiger_frames.py [--frames 40] [--exptime 0.01]
 

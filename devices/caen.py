@@ -129,7 +129,8 @@ class HvChannel(Device):
 
     def set(self, value, *, timeout: float | None = None, settle_time: float | None = None):
         """Write V0Set; done when not ramping and |VMon - V0Set| <= 1 V (V0Set as held by the
-        crate, i.e. capped at SVMax). Fails with ChannelTripped / ChannelOff / InstrumentRefused."""
+        crate, i.e. capped at SVMax). Fails with ChannelTripped if the crate trips the channel on
+        the way, ChannelOff if it is not on, InstrumentRefused if the crate refuses the value."""
         value = float(value)
         status = DeviceStatus(self, timeout=timeout, settle_time=settle_time)
         if int(self.pw.get(use_monitor=False)) != 1:
@@ -138,7 +139,6 @@ class HvChannel(Device):
                 f"({self.pw.pvname} = On, e.g. RE(bps.mv(<device>.{self.pw.dotted_name}, 1))), "
                 "then set the voltage"))
             return status
-        target = min(value, float(self.svmax.get()))
         lock = threading.Lock()
         tokens: list = []
 
@@ -159,10 +159,8 @@ class HvChannel(Device):
             if bits & TRIPPED:
                 finish(ChannelTripped(f"{self.label()} tripped on the way to {value:g} V "
                                       f"(Status {describe_status(bits)}, VMon {self.position:.1f} V)"))
-            elif not bits & STATUS_ON:
-                finish(ChannelOff(f"{self.label()} was switched off on the way to {value:g} V"))
-            elif at_setpoint(bits, self.position, target):
-                finish()
+            elif at_setpoint(bits, self.position, min(value, float(self.svmax.get()))):
+                finish()     # SVMax read each time: its monitor may trail a recent change
 
         def put_done(st):
             if not st.success:
@@ -171,7 +169,7 @@ class HvChannel(Device):
             with lock:
                 if status.done:
                     return
-                for sig in (self.vmon, self.status):
+                for sig in (self.vmon, self.status, self.svmax):
                     tokens.append((sig, sig.subscribe(check, run=False)))
             check()
 

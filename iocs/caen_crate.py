@@ -62,9 +62,11 @@ class ChannelPVs(PVGroup):
         super().__init__(prefix, **kwargs)
 
     async def _put(self, param: str, value):
-        held = await self.ioc.call(self.ioc.backend.set_param, self.slot, self.channel, param, value)
-        if param in ("V0Set", "Pw"):      # Status and VMon follow at once, not a poll later
-            await self.ioc.poll()
+        async with self.ioc.crate_lock:
+            held = await self.ioc.call(self.ioc.backend.set_param, self.slot, self.channel, param,
+                                       value)
+            if param in ("V0Set", "Pw"):      # Status and VMon follow at once, not a poll later
+                await self.ioc.poll_unlocked()
         if param == "V0Set" and held is not None and held < float(value):
             await self.ioc.report(f"S{self.slot:02d}:C{self.channel:02d} V0Set {float(value):g} V "
                                   f"clamped to SVMax = {held:g} V")
@@ -209,6 +211,7 @@ class CaenCrateIOC(InstrumentIOC):
                 self.channel_pvs[slot].append(cp)
                 self.pvdb.update(cp.pvdb)
         self._last_fault = ""
+        self._crate_lock: asyncio.Lock | None = None
 
     def n_channels(self, slot: int) -> int:
         return len(self.channel_pvs.get(slot, []))
@@ -216,16 +219,18 @@ class CaenCrateIOC(InstrumentIOC):
     @clear_alarm.putter
     async def clear_alarm(self, instance, value):
         if value:
-            await self.poll()      # trips since the last poll are published before they are cleared
-            await self.call(self.backend.clear_alarm)
-            await self.poll()
+            async with self.crate_lock:
+                await self.poll_unlocked()   # trips since the last poll are shown before clearing
+                await self.call(self.backend.clear_alarm)
+                await self.poll_unlocked()
         return 0
 
     @kill.putter
     async def kill(self, instance, value):
         if value:
-            await self.call(self.backend.kill)
-            await self.poll()
+            async with self.crate_lock:
+                await self.call(self.backend.kill)
+                await self.poll_unlocked()
         return 0
 
     @system_type.startup
@@ -243,8 +248,19 @@ class CaenCrateIOC(InstrumentIOC):
             await self.poll()
             await asyncio.sleep(float(getattr(self.backend, "poll_period_s", 0.5)))
 
+    @property
+    def crate_lock(self) -> asyncio.Lock:
+        """Serialises polls and puts: a poll must not publish a reading taken before a put."""
+        if self._crate_lock is None:
+            self._crate_lock = asyncio.Lock()
+        return self._crate_lock
+
     async def poll(self) -> None:
         """Read every board and publish what changed (world-clock timestamps)."""
+        async with self.crate_lock:
+            await self.poll_unlocked()
+
+    async def poll_unlocked(self) -> None:
         try:
             readings = {slot: self.backend.read_board(slot) for slot in self.channel_pvs}
         except Exception as exc:     # a fault (or a driver bug) must not stop the IOC

@@ -51,6 +51,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 from caproto import ChannelType
+from caproto._constants import (MAX_SUBSCRIPTION_BACKLOG,
+                                SUBSCRIPTION_BACKLOG_WARN_THRESHOLD_ELEMENTS)
 from caproto.server import PVGroup, SubGroup, pvproperty
 
 from calbench.analysis.eiger_geometry import EigerGeometry, frame_dtype
@@ -242,7 +244,10 @@ class EigerIOC(InstrumentIOC):
                 group, sub = self, attr
             old = group.attr_pvdb[sub]
             cls, kwargs = old.pvspec.get_instantiation_info(group)
-            kwargs.update(value=np.zeros(n, dtype=np.asarray(old.value).dtype), max_length=n)
+            # a subscription backlog that keeps a slow client's queue under caproto's memory limit
+            backlog = max(1, (SUBSCRIPTION_BACKLOG_WARN_THRESHOLD_ELEMENTS - 1) // n)
+            kwargs.update(value=np.zeros(n, dtype=np.asarray(old.value).dtype), max_length=n,
+                          max_subscription_backlog=min(backlog, MAX_SUBSCRIPTION_BACKLOG))
             new = cls(**kwargs)
             for g in {group, self}:
                 key = sub if g is group else attr
@@ -515,19 +520,39 @@ class EigerIOC(InstrumentIOC):
     # -- acquisition ----------------------------------------------------------------------------------
     @acquire.putter
     async def acquire(self, instance, value):
+        """Acquire = Acquire: take NumImages frames; the put completes when they are written.
+
+        A refused or failed acquisition still completes the put (as areaDetector does):
+        DetectorState_RBV goes to Error, the reason is on StatusMessage_RBV (a refusal also counts
+        in Refusals_RBV) and ArrayCounter_RBV does not advance, which is what clients check."""
         if value == "Done":
             if self._busy:
                 await self.publish(self.detector_state, "Aborting")
                 self.backend.abort()
             return "Done"
-        await self.refuse_if_busy()
-        single = self.capture_rbv.value == "On" and self._stream_file is None
+        try:
+            await self.refuse_if_busy()
+        except Refused:
+            return "Done"                 # the acquisition in progress goes on undisturbed
+        try:
+            result = await self._acquire()
+        except (Refused, InstrumentFault):
+            await self.publish(self.detector_state, "Error")
+            return "Done"
+        await self.publish(self.detector_state, "Aborted" if result else "Idle")
+        return "Done"
+
+    async def _acquire(self) -> bool:
+        """The acquisition behind the Acquire put; returns whether it was aborted. Refusals and
+        faults go through `self.call` (reported, counted) and are re-raised."""
+        call = self.call
         if self._stream_file is not None and self._stream_file.dtype != frame_dtype(
                 int(self.backend.dr)):
-            await self.call(_raise, Refused(
+            await call(_raise, Refused(
                 f"the open file {self._stream_file.path.name} holds {self._stream_file.dtype} "
                 "frames but DynamicRange changed; put Capture = Off and On to start a new file"))
-        path = await self.call(self._next_file) if single else None
+        single = self.capture_rbv.value == "On" and self._stream_file is None
+        path = await call(self._next_file) if single else None
         self._busy = True
         try:
             await self.publish(self.acquire_rbv, "Acquire")
@@ -538,20 +563,18 @@ class EigerIOC(InstrumentIOC):
                 frames, starts, aborted = await loop.run_in_executor(
                     None, self._acquire_to_file, path)
             except OSError as exc:
-                raise Refused(f"writing {path or self._stream_file.path} failed: {exc}; check "
-                              "FilePath, free space and permissions") from None
+                await call(_raise, Refused(f"writing {path or self._stream_file.path} failed: "
+                                           f"{exc}; check FilePath, free space and permissions"))
+            except (Refused, InstrumentFault) as exc:
+                await call(_raise, exc)
             await self._publish_acquisition(frames, starts, path)
-        except (Refused, InstrumentFault) as exc:
-            await self.publish(self.detector_state, "Error")
-            await self.call(_raise, exc)
         finally:
             self._busy = False
             await self.publish(self.acquire_rbv, "Done")
         if path is not None:
             await self._advance_file_number()
         await self.array_counter.write(int(self.array_counter_rbv.value))
-        await self.publish(self.detector_state, "Aborted" if aborted else "Idle")
-        return "Done"
+        return aborted
 
     async def _publish_acquisition(self, frames: np.ndarray, starts: np.ndarray,
                                    path: Path | None) -> None:

@@ -2,6 +2,8 @@
 -> HDF5 + tiled -> frames read back; refused puts; trim files through the IOC."""
 from __future__ import annotations
 
+import time
+
 import h5py
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from scipy.optimize import curve_fit
 from calbench.analysis.scurve import scurve
 from calbench.analysis.trimfile import read_trim_file
 from calbench.devices.base import InstrumentRefused, set_and_check
+from calbench.devices.eiger import EigerError
 from calbench.plans.xray import tube_on, xrf_exposure
 
 KV, MA = 40.0, 40.0
@@ -92,7 +95,7 @@ def test_one_file_per_trigger_mode_writes_a_file_per_event(lab, det, RE, tmp_pat
 
 def _one_pixel_scan(RE, box, det, pixel, trimval):
     set_and_check(det.trimval, trimval)
-    set_and_check(det.exptime, 0.4)         # ~4000 counts on the plateau: mu to ~12 DAC
+    set_and_check(det.exptime, 1.0)         # ~1e4 counts on the plateau: mu to ~9 DAC
     # up to 1840: a high trimbit also brings the pixel's noise edge (near its baseline) to ~1900
     (uid,) = RE(xrf_exposure(box, "Cu", scan([det], det.vthreshold, 0, 1840, 24)))
     run = RE.catalog[uid]
@@ -208,3 +211,51 @@ def test_threshold_energy_loads_interpolated_settings_until_a_dac_is_touched(det
     assert det.threshold_energy.get(use_monitor=False) == -1
     assert det.settings_rbv.get(use_monitor=False) == "undefined"
     assert list(det.vcmp.get(use_monitor=False)) == [1100] * 8
+
+
+def test_abort_stops_a_long_acquisition_and_keeps_the_frames_taken(det):
+    set_and_check(det.frames, 20)
+    set_and_check(det.exptime, 1.0)                 # 20 world seconds, 4 s at the test's speed
+    det.stage()
+    try:
+        status = det.trigger()
+        time.sleep(0.6)
+        det.stop()
+        status.wait(10)
+        taken = det.images_counter.get(use_monitor=False)
+        assert det.detector_state.get(use_monitor=False) == "Aborted"
+        assert 1 <= taken < 20
+        path = det.full_file_name.get(use_monitor=False)
+    finally:
+        det.unstage()
+    with h5py.File(path, "r", swmr=True) as f:
+        assert f["/entry/data/data"].shape[0] == taken
+
+
+def test_a_detector_that_stops_answering_fails_the_trigger_with_the_reason(lab, det):
+    det.stage()
+    try:
+        lab.backend("eiger").unresponsive = True
+        status = det.trigger()
+        with pytest.raises(EigerError, match="no answer from beb058.*power-cycle"):
+            status.wait(10)
+    finally:
+        lab.backend("eiger").unresponsive = False
+        det.unstage()
+    assert det.connected_rbv.get(use_monitor=False) in (0, 1)   # the poll loop recovers
+
+
+def test_an_acquisition_that_cannot_write_its_file_is_refused(det, tmp_path):
+    (tmp_path / "a_file").write_text("not a directory")
+    det.file_per_trigger = True
+    det.stage()
+    try:
+        set_and_check(det.file_path, str(tmp_path / "a_file" / "frames"))
+        counter = det.array_counter.get(use_monitor=False)
+        with pytest.raises(InstrumentRefused, match="cannot create FilePath .*a_file/frames"):
+            det.trigger().wait(10)
+        assert det.array_counter.get(use_monitor=False) == counter
+        assert det.detector_state.get(use_monitor=False) == "Error"
+    finally:
+        det.file_per_trigger = False
+        det.unstage()

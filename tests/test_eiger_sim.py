@@ -74,6 +74,7 @@ def test_untrimmed_s_curves_rise_and_recover_the_hidden_inflections(sim):
     live = np.argwhere(truth.live()[256:512, 0:256]) + [256, 0]      # chip 0
     pick = live[rng.choice(len(live), 40, replace=False)]
     x = np.arange(0, 2001, 40.0)
+    sim.set_exptime(0.5)                  # ~5000 counts on the plateau: mu of a pixel to ~9 DAC
     counts = threshold_scan(sim, pick[:, 0], pick[:, 1], x)
     assert np.all(counts[:, :5].mean(axis=1) < 0.05 * counts[:, -5:].mean(axis=1)), "must rise"
     fits = np.array([fit_mu(x, y) for y in counts])
@@ -92,11 +93,12 @@ def test_inflection_moves_down_with_the_trimbit_by_the_trim_step(sim):
     pixel = typical_pixel(truth, sim.geometry.chip_slice(6))
     # up to 1840: a high trimbit also lowers the pixel's noise edge (near its baseline) to ~1900
     x = np.arange(0, 1841, 40.0)
+    sim.set_exptime(1.0)                  # ~1e4 counts on the plateau: mu of one pixel to ~6 DAC
     mus = {}
     for tb in (16, 48):
         sim.set_trimval(tb)
         mus[tb] = fit_mu(x, threshold_scan(sim, [pixel[0]], [pixel[1]], x)[0])[2]
-        assert mus[tb] == pytest.approx(truth.inflection(CU_KEV, 3040, tb, 2500)[pixel], abs=15)
+        assert mus[tb] == pytest.approx(truth.inflection(CU_KEV, 3040, tb, 2500)[pixel], abs=20)
     assert mus[48] < mus[16]                        # counts rise with the trimbit
     assert mus[16] - mus[48] == pytest.approx(32 * truth.trim_step(2500)[pixel], rel=0.1)
     # 0..63 spans several times the untrimmed spread at the default vtrim
@@ -276,3 +278,20 @@ def test_an_exposure_sees_the_beam_change_during_it(beam):
     closing = np.median(sim.acquire().frames[0][live])
     timer.join()
     assert closing / steady == pytest.approx(0.5, abs=0.05)
+
+
+@pytest.mark.parametrize("name, shape, chips", [("250k", (256, 1024), 4), ("1M", (1024, 1024), 16)])
+def test_other_geometries_count_on_every_chip(beam, name, shape, chips):
+    sim = EigerSim(WorldClock(1.0e4), geometry=name, seed=5, source=beam,
+                   hostnames=["beb031"])
+    assert sim.geometry.shape == shape and sim.geometry.n_chips == chips
+    assert sim.hostnames[0] == "beb031" and len(sim.hostnames) == sim.geometry.n_half_modules
+    sim.set_dynamic_range(16)
+    sim.set_exptime(0.1)
+    sim.set_dac("vrpreamp", 3040)
+    sim.set_vthreshold(1900)
+    frame = sim.acquire().frames[0]
+    assert frame.shape == shape and frame.dtype == np.uint16
+    sums = sim.geometry.chip_sums(frame)
+    assert len(sums) == chips and sums.min() > 0.5 * sums.max()
+    assert len(sim.vcmp()) == chips

@@ -150,3 +150,19 @@ def test_energy_selection_matches_or_brackets_and_refuses_outside():
 
     assert settings_for_energy(6000, energies, load).dac("vrpreamp") == 3180
     assert loaded == [5400, 6400]
+
+
+def test_geometries_place_half_modules_and_chips_like_psi():
+    from calbench.analysis.eiger_geometry import geometry
+    g = geometry("500k")
+    assert g.half_module_slice(0) == (slice(256, 512), slice(0, 1024))      # top: beb058
+    assert g.half_module_slice(1) == (slice(0, 256), slice(0, 1024))
+    assert [g.chip_vcmp(c) for c in (0, 3, 4, 7)] == [(0, "vcmp_ll"), (0, "vcmp_rr"),
+                                                      (1, "vcmp_rr"), (1, "vcmp_ll")]
+    frame = g.chip_map.astype(float)
+    np.testing.assert_array_equal(g.chip_sums(frame), np.arange(8) * 65536.0)
+    nine = geometry("9M")
+    assert nine.shape == (3072, 3072) and nine.n_half_modules == 36 and nine.n_chips == 144
+    assert nine.half_module_origin(2 * 17) == (2560 + 256, 2048)            # module 17, top
+    with pytest.raises(ValueError, match="unknown EIGER geometry '3M'"):
+        geometry("3M")

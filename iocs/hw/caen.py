@@ -183,8 +183,9 @@ class CaenHvCrate:
             log.exception("closing the link to the %s", self.where)
 
 
-def from_settings(settings: dict) -> CaenHvCrate:
-    """The hardware backend for the lab configuration's [instruments.caen] settings."""
+def from_settings(settings: dict, *, hv=None) -> CaenHvCrate:
+    """The hardware backend for the lab configuration's [instruments.caen] settings (the
+    password comes from the environment variable named by `password_env`)."""
     password = os.environ.get(settings.get("password_env", "CALBENCH_CAEN_PASSWORD"), "")
     return CaenHvCrate.open(
         system_type=settings.get("system_type", "SY5527"),
@@ -192,4 +193,4 @@ def from_settings(settings: dict) -> CaenHvCrate:
         address=settings.get("address", "192.168.0.1"),
         username=settings.get("username", "admin"),
         password=password,
-        poll_period_s=float(settings.get("poll_period_s", 0.5)))
+        poll_period_s=float(settings.get("poll_period_s", 0.5)), hv=hv)

@@ -191,7 +191,8 @@ class EigerHardware:
         if t.size != len(names) * n_hm:
             raise Refused(f"DAC table needs {len(names)} x {n_hm} values, got {t.size}")
         t = t.reshape(len(names), n_hm)
-        checked = [[self._check_dac(names[i], t[i, h]) for h in range(n_hm)] for i in range(len(names))]
+        checked = [[self._check_dac(names[i], t[i, h]) for h in range(n_hm)]
+                   for i in range(len(names))]
         for i, name in enumerate(names):
             for h in range(n_hm):
                 self._call(lambda: getattr(self.det.dacs, name).__setitem__(h, checked[i][h]))

@@ -8,13 +8,15 @@ the chip's vcmp (a comparator *reference*: a larger vcmp is a *lower* energy thr
 
     vcmp_chip + step_pix * (trimbit - 31.5)  >  base_pix - G_pix(vrf) * E        (+ noise)
 
-* ``base_pix = m_chip + offset_pix``: the chip's baseline m (``BASELINE_DAC`` +- ``CHIP_SPREAD_DAC``)
-  plus the pixel's untrimmed threshold offset (Gaussian, ``OFFSET_SPREAD_DAC`` ~ 95 DAC, so that the
-  untrimmed inflection points spread by about 100 DAC as in PSI's calibration plots).
+* ``base_pix = m_chip + offset_pix``: the chip's baseline m (2350 +- 30 DAC between chips) plus the
+  pixel's untrimmed threshold offset (Gaussian, 95 DAC, so that the untrimmed inflection points
+  spread by about 100 DAC as in PSI's calibration plots). m is where the threshold energy is zero:
+  it sits above the 0..2000 vthreshold scans so that their last points are not flooded by noise.
 * ``G_pix(vrf) = GAIN_AT_VRF_REF * exp(GAIN_SLOPE * (vrpreamp - VRF_REF)) * g_hm * g_chip * g_pix``,
-  in DAC/keV. The exponential slope 0.0013 /DAC is what PSI's standard settings imply (vrpreamp 3422,
-  3278, 3153 hold the 4.5, 5.4, 6.4 keV lines at the same vcmp); with 118 DAC/keV at vrpreamp 3000
-  the Cu line (8.02 keV) sits at vthreshold ~1200 near vrpreamp ~3040.
+  in DAC/keV (+-1.5 % per half module, +-3 % per chip, +-2 % per pixel). The exponential slope
+  0.0013 /DAC is what PSI's standard settings imply (vrpreamp 3422, 3278, 3153 hold the 4.5, 5.4,
+  6.4 keV lines at the same vcmp); with 140 DAC/keV at vrpreamp 3000 the Cu line (8.02 keV) sits at
+  vthreshold ~1200 near vrpreamp ~3030, and a vthreshold-1200 vrf scan steps up there.
 * ``step_pix = TRIM_STEP_DAC * vtrim / 2500 * s_pix``: the trimbit step (15 DAC at vtrim 2500, +-5 %
   per pixel), so the 64 trimbits span about +-470 DAC, several times the untrimmed spread. Counts
   rise with the trimbit.
@@ -31,7 +33,8 @@ the chip's vcmp (a comparator *reference*: a larger vcmp is a *lower* energy thr
   baseline) and hot pixels (count ~2e5 /s whatever the threshold).
 * The counter saturates at 2**dr - 1; at 32 bit the detector sums 12-bit subframes of 2.62144 ms,
   so a pixel saturates at 4095 per subframe.
-* Beam: photon energy and flux per pixel come from the X-ray box (`source() -> (keV, photons/pixel/s)`),
+* Beam: photon energy and flux per pixel come from the X-ray box
+  (`source() -> (keV, photons/pixel/s)`),
   shaped by a smooth illumination profile (-25 % at the corners) and +-3 % pixel efficiency.
 
 The energy calibration of chip c at the current settings is ``vcmp = m_c - k_c * E`` with
@@ -112,7 +115,8 @@ class EigerTruth:
 
     def gain(self, vrf: NDArray | float) -> NDArray[np.float64]:
         """Pixel gain (DAC/keV) for vrpreamp ``vrf`` (scalar or image-shaped per-pixel vrf)."""
-        return GAIN_AT_VRF_REF * np.exp(GAIN_SLOPE * (np.asarray(vrf, float) - VRF_REF)) * self.gain_rel
+        vrf = np.asarray(vrf, float)
+        return GAIN_AT_VRF_REF * np.exp(GAIN_SLOPE * (vrf - VRF_REF)) * self.gain_rel
 
     def trim_step(self, vtrim: NDArray | float) -> NDArray[np.float64]:
         """Threshold shift per trimbit (DAC) for vtrim (scalar or per pixel)."""
@@ -188,9 +192,12 @@ def make_truth(geom: EigerGeometry, seed: int) -> EigerTruth:
     enc[noisy] *= 2.5
     sigma_thr[noisy] *= 2.0
     noise_scale[noisy] = 30.0
-    return EigerTruth(geometry=geom, base=base, gain_rel=gain_rel, step_rel=step_rel,
-                      sigma_thr=sigma_thr, enc=enc, charge_sharing=charge_sharing, efficiency=efficiency,
-                      noise_scale=noise_scale, hot=hot, dead=dead, noisy=noisy, chip_baseline=chip_m)
+    f4 = np.float32                     # per-pixel truth in float32: a 9M detector stays < 0.5 GB
+    return EigerTruth(geometry=geom, base=base.astype(f4), gain_rel=gain_rel.astype(f4),
+                      step_rel=step_rel.astype(f4), sigma_thr=sigma_thr.astype(f4),
+                      enc=enc.astype(f4), charge_sharing=charge_sharing.astype(f4),
+                      efficiency=efficiency.astype(f4), noise_scale=noise_scale.astype(f4),
+                      hot=hot, dead=dead, noisy=noisy, chip_baseline=chip_m)
 
 
 @dataclass(frozen=True)

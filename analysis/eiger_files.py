@@ -1,0 +1,225 @@
+"""Files of an EIGER calibration in PSI's names and layouts, so the lab's detector software loads them.
+
+In the calibration's results directory (``{results_dir}/{det_id}/{gain}``, PSI's ``cfg.path.data``),
+``{t}`` the target and ``{r}`` the run id (0 untrimmed, 1 trimmed):
+
+    {det_id}_vrf_{t}XRF_{r}.npz         vrf scan: data [rows, cols, n] float64, x (vrf DAC)
+    {det_id}_vcmp_{t}XRF_{r}.npz        threshold scan: data [rows, cols, n] float64, x (vthreshold)
+    {det_id}_vcmp_{t}XRF_{r}_fit.npy    per-pixel S-curve fit, structured [rows, cols]: p0, p1, mu,
+                                        sigma, A, C (PSI's fields) + errors, chi2, status
+    {det_id}_tbscan_{t}XRF_{r}.npz      trimbit scan: data [rows, cols, n] float64, x (trimbits)
+    {det_id}_{t}XRF_{gain}.npz          trimbits [rows, cols] int32, fit (crossing fit), target,
+                                        trimmed, bad (0 good, 1 dead, 2 hot, 3 noisy, 4 unfitted)
+    {det_id}_{t}XRF_{gain}.snNNN        binary trim file per half module (analysis/trimfile.py)
+    calibration.npz                     p0, p1 (E = p0 + p1*vcmp per chip), mu, energy
+    calibration.snNNN                   text, per chip of the half module "m k" (%.2f %.2f), with
+                                        vcmp = m - k*E[keV], chips in vcmp_ll, lr, rl, rr order
+                                        (top half module chips 0..3, bottom 7..4)
+    settings/{gain}/noise.snNNN         the trim files as the detector's settings directory wants them
+    {det_id}_{gain}_calibration_report.pdf
+
+PSI builds the fit file name with ``.strip('.npz')``, which strips characters, not a suffix; for
+these names (ending in the run id) it is the same as removing the suffix, which is what is done here.
+
+Also here: the HDF5 layout of analysis arrays that derived runs register in tiled
+(:func:`write_result_arrays`). Pure numpy/h5py.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from calbench.analysis.eiger_calibration import EnergyCalibration
+from calbench.analysis.eiger_geometry import VCMP_NAMES, EigerGeometry
+from calbench.analysis.trimfile import N_DACS, write_trim_file
+
+__all__ = [
+    "vrf_scan_name", "scurve_name", "fit_name", "trimbit_scan_name", "trim_prefix_name",
+    "trimbits_name", "calibration_text_name", "report_name", "save_scan", "load_scan",
+    "save_fit", "save_trimbits", "write_trim_files", "chips_in_file_order",
+    "write_calibration_text", "read_calibration_text", "save_calibration", "install_settings",
+    "RESULTS_DATASET_ROOT", "write_result_arrays",
+]
+
+RESULTS_DATASET_ROOT = "/entry/results"
+
+
+def vrf_scan_name(det_id: str, target: str, run_id: int) -> str:
+    return f"{det_id}_vrf_{target}XRF_{int(run_id)}.npz"
+
+
+def scurve_name(det_id: str, target: str, run_id: int) -> str:
+    return f"{det_id}_vcmp_{target}XRF_{int(run_id)}.npz"
+
+
+def fit_name(det_id: str, target: str, run_id: int) -> str:
+    return scurve_name(det_id, target, run_id).removesuffix(".npz") + "_fit.npy"
+
+
+def trimbit_scan_name(det_id: str, target: str, run_id: int) -> str:
+    return f"{det_id}_tbscan_{target}XRF_{int(run_id)}.npz"
+
+
+def trim_prefix_name(det_id: str, target: str, gain: str) -> str:
+    """Trim files without the ``.snNNN`` suffix (what slsdet's ``d.trimbits = path`` takes)."""
+    return f"{det_id}_{target}XRF_{gain}"
+
+
+def trimbits_name(det_id: str, target: str, gain: str) -> str:
+    return trim_prefix_name(det_id, target, gain) + ".npz"
+
+
+def calibration_text_name(serial: str) -> str:
+    return f"calibration.sn{serial}"
+
+
+def report_name(det_id: str, gain: str) -> str:
+    return f"{det_id}_{gain}_calibration_report.pdf"
+
+
+def _atomic_save(path: Path, write) -> Path:
+    """Write through ``path.part`` and rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as fh:
+        write(fh)
+    os.replace(tmp, path)
+    return path
+
+
+def save_scan(path: str | os.PathLike, x: ArrayLike, counts: ArrayLike) -> Path:
+    """PSI scan file: ``data`` [rows, cols, n] float64 and ``x`` [n] (setting per point)."""
+    data = np.asarray(counts, dtype=np.float64)
+    xa = np.asarray(x)
+    if data.ndim != 3 or data.shape[-1] != xa.size:
+        raise ValueError(f"scan data must be [rows, cols, {xa.size}], got {data.shape}")
+    return _atomic_save(Path(path), lambda fh: np.savez(fh, data=data, x=xa))
+
+
+def load_scan(path: str | os.PathLike) -> tuple[NDArray, NDArray]:
+    """(x, data [rows, cols, n]) of a PSI scan file."""
+    with np.load(path) as f:
+        return f["x"], f["data"]
+
+
+def save_fit(path: str | os.PathLike, fit: NDArray) -> Path:
+    """A per-pixel fit result (structured [rows, cols]) with ``np.save``."""
+    return _atomic_save(Path(path), lambda fh: np.save(fh, np.asarray(fit)))
+
+
+def save_trimbits(path: str | os.PathLike, trimbits: ArrayLike, fit: NDArray, target: ArrayLike,
+                  trimmed: ArrayLike, bad: ArrayLike) -> Path:
+    """PSI's ``{base}.npz``: trimbits and the crossing fit, plus targets and the pixel masks."""
+    return _atomic_save(Path(path), lambda fh: np.savez(
+        fh, trimbits=np.asarray(trimbits, np.int32), fit=np.asarray(fit),
+        target=np.asarray(target, np.float64), trimmed=np.asarray(trimmed, bool),
+        bad=np.asarray(bad, np.uint8)))
+
+
+def write_trim_files(prefix: str | os.PathLike, geometry: EigerGeometry, dac_table: ArrayLike,
+                     tau_ns: int, trimbits: ArrayLike, serials: Sequence[str]) -> list[Path]:
+    """One binary trim file ``{prefix}.sn{serial}`` per half module.
+
+    dac_table: [17, n_half_modules] (16 DACs in trim-file order + iodelay, slsdet's
+    ``dacs.get_asarray()``); tau_ns: rate-correction tau (ns); trimbits: image-shaped 0..63."""
+    table = np.asarray(dac_table)
+    if table.shape != (N_DACS + 1, geometry.n_half_modules):
+        raise ValueError(f"DAC table must be [{N_DACS + 1}, {geometry.n_half_modules}], got "
+                         f"{table.shape}")
+    if len(serials) != geometry.n_half_modules:
+        raise ValueError(f"{geometry.n_half_modules} module serials needed, got {list(serials)}")
+    tb = np.asarray(trimbits)
+    files = []
+    for hm, serial in enumerate(serials):
+        path = Path(f"{prefix}.sn{serial}")
+        files.append(write_trim_file(path, table[:N_DACS, hm], int(table[N_DACS, hm]),
+                                     int(tau_ns), tb[geometry.half_module_slice(hm)]))
+    return files
+
+
+def chips_in_file_order(geometry: EigerGeometry, hm: int) -> list[int]:
+    """Chips of half module ``hm`` in vcmp_ll, lr, rl, rr order (top 0..3, bottom 7..4)."""
+    by_name = {geometry.chip_vcmp(chip)[1]: chip for chip in range(4 * hm, 4 * hm + 4)}
+    return [by_name[name] for name in VCMP_NAMES]
+
+
+def write_calibration_text(directory: str | os.PathLike, calibration: EnergyCalibration,
+                           geometry: EigerGeometry, serials: Sequence[str]) -> list[Path]:
+    """``calibration.snNNN`` per half module: one "m k" line per chip (vcmp = m - k*E[keV])."""
+    if len(serials) != geometry.n_half_modules:
+        raise ValueError(f"{geometry.n_half_modules} module serials needed, got {list(serials)}")
+    m, k = calibration.m, calibration.k
+    files = []
+    for hm, serial in enumerate(serials):
+        text = "".join("%.2f %.2f\n" % (m[c], k[c]) for c in chips_in_file_order(geometry, hm))
+        path = Path(directory) / calibration_text_name(serial)
+        files.append(_atomic_save(path, lambda fh, t=text: fh.write(t.encode("ascii"))))
+    return files
+
+
+def read_calibration_text(path: str | os.PathLike) -> tuple[NDArray, NDArray]:
+    """(m, k) per chip line of a ``calibration.snNNN`` file; ValueError naming a bad line."""
+    m, k = [], []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            m.append(float(parts[0]))
+            k.append(float(parts[1]))
+        except ValueError:
+            raise ValueError(f"{path}:{n}: {line!r} is not 'm k' (two numbers); the file is not "
+                             "an EIGER calibration file") from None
+    return np.array(m), np.array(k)
+
+
+def save_calibration(path: str | os.PathLike, calibration: EnergyCalibration) -> Path:
+    """PSI's ``calibration.npz``: p0, p1 per chip, mu [n_chips, n_points], energy [n_points]."""
+    return _atomic_save(Path(path), lambda fh: np.savez(
+        fh, p0=calibration.p0, p1=calibration.p1, mu=calibration.mu,
+        energy=calibration.energies, targets=np.array(calibration.targets)))
+
+
+def install_settings(trim_files: Sequence[str | os.PathLike], calibration_files:
+                     Sequence[str | os.PathLike], settings_dir: str | os.PathLike, gain: str,
+                     serials: Sequence[str]) -> list[Path]:
+    """Copy the trim files to ``{settings_dir}/{gain}/noise.snNNN`` and the calibration files next
+    to them (PSI's ``write_calibration_files``). Returns the files written."""
+    destination = Path(settings_dir) / gain
+    destination.mkdir(parents=True, exist_ok=True)
+    out = []
+    for src, serial in zip(trim_files, serials):
+        out.append(Path(shutil.copyfile(src, destination / f"noise.sn{serial}")))
+    for src in calibration_files:
+        out.append(Path(shutil.copyfile(src, destination / Path(src).name)))
+    return out
+
+
+def write_result_arrays(path: str | os.PathLike, arrays: Mapping[str, ArrayLike]) -> dict[str, str]:
+    """Analysis arrays into one HDF5 file for tiled to serve as external data.
+
+    Each array is stored as ``/entry/results/<name>`` with a leading axis of length 1 (one event);
+    booleans become uint8. Returns {name: dataset path}."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    datasets = {}
+    with h5py.File(tmp, "w") as f:
+        group = f.require_group(RESULTS_DATASET_ROOT)
+        for name, value in arrays.items():
+            a = np.asarray(value)
+            if a.dtype == bool:
+                a = a.astype(np.uint8)
+            group.create_dataset(name, data=a[None, ...], chunks=(1, *a.shape) if a.ndim else None)
+            datasets[name] = f"{RESULTS_DATASET_ROOT}/{name}"
+    os.replace(tmp, path)
+    return datasets

@@ -1,0 +1,288 @@
+"""The paper's table of incremental transit times, reproduced on the simulated FEE board.
+
+    calbench fee table [--results DIR] [--repeats N]        figure + text table under DIR
+    calbench fee calibrate --channel N [--method M]         one calibration on the running IOCs
+
+The demonstration (reference/fee.md): short cables of 27.5, 57.5, 77.5, 106.5 and 137.5 mm are added
+to a long RG58 cable and the transit time is calibrated at each length; the increments are compared
+with 2 dL / v. Here the simulated board (iocs/sim/fee.py) plays the cable and the electronics, with
+the temperature held at the reference so that only the length changes. For each length, one
+"typical" calibration is reported (as in the paper) and `repeats` more give its two errors:
+
+* statistical: the spread of the repeated calibrations (the paper's Gaussian width);
+* systematic: the mean of the repeated calibrations minus the truth the simulator knows, i.e. the
+  bias of the walk model on the simulated pulse shapes. For the increments it is the difference of
+  the biases at dL and at 0; for the absolute transit time the skin effect's group delay (the
+  reflection's slow onset) dominates it, and cancels in the increments.
+
+Every estimator sees the same sweeps: "binned" (the paper's), "likelihood", and the naive mean TDC
+difference at one amplitude, which the table shows failing.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# The paper's table: added length (mm) -> (measured dt ns, its error ns); expected = 2 dL / v.
+PAPER_ADDED_MM = (0.0, 27.5, 57.5, 77.5, 106.5, 137.5)
+PAPER_MEASURED_NS = {0.0: (0.0, 0.0), 27.5: (0.279, 0.013), 57.5: (0.548, 0.011),
+                     77.5: (0.736, 0.011), 106.5: (1.000, 0.011), 137.5: (1.337, 0.009)}
+ESTIMATORS = ("binned", "likelihood", "naive")
+BASE_LENGTH_M = 20.0
+
+
+@dataclass(frozen=True)
+class TableRow:
+    """One added length, one estimator. Times in ns."""
+    added_mm: float
+    expected_ns: float            # 2 dL / v
+    measured_ns: float            # the typical calibration's increment
+    stat_ns: float                # spread of repeated increments
+    sys_ns: float                 # mean repeated increment - expected
+    calibration_stat_ns: float    # spread of repeated (absolute) calibrations at this length
+    absolute_bias_ns: float       # mean repeated dt - simulated 2 L / v
+
+    @property
+    def combined_ns(self) -> float:
+        return math.hypot(self.stat_ns, self.sys_ns)
+
+    @property
+    def deviation_ns(self) -> float:
+        return self.measured_ns - self.expected_ns
+
+
+@dataclass
+class PaperTableStudy:
+    """The reproduction: rows per estimator, the velocity fitted from each, the simulator's truth."""
+    base_length_m: float
+    velocity_m_per_ns: float      # the simulated cable's velocity (truth)
+    repeats: int
+    seed: int
+    rows: dict[str, list[TableRow]] = field(default_factory=dict)
+    velocity_fit: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def calibration_stat_ns(self, estimator: str) -> float:
+        """Pooled spread of repeated calibrations (ns) over all lengths."""
+        return float(np.sqrt(np.mean([r.calibration_stat_ns ** 2 for r in self.rows[estimator]])))
+
+
+def simulate_paper_table(*, repeats: int = 20, seed: int = 2014, base_length_m: float = BASE_LENGTH_M,
+                         added_mm=PAPER_ADDED_MM, channel: int = 0, board=None) -> PaperTableStudy:
+    """Calibrate the simulated cable at each added length, 1 + `repeats` times, with every estimator.
+
+    board: a calbench.iocs.sim.fee.FeeBoardSim to use (default: a fresh one with the lab's defaults,
+    seeded with `seed`); its temperature is held at the cable's reference temperature."""
+    from calbench.analysis.timewalk import (fit_transit_time, fit_velocity, naive_transit_time)
+    from calbench.iocs.sim.clock import WorldClock
+    from calbench.iocs.sim.fee import FeeBoardSim
+
+    if repeats < 2:
+        raise ValueError(f"repeats = {repeats}: at least 2 repeated calibrations give a spread")
+    if board is None:
+        board = FeeBoardSim(WorldClock(), seed)
+    cable = board.cables[channel]
+    board.environment.mean_C = cable.reference_C
+    board.environment.daily_swing_K = 0.0
+    board.environment.weather_K = 0.0
+    registers = np.arange(500, 12001)
+    times = np.full(registers.size, board.clock.now())
+    n = repeats + 1
+    dt = {e: np.full((len(added_mm), n), np.nan) for e in ESTIMATORS}
+    truth = np.empty(len(added_mm))
+    for i, added in enumerate(added_mm):
+        cable.length_m = base_length_m + added * 1e-3
+        truth[i] = board.truth(channel)["transit_ns"]
+        for rep in range(n):
+            rng = np.random.default_rng([seed, i, rep])
+            r = board.pulses(channel, registers, times, rng=rng)
+            for method in ("binned", "likelihood"):
+                dt[method][i, rep] = fit_transit_time(
+                    r.direct_charge_pC, r.direct_time_ns, r.reflected_charge_pC, r.reflected_time_ns,
+                    method, amplitude=registers, label=f"dL = {added} mm").dt_ns
+            dt["naive"][i, rep] = naive_transit_time(r.direct_time_ns, r.reflected_time_ns,
+                                                     registers)[0]
+    cable.length_m = base_length_m
+    v = cable.velocity_m_per_ns
+    study = PaperTableStudy(base_length_m, v, repeats, seed)
+    dl_m = np.asarray(added_mm) * 1e-3
+    for e in ESTIMATORS:
+        d = dt[e]
+        inc = d - d[0]
+        rows = []
+        for i, added in enumerate(added_mm):
+            expected = 2 * dl_m[i] / v
+            rep_inc = inc[i, 1:]
+            rows.append(TableRow(added, expected, float(inc[i, 0]),
+                                 float(rep_inc.std(ddof=1)) if i else 0.0,
+                                 float(rep_inc.mean() - expected) if i else 0.0,
+                                 float(d[i, 1:].std(ddof=1)), float(d[i, 1:].mean() - truth[i])))
+        study.rows[e] = rows
+        errs = [max(r.combined_ns, 1e-3) for r in rows[1:]]
+        vf = fit_velocity(dl_m[1:], [r.measured_ns for r in rows[1:]], errs)
+        study.velocity_fit[e] = (vf.velocity_m_per_ns, vf.velocity_err_m_per_ns)
+    return study
+
+
+def format_paper_table(study: PaperTableStudy) -> str:
+    """The table as text: paper vs each estimator (typical increment, statistical, systematic)."""
+    lines = [f"Incremental transit time, {study.base_length_m:g} m of simulated RG58 plus dL "
+             f"(v = {study.velocity_m_per_ns} m/ns; 1 typical + {study.repeats} repeated "
+             f"calibrations per length, seed {study.seed}).",
+             "Each estimator: measured increment of the typical calibration +- statistical "
+             "(spread of repeats) +- systematic (mean of repeats - expected); ns.", ""]
+    head = f"{'dL mm':>6} {'expected':>8} {'paper':>13}"
+    for e in ESTIMATORS:
+        head += f" | {e:^26}"
+    lines += [head, "-" * len(head)]
+    for i, row in enumerate(study.rows["binned"]):
+        paper = PAPER_MEASURED_NS.get(row.added_mm)
+        line = f"{row.added_mm:6.1f} {row.expected_ns:8.3f} "
+        line += f"{paper[0]:6.3f}+-{paper[1]:.3f}" if paper else f"{'':13}"
+        for e in ESTIMATORS:
+            r = study.rows[e][i]
+            line += f" | {r.measured_ns:7.3f} +-{r.stat_ns:6.3f} +-{r.sys_ns:6.3f}"
+        lines.append(line)
+    lines.append("")
+    for e in ESTIMATORS:
+        rows = study.rows[e][1:]
+        pulls = [abs(r.deviation_ns) / r.combined_ns if r.combined_ns > 0 else math.inf
+                 for r in rows]
+        v, v_err = study.velocity_fit[e]
+        lines.append(
+            f"{e:>10}: per-calibration spread {study.calibration_stat_ns(e):.3f} ns; absolute bias "
+            f"{np.mean([r.absolute_bias_ns for r in study.rows[e]]):+.3f} ns; largest "
+            f"|measured - expected| / combined error {max(pulls):.1f}; fitted v = {v:.4f} +- "
+            f"{v_err:.4f} m/ns")
+    return "\n".join(lines) + "\n"
+
+
+def plot_paper_table(study: PaperTableStudy, path=None):
+    """Figure: incremental dt against dL for each estimator with the expected line and the paper's
+    points (left), and measured - expected with the combined errors (right)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.4))
+    ax1, ax2 = fig.subplots(1, 2)
+    dl = np.array([r.added_mm for r in study.rows["binned"]])
+    xs = np.linspace(0, dl.max() * 1.05, 50)
+    ax1.plot(xs, 2 * xs * 1e-3 / study.velocity_m_per_ns, "-", color="0.5", label="2 dL / v")
+    paper = np.array([PAPER_MEASURED_NS[d] for d in dl if d in PAPER_MEASURED_NS])
+    if len(paper) == len(dl):
+        ax1.errorbar(dl, paper[:, 0], paper[:, 1], fmt="k^", ms=5, label="paper (measured)")
+    styles = {"binned": ("o", "tab:blue"), "likelihood": ("s", "tab:green"),
+              "naive": ("x", "tab:red")}
+    for k, e in enumerate(ESTIMATORS):
+        rows = study.rows[e]
+        marker, color = styles[e]
+        y = np.array([r.measured_ns for r in rows])
+        err = np.array([r.combined_ns for r in rows])
+        shift = (k - 1) * 1.5
+        ax1.errorbar(dl + shift, y, err, fmt=marker, color=color, ms=5, capsize=2, label=e)
+        ax2.errorbar(dl + shift, y - np.array([r.expected_ns for r in rows]), err, fmt=marker,
+                     color=color, ms=5, capsize=2, label=e)
+    ax2.axhline(0, color="0.5")
+    ax1.set_xlabel("added length dL (mm)")
+    ax1.set_ylabel("incremental transit time (ns)")
+    ax1.legend(fontsize=8)
+    ax2.set_xlabel("added length dL (mm)")
+    ax2.set_ylabel("measured - expected (ns)")
+    ax2.set_title("error bars: statistical (+) systematic", fontsize=9)
+    fig.suptitle(f"FEE cable calibration, simulated: {study.base_length_m:g} m RG58 + dL, "
+                 "1.5625 ns TDC")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def reproduce_paper_table(results_dir: str | Path, *, repeats: int = 20,
+                          seed: int = 2014) -> tuple[PaperTableStudy, list[Path]]:
+    """Run the study and write fee_paper_table.png and fee_paper_table.txt under results_dir."""
+    out = Path(results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    study = simulate_paper_table(repeats=repeats, seed=seed)
+    png, txt = out / "fee_paper_table.png", out / "fee_paper_table.txt"
+    plot_paper_table(study, png)
+    txt.write_text(format_paper_table(study))
+    return study, [png, txt]
+
+
+# -- demo and command line ---------------------------------------------------------------------------
+
+def demo_step(ctx):
+    """`calbench demo`: one calibration of channel 0 through the IOC into tiled, then the table."""
+    from calbench.demo import DemoResult
+    from calbench.plans.fee import transit_time_calibration
+
+    plots = ctx.cfg.results_dir / "fee"
+    uids = ctx.RE(transit_time_calibration(ctx.devices["fee"], 0, plot_dir=plots), purpose="demo")
+    study, files = reproduce_paper_table(plots, repeats=10)
+    truth = ctx.backends["fee"].truth(0)
+    last = study.rows["likelihood"][-1]
+    return DemoResult("FEE: cable transit-time calibration and the paper's table", list(uids),
+                      files=[str(f) for f in [*sorted(plots.glob("fee_ch00_walk_*.png")), *files]],
+                      summary=f"channel 0: 2L/v = {truth['transit_ns']:.3f} ns simulated; "
+                              f"dL = {last.added_mm} mm: {last.measured_ns:.3f} ns measured, "
+                              f"{last.expected_ns:.3f} ns expected")
+
+
+def add_cli(subparsers) -> None:
+    """Register `calbench fee table|calibrate`."""
+    parser = subparsers.add_parser("fee", help="FEE cable transit-time calibration")
+    sub = parser.add_subparsers(dest="fee_cmd", required=True)
+    p = sub.add_parser("table", help="reproduce the paper's table on the simulator")
+    p.add_argument("--results", type=Path, help="output directory (default: <results_dir>/fee)")
+    p.add_argument("--repeats", type=int, default=20, help="repeated calibrations per length (20)")
+    p.add_argument("--seed", type=int, default=2014)
+    p.set_defaults(func=_cmd_table)
+    p = sub.add_parser("calibrate", help="calibrate one channel on the running FEE IOC")
+    p.add_argument("--channel", type=int, required=True)
+    p.add_argument("--method", choices=("binned", "likelihood"), default="binned")
+    p.add_argument("--start", type=int, default=500)
+    p.add_argument("--stop", type=int, default=12000)
+    p.add_argument("--step", type=int, default=1)
+    p.set_defaults(func=_cmd_calibrate)
+
+
+def _cmd_table(args) -> int:
+    from calbench.config import load_config
+
+    out = args.results or load_config(getattr(args, "config", None)).results_dir / "fee"
+    study, files = reproduce_paper_table(out, repeats=args.repeats, seed=args.seed)
+    print(format_paper_table(study), end="")
+    for f in files:
+        print(f"wrote {f}", file=sys.stderr)
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    from calbench.config import load_config
+    from calbench.lab import make_device
+    from calbench.plans.fee import FeeCalibrationError, transit_time_calibration
+    from calbench.session import configure_ca, make_run_engine
+
+    cfg = load_config(getattr(args, "config", None))
+    configure_ca(cfg)
+    fee = make_device(cfg, "fee", timeout=10.0)
+    RE, _, _ = make_run_engine(cfg, interactive=False)
+    RE.md["purpose"] = "fee calibrate"
+    result = {}
+
+    def plan():
+        result["c"] = yield from transit_time_calibration(
+            fee, args.channel, args.start, args.stop, args.step, method=args.method,
+            plot_dir=cfg.results_dir / "fee")
+
+    try:
+        RE(plan())
+    except FeeCalibrationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    c = result["c"]
+    print(f"channel {c.channel}: dt = {c.dt_ns:.3f} +- {c.dt_err_ns:.3f} ns, L = {c.length_m:.3f} m "
+          f"at {c.temperature_C:.2f} degC (runs {c.sweep_uid}, {c.fit_uid})")
+    return 0

@@ -1,0 +1,60 @@
+"""Shared pieces of the QC6 tests: the crate and a GEM layer on the session's simulated lab, put
+back to factory state for each test, and the check that a layer ended safe."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from calbench.iocs.sim.qc6 import HW_VMAX_V
+
+OFF_V = 2.0
+_LAYERS: dict = {}
+
+
+def reset_crate(sim) -> None:
+    """Factory state: link up, no fault, every channel off at 0 V with default settings."""
+    sim.unreachable = False
+    sim.spark_rate_scale = 1.0
+    sim.kill()
+    sim.clear_alarm()
+    for ch in range(14):
+        sim.set_short(sim.slot, ch, None)
+        for name, value in (("V0Set", 0.0), ("SVMax", HW_VMAX_V), ("I0Set", 2.0), ("RUp", 10.0),
+                            ("RDWn", 10.0), ("Trip", 1.0), ("PDwn", 0)):
+            sim.set_param(sim.slot, ch, name, value)
+
+
+@pytest.fixture
+def qc6(lab):
+    """(crate device, layer-1 GemLayer, simulated backend), reset before and after the test."""
+    sim = lab.backend("caen")
+    reset_crate(sim)
+    crate = lab.device("caen")
+    key = (crate.prefix, 1)
+    if key not in _LAYERS:                # one device for the session: 84 PVs to connect
+        _LAYERS[key] = crate.layer(1, timeout=30.0)
+    layer = _LAYERS[key]
+    time.sleep(0.1)                       # let the monitors show the reset state
+    yield crate, layer, sim
+    reset_crate(sim)
+
+
+def layer_channels(layer) -> list[int]:
+    return [ch.channel for ch in layer.channels]
+
+
+def assert_layer_safe(layer, sim) -> None:
+    """Every channel of the layer is off and discharged, in the simulator's truth and on the PVs."""
+    truth_v = sim.voltages(sim.slot)
+    truth_pw = sim.powered(sim.slot)
+    for ch in layer.channels:
+        assert not truth_pw[ch.channel], f"{ch.label()} is still powered"
+        assert truth_v[ch.channel] < OFF_V, f"{ch.label()} still at {truth_v[ch.channel]:.1f} V"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if all(ch.pw.get() == 0 and ch.vmon.get() < OFF_V for ch in layer.channels):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the PVs do not show the layer off: " + ", ".join(
+        f"{ch.label()} Pw={ch.pw.get()} VMon={ch.vmon.get()}" for ch in layer.channels))

@@ -1,0 +1,134 @@
+"""The whole QC6 sequence against the simulated crate, with the lab's default parameters: the same
+plan code that holds 17 hours in the lab runs here on the accelerated world clock. The runs go to
+tiled; every trip the crate made is recorded exactly once; the files are in the lab's formats; the
+I-V analysis recovers the electrodes' hidden leakage resistances."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from calbench.analysis.qc6 import (
+    fit_iv, read_iv_file, read_megger_sheet, read_stability_file, read_stress_file)
+from calbench.plans.qc6 import (
+    CrateUnreachable, check_connection, iv_short_stability, long_stability, megger_test,
+    stress_test)
+from qc6_support import assert_layer_safe, layer_channels, qc6  # noqa: F401  (fixture)
+
+
+def table(run, stream):
+    return run[stream].base["internal"].read()
+
+
+def truth_trips(sim, layer, t0, t1):
+    chans = set(layer_channels(layer))
+    return [r for r in sim.trip_log if r.channel in chans and t0 <= r.time <= t1]
+
+
+def assert_trips_match(recorded, truth, max_step_V):
+    """Each trip of the crate once, in order, on its channel; the voltage before it within one
+    step; the time it was seen after the trip and within a few looks (world s)."""
+    assert list(recorded["trip_channel"]) == [r.channel for r in truth]
+    for (_, row), r in zip(recorded.iterrows(), truth):
+        assert r.voltage_V - max_step_V - 1.0 <= row["trip_voltage"] <= r.voltage_V + 1.0
+        assert r.time - 1.0 <= row["trip_time"] <= r.time + 600.0
+
+
+def test_qc6_sequence_with_lab_defaults(lab, qc6, RE, tmp_path):
+    crate, layer, sim = qc6
+    results = tmp_path / "results"
+    wall = {}
+
+    t = time.monotonic()
+    (uid,) = RE(check_connection(layer))
+    assert RE.catalog[uid].metadata["start"]["crate"]["model"] == "A1515TG"
+
+    (uid,) = RE(megger_test(layer.detector_name, [14.2, 9.8, 22.0], [0, 3, 1],
+                            comments="GEM 2 sparked twice", results_dir=results))
+    megger = RE.catalog[uid]
+    sheet = read_megger_sheet(megger.metadata["start"]["qc6_files"]["megger"])
+    assert sheet["sparks"] == [0, 3, 1] and sheet["comments"] == "GEM 2 sparked twice"
+    assert list(table(megger, "primary")["megger_impedance_GOhm"]) == [14.2, 9.8, 22.0]
+
+    # -- stress test: foils one at a time, 0 -> 650 V by 10 V ---------------------------------------
+    t0 = sim.clock.now()
+    (uid,) = RE(stress_test(layer, results_dir=results))
+    wall["stress"] = time.monotonic() - t
+    run = RE.catalog[uid]
+    assert run.metadata["stop"]["exit_status"] == "success"
+    assert_layer_safe(layer, sim)
+    truth = truth_trips(sim, layer, t0, sim.clock.now())
+    trips = table(run, "trips") if "trips" in run else None
+    assert len(truth) == (0 if trips is None else len(trips))
+    if truth:
+        assert_trips_match(trips, truth, max_step_V=10.0)
+    steps = table(run, "primary")
+    for foil in layer.foils:               # each foil reached the top step unless it failed
+        at = steps[f"{foil.name}_vmon"].to_numpy()
+        assert at.max() == pytest.approx(650.0, abs=1.0) or \
+            sum(r.channel == foil.channel for r in truth) >= 5
+    stress_file = run.metadata["start"]["qc6_files"]["stress"]
+    on_file = read_stress_file(stress_file)
+    assert on_file.channels == [r.channel for r in truth]
+
+    # -- IV scan (divider 200 -> 4600 V) + short stability (foils 550 V, 2 h) -----------------------
+    t = time.monotonic()
+    t0 = sim.clock.now()
+    (uid,) = RE(iv_short_stability(layer, results_dir=results))
+    wall["iv+ss"] = time.monotonic() - t
+    run = RE.catalog[uid]
+    assert run.metadata["stop"]["exit_status"] == "success"
+    assert_layer_safe(layer, sim)
+    files = run.metadata["start"]["qc6_files"]
+    iv = read_iv_file(files["iv"])
+    assert iv.channels == [6, 5, 4, 3, 2, 1, 0] and iv.voltage_V.shape == (23, 7)
+    np.testing.assert_allclose(iv.voltage_V[-1], [1101.5, 548.3, 428.9, 538.5, 856.7, 514.0, 612.0],
+                               atol=1.0)
+    for channel in iv.channels:            # the hidden leakage of every electrode, from its I-V
+        fit = fit_iv(*iv.column(channel), channel=channel)
+        hidden = sim.physics(3, channel)
+        assert fit.resistance_GOhm == pytest.approx(hidden.leak_GOhm, rel=0.12), channel
+        assert fit.offset_uA == pytest.approx(hidden.offset_uA, abs=0.0015), channel
+    ss = read_stability_file(files["short"])
+    n_trips = len(truth_trips(sim, layer, t0, sim.clock.now()))
+    assert len(ss.trips) <= n_trips and (ss.end is not None) == (n_trips < 3)
+    held = table(run, "progress")["qc6_elapsed_s"].max()
+    assert held >= 2 * 3600 or n_trips >= 3
+
+    # -- long stability: ramp to 4200 V, foils only at 580 V for 15 h ---------------------------------
+    t = time.monotonic()
+    t0 = sim.clock.now()
+    (uid,) = RE(long_stability(layer, results_dir=results))
+    wall["long"] = time.monotonic() - t
+    run = RE.catalog[uid]
+    t1 = sim.clock.now()
+    assert run.metadata["stop"]["exit_status"] == "success"
+    assert_layer_safe(layer, sim)
+    truth = truth_trips(sim, layer, t0, t1)
+    assert {r.channel for r in truth} <= {5, 3, 1}           # only the foils were powered
+    if truth:
+        assert_trips_match(table(run, "trips"), truth, max_step_V=0.0)
+    progress = table(run, "progress")
+    assert progress["qc6_elapsed_s"].max() >= 15 * 3600
+    assert progress["qc6_trips"].max() == len(truth)
+    ls = read_stability_file(run.metadata["start"]["qc6_files"]["long"])
+    assert len(ls.trips) == len(truth) and ls.end is not None
+    assert (ls.end - ls.start).total_seconds() >= 15 * 3600 - 60
+    for kind in ("stress", "iv", "short", "long"):
+        for path in (results / layer.detector_name).glob("*/*.txt"):
+            assert (path.parent / "Plots" / (path.stem + ".png")).exists(), path
+    print(f"\nQC6 sequence wall time (s): {wall}")
+
+
+def test_check_connection_names_an_unreachable_crate(lab, qc6, RE):
+    _, layer, sim = qc6
+    sim.unreachable = True
+    try:
+        deadline = time.monotonic() + 5
+        while layer.connected_rbv.get() != 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(CrateUnreachable, match="answers but the crate does not.*check"):
+            RE(check_connection(layer))
+    finally:
+        sim.unreachable = False
