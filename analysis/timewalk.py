@@ -67,7 +67,7 @@ RG58_VELOCITY_M_PER_NS = 0.208       # the paper's fitted propagation velocity i
 METHODS = ("binned", "likelihood")
 MIN_BINS = 4                         # three parameters and one degree of freedom
 # Fit range: multiple of the threshold charge where each estimator starts (see the docstring).
-DEFAULT_MIN_CHARGE_OVER_THRESHOLD = {"binned": 2.0, "likelihood": 1.7}
+DEFAULT_MIN_CHARGE_OVER_THRESHOLD = {"binned": 2.0, "likelihood": 1.5}
 MIN_BIN_COUNT = 20                   # fewer pulses: the bin's mean charge is too noisy to weigh 1
 Method = Literal["binned", "likelihood"]
 
@@ -185,6 +185,27 @@ def _design(q: NDArray) -> NDArray:
     return np.column_stack([np.ones_like(q), r, r ** 3])
 
 
+# Products with the (pulses x 3) design matrix go through einsum's own loops, not BLAS: threaded
+# BLAS on tall-skinny matrices is slower than one core here, and far slower on a busy machine.
+def _xv(x: NDArray, v: NDArray) -> NDArray:
+    return np.einsum("ij,j->i", x, v)
+
+
+def _xtv(x: NDArray, v: NDArray) -> NDArray:
+    return np.einsum("ij,i->j", x, v)
+
+
+def _xtwx(x: NDArray, w: NDArray) -> NDArray:
+    return np.einsum("ij,i,ik->jk", x, w, x)
+
+
+def _least_squares(x: NDArray, y: NDArray) -> NDArray:
+    """Unweighted linear least squares through the normal equations, columns scaled first."""
+    scale = np.sqrt(np.einsum("ij,ij->j", x, x))
+    xs = x / scale
+    return np.linalg.solve(_xtwx(xs, np.ones(len(y))), _xtv(xs, y)) / scale
+
+
 def _binned(q: NDArray, k: NDArray, lsb_ns: float, min_count: int, q_min: float = 0.0):
     """Equal-weight least squares of the walk model on (mean charge, bin centre) of the bins whose
     mean charge is at least q_min. The covariance is that of the equal-weight solution given the
@@ -249,7 +270,7 @@ def _nll_derivatives(theta: NDArray, x: NDArray, lo: NDArray, lsb: float, hessia
     var = var_c + var_d
     sigma = np.sqrt(var)
     w = var_c / var                       # d s / d c; d s / d d = 1 - w
-    mu = x @ theta[:3]
+    mu = _xv(x, theta[:3])
     z1 = (lo - mu) / sigma
     z2 = z1 + lsb / sigma
     logp = _log_interval(z1, z2)
@@ -258,7 +279,7 @@ def _nll_derivatives(theta: NDArray, x: NDArray, lo: NDArray, lsb: float, hessia
     r2 = np.exp(-0.5 * z2 ** 2 - _LOG_SQRT_2PI - logp)
     g_mu = (r1 - r2) / sigma
     g_s = r1 * z1 - r2 * z2
-    grad = -np.concatenate([x.T @ g_mu, [np.dot(g_s, w), np.dot(g_s, 1 - w)]])
+    grad = -np.concatenate([_xtv(x, g_mu), [np.dot(g_s, w), np.dot(g_s, 1 - w)]])
     if not hessian:
         return -float(logp.sum()), grad, None
     d11 = z1 * r1 - r1 ** 2            # d2 log p / dz1^2
@@ -269,9 +290,9 @@ def _nll_derivatives(theta: NDArray, x: NDArray, lo: NDArray, lsb: float, hessia
     h_ss = d11 * z1 ** 2 + d22 * z2 ** 2 + 2 * d12 * z1 * z2 - r1 * z1 + r2 * z2
     curv = 2 * w * (1 - w)             # d2 s/dc2 = d2 s/dd2 = -d2 s/dc dd
     hess = np.empty((5, 5))
-    hess[:3, :3] = (x.T * h_mumu) @ x
-    hess[:3, 3] = hess[3, :3] = x.T @ (h_mus * w)
-    hess[:3, 4] = hess[4, :3] = x.T @ (h_mus * (1 - w))
+    hess[:3, :3] = _xtwx(x, h_mumu)
+    hess[:3, 3] = hess[3, :3] = _xtv(x, h_mus * w)
+    hess[:3, 4] = hess[4, :3] = _xtv(x, h_mus * (1 - w))
     hess[3, 3] = np.dot(h_ss, w * w) + np.dot(g_s, curv)
     hess[4, 4] = np.dot(h_ss, (1 - w) ** 2) + np.dot(g_s, curv)
     hess[3, 4] = hess[4, 3] = np.dot(h_ss, w * (1 - w)) - np.dot(g_s, curv)
@@ -404,8 +425,7 @@ def fit_walk(q_pC: ArrayLike, t_ns: ArrayLike, method: Method = "binned", *,
                        *q_range, threshold, rms_ns=rms, bin_charge_pC=q_mean, bin_time_ns=t_centre)
     # Start from the per-pulse least-squares line through the bin centres: every pulse counts, as
     # in the likelihood, so it starts closer than the binned solution when there are few bins.
-    x = _design(q)
-    start, *_ = np.linalg.lstsq(x, (k + 0.5) * lsb_ns, rcond=None)
+    start = _least_squares(_design(q), (k + 0.5) * lsb_ns)
     theta, cov5, ok = _likelihood(q, k, lsb_ns, start)
     if not ok and not np.all(np.isfinite(cov5)):
         raise TransitFitError(f"{_prefix(label)}the likelihood fit of the {kind} did not converge; "
@@ -480,6 +500,14 @@ def fit_transit_time(direct_q_pC: ArrayLike, direct_t_ns: ArrayLike, reflected_q
         raise TransitFitError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     common = dict(method=method, lsb_ns=lsb_ns, min_charge_over_threshold=min_charge_over_threshold,
                   min_bin_count=min_bin_count, amplitude=amplitude, label=label)
+    sizes = {name: np.size(a) for name, a in (("direct charges", direct_q_pC),
+                                              ("direct times", direct_t_ns),
+                                              ("reflected charges", reflected_q_pC),
+                                              ("reflected times", reflected_t_ns))}
+    if len(set(sizes.values())) > 1:
+        raise TransitFitError(f"{_prefix(label)}the arrays differ in length "
+                              f"({', '.join(f'{k} {v}' for k, v in sizes.items())}); pass the four "
+                              "arrays of one sweep, one entry per pulse")
     direct_t = np.asarray(direct_t_ns, dtype=float)
     if not np.isfinite(direct_t).any():
         raise TransitFitError(

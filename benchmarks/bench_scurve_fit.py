@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     rows_out.append(ours)
     for w, label in (("neyman", "calbench numba VarPro (Neyman)"),
                      ("none", "calbench numba VarPro (unweighted)")):
-        rows_out.append(time_ours(counts, truth, sample, label, 1, weighting=w,
+        rows_out.append(time_ours(counts, truth, sample, label, args.repeats, weighting=w,
                                   n_threads=args.threads)[0])
     print("timing scipy curve_fit and lmfit on the sample ...", flush=True)
     rows_out.append(time_curve_fit(counts, truth, sample, weighted=True))

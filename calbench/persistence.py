@@ -71,6 +71,13 @@ class _ExactlyOnceRunWriter(_RunWriter):
                                                             value_set=pyarrow.array(stored)))
         return table.filter(keep)
 
+    def stop(self, doc):
+        # Write what is cached once, here: the stock stop() writes the cached StreamDatums without
+        # clearing them, so the worker's flush after the stop wrote them a second time (one
+        # phantom frame per cached datum in the array's advertised shape).
+        self.flush()
+        return super().stop(doc)
+
     def flush(self) -> None:
         """Write the cached event rows and stream datums now."""
         for desc_name, cache in self._internal_data_cache.items():

@@ -7,7 +7,9 @@ StreamDatum documents, so tiled registers the frames as external data
 the IOC. By default a run is one file (the IOC's FileWriteMode Stream: each trigger appends its
 frames; one StreamResource, one StreamDatum per event); ``file_per_trigger=True`` makes every
 trigger its own file and StreamResource (FileWriteMode Single), which costs tiled one more asset per
-event (see benchmarks/bench_eiger_frames.py).
+event (see benchmarks/bench_eiger_frames.py). The run's file is open for writing (HDF5 SWMR) until
+unstage: other processes read it with ``h5py.File(path, "r", swmr=True)``; a StreamDatum's indices
+count events, each holding NumImages frames of the file.
 
     det = Eiger.from_settings("CB:EIGER:", name="eiger", settings=cfg.instruments["eiger"].settings,
                               lab=cfg)
@@ -143,7 +145,7 @@ class Eiger(InstrumentDevice):
     live_image = Cpt(EpicsSignalRO, "Image:ArrayData", kind="omitted")
 
     def __init__(self, prefix="", *, name, data_dir: str | Path | None = None,
-                 trigger_timeout_s: float = 60.0, file_per_trigger: bool = False, **kwargs):
+                 trigger_timeout_s: float = 30.0, file_per_trigger: bool = False, **kwargs):
         super().__init__(prefix, name=name, **kwargs)
         self.data_dir = Path(data_dir) if data_dir else None
         self.trigger_timeout_s = float(trigger_timeout_s)
@@ -153,6 +155,7 @@ class Eiger(InstrumentDevice):
         self._events = 0
         self._frame_shape: tuple[int, ...] | None = None
         self._frame_dtype: np.dtype | None = None
+        self._acquisition_s = 0.0
 
     @classmethod
     def from_settings(cls, prefix: str, *, name: str = "eiger", settings: dict | None = None,
@@ -184,6 +187,14 @@ class Eiger(InstrumentDevice):
         """Point the IOC's file writer at a fresh file name in the data directory, Capture on."""
         directory = self._run_directory()
         staged = super().stage()
+        try:
+            self._prepare_files(directory)
+        except Exception:
+            super().unstage()
+            raise
+        return staged
+
+    def _prepare_files(self, directory: Path) -> None:
         set_and_check(self.capture, "Off")          # close what an interrupted run left open
         set_and_check(self.file_write_mode, "Single" if self.file_per_trigger else "Stream")
         set_and_check(self.file_path, str(directory))
@@ -199,7 +210,9 @@ class Eiger(InstrumentDevice):
         if not self.file_per_trigger:           # one file for the run, opened by Capture = On
             self._stream = self._resource(self.full_file_name.get(use_monitor=False))
             self._asset_docs.append(("stream_resource", self._stream.stream_resource_doc))
-        return staged
+        frames = self._frame_shape[0] if len(self._frame_shape) == 3 else 1
+        self._acquisition_s = frames * max(float(self.exptime.get(use_monitor=False)),
+                                           float(self.period.get(use_monitor=False)))
 
     def unstage(self):
         try:
@@ -216,11 +229,13 @@ class Eiger(InstrumentDevice):
 
     # -- acquisition ----------------------------------------------------------------------------
     def trigger(self) -> DeviceStatus:
-        """Acquire NumImages frames into one HDF5 file; done when the file is written."""
+        """Acquire NumImages frames (appended to the run's file, or into a file of their own);
+        done when they are written. Fails with InstrumentRefused or EigerError naming the cause."""
         if self._frame_shape is None:
             raise EigerError(f"{self.name} is not staged; use it inside a plan (count, scan) or "
                              "call det.stage() first")
-        status = DeviceStatus(self, timeout=self.trigger_timeout_s)
+        # exposure in world seconds: an upper bound of the wall time at time_scale >= 1
+        status = DeviceStatus(self, timeout=self.trigger_timeout_s + self._acquisition_s)
         before = (int(self.array_counter.get(use_monitor=False)),
                   int(self.refusals.get(use_monitor=False)))
 
@@ -264,7 +279,8 @@ class Eiger(InstrumentDevice):
         uri = Path(path).as_uri().replace("file:///", "file://localhost/")
         return compose_stream_resource(
             mimetype="application/x-hdf5", uri=uri, data_key=self.image_key,
-            parameters={"dataset": DATASET, "chunk_shape": (1, *self._frame_shape[-2:])})
+            parameters={"dataset": DATASET, "chunk_shape": (1, *self._frame_shape[-2:]),
+                        "swmr": True})
 
     def collect_asset_docs(self):
         """StreamResource / StreamDatum documents of the triggers since the last call."""

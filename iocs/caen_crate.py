@@ -67,6 +67,9 @@ class ChannelPVs(PVGroup):
                                        value)
             if param in ("V0Set", "Pw"):      # Status and VMon follow at once, not a poll later
                 await self.ioc.poll_unlocked()
+        if param == "V0Set":
+            self.ioc.poll_after_ramp(abs(float(held) - float(self.vmon.value)),
+                                     float(self.rup.value), float(self.rdwn.value))
         if param == "V0Set" and held is not None and held < float(value):
             await self.ioc.report(f"S{self.slot:02d}:C{self.channel:02d} V0Set {float(value):g} V "
                                   f"clamped to SVMax = {held:g} V")
@@ -247,6 +250,14 @@ class CaenCrateIOC(InstrumentIOC):
         while True:
             await self.poll()
             await asyncio.sleep(float(getattr(self.backend, "poll_period_s", 0.5)))
+
+    def poll_after_ramp(self, delta_V: float, rup: float, rdwn: float) -> None:
+        """Poll again when a short ramp should have ended, if that is before the next regular poll
+        (on an accelerated world clock a 10 V step lasts well under one poll period)."""
+        wall_s = delta_V / max(min(rup, rdwn), 0.1) / self.clock.time_scale
+        if wall_s < float(getattr(self.backend, "poll_period_s", 0.5)):
+            loop = asyncio.get_running_loop()
+            loop.call_later(wall_s + 0.001, lambda: asyncio.ensure_future(self.poll()))
 
     @property
     def crate_lock(self) -> asyncio.Lock:

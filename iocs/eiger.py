@@ -68,7 +68,6 @@ FILE_WRITE_MODES = ["Single", "Stream"]
 LIVE_BINNING = 4
 POLL_PERIOD_S = 1.0
 MAX_TRIM_ENERGIES = 32
-DATASET = "/entry/data/data"
 ALL_DACS = tuple(DAC_NAMES) + ("iodelay",)
 
 
@@ -294,6 +293,25 @@ class EigerIOC(InstrumentIOC):
         await self.publish(self.rate_corr_tau_rbv, float(b.tau_ns))
         await self.publish(self.test_pulses_rbv, int(b.test_pulses))
 
+    async def _show_settings_in_setpoints(self) -> None:
+        """Start the setpoint PVs at the detector's values (without applying them again)."""
+        for dac in ALL_DACS:
+            rbv = getattr(self.dacs, f"{dac}_rbv").value
+            if rbv >= 0:
+                await getattr(self.dacs, dac).write(rbv, verify_value=False)
+        pairs = ((self.vthreshold, self.vthreshold_rbv), (self.trimval, self.trimval_rbv),
+                 (self.dynamic_range, self.dynamic_range_rbv),
+                 (self.acquire_time, self.acquire_time_rbv),
+                 (self.acquire_period, self.acquire_period_rbv),
+                 (self.num_images, self.num_images_rbv),
+                 (self.threshold_energy, self.threshold_energy_rbv),
+                 (self.trim_energies, self.trim_energies_rbv),
+                 (self.rate_corr_tau, self.rate_corr_tau_rbv),
+                 (self.test_pulses, self.test_pulses_rbv))
+        for setpoint, rbv in pairs:
+            await setpoint.write(rbv.value, verify_value=False)
+        await self.settings_dir.write(str(self.backend.settings_dir), verify_value=False)
+
     async def _setting(self, func, *args, trimbits: bool = False):
         """A settings put: refused while acquiring, then the backend call, then the readbacks."""
         await self.refuse_if_busy()
@@ -313,9 +331,9 @@ class EigerIOC(InstrumentIOC):
         await self.det_id.write(str(getattr(self.backend, "det_id", "")))
         await self.image.size_x.write(g.cols // LIVE_BINNING)
         await self.image.size_y.write(g.rows // LIVE_BINNING)
-        await self.settings_dir.write(str(self.backend.settings_dir))
         try:
             await self.refresh_settings()
+            await self._show_settings_in_setpoints()
             await self.heartbeat(True)
         except InstrumentFault as exc:
             await self.report(f"fault: {exc}")

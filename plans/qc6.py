@@ -869,7 +869,19 @@ def _qc6_run(layer: GemLayer, test: str, params: dict, body, kinds: set[str], re
             "qc6_channel_keys": keys, **(md or {})})
 
         def run_body():
-            result = yield from body(session)
+            try:
+                result = yield from body(session)
+            except GeneratorExit:
+                raise
+            except BaseException:
+                # off inside the run, so that a trip made just before is still recorded in it;
+                # if that fails too, qc6_safety tries again and reports
+                try:
+                    yield from all_off(layer)
+                    yield from _last_look(session, layer.channels)
+                except Exception as exc:
+                    print(f"QC6: switching off inside the run failed ({exc}); trying again")
+                raise
             # switch off before the stop document: its callbacks (plots) must not keep HV on
             yield from all_off(layer)
             late = yield from _last_look(session, layer.channels)

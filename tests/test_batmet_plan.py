@@ -5,6 +5,7 @@ that hidden truth only to judge the analysis, which never sees it.
 """
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -156,7 +157,8 @@ def test_missing_or_wrong_meter_is_refused_before_anything_moves(bench, RE, faul
 def test_abort_mid_scan_leaves_dac_zero_and_supply_off(bench, RE):
     def pause(name, doc):
         if name == "event" and doc["seq_num"] == 4:
-            RE.request_pause(defer=False)          # what Ctrl-C does
+            # what Ctrl-C does; from another thread, as the RunEngine waits for the request
+            threading.Thread(target=RE.request_pause, kwargs={"defer": False}).start()
 
     RE.subscribe(pause)
     with pytest.raises(RunEngineInterrupted):

@@ -330,6 +330,31 @@ class FeeBoardSim:
                                              * shape.charge_per_pC) if shape else math.nan),
         }
 
+    def walk_curve(self, channel: int, registers: np.ndarray, t: float | None = None) -> dict:
+        """Hidden truth: the noise-free, unquantised threshold-crossing times (ns) of the direct and
+        reflected pulses at the given registers (NaN below the threshold), their charges (pC) and
+        the true start times of the two pulses. Studies use it to measure the walk model's own
+        bias on the simulated pulse shapes."""
+        t = self.clock.now() if t is None else t
+        q = self.charge_of(np.asarray(registers))
+        threshold = float(self.thresholds_mV[channel])
+        start = float(self.channel_delay_ns[channel])
+        out = {"t0_direct_ns": start}
+        for kind, shape, delay in (("direct", self.direct_shape(), 0.0),
+                                   ("reflected", self.reflected_shape(channel),
+                                    float(self.cables[channel].transit_ns(self.temperature_C(t))))):
+            if shape is None:
+                out[f"q_{kind}_pC"] = out[f"t_{kind}_ns"] = np.full(q.size, np.nan)
+                out[f"t0_{kind}_ns"] = math.nan
+                continue
+            peak = q * shape.peak_mV_per_pC
+            fired = peak > threshold
+            level = np.where(fired, threshold / np.where(fired, peak, 1.0), 1.0)
+            out[f"q_{kind}_pC"] = q * shape.charge_per_pC
+            out[f"t_{kind}_ns"] = np.where(fired, start + delay + shape.crossing(level), np.nan)
+            out[f"t0_{kind}_ns"] = start + delay
+        return out
+
     def _discriminate(self, q_true: np.ndarray, shape: PulseShape, threshold_mV: float,
                       start_ns: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """(TDC time ns, fired mask) of pulses with direct charges q_true through the threshold.
@@ -419,7 +444,8 @@ class FeeBoardSim:
         period = 1.0 / self.pulse_rate_hz
         times = now + np.arange(len(registers)) * period
         results = {c: self.pulses(c, registers, times) for c in self.enabled_channels()}
-        self._sweep = _Sweep(registers, now, period, self.temperature_C(now), results)
+        # The sweep's world duration runs from here: computing it is not part of the board's time.
+        self._sweep = _Sweep(registers, self.clock.now(), period, self.temperature_C(now), results)
         return len(registers)
 
     def stop_sweep(self) -> None:
