@@ -231,7 +231,8 @@ def analyse_vrf_scan(x: ArrayLike, counts: ArrayLike, geometry: EigerGeometry,
     x: vrf settings (DAC, increasing); counts: [rows, cols, n] per pixel and setting, taken with
     ``scan_exptime_s`` seconds per point. The suggested exposure is PSI's
     ``target_counts * scan_exptime_s / min(mean counts per pixel at the step nearest each vrf)``,
-    rounded to 0.1 ms."""
+    rounded to 0.1 ms, with each mean taken over its own half module (PSI averages the whole
+    detector, mixing in the other half modules at a vrf that is not theirs)."""
     xa, ca = _check_scan(x, counts, "vrf scan")
     if ca.shape[:2] != geometry.shape:
         raise ValueError(f"vrf scan frames {ca.shape[:2]} do not match a {geometry.name} "
@@ -255,12 +256,13 @@ def analyse_vrf_scan(x: ArrayLike, counts: ArrayLike, geometry: EigerGeometry,
         except CalibrationError as exc:
             raise CalibrationError(f"half module {hm}: {exc}") from None
         vrf[hm] = int(np.round(gpar[hm, 1]))
-    live = ~cleaned
     counts_at = np.empty(n_hm)
     for hm in range(n_hm):
         i = int(np.argmin(np.abs(xa - vrf[hm])))
-        frame = ca[:, :, i]
-        counts_at[hm] = float(frame[live].mean(dtype=np.float64)) if live.any() else 0.0
+        sl = geometry.half_module_slice(hm)
+        keep = ~cleaned[sl]
+        frame = ca[sl[0], sl[1], i]
+        counts_at[hm] = float(frame[keep].mean(dtype=np.float64)) if keep.any() else 0.0
     if not np.all(counts_at > 0):
         raise CalibrationError("no counts at the vrf found; the line did not reach the detector")
     exptime = round(target_counts * scan_exptime_s / float(counts_at.min()), 4)

@@ -233,8 +233,13 @@ class _LivePlot(QtAwareCallback):
         self.x.append(float(np.asarray(data[xk]).ravel()[0]))
         self.y.append(np.asarray(data[ck], dtype=np.float64).ravel())
         self.update()
-        self.fig.canvas.draw_idle()
+        self._draw()
         super().event(doc)
+
+    def _draw(self) -> None:
+        # only a GUI canvas shows anything; drawing an off-screen one per point only costs time
+        if getattr(type(self.fig.canvas), "required_interactive_framework", None):
+            self.fig.canvas.draw_idle()
 
     def setup(self, doc):
         raise NotImplementedError
@@ -323,6 +328,6 @@ class ChipCurvesPlot(_LivePlot):
                 if fit["status"][chip] == FitStatus.OK:
                     line.set_label(f"chip {chip}: mu {fit['mu'][chip]:.0f}")
             self.ax.legend(loc="upper left", fontsize=8)
-            self.fig.canvas.draw_idle()
+            self._draw()
         super().stop(doc)
 

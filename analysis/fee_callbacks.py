@@ -1,9 +1,9 @@
 """Document callbacks of the FEE cable calibration: fit the transit time of every channel in a sweep.
 
-`TransitTimeFitter` consumes the documents of a calibration run (live from the RunEngine, or replayed
-from tiled with `refit_documents(run.documents())`) and fits each channel's sweep with
-`calbench.analysis.timewalk.fit_transit_time`. Live and offline fits are the same computation on
-the same arrays, so a stored run re-analysed later gives the same transit time.
+`TransitTimeFitter` consumes the documents of a calibration run live from the RunEngine (or replayed,
+`refit_documents`) and fits each channel's sweep with `calbench.analysis.timewalk.fit_transit_time`;
+`refit_run` does the same from a run read back from tiled. Live and offline fits are the same
+computation on the same arrays, so a stored run re-analysed later gives the same transit time.
 
 The sweep arrives as one event of stream "fee_sweep" whose array fields are named
 `<device>_chNN_sweep_<direct|reflected>_<charge|time>` (one entry per pulse), beside
@@ -72,7 +72,8 @@ def sweeps_from_event(data: dict) -> dict[int, ChannelSweep]:
         missing = {"direct_charge", "direct_time", "reflected_charge", "reflected_time"} - set(arrays)
         if missing:
             raise TransitFitError(f"channel {channel}: the sweep event lacks {sorted(missing)}")
-        out[channel] = ChannelSweep(channel, registers, arrays["direct_charge"], arrays["direct_time"],
+        out[channel] = ChannelSweep(channel, registers, arrays["direct_charge"],
+                                    arrays["direct_time"],
                                     arrays["reflected_charge"], arrays["reflected_time"],
                                     temperature, start)
     return out
@@ -120,6 +121,19 @@ class TransitTimeFitter(DocumentRouter):
             row = {key: values[i] for key, values in doc["data"].items()}
             for channel, sweep in sweeps_from_event(row).items():
                 self.fits[channel] = fit_sweep(sweep, self.method, **self.fit_kwargs)
+
+
+def refit_run(run, method: str = "binned", **fit_kwargs) -> dict[int, ChannelFit]:
+    """Fit a calibration run read back from tiled (`catalog[uid]`): its last fee_sweep event."""
+    try:
+        stream = run[SWEEP_STREAM]
+    except KeyError:
+        raise TransitFitError(f"run {run.start.get('uid', '?')} has no {SWEEP_STREAM!r} stream: it "
+                              "is not an FEE calibration sweep") from None
+    dataset = stream.read()
+    data = {key: np.asarray(dataset[key].values)[-1] for key in dataset.data_vars}
+    return {channel: fit_sweep(sweep, method, **fit_kwargs)
+            for channel, sweep in sweeps_from_event(data).items()}
 
 
 def refit_documents(documents: Iterable[tuple[str, dict]], method: str = "binned",

@@ -137,7 +137,7 @@ class TransitTimeResult:
         return out
 
 
-# -- input checks -----------------------------------------------------------------------------------
+# -- input checks ----------------------------------------------------------------------------------
 
 def _prefix(label: str) -> str:
     return f"{label}: " if label else ""
@@ -167,7 +167,7 @@ def _bin_index(t: NDArray, lsb_ns: float, kind: str, label: str) -> NDArray[np.i
     return k.astype(np.int64)
 
 
-# -- binned estimator (the paper's) -------------------------------------------------------------------
+# -- binned estimator (the paper's) ----------------------------------------------------------------
 
 def _bin_means(q: NDArray, k: NDArray, min_count: int) -> tuple[NDArray, NDArray, NDArray]:
     """TDC bins with at least min_count pulses: (bin index, mean charge, error of the mean charge)."""
@@ -237,7 +237,7 @@ def _binned(q: NDArray, k: NDArray, lsb_ns: float, min_count: int, q_min: float 
     return (coef, cov, rms), bins.size, q_mean, t_centre
 
 
-# -- likelihood estimator -------------------------------------------------------------------------------
+# -- likelihood estimator --------------------------------------------------------------------------
 
 def _log_interval(z1: NDArray, z2: NDArray) -> NDArray:
     """log(Phi(z2) - Phi(z1)) for z1 < z2, accurate in both tails."""
@@ -344,7 +344,7 @@ def _likelihood(q: NDArray, k: NDArray, lsb_ns: float, start: NDArray):
     return theta, cov, converged
 
 
-# -- one pulse type --------------------------------------------------------------------------------------
+# -- one pulse type --------------------------------------------------------------------------------
 
 def _threshold_charge(q_all: NDArray, fired: NDArray, amplitude: NDArray) -> float:
     """Charge (pC) at which the discriminator starts to fire, when the sweep went below it.
@@ -375,12 +375,13 @@ def fit_walk(q_pC: ArrayLike, t_ns: ArrayLike, method: Method = "binned", *,
     q_pC, t_ns: charge (pC) and TDC time (ns) per pulse, NaN where the discriminator did not fire.
     method: "binned" (mean charge per TDC bin, equal weights) or "likelihood" (every pulse).
     min_charge_over_threshold: fit range starts at this multiple of the threshold charge (default
-    per method, see the module docstring); q_min_pC overrides the range's lower end. min_bin_count: bins with fewer
-    pulses are left out of the binned fit. amplitude: a quantity proportional to each pulse's size
-    whether it fired or not (DAC register, direct charge), used to locate the threshold; default:
-    the pulse index (arrays in sweep order). threshold_bound_pC: an upper bound on the threshold
-    charge known from elsewhere, used when every pulse fired (otherwise the smallest charge that
-    fired is the bound). kind/label name the pulses in error messages.
+    per method, see the module docstring); q_min_pC overrides the range's lower end.
+    min_bin_count: bins with fewer pulses are left out of the binned fit.
+    amplitude: a quantity proportional to each pulse's size whether it fired or not (DAC register,
+    direct charge), used to locate the threshold; default: the pulse index (arrays in sweep order).
+    threshold_bound_pC: an upper bound on the threshold charge known from elsewhere, used when
+    every pulse fired (otherwise the smallest charge that fired is the bound).
+    kind/label name the pulses in error messages.
     Raises TransitFitError when the pulses cannot constrain the model.
     """
     if method not in METHODS:
@@ -390,7 +391,8 @@ def fit_walk(q_pC: ArrayLike, t_ns: ArrayLike, method: Method = "binned", *,
     if q.size == 0:
         raise TransitFitError(f"{_prefix(label)}no {kind} fired in {q_all.size} pulses")
     k = _bin_index(t, lsb_ns, kind, label)
-    amp = np.arange(q_all.size, dtype=float) if amplitude is None else np.asarray(amplitude, float).ravel()
+    amp = (np.arange(q_all.size, dtype=float) if amplitude is None
+           else np.asarray(amplitude, float).ravel())
     if amp.shape != q_all.shape:
         raise TransitFitError(f"{_prefix(label)}amplitude has {amp.size} entries for {q_all.size} "
                               f"{kind}; pass one per pulse")
@@ -411,34 +413,37 @@ def fit_walk(q_pC: ArrayLike, t_ns: ArrayLike, method: Method = "binned", *,
     fit, n_bins, q_mean, t_centre = _binned(q, k, lsb_ns, min_bin_count, q_min_pC)
     sel = q >= q_min_pC
     q, k = q[sel], k[sel]
-    if fit is None:
+    n_used = n_bins if method == "binned" else int(np.unique(k).size)
+    if (fit is None if method == "binned" else n_used < MIN_BINS):
+        what = (f"with at least {min_bin_count} pulses and a mean charge above {q_min_pC:.3g} pC"
+                if method == "binned" else f"above {q_min_pC:.3g} pC")
         raise TransitFitError(
-            f"{_prefix(label)}{kind} fall in only {n_bins} TDC bin(s) with at least {min_bin_count} "
-            f"pulses and a mean charge above {q_min_pC:.3g} pC ({np.unique(k).size} bins in all); "
-            f"the walk model needs {MIN_BINS}: start the sweep at a lower DAC register so that the "
-            "walk spans more bins, or lower the discriminator threshold")
-    coef, cov, rms = fit
+            f"{_prefix(label)}{kind} fall in only {n_used} TDC bin(s) {what} "
+            f"({np.unique(k).size} bins in all); the walk model needs {MIN_BINS}: start the sweep "
+            "at a lower DAC register so that the walk spans more bins, or lower the discriminator "
+            "threshold")
     q_range = (float(q.min()), float(q.max()))
     if method == "binned":
+        coef, cov, rms = fit
         return WalkFit(float(coef[0]), float(coef[1]), float(coef[2]),
                        float(math.sqrt(max(cov[0, 0], 0.0))), cov, "binned", int(q.size), n_bins,
                        *q_range, threshold, rms_ns=rms, bin_charge_pC=q_mean, bin_time_ns=t_centre)
     # Start from the per-pulse least-squares line through the bin centres: every pulse counts, as
     # in the likelihood, so it starts closer than the binned solution when there are few bins.
     start = _least_squares(_design(q), (k + 0.5) * lsb_ns)
-    theta, cov5, ok = _likelihood(q, k, lsb_ns, start)
-    if not ok and not np.all(np.isfinite(cov5)):
+    theta, cov5, _ = _likelihood(q, k, lsb_ns, start)
+    cov3 = cov5[:3, :3]
+    if not np.all(np.isfinite(cov3)) or cov3[0, 0] <= 0:
         raise TransitFitError(f"{_prefix(label)}the likelihood fit of the {kind} did not converge; "
                               "use method='binned' or check the data for outliers")
-    cov3 = cov5[:3, :3]
-    return WalkFit(float(theta[0]), float(theta[1]), float(theta[2]),
-                   float(math.sqrt(max(cov3[0, 0], 0.0))), cov3, "likelihood", int(q.size), n_bins,
-                   *q_range, threshold, jitter_ns=float(math.sqrt(
-                       math.exp(2 * theta[3]) + math.exp(2 * theta[4]) / np.median(q))),
+    return WalkFit(float(theta[0]), float(theta[1]), float(theta[2]), float(math.sqrt(cov3[0, 0])),
+                   cov3, "likelihood", int(q.size), n_used, *q_range, threshold,
+                   jitter_ns=float(math.sqrt(math.exp(2 * theta[3])
+                                             + math.exp(2 * theta[4]) / np.median(q))),
                    bin_charge_pC=q_mean, bin_time_ns=t_centre)
 
 
-# -- transit time -----------------------------------------------------------------------------------------
+# -- transit time ----------------------------------------------------------------------------------
 
 def proportional_charge(reference_q_pC: ArrayLike, q_pC: ArrayLike) -> NDArray[np.float64]:
     """q_pC replaced by ratio * reference_q_pC, the ratio fitted (least squares through the origin)
@@ -468,7 +473,8 @@ def naive_transit_time(direct_t_ns: ArrayLike, reflected_t_ns: ArrayLike,
     clock they fall in the same one or two bins every time: more pulses do not beat the LSB."""
     d = np.asarray(direct_t_ns, dtype=float).ravel()
     r = np.asarray(reflected_t_ns, dtype=float).ravel()
-    amp = np.arange(d.size, dtype=float) if amplitude is None else np.asarray(amplitude, float).ravel()
+    amp = (np.arange(d.size, dtype=float) if amplitude is None
+           else np.asarray(amplitude, float).ravel())
     n_top = max(2, int(round(top_fraction * d.size)))
     top = np.argsort(np.where(np.isfinite(amp), amp, -np.inf), kind="stable")[-n_top:]
     d, r = d[top], r[top]
@@ -483,7 +489,8 @@ def fit_transit_time(direct_q_pC: ArrayLike, direct_t_ns: ArrayLike, reflected_q
                      reflected_t_ns: ArrayLike, method: Method = "binned", *,
                      velocity_m_per_ns: float = RG58_VELOCITY_M_PER_NS, lsb_ns: float = TDC_LSB_NS,
                      min_charge_over_threshold: float | None = None,
-                     min_bin_count: int = MIN_BIN_COUNT, amplitude: ArrayLike | None = None, smooth_reflected_charge: bool = True,
+                     min_bin_count: int = MIN_BIN_COUNT, amplitude: ArrayLike | None = None,
+                     smooth_reflected_charge: bool = True,
                      label: str = "") -> TransitTimeResult:
     """Round-trip transit time (ns) through a cable from one calibration sweep.
 
@@ -532,11 +539,12 @@ def fit_transit_time(direct_q_pC: ArrayLike, direct_t_ns: ArrayLike, reflected_q
     dt = reflected.t0_ns - direct.t0_ns
     dt_err = math.hypot(direct.t0_err_ns, reflected.t0_err_ns)
     naive, _ = naive_transit_time(direct_t, reflected_t, amplitude)
-    return TransitTimeResult(dt, dt_err, velocity_m_per_ns * dt / 2.0, velocity_m_per_ns * dt_err / 2.0,
+    return TransitTimeResult(dt, dt_err, velocity_m_per_ns * dt / 2.0,
+                             velocity_m_per_ns * dt_err / 2.0,
                              velocity_m_per_ns, method, direct, reflected, naive, label)
 
 
-# -- velocity and temperature ------------------------------------------------------------------------------
+# -- velocity and temperature ----------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class VelocityFit:
@@ -555,7 +563,8 @@ def fit_velocity(dL_m: ArrayLike, dt_ns: ArrayLike, dt_err_ns: ArrayLike | None 
     increments relative to dL = 0 (no offset fitted)."""
     x = 2.0 * np.asarray(dL_m, dtype=float)
     y = np.asarray(dt_ns, dtype=float)
-    w = np.ones_like(y) if dt_err_ns is None else 1.0 / np.maximum(np.asarray(dt_err_ns, float), 1e-12) ** 2
+    w = (np.ones_like(y) if dt_err_ns is None
+         else 1.0 / np.maximum(np.asarray(dt_err_ns, float), 1e-12) ** 2)
     cols = [x] if through_origin else [x, np.ones_like(x)]
     a = np.column_stack(cols)
     need = a.shape[1] + 1
@@ -598,7 +607,7 @@ def fit_temperature_coefficient(temperature_C: ArrayLike, dt_ns: ArrayLike,
     return float(c), float(c_err), float(coef[0])
 
 
-# -- plots ---------------------------------------------------------------------------------------------------
+# -- plots -----------------------------------------------------------------------------------------
 
 def plot_walk_fits(direct_q_pC: ArrayLike, direct_t_ns: ArrayLike, reflected_q_pC: ArrayLike,
                    reflected_t_ns: ArrayLike, result: TransitTimeResult, path=None):

@@ -15,7 +15,7 @@ import contextlib
 import sys
 from pathlib import Path
 
-from calbench.config import load_config
+from calbench.cli import _cfg
 
 
 def add_cli(subparsers) -> None:
@@ -54,13 +54,6 @@ def add_cli(subparsers) -> None:
     p.add_argument("--range", nargs=2, type=float, default=(0.0, 4.0), metavar=("MIN", "MAX"),
                    help="the csink current range in A (0 4)")
     p.set_defaults(func=cmd_fit)
-
-
-def _cfg(args):
-    cfg = load_config(args.config)
-    if getattr(args, "prefix", None):
-        cfg = cfg.with_overrides(pv_prefix=args.prefix)
-    return cfg
 
 
 def _note(message: str) -> None:

@@ -23,7 +23,7 @@ from calbench.config import ConfigError, load_config
 from calbench.instruments import INSTRUMENTS
 
 # Modules contributing procedure subcommands: each defines add_cli(subparsers).
-PROCEDURE_CLIS: list[str] = ["calbench.batmet_cli", "calbench.qc6_cli"]
+PROCEDURE_CLIS: list[str] = ["calbench.batmet_cli", "calbench.qc6_cli", "calbench.fee_paper"]
 
 
 def _cfg(args):

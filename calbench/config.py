@@ -3,7 +3,9 @@
 Resolution order for the file: the `path` argument, then $CALBENCH_CONFIG, then ./lab.toml, then the
 embedded defaults (calbench/default_lab.toml: every instrument simulated, local tiled). Environment
 variables override single keys: CALBENCH_HOME (lab.home), CALBENCH_PV_PREFIX (lab.pv_prefix),
-CALBENCH_TILED_URI / CALBENCH_TILED_API_KEY (an external tiled server).
+CALBENCH_TILED_URI / CALBENCH_TILED_API_KEY (an external tiled server). An instrument's directory
+setting left empty ("data_dir", "settings_dir", ...) means the lab's place for it:
+<data_dir>/<instrument> for data_dir, <home>/<settings>/<instrument> for settings_dir.
 
 Validation names the key and the fix, e.g.
     lab.toml: [instruments.eiger] backend = 'real': must be 'sim' or 'hardware'
@@ -171,6 +173,11 @@ def parse_config(raw: dict, source: Path = DEFAULT_CONFIG) -> LabConfig:
                 raise ConfigError(f"{source}: instruments.{name}.{key} = {value!r} must be a "
                                   f"{type(default).__name__} (default {default!r})")
             settings[key] = value
+        for key, value in settings.items():
+            # an empty directory setting means "the lab's place for it"
+            if key.endswith("_dir") and value == "":
+                settings[key] = str(in_home("data_dir", "data") / name if key == "data_dir"
+                                    else home / key[:-4] / name)
         instruments[name] = InstrumentConfig(name, backend, prefix, settings)
 
     return LabConfig(

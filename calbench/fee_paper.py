@@ -193,7 +193,8 @@ def format_paper_table(study: PaperTableStudy) -> str:
                  for r in rows]
         v, v_err = study.velocity_fit[e]
         lines.append(
-            f"{e:>10}: per-calibration spread {study.calibration_stat_ns(e):.3f} ns; absolute dt - 2L/v: "
+            f"{e:>10}: per-calibration spread {study.calibration_stat_ns(e):.3f} ns; "
+            f"absolute dt - 2L/v: "
             f"{np.mean([r.absolute_bias_ns for r in study.rows[e]]):+.3f} ns measured, "
             f"{np.mean([r.absolute_sys_ns for r in study.rows[e]]):+.3f} ns walk-model bias; largest "
             f"|measured - expected| / combined error {max(pulls):.1f}; fitted v = {v:.4f} +- "
@@ -252,7 +253,7 @@ def reproduce_paper_table(results_dir: str | Path, *, repeats: int = 20,
     return study, [png, txt]
 
 
-# -- demo and command line ---------------------------------------------------------------------------
+# -- demo and command line -------------------------------------------------------------------------
 
 def demo_step(ctx):
     """`calbench demo`: one calibration of channel 0 through the IOC into tiled, then the table."""

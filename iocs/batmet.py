@@ -87,11 +87,7 @@ class BatmetIOC(BenchInstrumentIOC):
 
     @adc_sense.scan(period=POLL_PERIOD_S)
     async def adc_sense(self, instance, async_lib):
-        if await self.keep_connected():
-            try:
-                await self.refresh(put=False)
-            except Exception:       # reported on StatusMessage_RBV; retried next period
-                pass
+        await self.poll()
 
     def make_safe(self) -> None:
         """No sink current: DAC 0."""

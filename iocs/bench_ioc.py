@@ -128,6 +128,18 @@ class BenchInstrumentIOC(InstrumentIOC):
     async def after_connect(self) -> None:
         """Hook: publish the instrument's state once it answers."""
 
+    async def refresh(self, *, put: bool = True) -> None:
+        """Hook: read the instrument and publish its readbacks (put: on behalf of a put)."""
+
+    async def poll(self) -> None:
+        """One period of a poll loop: keep the link up and, while connected, refresh the
+        readbacks (a failure is reported on StatusMessage_RBV and tried again next period)."""
+        if await self.keep_connected():
+            try:
+                await self.refresh(put=False)
+            except Exception:       # reported by run(); the instrument may come back
+                pass
+
     async def keep_connected(self) -> bool:
         """In a poll loop: True if connected; otherwise retry the link now and then."""
         await self.world_time.write(self.clock.now(), timestamp=self.clock.now())

@@ -254,17 +254,12 @@ class EigerIOC(InstrumentIOC):
                 g.pvdb[old.pvname] = new
 
     # -- helpers --------------------------------------------------------------------------------
-    def check_idle(self) -> None:
-        """Refuse a settings change during an acquisition (the detector server does too)."""
-        if self._busy:
-            raise Refused("the detector is acquiring; wait for DetectorState_RBV = Idle or put "
-                          "Acquire = 0 to abort")
-
     async def refuse_if_busy(self) -> None:
-        try:
-            self.check_idle()
-        except Refused as exc:
-            await self.call(_raise, exc)
+        """Refuse a put during an acquisition (the detector server does too): reported, counted,
+        raised."""
+        if self._busy:
+            await self.call(_raise, Refused("the detector is acquiring; wait for "
+                                            "DetectorState_RBV = Idle or put Acquire = 0 to abort"))
 
     async def refresh_settings(self, *, trimbits: bool = True) -> None:
         """Publish every settings readback from the backend."""

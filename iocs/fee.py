@@ -125,7 +125,8 @@ class FeeIOC(InstrumentIOC):
     seq_step = pvproperty(name="Seq:Step", value=1, dtype=ChannelType.LONG)
     seq_acquire = enum_pv("Seq:Acquire", ACQUIRE)
     seq_busy = pvproperty(name="Seq:Busy_RBV", value=0, dtype=ChannelType.LONG, read_only=True)
-    seq_progress = pvproperty(name="Seq:Progress_RBV", value=0, dtype=ChannelType.LONG, read_only=True)
+    seq_progress = pvproperty(name="Seq:Progress_RBV", value=0, dtype=ChannelType.LONG,
+                              read_only=True)
     seq_num_pulses = pvproperty(name="Seq:NumPulses_RBV", value=0, dtype=ChannelType.LONG,
                                 read_only=True)
     seq_count = pvproperty(name="Seq:Count_RBV", value=0, dtype=ChannelType.LONG, read_only=True,
@@ -231,7 +232,7 @@ class FeeIOC(InstrumentIOC):
         await self.call(self.backend.stop_sweep)
         return value
 
-    # -- poll: progress, end of sweep, temperature, heartbeat ---------------------------------------
+    # -- poll: progress, end of sweep, temperature, heartbeat --------------------------------------
     @seq_busy.scan(period=POLL_PERIOD_S)
     async def seq_busy(self, instance, async_lib):
         try:
@@ -261,7 +262,8 @@ class FeeIOC(InstrumentIOC):
         for ch in self.channels:
             r = result.channels.get(ch.channel)
             arrays = ((empty,) * 4 if r is None else
-                      (r.direct_charge_pC, r.direct_time_ns, r.reflected_charge_pC, r.reflected_time_ns))
+                      (r.direct_charge_pC, r.direct_time_ns, r.reflected_charge_pC,
+                       r.reflected_time_ns))
             sweep = ch.sweep
             for pv, arr in zip((sweep.direct_charge, sweep.direct_time, sweep.reflected_charge,
                                 sweep.reflected_time), arrays):

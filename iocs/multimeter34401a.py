@@ -138,7 +138,7 @@ class Multimeter34401aIOC(BenchInstrumentIOC):
     async def reading_count(self, instance, async_lib):
         # the meter is only talked to on request (it may be in local mode on the bench); the poll
         # keeps the clock readback fresh and reconnects a meter that was absent
-        await self.keep_connected()
+        await self.poll()
 
     def make_safe(self) -> None:
         """Front panel back to the operator: display cleared, local mode."""

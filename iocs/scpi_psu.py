@@ -84,11 +84,7 @@ class ScpiPsuIOC(BenchInstrumentIOC):
 
     @over_current.scan(period=POLL_PERIOD_S)
     async def over_current(self, instance, async_lib):
-        if await self.keep_connected():
-            try:
-                await self.refresh(put=False)
-            except Exception:       # reported on StatusMessage_RBV; retried next period
-                pass
+        await self.poll()
 
     def make_safe(self) -> None:
         """Output off."""

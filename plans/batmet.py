@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import bluesky.plan_stubs as bps
 import numpy as np
 from bluesky.preprocessors import finalize_wrapper
+from bluesky.utils import RunEngineControlException
 
 from calbench.analysis.batmet import (CSINK_RANGE_A, SinkAccuracy, SinkFit, fit_sink,
                                       setting_accuracy, sink_data_from_table)
@@ -97,6 +98,8 @@ def _put(signal, value, what: str):
     """Set a signal and wait; a refusal or fault becomes BenchNotReady saying what failed."""
     try:
         yield from bps.mv(signal, value)
+    except RunEngineControlException:       # abort/stop requested: not a failure of the bench
+        raise
     except Exception as exc:
         raise BenchNotReady(f"{what} failed: {_reason(exc)}") from exc
 
@@ -245,6 +248,8 @@ def collect_sink_calibration(dmm, sink, psu=None, *, dac_start: int = DAC_START,
                 if display:
                     yield from bps.mv(dmm.display_text, f"DAC-{code}")
                 reading = yield from bps.trigger_and_read(detectors)
+            except RunEngineControlException:
+                raise
             except Exception as exc:
                 raise BenchNotReady(f"the scan stopped at DAC {code}: {_reason(exc)}") from exc
             current = float(reading[dmm.reading.name]["value"])
@@ -313,6 +318,8 @@ def verify_sink_calibration(dmm, sink, psu=None, *,
                 yield from bps.mv(sink.sink, target)
                 yield from bps.mv(dmm.display_text, f"SINK {target:.3f}A"[:12])
                 reading = yield from bps.trigger_and_read(detectors)
+            except RunEngineControlException:
+                raise
             except Exception as exc:
                 raise BenchNotReady(f"verification stopped at {target:g} A: {_reason(exc)}") \
                     from exc

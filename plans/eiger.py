@@ -450,11 +450,11 @@ def scurve(det, box, *, start: int = DEFAULTS.scurve[0], stop: int = DEFAULTS.sc
     yield from _record(det, cal, "scurve", uid, values={
         "x": result.x, "vcmp": result.vcmp, "vcp": result.vcp, "mu_mean": result.mu_mean,
         "mu_std": result.mu_std, "chip_mu": chips.mu, "chip_sums": chips.sums},
-        arrays={**{k: fit[k] for k in ("p0", "p1", "mu", "sigma", "A", "C", "mu_err",
-                                       "sigma_err", "chi2", "status")},
+        # the maps people look at; every fit parameter is in the PSI fit file named here
+        arrays={"mu": fit["mu"], "sigma": fit["sigma"], "status": fit["status"],
                 "bad": result.bad.codes()},
         summary={**result.summary(), "chip_mu": [float(v) for v in chips.mu]},
-        target=cal.target, run_id=int(run_id))
+        target=cal.target, run_id=int(run_id), fit_file=str(cal.files[-1]))
     return result
 
 
@@ -516,14 +516,12 @@ def trimbit_scan(det, box, *, step: int = DEFAULTS.trimbit_step, tau_ns: int = D
     cal.add_file(save_trimbits(cal.out_dir / trimbits_name(cal.det_id, cal.target, cal.gain),
                                result.trimbits, result.fit, result.target, result.trimmed,
                                untrimmed.bad.codes()))
-    fit = result.fit
     yield from _record(det, cal, "trimbit_scan", uid, values={
         "x": result.x, "vcmp": untrimmed.vcmp, "vcp": untrimmed.vcp, "tau_ns": int(tau_ns),
         "trim_prefix": str(prefix)},
-        arrays={"trimbits": result.trimbits, "trimmed": result.trimmed, "target": result.target,
-                "t_cross": fit["t_cross"], "status": fit["status"]},
+        arrays={"trimbits": result.trimbits, "trimmed": result.trimmed},
         summary={**result.summary(), "trim_prefix": str(prefix)}, target=cal.target,
-        run_id=d.run_untrimmed)
+        run_id=d.run_untrimmed, trimbits_file=str(cal.files[-1]))
     return result
 
 

@@ -60,7 +60,7 @@ class MonitorEntry:
     uids: list[str] = field(default_factory=list)
 
 
-# -- helpers ---------------------------------------------------------------------------------------------
+# -- helpers ---------------------------------------------------------------------------------------
 
 def _reason(exc: BaseException) -> str:
     """The instrument's own reason inside a failed put (FailedStatus -> InstrumentRefused)."""
@@ -139,12 +139,14 @@ def _record_fit(fit: ChannelFit | None, *, channel: int, parent_uid: str, method
     from ophyd import Signal
 
     result = fit.result if fit is not None else None
-    values = {k: v for k, v in result.as_dict().items() if isinstance(v, (int, float))} if result else {}
+    values = ({k: v for k, v in result.as_dict().items() if isinstance(v, (int, float))}
+              if result else {})
     sweep = fit.sweep if fit is not None else None
     values.update(channel=channel,
                   temperature_C=sweep.temperature_C if sweep is not None else math.nan,
                   sweep_time=sweep.start_time if sweep is not None else math.nan)
-    _md = {"procedure": "fee_transit_time_fit", "analysis": "calbench.analysis.timewalk:fit_transit_time",
+    _md = {"procedure": "fee_transit_time_fit",
+           "analysis": "calbench.analysis.timewalk:fit_transit_time",
            "parent_uid": parent_uid, "channel": channel, "method": method, **md}
     uid = yield from bps.open_run(md=_md)
     if result is None:
@@ -156,7 +158,7 @@ def _record_fit(fit: ChannelFit | None, *, channel: int, parent_uid: str, method
     return uid
 
 
-# -- plans ----------------------------------------------------------------------------------------------------
+# -- plans -----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class CableCalibration:
@@ -302,4 +304,5 @@ def _plot_history(history: list[MonitorEntry], plot_dir: Path) -> None:
             continue
         plot_monitor_history([e.time for e in good], [e.temperature_C for e in good],
                              [e.dt_ns for e in good], [e.dt_err_ns for e in good],
-                             plot_dir / f"fee_ch{channel:02d}_monitor.png", label=f"channel {channel}")
+                             plot_dir / f"fee_ch{channel:02d}_monitor.png",
+                             label=f"channel {channel}")

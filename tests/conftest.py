@@ -9,8 +9,19 @@ from dataclasses import replace
 
 from calbench.iocs.server import loopback_ca_environment
 
-# Before any CA client exists: search loopback only, never the LAN.
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Before any CA client exists: search loopback only, never the LAN, on a port of this session's own
+# (two test sessions on one machine would otherwise answer each other's searches).
 os.environ.update(loopback_ca_environment())
+_CA_PORT = str(free_port())
+os.environ.update({"EPICS_CA_SERVER_PORT": _CA_PORT, "EPICS_CAS_SERVER_PORT": _CA_PORT})
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest  # noqa: E402
@@ -21,12 +32,6 @@ from calbench.config import DEFAULT_CONFIG  # noqa: E402
 # World-clock acceleration per simulated world in the test session: QC6 holds of hours run in
 # seconds; the X-ray world runs 5x so the tube warm-up and shutter motion do not dominate.
 TEST_TIME_SCALES = {"qc6": 2000.0, "xray": 5.0, "bench": 50.0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Lab:
@@ -58,6 +63,7 @@ class Lab:
 @pytest.fixture(scope="session")
 def lab_config(tmp_path_factory):
     home = tmp_path_factory.mktemp("labhome")
+    os.environ["CALBENCH_HOME"] = str(home)       # instrument directories resolve under it
     cfg = load_config(DEFAULT_CONFIG)
     prefix = f"T{uuid.uuid4().hex[:6]}:"
     instruments = dict(cfg.instruments)
@@ -65,8 +71,7 @@ def lab_config(tmp_path_factory):
         x = instruments["xraybox"]
         instruments["xraybox"] = InstrumentConfig(x.name, x.backend, x.prefix,
                                                   {**x.settings, "warmup_s": 2.0})
-    return replace(cfg, home=home, data_dir=home / "data", results_dir=home / "results",
-                   pv_prefix=prefix, instruments=instruments)
+    return replace(cfg, pv_prefix=prefix, instruments=instruments)
 
 
 @pytest.fixture(scope="session")

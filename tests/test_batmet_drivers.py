@@ -105,7 +105,7 @@ def test_supply_over_visa():
     assert not psu.read().output_on
     wrong = open_scpi_psu({"resource": "ASRL1::INSTR", "visa_library": "sim",
                            "idn_contains": "E3632A"})
-    with pytest.raises(InstrumentFault, match="not the configured supply.*HEWLETT-PACKARD"):
+    with pytest.raises(InstrumentFault, match="HEWLETT-PACKARD.*not the configured supply"):
         wrong.open()
 
 
@@ -250,3 +250,24 @@ def test_scpi_headers_normalise_to_short_form():
     assert scpi_split("sense:curr:dc:nplc 10") == ("CURR:DC:NPLC", "10")
     assert scpi_split("SOURce:VOLTage:LEVel:IMMediate 4") == ("VOLT", "4")
     assert math.isclose(float("+1.40307706E-01"), 0.140307706)
+
+
+def test_hardware_backends_from_the_lab_configuration():
+    """The instrument table's hardware factories give IOCs whose drivers talk VISA and serial
+    (pyvisa-sim and pyserial's loop:// here), without the simulation's fault-injection PVs."""
+    from calbench.config import parse_config
+    from calbench.iocs.build import build_iocs
+    from calbench.iocs.hw.agilent34401a import Agilent34401A
+
+    cfg = parse_config({"instruments": {
+        "dmm": {"backend": "hardware", "resource": "ASRL1::INSTR", "visa_library": "sim",
+                "timeout_s": 0.3},
+        "psu": {"backend": "hardware", "resource": "ASRL4::INSTR", "visa_library": "sim"},
+        "batmet": {"backend": "hardware", "port": "loop://", "timeout_s": 0.1}}})
+    dmm, psu, batmet = build_iocs(cfg)
+    assert isinstance(dmm.backend, Agilent34401A) and dmm.backend.sim is None
+    assert not [pv for g in (dmm, psu, batmet) for pv in g.pvdb if ":Sim:" in pv]
+    assert dmm.backend.open().startswith("HEWLETT-PACKARD,34401A")
+    assert "E3632A" in psu.backend.open()
+    with pytest.raises(InstrumentFault, match="no BatMet answers on loop://"):
+        batmet.backend.open()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import replace
@@ -117,8 +118,9 @@ def calibrated(eiger_lab, devices, RE, tmp_path_factory):
     box, det = devices
     RE(tube_on(box, KV, MA))
     results_dir = tmp_path_factory.mktemp("results")
+    # live plots are exercised in test_eiger_calibration_units.py; here they would only cost time
     cal = RE(calibrate_eiger(det, box, "Cu", results_dir=results_dir, vrf_range=VRF_RANGE,
-                             md={"sample": "pytest"})).plan_result
+                             plot=False, md={"sample": "pytest"})).plan_result
     return cal
 
 
@@ -291,9 +293,15 @@ def _assert_unchanged(eiger_lab, before):
     assert (dr, exptime) == before[2:]
 
 
-def _shutters_closed(eiger_lab):
+def _shutters_closed(eiger_lab, timeout_s: float = 2.0):
+    """Both shutters closed (waiting out a shutter still in motion, 0.3 world seconds)."""
     box = eiger_lab.backend("xraybox")
-    return not box.shutter_open("XRF") and not box.shutter_open("Direct")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not box.shutter_open("XRF") and not box.shutter_open("Direct"):
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def test_high_voltage_off_is_refused_before_anything_changes(calibrated, eiger_lab, devices, RE):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from ophyd import EpicsSignal
 
-from calbench.analysis.fee_callbacks import refit_documents
+from calbench.analysis.fee_callbacks import refit_run
 from calbench.fee_paper import walk_model_bias
 from calbench.plans.fee import FeeCalibrationError, realtime_cable_monitor, transit_time_calibration
 
@@ -61,7 +61,7 @@ def test_calibration_stores_the_sweep_and_the_fit(RE, lab, fee, tmp_path):
     stored_dt = fit_run["fit"]["fee_ch01_dt_ns"].read()
     assert float(np.asarray(stored_dt).ravel()[0]) == pytest.approx(r.dt_ns)
     # re-analysing the stored run gives the same answer as the live fit
-    again = refit_documents(sweep.documents(), "likelihood")[1]
+    again = refit_run(sweep, "likelihood")[1]
     assert again.result.dt_ns == pytest.approx(r.dt_ns, abs=1e-9)
     assert list(tmp_path.glob("fee_ch01_walk_*.png"))
     # left safe: sequencer stopped, DAC parked at 0

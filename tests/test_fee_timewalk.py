@@ -81,13 +81,14 @@ def test_estimators_side_by_side_on_the_simulated_board(sim, tmp_path):
     fig = plot_walk_fits(r.direct_charge_pC, r.direct_time_ns, r.reflected_charge_pC,
                          r.reflected_time_ns, results["binned"], tmp_path / "walk.png")
     assert (tmp_path / "walk.png").stat().st_size > 10_000 and len(fig.axes) == 2
-    plot_monitor_history([0, 3600, 7200, 10800], [15.0, 18.0, 21.0, 19.0], [192.3, 192.4, 192.5, 192.4],
-                         [0.05] * 4, tmp_path / "monitor.png")
+    plot_monitor_history([0, 3600, 7200, 10800], [15.0, 18.0, 21.0, 19.0],
+                         [192.3, 192.4, 192.5, 192.4], [0.05] * 4, tmp_path / "monitor.png")
     assert (tmp_path / "monitor.png").stat().st_size > 10_000
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(shift=st.integers(min_value=-40, max_value=40), method=st.sampled_from(["binned", "likelihood"]))
+@given(shift=st.integers(min_value=-40, max_value=40),
+       method=st.sampled_from(["binned", "likelihood"]))
 def test_whole_bin_shifts_move_dt_by_exactly_that(shift, method):
     """A delay of n TDC bins on the reflections (a longer cable by whole bins) moves dt by exactly
     n LSB; the same delay on both pulses leaves dt unchanged."""

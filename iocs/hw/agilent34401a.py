@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 
 from calbench.iocs.errors import InstrumentFault, Refused
-from calbench.iocs.hw.scpi import ScpiLink, parse_reading
+from calbench.iocs.hw.scpi import ScpiInstrument, parse_reading
 
 log = logging.getLogger(__name__)
 
@@ -39,79 +39,39 @@ def ranges_of(function: str) -> tuple[float, ...]:
     return CURRENT_RANGES_A if function == "CURR:DC" else VOLTAGE_RANGES_V
 
 
-class Agilent34401A:
+class Agilent34401A(ScpiInstrument):
     """The 34401A's commands the bench uses; every method is thread-safe and opens the link on
-    first use. `sim` is the simulated instrument when the driver runs on the simulated bench."""
+    first use."""
 
-    sim = None
+    what = "34401A multimeter"
 
     def __init__(self, connect: Callable[[], object], *, port: str, settings: dict | None = None):
+        super().__init__(connect, port=port)
         settings = {**DEFAULT_SETTINGS, **(settings or {})}
-        self.link = ScpiLink(connect, what="34401A multimeter", port=port)
-        self.port = port
-        self.where = self.link.where
         self.retries = int(settings["retries"])
-        self.identity = ""
-        self._open = False
         self.function = "CURR:DC"
         self.range = 0.0            # 0: autorange
         self.nplc = 10.0
 
-    # -- connection ---------------------------------------------------------------------------------
-    @property
-    def is_open(self) -> bool:
-        return self._open
+    # -- connection (the reference tool's open and close sequences) -------------------------------
+    def not_found(self, problem: str) -> str:
+        return (f"There is no 34401A multimeter connected to {self.port}: {problem}; connect the "
+                "34401A (null-modem cable, 9600 baud 8N1) or power-cycle it")
 
-    def open(self) -> str:
-        """Identify the meter (must be a 34401A), clear it and put it in remote; returns *IDN?."""
-        with self.link.lock:
-            try:
-                idn = self.link.query("*IDN?")
-            except InstrumentFault as exc:
-                self.link.close()
-                raise InstrumentFault(f"There is no 34401A multimeter connected to {self.port}: "
-                                      f"{exc}") from None
-            if not idn:
-                self.link.close()
-                raise InstrumentFault(
-                    f"There is no 34401A multimeter connected to {self.port}: no answer to "
-                    "*IDN?; check that it is on, the null-modem cable and 9600 baud 8N1, or "
-                    "power-cycle it")
-            if "34401A" not in idn:
-                self.link.close()
-                raise InstrumentFault(
-                    f"There is no 34401A multimeter connected to {self.port}: *IDN? answered "
-                    f"{idn!r}; connect the 34401A (null-modem cable, 9600 baud 8N1) or "
-                    "power-cycle it")
-            self.link.write("*CLS")
-            self.link.write("SYSTEM:REMOTE")
-            self.link.write('DISPLAY:TEXT "EXEC..."')
-            self.identity = idn
-            self._open = True
-            self._configure_locked()
-            return idn
+    def wrong_identity(self, idn: str) -> str | None:
+        return None if "34401A" in idn else f"*IDN? answered {idn!r}"
 
-    def ensure_open(self) -> None:
-        if not self._open:
-            self.open()
+    def after_open(self) -> None:
+        self.link.write("*CLS")
+        self.link.write("SYSTEM:REMOTE")
+        self.link.write('DISPLAY:TEXT "EXEC..."')
+        self._configure_locked()
 
-    def close(self) -> None:
-        """Back to local and clear (the reference's exit), then release the port."""
-        with self.link.lock:
-            try:
-                if self._open:
-                    self.link.write("DISPLAY:TEXT:CLEAR")
-                    self.link.write("SYSTEM:LOCAL")
-                    self.link.write("*CLS")
-            finally:
-                self._open = False
-                self.link.close()
-
-    def reconnect(self) -> str:
-        with self.link.lock:
-            self._open = False
-            self.link.close()
-            return self.open()
+    def before_close(self) -> None:
+        """Back to local and clear (the reference's exit)."""
+        self.link.write("DISPLAY:TEXT:CLEAR")
+        self.link.write("SYSTEM:LOCAL")
+        self.link.write("*CLS")
 
     def make_safe(self) -> None:
         """Leave the meter usable from its front panel: display cleared, local mode."""

@@ -201,7 +201,7 @@ class FeeVmeBoard:
                                   "number and the board's base-address switches") from exc
         return cls(device, comm, regs, where=where)
 
-    # -- VME access ----------------------------------------------------------------------------------
+    # -- VME access --------------------------------------------------------------------------------
     def _read(self, offset: int) -> int:
         try:
             with self._lock:
@@ -326,7 +326,8 @@ class FeeVmeBoard:
                 self._write(self.regs.cal_dac, int(code))
                 for c, (qd, td, qr, tr) in self._pulse(channels).items():
                     arrays = state.results[c]
-                    arrays["qd"][i], arrays["td"][i], arrays["qr"][i], arrays["tr"][i] = qd, td, qr, tr
+                    for key, value in zip(("qd", "td", "qr", "tr"), (qd, td, qr, tr)):
+                        arrays[key][i] = value
                 state.done = i + 1
         except InstrumentFault as exc:
             state.error = str(exc)

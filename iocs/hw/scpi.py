@@ -157,3 +157,78 @@ class ScpiLink:
         if errors:
             raise InstrumentFault(f"{self.where} reported {'; '.join(errors)} after {after}; "
                                   "check that it is the expected model and firmware")
+
+
+class ScpiInstrument:
+    """Base of the bench's SCPI drivers: a link, identification by *IDN? on open, lazy opening,
+    reconnection. Subclasses name the instrument (`what`), judge the identity (`wrong_identity`),
+    word the failure (`not_found`) and say what opening and closing send (`after_open`,
+    `before_close`). Every method is thread-safe (the link's lock)."""
+
+    what = "instrument"
+    sim = None          # the simulated instrument when the driver runs on the simulated bench
+
+    def __init__(self, connect: Callable[[], object], *, port: str):
+        self.link = ScpiLink(connect, what=self.what, port=port)
+        self.port = port
+        self.where = self.link.where
+        self.identity = ""
+        self._open = False
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    def not_found(self, problem: str) -> str:
+        """The message when opening fails (problem: what went wrong)."""
+        return f"no {self.what} answers on {self.port}: {problem}"
+
+    def wrong_identity(self, idn: str) -> str | None:
+        """Why *IDN? shows the wrong instrument, or None when it is the right one."""
+        return None
+
+    def after_open(self) -> None:
+        """Commands sent once the instrument is identified (clear, remote, configuration)."""
+
+    def before_close(self) -> None:
+        """Commands sent before the port is released (back to local)."""
+
+    def open(self) -> str:
+        """Identify the instrument and prepare it (after_open); returns *IDN?."""
+        with self.link.lock:
+            self._open = False
+            try:
+                idn = self.link.query("*IDN?")
+            except InstrumentFault as exc:
+                self.link.close()
+                raise InstrumentFault(self.not_found(str(exc))) from None
+            problem = "no answer to *IDN?" if not idn else self.wrong_identity(idn)
+            if problem:
+                self.link.close()
+                raise InstrumentFault(self.not_found(problem))
+            self.identity = idn
+            self.after_open()
+            self._open = True
+            return idn
+
+    def ensure_open(self) -> None:
+        if not self._open:
+            self.open()
+
+    def close(self) -> None:
+        """before_close, then release the port (released even when before_close fails)."""
+        with self.link.lock:
+            try:
+                if self._open:
+                    self.before_close()
+            finally:
+                self._open = False
+                self.link.close()
+
+    def reconnect(self) -> str:
+        """Release the port and open it again (identifies the instrument anew)."""
+        with self.link.lock:
+            self._open = False
+            self.link.close()
+            return self.open()
+

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from calbench.iocs.errors import InstrumentFault, Refused
-from calbench.iocs.hw.scpi import ScpiLink, parse_bool, parse_int, parse_reading
+from calbench.iocs.hw.scpi import ScpiInstrument, parse_bool, parse_int, parse_reading
 
 log = logging.getLogger(__name__)
 
@@ -39,65 +39,34 @@ class PsuReading:
         return self.mode == "CC"
 
 
-class ScpiPsu:
+class ScpiPsu(ScpiInstrument):
     """Driver of a single-output SCPI supply; thread-safe, opens the link on first use."""
 
-    sim = None
+    what = "lab supply"
 
     def __init__(self, connect: Callable[[], object], *, port: str, settings: dict | None = None):
+        super().__init__(connect, port=port)
         s = {**DEFAULT_SETTINGS, **(settings or {})}
-        self.link = ScpiLink(connect, what="lab supply", port=port)
-        self.port = port
-        self.where = self.link.where
         self.idn_contains = str(s["idn_contains"])
         self.max_voltage_V = float(s["max_voltage_V"])
         self.max_current_A = float(s["max_current_A"])
-        self.identity = ""
-        self._open = False
 
-    @property
-    def is_open(self) -> bool:
-        return self._open
+    def not_found(self, problem: str) -> str:
+        return f"the lab supply on {self.port} cannot be used: {problem}"
 
-    def open(self) -> str:
-        """Identify the supply (*IDN? must contain idn_contains when that is set), clear it and put
-        it in remote; returns *IDN?."""
-        with self.link.lock:
-            try:
-                idn = self.link.query("*IDN?")
-            except InstrumentFault as exc:
-                self.link.close()
-                raise InstrumentFault(f"no lab supply answers on {self.port}: {exc}") from None
-            if self.idn_contains and self.idn_contains not in idn:
-                self.link.close()
-                raise InstrumentFault(
-                    f"the instrument on {self.port} is not the configured supply: *IDN? answered "
-                    f"{idn!r}, expected it to contain {self.idn_contains!r}; connect the supply "
-                    "or fix instruments.psu.idn_contains")
-            self.link.write("*CLS")
-            self.link.write("SYST:REM")
-            self.identity = idn
-            self._open = True
-            return idn
+    def wrong_identity(self, idn: str) -> str | None:
+        if self.idn_contains and self.idn_contains not in idn:
+            return (f"*IDN? answered {idn!r}: not the configured supply (expected "
+                    f"{self.idn_contains!r} in it); connect the supply or fix "
+                    "instruments.psu.idn_contains")
+        return None
 
-    def ensure_open(self) -> None:
-        if not self._open:
-            self.open()
+    def after_open(self) -> None:
+        self.link.write("*CLS")
+        self.link.write("SYST:REM")
 
-    def close(self) -> None:
-        with self.link.lock:
-            try:
-                if self._open:
-                    self.link.write("SYST:LOC")
-            finally:
-                self._open = False
-                self.link.close()
-
-    def reconnect(self) -> str:
-        with self.link.lock:
-            self._open = False
-            self.link.close()
-            return self.open()
+    def before_close(self) -> None:
+        self.link.write("SYST:LOC")
 
     def make_safe(self) -> None:
         """Output off (the BatMet sink then draws nothing)."""

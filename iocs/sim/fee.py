@@ -187,7 +187,8 @@ class Environment:
     def temperature_C(self, t: float | np.ndarray) -> float | np.ndarray:
         t = np.asarray(t, dtype=float)
         hours = (t / 3600.0) % 24.0
-        temp = self.mean_C + self.daily_swing_K * np.cos(2 * np.pi * (hours - self.peak_hour_utc) / 24)
+        daily = np.cos(2 * np.pi * (hours - self.peak_hour_utc) / 24)
+        temp = self.mean_C + self.daily_swing_K * daily
         for period, phase, share in self._weather:
             temp = temp + self.weather_K * share * np.sin(2 * np.pi * t / period + phase)
         return temp if temp.ndim else float(temp)
@@ -240,7 +241,8 @@ class FeeBoardSim:
     make_safe. The attributes `cables`, `environment` and `shape` are the simulation's hidden truth.
     """
 
-    def __init__(self, clock: WorldClock, seed: int = 0, *, cable_lengths_m: list[float] | None = None,
+    def __init__(self, clock: WorldClock, seed: int = 0, *,
+                 cable_lengths_m: list[float] | None = None,
                  velocity_m_per_ns: float = 0.208, temp_coeff_per_K: float = 1.0e-4,
                  shape: BoardShape | None = None, coupling: float = 0.0383,
                  threshold_mV: float = DEFAULT_THRESHOLD_MV, pulse_rate_hz: float = 10_000.0,
@@ -252,7 +254,8 @@ class FeeBoardSim:
         lengths = (list(cable_lengths_m) if cable_lengths_m is not None
                    else [DEFAULT_CABLE_M] * N_CHANNELS)
         if len(lengths) != N_CHANNELS:
-            raise ValueError(f"cable_lengths_m needs {N_CHANNELS} entries (0 = no cable), got {len(lengths)}")
+            raise ValueError(f"cable_lengths_m needs {N_CHANNELS} entries (0 = no cable), "
+                             f"got {len(lengths)}")
         self.cables = [CableSim(float(L), velocity_m_per_ns, temp_coeff_per_K) for L in lengths]
         self.shape = shape or BoardShape()
         self.coupling = float(coupling)
@@ -267,7 +270,8 @@ class FeeBoardSim:
         self.channel_delay_ns = 200.0 + board.uniform(0.0, 3.0, N_CHANNELS)
         # DAC integral non-linearity below 1 LSB (AD9726 data sheet), a smooth seeded curve.
         codes = np.arange(DAC_MAX + 1) / DAC_MAX
-        self.dac_inl_lsb = 0.8 * np.sin(np.pi * codes) * np.sin(2 * np.pi * (3 * codes + board.uniform()))
+        phase = board.uniform()
+        self.dac_inl_lsb = 0.8 * np.sin(np.pi * codes) * np.sin(2 * np.pi * (3 * codes + phase))
         self.thresholds_mV = np.full(N_CHANNELS, float(threshold_mV))
         self.register = 0
         self.channel_mask = (1 << N_CHANNELS) - 1
@@ -277,7 +281,7 @@ class FeeBoardSim:
         self._reflected: dict[tuple, PulseShape] = {}
         self.sweeps_done = 0
 
-    # -- shapes (cached: recomputed only when the board or a cable changes) -------------------------
+    # -- shapes (cached: recomputed only when the board or a cable changes) ------------------------
     def direct_shape(self) -> PulseShape:
         if self._direct is None:
             self._direct = self.shape.direct()
@@ -287,7 +291,8 @@ class FeeBoardSim:
         cable = self.cables[channel]
         if not cable.connected:
             return None
-        key = (round(2 * cable.length_m, 6), cable.skin_k, cable.dc_loss_per_m, self.coupling, self.shape)
+        key = (round(2 * cable.length_m, 6), cable.skin_k, cable.dc_loss_per_m, self.coupling,
+               self.shape)
         if key not in self._reflected:
             if len(self._reflected) > 64:
                 self._reflected.clear()
@@ -356,7 +361,8 @@ class FeeBoardSim:
         return out
 
     def _discriminate(self, q_true: np.ndarray, shape: PulseShape, threshold_mV: float,
-                      start_ns: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+                      start_ns: np.ndarray, rng: np.random.Generator
+                      ) -> tuple[np.ndarray, np.ndarray]:
         """(TDC time ns, fired mask) of pulses with direct charges q_true through the threshold.
 
         The input noise (slow compared with the edge) shifts the level the pulse must reach, so its
@@ -372,7 +378,8 @@ class FeeBoardSim:
     def _adc(self, q: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         measured = q + self.adc_noise_pC * rng.standard_normal(len(q))
         fine = np.round(measured / ADC_FINE_LSB_PC) * ADC_FINE_LSB_PC
-        coarse = np.minimum(np.round(measured / ADC_COARSE_LSB_PC) * ADC_COARSE_LSB_PC, ADC_COARSE_MAX_PC)
+        coarse = np.minimum(np.round(measured / ADC_COARSE_LSB_PC) * ADC_COARSE_LSB_PC,
+                            ADC_COARSE_MAX_PC)
         return np.where(measured < ADC_FINE_MAX_PC, np.maximum(fine, 0.0), coarse)
 
     def pulses(self, channel: int, registers: np.ndarray, times: np.ndarray,
@@ -396,7 +403,7 @@ class FeeBoardSim:
         q_r = np.where(fired_r, self._adc(q * shape.charge_per_pC, rng), np.nan)
         return PulseResults(q_d, t_d, q_r, t_r)
 
-    # -- board interface (shared with the hardware backend) -------------------------------------------
+    # -- board interface (shared with the hardware backend) ----------------------------------------
     def enabled_channels(self, mask: int | None = None) -> list[int]:
         mask = self.channel_mask if mask is None else mask
         return [c for c in range(N_CHANNELS) if mask >> c & 1]
@@ -488,11 +495,12 @@ class FeeBoardSim:
         self.stop_sweep()
         self.register = 0
 
-    # -- simulation knobs -----------------------------------------------------------------------------
+    # -- simulation knobs --------------------------------------------------------------------------
     def set_cable_length(self, channel: int, length_m: float) -> None:
         self._check_channel(channel)
         if not 0.0 <= length_m <= 2000.0:
-            raise Refused(f"channel {channel}: cable length {length_m} m outside 0..2000 m (0 = none)")
+            raise Refused(f"channel {channel}: cable length {length_m} m outside 0..2000 m "
+                          "(0 = none)")
         self.cables[channel].length_m = float(length_m)
 
     def _check_channel(self, channel: int) -> None:

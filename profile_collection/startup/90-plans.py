@@ -3,3 +3,7 @@ from bluesky.plans import count, scan, rel_scan, list_scan, grid_scan  # noqa: F
 from bluesky.plan_stubs import mv, mvr, rd, sleep  # noqa: F401
 
 from calbench.plans.xray import tube_on, select_target, open_xrf_shutter, close_shutters, xrf_exposure  # noqa: F401
+from calbench.plans.eiger import (setup_detector, vrf_scan, scurve, trimbit_scan, load_trimbits,  # noqa: F401
+                                  verification_scurve, global_calibration, calibrate_eiger,
+                                  current_calibration)
+from calbench.analysis.eiger_reanalysis import reanalyse_calibration  # noqa: F401
