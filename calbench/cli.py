@@ -23,7 +23,8 @@ from calbench.config import ConfigError, load_config
 from calbench.instruments import INSTRUMENTS
 
 # Modules contributing procedure subcommands: each defines add_cli(subparsers).
-PROCEDURE_CLIS: list[str] = ["calbench.batmet_cli", "calbench.qc6_cli", "calbench.fee_paper"]
+PROCEDURE_CLIS: list[str] = ["calbench.batmet_cli", "calbench.qc6_cli", "calbench.fee_paper",
+                             "calbench.eiger_cli"]
 
 
 def _cfg(args):

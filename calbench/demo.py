@@ -16,8 +16,9 @@ from calbench.config import LabConfig
 # Each step: "module:function(ctx) -> DemoResult", one per procedure, in this order.
 DEMO_STEPS: list[str] = [
     "calbench.demo:xray_box_step",
+    "calbench.demo:batmet_step",
 ]
-DEMO_TIME_SCALES = {"qc6": 2000.0, "xray": 5.0}
+DEMO_TIME_SCALES = {"qc6": 2000.0, "xray": 5.0, "bench": 50.0}
 
 
 @dataclass
@@ -45,9 +46,29 @@ def xray_box_step(ctx: DemoContext) -> DemoResult:
 
     box = ctx.devices["xraybox"]
     ctx.RE(tube_on(box, 40.0, 10.0))
-    uids = ctx.RE(scan([box.voltage], box.current, 10.0, 40.0, 4), purpose="demo")
-    return DemoResult("X-ray box: tube current scan", list(uids),
+    result = ctx.RE(scan([box.voltage], box.current, 10.0, 40.0, 4), purpose="demo")
+    return DemoResult("X-ray box: tube current scan", list(result.run_start_uids),
                       summary=f"current set 10..40 mA, read back {box.current.get():.2f} mA")
+
+
+def batmet_step(ctx: DemoContext) -> DemoResult:
+    """BatMet current-sink calibration: scan, fit from tiled, csink written and verified."""
+    from calbench.analysis.batmet import plot_sink_fit, write_calibration_file
+    from calbench.plans.batmet import calibrate_sink
+
+    out = ctx.cfg.results_dir / "batmet"
+    out.mkdir(parents=True, exist_ok=True)
+    cal = ctx.RE(calibrate_sink(ctx.devices["dmm"], ctx.devices["batmet"], ctx.devices["psu"],
+                                catalog=ctx.catalog, write=True, md={"purpose": "demo"})).plan_result
+    table = write_calibration_file(out / "calibration_d_i.txt", cal.scan.dac, cal.scan.current_A)
+    plot = out / "calibration_d_i_fit.png"
+    plot_sink_fit(cal.fit, cal.scan.dac, cal.scan.current_A, path=plot)
+    accuracy = (f"; set with sink: max {cal.accuracy.max_error_A * 1e3:.2f} mA"
+                if cal.accuracy else "")
+    return DemoResult("BatMet current-sink calibration", [u for u in cal.run_uids if u],
+                      [str(table), str(plot)],
+                      f"{cal.csink}  (fit max {cal.fit.max_error_A * 1e3:.2f} mA, RMS "
+                      f"{cal.fit.rms_error_A * 1e3:.2f} mA{accuracy})")
 
 
 def run_demo(cfg: LabConfig) -> int:
@@ -65,7 +86,7 @@ def run_demo(cfg: LabConfig) -> int:
     catalog = connect_catalog(cfg)
     groups = build_iocs(cfg, force_sim=True, time_scales=DEMO_TIME_SCALES)
     server = IocThread(groups, cfg.interfaces).start()
-    RE = RunEngine({"operator": "demo", "lab": cfg.name})
+    RE = RunEngine({"operator": "demo", "lab": cfg.name}, call_returns_result=True)
     RE.subscribe(TiledPersister(catalog, backup_directory=cfg.home / "backup"))
     backends = {name: g.backend for name, g in zip(cfg.instruments, groups)}
     devices = {name: make_device(cfg, name, timeout=10.0) for name in cfg.instruments}

@@ -171,20 +171,23 @@ def format_paper_table(study: PaperTableStudy) -> str:
     lines = [f"Incremental transit time, {study.base_length_m:g} m of simulated RG58 plus dL "
              f"(v = {study.velocity_m_per_ns} m/ns; 1 typical + {study.repeats} repeated "
              f"calibrations per length, seed {study.seed}).",
-             "Each estimator: measured increment of the typical calibration +- statistical "
-             "(spread of repeats) +- systematic (walk-model bias on the simulated pulse shapes); ns.",
-             ""]
-    head = f"{'dL mm':>6} {'expected':>8} {'paper':>13}"
+             "Per estimator, in ns: dt = increment of the typical calibration, stat = spread of the "
+             "repeated increments,",
+             "sys = walk-model bias of the increment on the simulated pulse shapes (the naive "
+             "estimate has none).", ""]
+    head = f"{'dL mm':>6} {'2dL/v':>6} {'paper':>12}"
+    sub = f"{'':>6} {'':>6} {'':>12}"
     for e in ESTIMATORS:
-        head += f" | {e:^26}"
-    lines += [head, "-" * len(head)]
+        head += f" | {e:^22}"
+        sub += f" | {'dt':>7} {'stat':>6} {'sys':>7}"
+    lines += [head, sub, "-" * len(head)]
     for i, row in enumerate(study.rows["binned"]):
         paper = PAPER_MEASURED_NS.get(row.added_mm)
-        line = f"{row.added_mm:6.1f} {row.expected_ns:8.3f} "
-        line += f"{paper[0]:6.3f}+-{paper[1]:.3f}" if paper else f"{'':13}"
+        line = f"{row.added_mm:6.1f} {row.expected_ns:6.3f} "
+        line += f"{paper[0]:5.3f}+-{paper[1]:.3f}" if paper else f"{'':12}"
         for e in ESTIMATORS:
             r = study.rows[e][i]
-            line += f" | {r.measured_ns:7.3f} +-{r.stat_ns:6.3f} +-{r.sys_ns:6.3f}"
+            line += f" | {r.measured_ns:7.3f} {r.stat_ns:6.3f} {r.sys_ns:+7.3f}"
         lines.append(line)
     lines.append("")
     for e in ESTIMATORS:
@@ -193,12 +196,11 @@ def format_paper_table(study: PaperTableStudy) -> str:
                  for r in rows]
         v, v_err = study.velocity_fit[e]
         lines.append(
-            f"{e:>10}: per-calibration spread {study.calibration_stat_ns(e):.3f} ns; "
-            f"absolute dt - 2L/v: "
-            f"{np.mean([r.absolute_bias_ns for r in study.rows[e]]):+.3f} ns measured, "
-            f"{np.mean([r.absolute_sys_ns for r in study.rows[e]]):+.3f} ns walk-model bias; largest "
-            f"|measured - expected| / combined error {max(pulls):.1f}; fitted v = {v:.4f} +- "
-            f"{v_err:.4f} m/ns")
+            f"{e:>10}: spread of repeated calibrations {study.calibration_stat_ns(e):.3f} ns; "
+            f"largest |dt - 2dL/v| / (stat + sys) {max(pulls):.1f}; fitted v = {v:.4f} +- "
+            f"{v_err:.4f} m/ns; absolute dt - 2L/v "
+            f"{np.mean([r.absolute_bias_ns for r in study.rows[e]]):+.3f} ns (walk-model bias "
+            f"{np.mean([r.absolute_sys_ns for r in study.rows[e]]):+.3f} ns)")
     return "\n".join(lines) + "\n"
 
 
@@ -283,7 +285,7 @@ def add_cli(subparsers) -> None:
     p.set_defaults(func=_cmd_table)
     p = sub.add_parser("calibrate", help="calibrate one channel on the running FEE IOC")
     p.add_argument("--channel", type=int, required=True)
-    p.add_argument("--method", choices=("binned", "likelihood"), default="binned")
+    p.add_argument("--method", choices=("binned", "likelihood"), default="likelihood")
     p.add_argument("--start", type=int, default=500)
     p.add_argument("--stop", type=int, default=12000)
     p.add_argument("--step", type=int, default=1)

@@ -31,9 +31,12 @@ def register(spec: InstrumentSpec) -> InstrumentSpec:
 
 
 def load_object(path: str):
-    """Import "package.module:Name" and return the named object."""
+    """Import "package.module:Name" (or "module:Class.attribute") and return the named object."""
     module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
+    obj = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 register(InstrumentSpec(

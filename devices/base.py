@@ -92,11 +92,13 @@ class CheckedSignal(EpicsSignal):
         status = Status(self, timeout=timeout, settle_time=settle_time)
         lock = threading.Lock()
         tokens = []
+        finished = []
 
         def finish(exc: Exception | None = None):
             with lock:
-                if status.done:
+                if finished:
                     return
+                finished.append(True)
                 for sig, cid in tokens:
                     sig.unsubscribe(cid)
                 if exc is None:

@@ -120,7 +120,6 @@ def _prepare(dmm, sink, psu, *, readings_per_point: int, nplc: float, supply_vol
     yield from _check_connected(dmm, "34401A multimeter")
     yield from _put(sink.reconnect_cmd, 1, "identifying the BatMet")
     yield from _check_connected(sink, "BatMet")
-    state["touched"] = True
     yield from _put(dmm.function, "CURR:DC", "selecting DC current on the meter")
     yield from _put(dmm.range_setting, 0.0, "selecting autorange on the meter")
     yield from _put(dmm.nplc, nplc, f"setting the meter's integration time to {nplc:g} NPLC")

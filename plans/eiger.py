@@ -151,12 +151,13 @@ def current_calibration(det) -> EigerCalibration | None:
 
 def new_calibration(det, *, target: str = "Cu", gain: str | None = None,
                     results_dir: str | Path | None = None, settings_dir: str | Path | None = None,
-                    defaults: CalibrationDefaults = DEFAULTS):
+                    defaults: CalibrationDefaults | None = None):
     """Plan: start a calibration of ``det`` (reads its det_id, geometry and hostnames) and make it
     the current one. results_dir defaults to the lab configuration's; gain to PSI's gain for the
     target (Cu -> gain5). Returns the EigerCalibration."""
     line_energy(target)
     gain = gain or default_gain(target)
+    defaults = defaults or DEFAULTS
     if results_dir is None:
         from calbench.config import load_config
         results_dir = load_config().results_dir
@@ -307,12 +308,13 @@ def _scan(det, box, cal: EigerCalibration, *, step: str, motor, points, target: 
     """One calibration scan with the XRF shutter open on ``target``; returns (uid, analysis)."""
     analysis = StepAnalysis(untrimmed=untrimmed)
     callbacks = [analysis] + ([plot()] if plot else [])
-    _md = cal.run_md(step, target=target, energy_keV=line_energy(target), run_id=int(run_id),
-                     exptime_s=float(exptime_s), x_key=motor.name, image_key=det.image_key,
-                     chip_sums_key=det.chip_sums.name,
-                     target_counts=float(cal.defaults.target_counts),
-                     untrimmed_trimval=int(cal.defaults.trimval),
-                     hints={"dimensions": [([motor.name], "primary")]}, **(md or {}))
+    # the operator's metadata first: the keys the analysis relies on cannot be overridden
+    _md = {**(md or {}), **cal.run_md(
+        step, target=target, energy_keV=line_energy(target), run_id=int(run_id),
+        exptime_s=float(exptime_s), x_key=motor.name, image_key=det.image_key,
+        chip_sums_key=det.chip_sums.name, target_counts=float(cal.defaults.target_counts),
+        untrimmed_trimval=int(cal.defaults.trimval),
+        hints={"dimensions": [([motor.name], "primary")]})}
     inner = bpp.subs_wrapper(list_scan([det], motor, [int(p) for p in points], md=_md),
                              callbacks)
     uid = yield from xrf_exposure(box, target, inner)
@@ -356,7 +358,7 @@ def _calibration_for(det, cal: EigerCalibration | None):
 
 def setup_detector(det, *, target: str = "Cu", gain: str | None = None,
                    results_dir: str | Path | None = None, settings_dir: str | Path | None = None,
-                   defaults: CalibrationDefaults = DEFAULTS):
+                   defaults: CalibrationDefaults | None = None):
     """Plan: PSI's ``setup_detector`` and a new current calibration.
 
     Frames 1, period 0 s, exposure ``defaults.exptime_s`` (3 s), dynamic range 32 bit, every
@@ -394,7 +396,7 @@ def vrf_scan(det, box, *, start: int = DEFAULTS.vrf_scan[0], stop: int = DEFAULT
         return (yield from _scan(det, box, cal, step="vrf_scan", motor=det.dacs.vrpreamp,
                                  points=x, target=cal.target, run_id=d.run_untrimmed,
                                  exptime_s=d.vrf_scan_exptime_s, plot=VrfScanPlot if plot else None,
-                                 md={"vthreshold": cal.vthreshold, **(md or {})}))
+                                 md={**(md or {}), "vthreshold": cal.vthreshold}))
 
     uid, analysis = yield from _step(det, cal, "vrf scan", body())
     result: VrfScanResult = analysis.result
@@ -497,8 +499,8 @@ def trimbit_scan(det, box, *, step: int = DEFAULTS.trimbit_step, tau_ns: int = D
             det, box, cal, step="trimbit_scan", motor=det.trimval, points=x, target=cal.target,
             run_id=d.run_untrimmed, exptime_s=cal.exptime_s, untrimmed=untrimmed,
             plot=ChipCurvesPlot if plot else None,
-            md={"vcmp": [int(v) for v in untrimmed.vcmp], "vcp": [int(v) for v in untrimmed.vcp],
-                **(md or {})})
+            md={**(md or {}), "vcmp": [int(v) for v in untrimmed.vcmp],
+                "vcp": [int(v) for v in untrimmed.vcp]})
         return uid, analysis, table
 
     # the detector gets its previous trimbits and DACs back; the trim files carry the new ones
@@ -640,7 +642,7 @@ def calibrate_eiger(det, box, target: str = "Cu", gain: str | None = None, *,
                     vrf_range: tuple[int, int, int] = DEFAULTS.vrf_scan,
                     scurve_range: tuple[int, int, int] = DEFAULTS.scurve,
                     trimbit_step: int = DEFAULTS.trimbit_step, tau_ns: int = DEFAULTS.tau_ns,
-                    defaults: CalibrationDefaults = DEFAULTS, plot: bool = True,
+                    defaults: CalibrationDefaults | None = None, plot: bool = True,
                     report: bool = True, md: dict | None = None):
     """Plan: the whole procedure (reference/eiger.md section 1) on ``target`` at ``gain`` (PSI's
     gain for the target by default: Cu -> gain5).

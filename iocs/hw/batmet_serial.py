@@ -59,7 +59,7 @@ class BatmetSerial:
 
     sim = None
 
-    def __init__(self, connect: Callable[[], object], *, port: str, settings: dict | None = None):
+    def __init__(self, connect: Callable[[], object], *, port: str):
         self._connect = connect
         self.port = port
         self.where = f"the BatMet on {port}"
@@ -262,5 +262,4 @@ def open_batmet(settings: dict) -> BatmetSerial:
                                 timeout_s=float(s["timeout_s"]), vid_pid=s["usb_vid_pid"],
                                 what="BatMet", setting="instruments.batmet.port")
 
-    return BatmetSerial(connect, port=s["port"] or f"USB-serial adapter {s['usb_vid_pid']}",
-                        settings=s)
+    return BatmetSerial(connect, port=s["port"] or f"USB-serial adapter {s['usb_vid_pid']}")

@@ -200,7 +200,6 @@ class _SimLink:
         self.timeout_s = timeout_s
         self._replies: list[str] = []
         self._busy_s = 0.0
-        self.is_open = True
 
     def _sleep(self, world_s: float) -> None:
         if world_s > 0:
@@ -309,7 +308,7 @@ class _SimScpiResource(_SimLink):
         return self.read()
 
     def close(self) -> None:
-        self.is_open = False
+        self.clear()
 
     # instrument firmware
     def _command(self, command: str) -> None:
@@ -587,7 +586,7 @@ class SimBatmetPort(_SimLink):
         self.clear()
 
     def close(self) -> None:
-        self.is_open = False
+        self.clear()
 
     # firmware
     def _execute(self, line: str) -> list[str]:
@@ -662,12 +661,12 @@ def build_world(clock: WorldClock, seed: int, settings: dict[str, dict]) -> dict
     from calbench.iocs.hw.batmet_serial import BatmetSerial
     from calbench.iocs.hw.scpi_psu import ScpiPsu
 
-    timeout_s = float(settings.get("dmm", {}).get("timeout_s", 2.0))
-    bench = build_bench(clock, seed, timeout_s)
+    bench = build_bench(clock, seed)
+    for name, link in (("dmm", bench.meter), ("psu", bench.supply), ("batmet", bench.batmet)):
+        link.timeout_s = float(settings.get(name, {}).get("timeout_s", link.timeout_s))
     dmm = Agilent34401A(lambda: bench.meter, port="sim://bench/dmm",
                         settings=settings.get("dmm", {}))
     psu = ScpiPsu(lambda: bench.supply, port="sim://bench/psu", settings=settings.get("psu", {}))
-    batmet = BatmetSerial(lambda: bench.batmet, port="sim://bench/batmet",
-                          settings=settings.get("batmet", {}))
+    batmet = BatmetSerial(lambda: bench.batmet, port="sim://bench/batmet")
     dmm.sim, psu.sim, batmet.sim = bench.meter, bench.supply, bench.batmet
     return {"dmm": dmm, "psu": psu, "batmet": batmet}

@@ -7,3 +7,5 @@ from calbench.plans.eiger import (setup_detector, vrf_scan, scurve, trimbit_scan
                                   verification_scurve, global_calibration, calibrate_eiger,
                                   current_calibration)
 from calbench.analysis.eiger_reanalysis import reanalyse_calibration  # noqa: F401
+from calbench.plans.batmet import (collect_sink_calibration, calibrate_sink,  # noqa: F401
+                                   write_sink_calibration, verify_sink_calibration)

@@ -1,0 +1,89 @@
+"""`calbench eiger`: the EIGER calibration's stored results from the command line.
+
+    calbench eiger reanalyse UID [--report DIR]   recompute a finished calibration from tiled (UID:
+                                                  any of its runs, e.g. the summary run) and say
+                                                  whether every decision matches the stored one;
+                                                  --report writes the PDF report and the
+                                                  calibration.snNNN files into DIR
+    calbench eiger calibration FILE               the "m k" lines of a calibration.snNNN file as
+                                                  threshold ranges in keV
+
+The calibration itself runs in the IPython profile: RE(calibrate_eiger(det, box, target="Cu")).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from calbench.cli import _cfg
+
+
+def add_cli(subparsers) -> None:
+    """Register `calbench eiger reanalyse|calibration`."""
+    parser = subparsers.add_parser("eiger", help="EIGER trimming and energy calibration results")
+    sub = parser.add_subparsers(dest="eiger_cmd", required=True)
+    p = sub.add_parser("reanalyse", help="recompute a calibration from tiled and compare")
+    p.add_argument("uid", help="uid of any run of the calibration (its summary run)")
+    p.add_argument("--report", type=Path, metavar="DIR",
+                   help="write the PDF report and calibration.snNNN files into DIR")
+    p.set_defaults(func=cmd_reanalyse)
+    p = sub.add_parser("calibration", help="show a calibration.snNNN file")
+    p.add_argument("file", type=Path)
+    p.add_argument("--range", nargs=2, type=float, default=(100.0, 1900.0),
+                   metavar=("VCMP_LOW", "VCMP_HIGH"), help="vcmp range, DAC (100 1900)")
+    p.set_defaults(func=cmd_calibration)
+
+
+def cmd_reanalyse(args) -> int:
+    from calbench.analysis.eiger_files import (report_name, save_calibration,
+                                               write_calibration_text)
+    from calbench.analysis.eiger_reanalysis import reanalyse_calibration
+    from calbench.analysis.eiger_report import write_calibration_report
+    from calbench.tiled_service import connect_catalog
+
+    catalog = connect_catalog(_cfg(args), start=False)
+    print(f"re-analysing from {catalog.uri} ...", file=sys.stderr, flush=True)
+    again = reanalyse_calibration(catalog, args.uid)
+    r = again.results
+    s = r.summary()
+    print(f"calibration {again.calibration_id}: {r.det_id} {r.gain}, trimmed on {r.target}, "
+          f"{len(again.scan_uids)} scans")
+    if r.vrf is not None:
+        print(f"  vrf {s['vrf_scan']['vrf']}, exposure {s['vrf_scan']['exptime_s']} s")
+    if r.untrimmed is not None:
+        print(f"  untrimmed: vcmp {s['untrimmed']['vcmp']}, vcp {s['untrimmed']['vcp']}, "
+              f"bad pixels {s['untrimmed']['bad_pixels']}")
+    if r.calibration is not None:
+        for chip, (m, k) in enumerate(zip(r.calibration.m, r.calibration.k)):
+            print(f"  chip {chip}: vcmp = {m:.2f} - {k:.2f} * E[keV]")
+        print(f"  dispersion {s['dispersion_untrimmed']['sigma_eV']:.0f} eV untrimmed, "
+              f"{s['dispersion_trimmed']['sigma_eV']:.0f} eV trimmed")
+    if args.report is not None and r.calibration is not None:
+        from calbench.analysis.trimfile import serial_from_hostname
+        first = catalog[again.scan_uids[0]].metadata["start"]
+        serials = [serial_from_hostname(h) for h in first["hostnames"]]
+        out = args.report
+        save_calibration(out / "calibration.npz", r.calibration)
+        for path in write_calibration_text(out, r.calibration, r.geometry, serials):
+            print(f"  wrote {path}")
+        path = write_calibration_report(out / report_name(r.det_id, r.gain), r,
+                                        hostnames=first["hostnames"])
+        print(f"  wrote {path}")
+    if again.differences:
+        print("DIFFERENT from the stored decisions:")
+        for line in again.differences:
+            print(f"  {line}")
+        return 1
+    print("identical to the decisions stored in the derived runs")
+    return 0
+
+
+def cmd_calibration(args) -> int:
+    from calbench.analysis.eiger_files import read_calibration_text
+
+    m, k = read_calibration_text(args.file)
+    lo, hi = args.range
+    for i, (mi, ki) in enumerate(zip(m, k)):
+        print(f"chip {i}: vcmp = {mi:.2f} - {ki:.2f} * E[keV]; thresholds "
+              f"{(mi - hi) / ki:.2f} .. {(mi - lo) / ki:.2f} keV for vcmp {hi:g} .. {lo:g}")
+    return 0
