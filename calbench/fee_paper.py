@@ -263,7 +263,8 @@ def demo_step(ctx):
     from calbench.plans.fee import transit_time_calibration
 
     plots = ctx.cfg.results_dir / "fee"
-    uids = ctx.RE(transit_time_calibration(ctx.devices["fee"], 0, plot_dir=plots), purpose="demo")
+    uids = ctx.RE(transit_time_calibration(ctx.devices["fee"], 0, plot_dir=plots),
+                  purpose="demo").run_start_uids
     study, files = reproduce_paper_table(plots, repeats=10)
     truth = ctx.backends["fee"].truth(0)
     last = study.rows["likelihood"][-1]
