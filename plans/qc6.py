@@ -254,29 +254,39 @@ def _put(signal, value, *, retries: int = 3):
         yield from bps.sleep(1.0)
 
 
-def _clear_alarm(session: _Session, expected_on: Sequence[HvChannel] = ()):
-    """ClearAlarm, then wait until no channel of the layer shows a trip bit (so a trip is never
-    counted twice). ClearAlarm acts on the whole crate: a channel of `expected_on` that tripped just
-    before it lost its trip bit unseen, and is found off; those channels are returned."""
+def _clear_alarm(session: _Session, cleared: Sequence[HvChannel] = (),
+                 expected_on: Sequence[HvChannel] = ()):
+    """ClearAlarm, then wait for a crate reading taken after it. The `cleared` channels (tripped,
+    recorded, off: they cannot trip again) must have lost their trip bit, or the crate did not
+    clear the alarm; any other trip bit then is a new trip for the next look. ClearAlarm acts on
+    the whole crate: a channel of `expected_on` that tripped just before it lost its trip bit
+    unseen, and is found off; those channels are returned."""
     layer = session.layer
+    t_clear = yield from session.now()
     yield from _put(layer.clear_alarm_cmd, 1)
     deadline = time.monotonic() + ACK_TIMEOUT_S
+    while (yield from session.now()) <= t_clear:
+        if time.monotonic() > deadline:
+            raise Qc6Error("the crate's clock stopped after ClearAlarm; check the IOC")
+        yield from bps.sleep(MIN_POLL_S)
     while True:
         still = []
-        for ch in layer.channels:
+        for ch in cleared or layer.channels:
             if int((yield from bps.rd(ch.status))) & TRIPPED:
                 still.append(ch)
         if not still:
             break
         if time.monotonic() > deadline:
             raise Qc6Error(f"ClearAlarm did not clear the trip of "
-                           f"{', '.join(c.label() for c in still)}; check the crate's alarms")
+                           f"{', '.join(c.label() for c in still)}; check the crate's alarms "
+                           "(an external trip or interlock keeps it set)")
         yield from bps.sleep(MIN_POLL_S)
     missed = list(expected_on)
     for _ in range(3):                      # off in three looks: not a monitor in flight
         off = []
         for ch in missed:
-            if int((yield from bps.rd(ch.pw))) != 1:
+            bits = int((yield from bps.rd(ch.status)))
+            if int((yield from bps.rd(ch.pw))) != 1 and not bits & TRIPPED:
                 off.append(ch)
         missed = off
         if not missed:
@@ -368,7 +378,7 @@ def _recover(session: _Session, tripped, watch: Sequence[HvChannel], recovery_s:
         incidents += 1
         off += [ch for ch, _ in tripped]
         still_on = [c for c in watch if c not in off]
-        missed = yield from _clear_alarm(session, still_on)
+        missed = yield from _clear_alarm(session, [ch for ch, _ in tripped], still_on)
         if missed:                        # tripped as the alarm was cleared: a trip all the same
             tripped = [(ch, ITRIP_CLEARED) for ch in missed]
             continue
@@ -635,7 +645,7 @@ def _last_look(session: _Session, channels: Sequence[HvChannel]):
     if not tripped:
         return 0
     yield from session.record_trips(tripped)
-    yield from _clear_alarm(session)
+    yield from _clear_alarm(session, [ch for ch, _ in tripped])
     return 1
 
 

@@ -58,3 +58,23 @@ def assert_layer_safe(layer, sim) -> None:
         time.sleep(0.05)
     raise AssertionError("the PVs do not show the layer off: " + ", ".join(
         f"{ch.label()} Pw={ch.pw.get()} VMon={ch.vmon.get()}" for ch in layer.channels))
+
+
+def assert_trips_match(recorded, truth, *, max_step_V: float = 0.0, latency_s: float = 900.0):
+    """The recorded trips (rows of a "trips" stream) are the crate's trips (the simulator's log):
+    channel by channel, the same number in the same order, each seen after it happened and within
+    `latency_s` world seconds, with the voltage before it within one step (max_step_V) below."""
+    rows = [] if recorded is None else list(recorded.itertuples())
+    assert sorted(r.trip_channel for r in rows) == sorted(t.channel for t in truth), \
+        (sorted(r.trip_channel for r in rows), sorted(t.channel for t in truth))
+    for channel in {t.channel for t in truth}:
+        mine = sorted((r for r in rows if r.trip_channel == channel), key=lambda r: r.trip_time)
+        real = [t for t in truth if t.channel == channel]
+        for row, t in zip(mine, real):
+            assert t.time - 1.0 <= row.trip_time <= t.time + latency_s, (channel, row, t)
+            # a last look taken mid-ramp (VMon short of V0Set) may be well below the trip voltage
+            # (looks are many world seconds apart at high acceleration); a look at the held
+            # voltage agrees with the crate within one step
+            seen_held = abs(row.trip_voltage - row.trip_v0set) <= 1.0
+            low = t.voltage_V - max_step_V - 1.0 if seen_held else 0.0
+            assert low <= row.trip_voltage <= t.voltage_V + 1.0, (channel, row, t)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -360,7 +361,8 @@ def test_an_aborted_trimbit_scan_keeps_the_last_good_trim_and_its_partial_run(
         if name == "start":
             seen.append(doc["uid"])
         if name == "event" and doc["seq_num"] == 5:
-            RE.request_pause(defer=False)
+            # from another thread, as Ctrl-C would: the callback runs in the RunEngine's loop
+            threading.Thread(target=RE.request_pause, kwargs={"defer": False}).start()
 
     token = RE.subscribe(pause_at_fifth_event)
     try:

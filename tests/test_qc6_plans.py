@@ -14,7 +14,8 @@ from calbench.analysis.qc6 import (
 from calbench.plans.qc6 import (
     CrateUnreachable, check_connection, iv_short_stability, long_stability, megger_test,
     stress_test)
-from qc6_support import assert_layer_safe, layer_channels, qc6  # noqa: F401  (fixture)
+from qc6_support import (  # noqa: F401  (qc6 is a fixture)
+    assert_layer_safe, assert_trips_match, layer_channels, qc6)
 
 
 def table(run, stream):
@@ -24,15 +25,6 @@ def table(run, stream):
 def truth_trips(sim, layer, t0, t1):
     chans = set(layer_channels(layer))
     return [r for r in sim.trip_log if r.channel in chans and t0 <= r.time <= t1]
-
-
-def assert_trips_match(recorded, truth, max_step_V):
-    """Each trip of the crate once, in order, on its channel; the voltage before it within one
-    step; the time it was seen after the trip and within a few looks (world s)."""
-    assert list(recorded["trip_channel"]) == [r.channel for r in truth]
-    for (_, row), r in zip(recorded.iterrows(), truth):
-        assert r.voltage_V - max_step_V - 1.0 <= row["trip_voltage"] <= r.voltage_V + 1.0
-        assert r.time - 1.0 <= row["trip_time"] <= r.time + 600.0
 
 
 def test_qc6_sequence_with_lab_defaults(lab, qc6, RE, tmp_path):
@@ -60,9 +52,7 @@ def test_qc6_sequence_with_lab_defaults(lab, qc6, RE, tmp_path):
     assert_layer_safe(layer, sim)
     truth = truth_trips(sim, layer, t0, sim.clock.now())
     trips = table(run, "trips") if "trips" in run else None
-    assert len(truth) == (0 if trips is None else len(trips))
-    if truth:
-        assert_trips_match(trips, truth, max_step_V=10.0)
+    assert_trips_match(trips, truth, max_step_V=10.0)
     steps = table(run, "primary")
     for foil in layer.foils:               # each foil reached the top step unless it failed
         at = steps[f"{foil.name}_vmon"].to_numpy()
@@ -70,7 +60,7 @@ def test_qc6_sequence_with_lab_defaults(lab, qc6, RE, tmp_path):
             sum(r.channel == foil.channel for r in truth) >= 5
     stress_file = run.metadata["start"]["qc6_files"]["stress"]
     on_file = read_stress_file(stress_file)
-    assert on_file.channels == [r.channel for r in truth]
+    assert sorted(on_file.channels) == sorted(r.channel for r in truth)
 
     # -- IV scan (divider 200 -> 4600 V) + short stability (foils 550 V, 2 h) -----------------------
     t = time.monotonic()
@@ -107,8 +97,7 @@ def test_qc6_sequence_with_lab_defaults(lab, qc6, RE, tmp_path):
     assert_layer_safe(layer, sim)
     truth = truth_trips(sim, layer, t0, t1)
     assert {r.channel for r in truth} <= {5, 3, 1}           # only the foils were powered
-    if truth:
-        assert_trips_match(table(run, "trips"), truth, max_step_V=0.0)
+    assert_trips_match(table(run, "trips") if "trips" in run else None, truth)
     progress = table(run, "progress")
     assert progress["qc6_elapsed_s"].max() >= 15 * 3600
     assert progress["qc6_trips"].max() == len(truth)

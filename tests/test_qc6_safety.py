@@ -9,14 +9,17 @@ import signal
 import threading
 import time
 
+import pandas as pd
 import pytest
 from bluesky.preprocessors import plan_mutator
 from bluesky.utils import Msg, RunEngineInterrupted
 from ophyd import Signal
 
 from calbench.analysis.qc6 import read_stability_file
-from calbench.plans.qc6 import long_stability, long_stability_state, resume_long_stability, stress_test
-from qc6_support import assert_layer_safe, layer_channels, qc6  # noqa: F401  (fixture)
+from calbench.plans.qc6 import (
+    long_stability, long_stability_state, resume_long_stability, stress_test)
+from qc6_support import (  # noqa: F401  (qc6 is a fixture)
+    assert_layer_safe, assert_trips_match, layer_channels, qc6)
 
 # a short stress test near the top: foils G1T only, 560 -> 650 V
 SHORT_STRESS = dict(vstart_V=560.0, skip_gems=(2, 3), live_plot=False)
@@ -94,9 +97,9 @@ def test_pause_then_abort_or_stop_ramps_the_layer_down(qc6, RE, tmp_path, how):
     _, layer, sim = qc6
     state = {}
 
-    def pause():
+    def pause():              # as the operator would: from another thread (Ctrl-C twice)
         state["high"] = powered_high(layer, sim)
-        RE.request_pause(defer=False)
+        threading.Thread(target=RE.request_pause, kwargs={"defer": False}, daemon=True).start()
 
     with pytest.raises(RunEngineInterrupted):
         RE(long_stability(layer, results_dir=tmp_path, **SHORT_LONG), on_event("progress", 2, pause))
@@ -144,11 +147,10 @@ def test_unreachable_crate_suspends_then_the_plan_resumes_and_records_what_happe
     run = RE.catalog[uid]
     assert run.metadata["stop"]["exit_status"] == "success"
     interruptions = table(run, "interruptions")
-    assert "suspend" in set(interruptions["interruption"]) and "resume" in set(
-        interruptions["interruption"])
+    assert any("does not answer" in str(text) for text in interruptions["interruption"])
     trips = table(run, "trips")
     truth = [r for r in sim.trip_log if r.channel in layer_channels(layer)]
-    assert list(trips["trip_channel"]) == [r.channel for r in truth]
+    assert_trips_match(trips, truth, latency_s=5000.0)     # the outage lasts ~2000 world s
     assert layer.g2t.channel in list(trips["trip_channel"])
     assert table(run, "progress")["qc6_elapsed_s"].max() >= 3600
     assert_layer_safe(layer, sim)
@@ -178,7 +180,7 @@ def test_operator_gives_up_while_the_crate_is_unreachable(qc6, RE, tmp_path):
 
 def test_crashed_long_stability_resumes_from_tiled_with_elapsed_time_and_trips(qc6, RE, tmp_path):
     _, layer, sim = qc6
-    sim.spark_rate_scale = 40.0                  # enough trips in an hour to count on
+    sim.spark_rate_scale = 15.0                  # enough trips in an hour to count on
     t0 = sim.clock.now()
 
     def crash():
@@ -207,14 +209,14 @@ def test_crashed_long_stability_resumes_from_tiled_with_elapsed_time_and_trips(q
     # the hold of the second run is only what was left
     assert prog2["qc6_elapsed_s"].max() - prog2["qc6_elapsed_s"].min() < 3600
     truth = [r for r in sim.trip_log if r.channel in layer_channels(layer) and r.time >= t0]
-    counted = prog2["qc6_trips"].max()
-    if "trips" in second:
-        incidents = table(second, "trips")["trip_incident"]
-        assert incidents.min() == state["trips_before"] + 1
-        counted = max(counted, incidents.max())
-    assert counted == len(truth)                          # counted on across the crash
-    log = read_stability_file(start["qc6_files"]["long"])
-    assert len(log.trips) == len(truth) and log.end is not None     # one file for the whole test
+    recorded = [table(run, "trips") for run in (first, second) if "trips" in run]
+    assert_trips_match(pd.concat(recorded) if recorded else None, truth)   # once, across the crash
+    channels = [c for t in recorded for c in t["trip_channel"]]
+    if "trips" in second:                                 # incidents (a poll's trips) count on
+        assert table(second, "trips")["trip_incident"].min() == state["trips_before"] + 1
+    log = read_stability_file(start["qc6_files"]["long"])              # one file for the test
+    assert sorted(c for chans, _ in log.trips for c in chans) == sorted(channels)
+    assert log.end is not None
     assert_layer_safe(layer, sim)
     with pytest.raises(Exception, match="nothing to resume"):
         RE(resume_long_stability(layer, RE.catalog))
