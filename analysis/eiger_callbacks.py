@@ -65,8 +65,9 @@ class ScanData:
         self.start = start
         self.x = np.asarray(x, dtype=np.float64)
         self.frames = np.asarray(frames)
-        if self.frames.ndim == 4 and self.frames.shape[1] == 1:   # [n, 1 frame, rows, cols]
-            self.frames = self.frames[:, 0]
+        if self.frames.ndim == 4:            # [n, frames per point, rows, cols]: their sum
+            self.frames = (self.frames[:, 0] if self.frames.shape[1] == 1
+                           else self.frames.sum(axis=1, dtype=np.uint64))
         if self.frames.ndim != 3 or len(self.frames) != self.x.size:
             raise CalibrationError(
                 f"run {start.get('uid', '?')}: {self.x.size} settings but frames of shape "
@@ -119,12 +120,20 @@ class FrameCollector(DocumentRouter):
         self._resources: dict[str, dict] = {}
         self._frames: dict[int, np.ndarray] = {}
         self._x: dict[int, float] = {}
+        self._per_event = 1
 
     def start(self, doc):
         self.start_doc, self.stop_doc = doc, None
         self._resources.clear()
         self._frames.clear()
         self._x.clear()
+        self._per_event = 1
+
+    def descriptor(self, doc):
+        key = self.start_doc.get("image_key") if self.start_doc else None
+        shape = doc.get("data_keys", {}).get(key, {}).get("shape") or []
+        if len(shape) == 3:                  # NumImages frames per event
+            self._per_event = int(shape[0])
 
     def stream_resource(self, doc):
         if self.start_doc and doc.get("data_key") == self.start_doc.get("image_key"):
@@ -135,10 +144,14 @@ class FrameCollector(DocumentRouter):
         if res is None:
             return
         start, stop = doc["indices"]["start"], doc["indices"]["stop"]
-        with h5py.File(path_from_uri(res["uri"]), "r") as f:
-            block = f[res["parameters"]["dataset"]][start:stop]
+        # a run's file may still be open for writing (SWMR) while its frames are read
+        swmr = bool(res.get("parameters", {}).get("swmr", False))
+        n = self._per_event                   # indices count events of n frames each
+        with h5py.File(path_from_uri(res["uri"]), "r", swmr=swmr) as f:
+            block = f[res["parameters"]["dataset"]][start * n:stop * n]
         for i, seq in enumerate(range(doc["seq_nums"]["start"], doc["seq_nums"]["stop"])):
-            self._frames[seq] = block[i]
+            frames = block[i * n:(i + 1) * n]
+            self._frames[seq] = frames[0] if n == 1 else frames.sum(axis=0, dtype=np.uint64)
 
     def event(self, doc):
         key = self.start_doc.get("x_key") if self.start_doc else None

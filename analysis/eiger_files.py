@@ -1,4 +1,4 @@
-"""Files of an EIGER calibration in PSI's names and layouts, so the lab's detector software loads them.
+"""Files of an EIGER calibration in the names and layouts of PSI's detector software.
 
 In the calibration's results directory (``{results_dir}/{det_id}/{gain}``, PSI's ``cfg.path.data``),
 ``{t}`` the target and ``{r}`` the run id (0 untrimmed, 1 trimmed):
@@ -15,11 +15,11 @@ In the calibration's results directory (``{results_dir}/{det_id}/{gain}``, PSI's
     calibration.snNNN                   text, per chip of the half module "m k" (%.2f %.2f), with
                                         vcmp = m - k*E[keV], chips in vcmp_ll, lr, rl, rr order
                                         (top half module chips 0..3, bottom 7..4)
-    settings/{gain}/noise.snNNN         the trim files as the detector's settings directory wants them
+    settings/{gain}/noise.snNNN         the trim files as a settings directory holds them
     {det_id}_{gain}_calibration_report.pdf
 
 PSI builds the fit file name with ``.strip('.npz')``, which strips characters, not a suffix; for
-these names (ending in the run id) it is the same as removing the suffix, which is what is done here.
+these names (ending in the run id) that is the same as removing the suffix, as done here.
 
 Also here: the HDF5 layout of analysis arrays that derived runs register in tiled
 (:func:`write_result_arrays`). Pure numpy/h5py.

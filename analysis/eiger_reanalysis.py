@@ -111,8 +111,8 @@ def reanalyse_calibration(catalog, uid: str) -> Reanalysis:
         by_uid = {_start(r)["uid"]: r for r in scans}
         missing = [u for u in order if u not in by_uid]
         if missing:
-            raise CalibrationError(f"calibration {cid}: scan(s) {', '.join(missing)} of its summary "
-                                   "are not in this catalog")
+            raise CalibrationError(f"calibration {cid}: scan(s) {', '.join(missing)} of its "
+                                   "summary are not in this catalog")
         scans = [by_uid[u] for u in order]
     else:
         scans = [r for r in scans if _stop(r).get("exit_status") == "success"]

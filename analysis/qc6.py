@@ -206,7 +206,7 @@ def write_iv_file(path: str | os.PathLike, table: IvTable) -> Path:
     return path
 
 
-# -- short / long stability files ------------------------------------------------------------------
+# -- short / long stability files -----------------------------------------------------------------
 @dataclass
 class StabilityLog:
     """A stability test: its start, each trip (channels, time), and its end (None if unfinished)."""
@@ -291,12 +291,14 @@ def detect_kind(path: str | os.PathLike) -> str:
 # -- analysis -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class IvFit:
-    """Straight-line fit of an electrode's I-V: I = V / R + offset."""
+    """Straight-line fit of an electrode's I-V: I = V / R + offset (with 1-sigma errors)."""
     channel: int
     resistance_GOhm: float
     offset_uA: float
     residual_rms_uA: float
     n_points: int
+    resistance_err_GOhm: float = math.nan
+    offset_err_uA: float = math.nan
 
 
 def fit_iv(voltage_V: Sequence[float], current_uA: Sequence[float], *, channel: int = -1,
@@ -308,10 +310,16 @@ def fit_iv(voltage_V: Sequence[float], current_uA: Sequence[float], *, channel: 
     v, i = v[keep], i[keep]
     if len(np.unique(v)) < 2:
         raise ValueError(f"channel {channel}: an I-V fit needs 2 distinct voltages, got {len(v)}")
-    slope, offset = np.polyfit(v, i, 1)
-    rms = float(np.sqrt(np.mean((i - (slope * v + offset)) ** 2)))
+    (slope, offset), cov = np.polyfit(v, i, 1, cov="unscaled") if len(v) > 2 else (
+        np.polyfit(v, i, 1), np.full((2, 2), np.nan))
+    residual = i - (slope * v + offset)
+    rms = float(np.sqrt(np.mean(residual ** 2)))
+    sigma2 = float(residual @ residual) / (len(v) - 2) if len(v) > 2 else math.nan
+    slope_err, offset_err = np.sqrt(np.diag(cov) * sigma2)
     r = 1e-3 / slope if slope > 0 else math.inf
-    return IvFit(channel, float(r), float(offset), rms, int(len(v)))
+    r_err = 1e-3 * slope_err / slope ** 2 if slope > 0 else math.inf
+    return IvFit(channel, float(r), float(offset), rms, int(len(v)), float(r_err),
+                 float(offset_err))
 
 
 def fit_iv_table(table: IvTable) -> dict[int, IvFit]:

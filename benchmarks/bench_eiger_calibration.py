@@ -109,7 +109,8 @@ def main() -> None:
                              serials)
 
         rows.append(("save PSI files", best(save, r)[0]))
-        rows.append(("report", best(lambda: write_calibration_report(out / "r.pdf", results), r)[0]))
+        rows.append(("report",
+                     best(lambda: write_calibration_report(out / "r.pdf", results), r)[0]))
     base = {"analyse_scurve": rows[0][1], "analyse_trimbit_scan": rows[2][1]}
     print(f"\n{'step':<28}{'time [s]':>10}{'per Mpixel [s]':>16}{'vs baseline':>13}")
     for name, t in rows:

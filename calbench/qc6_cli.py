@@ -105,3 +105,28 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def demo_step(ctx):
+    """`calbench demo`: the QC6 sequence on the simulated crate (long stability shortened to 1 h)."""
+    from calbench.demo import DemoResult
+    from calbench.plans import qc6
+
+    layer = ctx.devices["caen"].layer()
+    results = ctx.cfg.results_dir
+    uids, files = [], []
+    for plan in (qc6.check_connection(layer),
+                 qc6.megger_test(layer.detector_name, [14.0, 11.5, 19.0], [0, 1, 0],
+                                 comments="demo values", results_dir=results),
+                 qc6.stress_test(layer, results_dir=results, live_plot=False),
+                 qc6.iv_short_stability(layer, results_dir=results, live_plot=False),
+                 qc6.long_stability(layer, hold_h=1.0, results_dir=results, live_plot=False)):
+        result = ctx.RE(plan, purpose="demo")
+        uids += list(result.run_start_uids)
+    for uid in uids:
+        files += ctx.catalog[uid].metadata["start"].get("qc6_files", {}).values()
+    trips = [r for r in ctx.backends["caen"].trip_log if r.channel in
+             {ch.channel for ch in layer.channels}]
+    return DemoResult("GEM QC6 on the CAEN crate (long stability 1 h instead of 15 h)", uids,
+                      sorted(files), f"{len(trips)} trips, every one recorded in its run's "
+                      "'trips' stream; plots in each result directory's Plots/")

@@ -188,11 +188,11 @@ def _channel_cpt(electrode: str, kind: str):
 
 class BoardInfo(Device):
     """Crate-map entry of a slot (prefix "<P>Sss:")."""
-    model = Cpt(LongStringSignalRO, "Model_RBV", kind="config")
-    description = Cpt(LongStringSignalRO, "Description_RBV", kind="config")
-    serial_number = Cpt(EpicsSignalRO, "SerialNumber_RBV", kind="config")
-    firmware = Cpt(LongStringSignalRO, "Firmware_RBV", kind="config")
-    n_channels = Cpt(EpicsSignalRO, "NumChannels_RBV", kind="config")
+    model = Cpt(LongStringSignalRO, "Model_RBV", kind="normal")
+    description = Cpt(LongStringSignalRO, "Description_RBV", kind="normal")
+    serial_number = Cpt(EpicsSignalRO, "SerialNumber_RBV", kind="normal")
+    firmware = Cpt(LongStringSignalRO, "Firmware_RBV", kind="normal")
+    n_channels = Cpt(EpicsSignalRO, "NumChannels_RBV", kind="normal")
 
 
 class _CrateCommon(InstrumentDevice):

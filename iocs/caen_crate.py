@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from caproto import ChannelType
 from caproto.server import PVGroup, SubGroup, pvproperty
@@ -33,6 +34,8 @@ OFF_ON = ["Off", "On"]
 KILL_RAMP = ["Kill", "Ramp"]
 SIM_DISCHARGE_S = 10.0        # an injected discharge outlasts any usual Trip setting
 SIM_SHORT_GOHM = 0.01         # an injected short: 10 MOhm across the electrode
+IDLE_POLL_PERIOD_S = 0.25     # poll period (wall s) of an idle crate
+IDLE_AFTER_S = 5.0            # a crate is idle this long (wall s) after the last put
 
 
 def _double(name: str, units: str, precision: int, *, read_only: bool = False, doc: str = ""):
@@ -62,6 +65,7 @@ class ChannelPVs(PVGroup):
         super().__init__(prefix, **kwargs)
 
     async def _put(self, param: str, value):
+        self.ioc._last_put = time.monotonic()
         async with self.ioc.crate_lock:
             held = await self.ioc.call(self.ioc.backend.set_param, self.slot, self.channel, param,
                                        value)
@@ -215,6 +219,7 @@ class CaenCrateIOC(InstrumentIOC):
                 self.pvdb.update(cp.pvdb)
         self._last_fault = ""
         self._crate_lock: asyncio.Lock | None = None
+        self._last_put = time.monotonic()
 
     def n_channels(self, slot: int) -> int:
         return len(self.channel_pvs.get(slot, []))
@@ -222,6 +227,7 @@ class CaenCrateIOC(InstrumentIOC):
     @clear_alarm.putter
     async def clear_alarm(self, instance, value):
         if value:
+            self._last_put = time.monotonic()
             async with self.crate_lock:
                 await self.poll_unlocked()   # trips since the last poll are shown before clearing
                 await self.call(self.backend.clear_alarm)
@@ -249,7 +255,16 @@ class CaenCrateIOC(InstrumentIOC):
             await self.publish(bp.n_channels, int(board.n_channels))
         while True:
             await self.poll()
-            await asyncio.sleep(float(getattr(self.backend, "poll_period_s", 0.5)))
+            await asyncio.sleep(self.poll_period())
+
+    def poll_period(self) -> float:
+        """The backend's poll period while anything is on, ramping or was just set; slower when
+        the crate sits idle (every channel off at 0 V), where only IMon noise would change."""
+        fast = float(getattr(self.backend, "poll_period_s", 0.5))
+        busy = time.monotonic() - self._last_put < IDLE_AFTER_S or any(
+            ch.pw.value == "On" or ch.vmon.value > 0.0
+            for channels in self.channel_pvs.values() for ch in channels)
+        return fast if busy else max(fast, IDLE_POLL_PERIOD_S)
 
     def poll_after_ramp(self, delta_V: float, rup: float, rdwn: float) -> None:
         """Poll again when a short ramp should have ended, if that is before the next regular poll

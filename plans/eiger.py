@@ -238,6 +238,7 @@ class _Snapshot:
     dac_table: np.ndarray
     dynamic_range: int
     exptime: float
+    frames: int
     trimbits: np.ndarray | None
 
 
@@ -245,8 +246,9 @@ def _snapshot(det, cal: EigerCalibration, *, trimbits: bool):
     table = yield from _read_dac_table(det, cal.geometry.n_half_modules)
     dr = int((yield from bps.rd(det.dynamic_range)))
     exptime = float((yield from bps.rd(det.exptime)))
+    frames = int((yield from bps.rd(det.frames)))
     tb = np.asarray((yield from bps.rd(det.trimbits))).copy() if trimbits else None
-    return _Snapshot(table, dr, exptime, tb)
+    return _Snapshot(table, dr, exptime, frames, tb)
 
 
 def _restore(det, snap: _Snapshot, step: str):
@@ -257,6 +259,7 @@ def _restore(det, snap: _Snapshot, step: str):
             yield from bps.mv(det.trimbits, snap.trimbits)
         yield from bps.mv(det.dynamic_range, snap.dynamic_range)
         yield from bps.mv(det.exptime, snap.exptime)
+        yield from bps.mv(det.frames, snap.frames)
     except (RequestAbort, RequestStop):
         raise
     except Exception as exc:
@@ -306,6 +309,7 @@ def _scan(det, box, cal: EigerCalibration, *, step: str, motor, points, target: 
           run_id: int, exptime_s: float, plot, untrimmed: SCurveResult | None = None,
           md: dict | None = None):
     """One calibration scan with the XRF shutter open on ``target``; returns (uid, analysis)."""
+    yield from _put(det.frames, cal.defaults.nframes, "setting the frames per point")
     analysis = StepAnalysis(untrimmed=untrimmed)
     callbacks = [analysis] + ([plot()] if plot else [])
     # the operator's metadata first: the keys the analysis relies on cannot be overridden
@@ -366,7 +370,8 @@ def setup_detector(det, *, target: str = "Cu", gain: str | None = None,
     cal = yield from new_calibration(det, target=target, gain=gain, results_dir=results_dir,
                                      settings_dir=settings_dir, defaults=defaults)
     d = cal.defaults
-    for signal, value, what in ((det.frames, d.nframes, "frames"), (det.period, d.period_s, "period"),
+    for signal, value, what in ((det.frames, d.nframes, "frames"),
+                                (det.period, d.period_s, "period"),
                                 (det.exptime, d.exptime_s, "exposure time"),
                                 (det.dynamic_range, d.dynamic_range, "dynamic range"),
                                 (det.trimval, d.trimval, "trimval"),
@@ -561,8 +566,8 @@ def global_calibration(det, box, *, start: int = DEFAULTS.scurve[0],
     cal = yield from _calibration_for(det, cal)
     d = cal.defaults
     if cal.target not in (cal.results.lines or {}):
-        raise CalibrationStepError("the energy calibration starts from the trimmed detector's S-curve"
-                                   " on the trim target: run RE(load_trimbits(det)) and "
+        raise CalibrationStepError("the energy calibration starts from the trimmed detector's "
+                                   "S-curve on the trim target: run RE(load_trimbits(det)) and "
                                    "RE(verification_scurve(det, box)) first")
     targets = tuple(targets or GLOBAL_TARGETS.get(cal.target, ()))
     if not targets:

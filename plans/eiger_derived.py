@@ -1,4 +1,4 @@
-"""Derived runs: an analysis' results recorded as a run in the same catalog as the scan it came from.
+"""Derived runs: an analysis' results recorded as a run in the catalog of the scan it came from.
 
 `record_results(values, arrays, path, md=...)` opens a run (``start.parent_uid`` links it to its
 scan, ``start.analysis`` names the function that produced it), reads one `AnalysisResults` object

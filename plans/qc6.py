@@ -42,13 +42,7 @@ from calbench.devices.caen import (
     ELECTRODES, FOILS, RAMPING, STATUS_ON, TRIPPED, GemLayer, HvChannel, at_setpoint,
     describe_status)
 
-# Lab defaults (reference/qc6_batmet.md part A)
-STRESS_DEFAULTS = dict(vstart_V=0.0, vmax_V=650.0, vstep_V=10.0, itrip_uA=2.0, tripmax=5,
-                       hold_s=5.0, end_hold_s=60.0, recovery_s=15.0, back_steps=20)
-IV_SS_DEFAULTS = dict(vstart_V=200.0, vstep_V=200.0, vmax_V=4600.0, stable_s=40.0, tripmax=3,
-                      hold_h=2.0, foil_V=550.0, recovery_s=60.0)
-LONG_DEFAULTS = dict(vstart_V=200.0, vstep_V=200.0, vmax_V=4200.0, stable_s=10.0, tripmax=200,
-                     hold_h=15.0, foil_V=580.0, recovery_s=60.0)
+# The procedures' defaults (the lab's, reference/qc6_batmet.md part A) are their keyword defaults.
 MEGGER_VOLTAGE_V = 550.0
 
 OFF_V = 2.0                  # a channel below this (V) counts as ramped down
@@ -60,8 +54,6 @@ RAMP_MARGIN_S = 300.0       # world seconds a ramp may take beyond 3x its nomina
 # scheduling hiccup of the host is many world seconds, and must not look like a stuck channel.
 MIN_TIMEOUT_WALL_S = 10.0
 ACK_TIMEOUT_S = 20.0         # wall seconds for the crate to acknowledge a command
-
-
 # Status recorded for a channel found off after a ClearAlarm erased its trip bit: ITRIP
 ITRIP_CLEARED = 0x200
 
@@ -78,7 +70,7 @@ class RampTimeout(Qc6Error):
     """A channel did not reach its voltage in the time its ramp rate allows."""
 
 
-# -- records: soft devices whose readings are the plan's own data ------------------------------------
+# -- records: soft devices whose readings are the plan's own data ---------------------------------
 class TripRecord(Device):
     """One trip: an event in the "trips" stream (keys trip_channel, trip_voltage, ...)."""
     channel = Cpt(Signal, value=0, kind="hinted")
@@ -140,8 +132,6 @@ class SuspendWhenCrateUnreachable(SuspenderBase):
         for token in self._tokens:
             self._sig.unsubscribe(token)
         self._tokens = []
-        with self._lock:
-            self._sig_callbacks_removed = True
         # SuspenderBase.remove releases a pending suspension; its clear_sub of `self` is a no-op
         super().remove()
 
@@ -162,7 +152,7 @@ class SuspendWhenCrateUnreachable(SuspenderBase):
                 "answers again; Ctrl-C twice then RE.abort() ramps the layer down instead.")
 
 
-# -- the session: world time, trip detection, recording ----------------------------------------------
+# -- the session: world time, trip detection, recording -------------------------------------------
 class _Session:
     """State of one QC6 run: the world clock, trip bookkeeping and the soft records."""
 
@@ -386,7 +376,7 @@ def _recover(session: _Session, tripped, watch: Sequence[HvChannel], recovery_s:
     return incidents, off
 
 
-# -- safety -----------------------------------------------------------------------------------------
+# -- safety ---------------------------------------------------------------------------------------
 def all_off(layer: GemLayer, *, off_V: float = OFF_V, timeout_s: float | None = None):
     """V0Set 0 and Pw Off on every channel of the layer, then wait (world time) until every VMon is
     below off_V. Keeps going past a failing channel and raises at the end naming what failed."""
@@ -439,7 +429,7 @@ def qc6_safety(layer: GemLayer, plan):
     return (yield from finalize_wrapper(inner(), all_off(layer)))
 
 
-# -- shared pieces of the procedures -------------------------------------------------------------------
+# -- shared pieces of the procedures --------------------------------------------------------------
 def _results_dir(results_dir) -> Path:
     if results_dir is not None:
         return Path(results_dir)
@@ -512,7 +502,8 @@ def check_connection(layer: GemLayer, *, md: dict | None = None):
                        f"channels; layer {layer.layer} needs channels "
                        f"{min(c.channel for c in layer.channels)}-"
                        f"{max(c.channel for c in layer.channels)}: check the `slot`/`layer` settings")
-    md = _base_md(layer, "check_connection", {}, {"crate": {"system_type": system, **board}, **(md or {})})
+    md = _base_md(layer, "check_connection", {},
+                  {"crate": {"system_type": system, **board}, **(md or {})})
 
     def body():
         yield from bps.trigger_and_read([layer.board, *layer.channels], name="primary")
@@ -764,7 +755,7 @@ def _stability_hold(session: _Session, setpoints: dict, powered: Sequence[HvChan
     return trips, elapsed(now)
 
 
-# -- long_stability and its resumption --------------------------------------------------------------
+# -- long_stability and its resumption ------------------------------------------------------------
 def long_stability(layer: GemLayer, *, vstart_V: float = 200.0, vstep_V: float = 200.0,
                    vmax_V: float = 4200.0, stable_s: float = 10.0, tripmax: int = 200,
                    hold_h: float = 15.0, foil_V: float = 580.0, recovery_s: float = 60.0,
@@ -861,7 +852,7 @@ def resume_long_stability(layer: GemLayer, catalog, uid: str | None = None, **ov
                                       _resume=state))
 
 
-# -- the run around a procedure ---------------------------------------------------------------------
+# -- the run around a procedure -------------------------------------------------------------------
 def _qc6_run(layer: GemLayer, test: str, params: dict, body, kinds: set[str], results_dir,
              live_plot: bool, md: dict | None, files: dict | None = None):
     """Preflight, result-file names, metadata, callbacks, one run, and the safety wrapper."""
@@ -908,5 +899,4 @@ def _qc6_run(layer: GemLayer, test: str, params: dict, body, kinds: set[str], re
 __all__ = ["check_connection", "megger_test", "stress_test", "iv_short_stability",
            "long_stability", "resume_long_stability", "long_stability_state", "qc6_safety",
            "all_off", "SuspendWhenCrateUnreachable", "Qc6Error", "CrateUnreachable",
-           "RampTimeout", "stress_voltages", "divider_steps", "STRESS_DEFAULTS", "IV_SS_DEFAULTS",
-           "LONG_DEFAULTS", "ELECTRODES", "FOILS"]
+           "RampTimeout", "stress_voltages", "divider_steps", "ELECTRODES", "FOILS"]

@@ -30,7 +30,7 @@ from calbench.analysis.eiger_files import (chips_in_file_order, load_scan, read_
                                            trim_prefix_name)
 from calbench.analysis.eiger_reanalysis import reanalyse_calibration
 from calbench.analysis.scurve import FitStatus
-from calbench.analysis.trimfile import DAC_NAMES, read_trim_file
+from calbench.analysis.trimfile import read_trim_file
 from calbench.config import InstrumentConfig
 from calbench.plans.eiger import (CalibrationStepError, calibrate_eiger, global_calibration,
                                   scurve, trimbit_scan, vrf_scan)
@@ -242,7 +242,7 @@ def test_psi_files_are_written_in_psi_names_and_layouts(calibrated):
     assert (out / "T63_gain5_calibration_report.pdf").read_bytes()[:5] == b"%PDF-"
 
 
-# -- tiled: runs, derived runs, re-analysis ---------------------------------------------------------
+# -- tiled: runs, derived runs, re-analysis -----------------------------------------------------
 
 def test_every_scan_is_in_tiled_with_its_metadata_and_derived_run(calibrated, cat):
     cal = calibrated
@@ -309,6 +309,9 @@ def test_high_voltage_off_is_refused_before_anything_changes(calibrated, eiger_l
     box, det = devices
     before = _settings(eiger_lab)
     RE(bps.mv(box.hv, "Off"))
+    deadline = time.monotonic() + 5
+    while box.hv.get(use_monitor=False) != "Off" and time.monotonic() < deadline:
+        time.sleep(0.05)                          # the readback follows at the IOC's next poll
     try:
         with pytest.raises(CalibrationStepError, match="high voltage is 'Off'.*tube_on"):
             RE(vrf_scan(det, box, start=2500, stop=3700, step=30, cal=calibrated, plot=False))

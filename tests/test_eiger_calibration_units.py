@@ -148,7 +148,8 @@ def _vrf_run_documents(tmp_path, x, frames, *, exit_status="success"):
         with h5py.File(path, "w") as f:
             f["/entry/data/data"] = frame[None]
         res = bundle.compose_stream_resource(
-            mimetype="application/x-hdf5", uri=path.as_uri().replace("file:///", "file://localhost/"),
+            mimetype="application/x-hdf5",
+            uri=path.as_uri().replace("file:///", "file://localhost/"),
             data_key="eiger_image", parameters={"dataset": "/entry/data/data"})
         datum = res.compose_stream_datum(indices={"start": 0, "stop": 1})
         datum["descriptor"] = desc.descriptor_doc["uid"]
