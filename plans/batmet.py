@@ -38,7 +38,7 @@ STOP_CURRENT_A = 3.0
 SUPPLY_VOLTAGE_V = 4.0
 SUPPLY_CURRENT_LIMIT_A = 3.0
 METER_NPLC = 10.0               # the 34401A's default integration time
-VERIFY_CURRENTS_A = tuple(np.round(np.arange(0.1, 3.0, 0.2), 3))   # 0.1 .. 2.9 A
+VERIFY_CURRENTS_A = tuple(float(x) for x in np.round(np.arange(0.1, 3.0, 0.2), 3))   # 0.1 .. 2.9 A
 ACCEPT_MAX_ERROR_A = 0.005      # a fit worse than this is not written to the BatMet
 
 
