@@ -78,14 +78,6 @@ class _ExactlyOnceRunWriter(_RunWriter):
         self.flush()
         return super().stop(doc)
 
-    def stop(self, doc):
-        # the parent writes the cached stream datums at stop but keeps them cached; a later flush()
-        # must not register those frames a second time
-        try:
-            return super().stop(doc)
-        finally:
-            self._external_data_cache.clear()
-
     def flush(self) -> None:
         """Write the cached event rows and stream datums now."""
         for desc_name, cache in self._internal_data_cache.items():

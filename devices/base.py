@@ -28,16 +28,19 @@ class LongStringSignalRO(EpicsSignalRO):
     """A CHAR-waveform string PV read in full (DBR_STRING would cut it at 40 characters)."""
 
     def get(self, **kwargs):
-        value = super().get(**kwargs)
-        if isinstance(value, str):
-            return value
-        return bytes(bytearray(int(v) & 0xFF for v in value)).split(b"\0", 1)[0].decode(
-            "utf-8", "replace")
+        return decode_char_waveform(super().get(**kwargs))
 
     def describe(self):
         desc = super().describe()
         desc[self.name].update(dtype="string", shape=[])
         return desc
+
+
+def decode_char_waveform(value) -> str:
+    """A CHAR waveform (bytes up to the first NUL) as text; strings pass through."""
+    if isinstance(value, str):
+        return value
+    return bytes(bytearray(int(v) & 0xFF for v in value)).split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
 class InstrumentDevice(Device):
@@ -130,6 +133,22 @@ class CheckedSignal(EpicsSignal):
 
         self.put(value, use_complete=True, callback=put_done)
         return status
+
+
+def refusal_reason(exc: BaseException | None, *, also: tuple[type, ...] = ()) -> str | None:
+    """The instrument's own words inside a failed set: bluesky raises FailedStatus, whose status
+    holds the InstrumentRefused (or one of the `also` exception types). None if there is none."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (InstrumentRefused, *also)):
+            return str(exc)
+        status = exc.args[0] if exc.args and hasattr(exc.args[0], "exception") else None
+        if status is not None and status.done and status.exception() is not None:
+            exc = status.exception()
+            continue
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def set_and_check(signal: CheckedSignal, value, timeout: float = DEFAULT_PUT_TIMEOUT_S):

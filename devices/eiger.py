@@ -37,7 +37,7 @@ from ophyd.status import DeviceStatus
 from calbench.analysis.eiger_geometry import frame_dtype
 from calbench.analysis.trimfile import DAC_NAMES
 from calbench.devices.base import (CheckedSignal, InstrumentDevice, InstrumentRefused,
-                                   LongStringSignalRO, set_and_check)
+                                   LongStringSignalRO, decode_char_waveform, set_and_check)
 
 DATASET = "/entry/data/data"
 IMAGE_KEY_SUFFIX = "_image"
@@ -55,11 +55,7 @@ class LongStringSignal(CheckedSignal):
         super().__init__(*args, **kwargs)
 
     def get(self, **kwargs):
-        value = super().get(**kwargs)
-        if isinstance(value, str):
-            return value
-        return bytes(bytearray(int(v) & 0xFF for v in value)).split(b"\0", 1)[0].decode(
-            "utf-8", "replace")
+        return decode_char_waveform(super().get(**kwargs))
 
     def describe(self):
         desc = super().describe()

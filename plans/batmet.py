@@ -25,7 +25,7 @@ from bluesky.utils import RunEngineControlException
 
 from calbench.analysis.batmet import (CSINK_RANGE_A, SinkAccuracy, SinkFit, fit_sink,
                                       setting_accuracy, sink_data_from_table)
-from calbench.devices.base import InstrumentRefused
+from calbench.devices.base import refusal_reason
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +79,9 @@ class SinkCalibration:
 
 # -- helpers ------------------------------------------------------------------------------------------
 
-def _reason(exc: BaseException) -> str:
-    """The instrument's own reason inside a failed put (FailedStatus -> InstrumentRefused)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, InstrumentRefused):
-            return str(exc)
-        status = exc.args[0] if exc.args and hasattr(exc.args[0], "exception") else None
-        if status is not None and status.done and status.exception() is not None:
-            exc = status.exception()
-            continue
-        exc = exc.__cause__ or exc.__context__
-    return "no reason given"
+
+def _why(exc: BaseException) -> str:
+    return refusal_reason(exc) or "no reason given"
 
 
 def _put(signal, value, what: str):
@@ -101,7 +91,7 @@ def _put(signal, value, what: str):
     except RunEngineControlException:       # abort/stop requested: not a failure of the bench
         raise
     except Exception as exc:
-        raise BenchNotReady(f"{what} failed: {_reason(exc)}") from exc
+        raise BenchNotReady(f"{what} failed: {_why(exc)}") from exc
 
 
 def _check_connected(device, what: str):
@@ -145,18 +135,18 @@ def _leave_safe(dmm, sink, psu, state: dict):
     try:
         yield from bps.mv(sink.dac, 0)
     except Exception as exc:
-        unsafe.append(f"the BatMet DAC could not be set to 0 ({_reason(exc)})")
+        unsafe.append(f"the BatMet DAC could not be set to 0 ({_why(exc)})")
     if psu is not None and (state.get("turned_on") or unsafe):
         try:
             yield from bps.mv(psu.output, "Off")
         except Exception as exc:
-            unsafe.append(f"the supply output could not be switched off ({_reason(exc)})")
+            unsafe.append(f"the supply output could not be switched off ({_why(exc)})")
     for signal, value in ((dmm.display_clear, 1), (dmm.remote, "Local")):
         try:
             yield from bps.mv(signal, value)
         except Exception as exc:
             log.warning("meter not returned to the operator (%s = %r): %s", signal.name, value,
-                        _reason(exc))
+                        _why(exc))
     if unsafe:
         message = ("; ".join(unsafe) + ": switch the supply off or unplug the BatMet by hand, "
                    "then check its USB link")
@@ -250,7 +240,7 @@ def collect_sink_calibration(dmm, sink, psu=None, *, dac_start: int = DAC_START,
             except RunEngineControlException:
                 raise
             except Exception as exc:
-                raise BenchNotReady(f"the scan stopped at DAC {code}: {_reason(exc)}") from exc
+                raise BenchNotReady(f"the scan stopped at DAC {code}: {_why(exc)}") from exc
             current = float(reading[dmm.reading.name]["value"])
             clamped = psu is not None and bool(reading[psu.over_current.name]["value"])
             dacs.append(code)
@@ -320,7 +310,7 @@ def verify_sink_calibration(dmm, sink, psu=None, *,
             except RunEngineControlException:
                 raise
             except Exception as exc:
-                raise BenchNotReady(f"verification stopped at {target:g} A: {_reason(exc)}") \
+                raise BenchNotReady(f"verification stopped at {target:g} A: {_why(exc)}") \
                     from exc
             measured.append(float(reading[dmm.reading.name]["value"]))
         yield from bps.close_run()

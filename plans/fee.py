@@ -31,7 +31,7 @@ from bluesky.preprocessors import finalize_wrapper
 from calbench.analysis.fee_callbacks import ChannelFit, TransitTimeFitter
 from calbench.analysis.timewalk import (RG58_VELOCITY_M_PER_NS, TransitTimeResult,
                                         plot_monitor_history, plot_walk_fits)
-from calbench.devices.base import InstrumentRefused
+from calbench.devices.base import refusal_reason
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +62,9 @@ class MonitorEntry:
 
 # -- helpers ---------------------------------------------------------------------------------------
 
-def _reason(exc: BaseException) -> str:
-    """The instrument's own reason inside a failed put (FailedStatus -> InstrumentRefused)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, InstrumentRefused):
-            return str(exc).split(": ", 1)[-1]
-        status = exc.args[0] if exc.args and hasattr(exc.args[0], "exception") else None
-        if status is not None and status.done and status.exception() is not None:
-            exc = status.exception()
-            continue
-        exc = exc.__cause__ or exc.__context__
-    return "no reason given"
+
+def _why(exc: BaseException) -> str:
+    return refusal_reason(exc) or "no reason given"
 
 
 def _put(signal, value, channel: int, what: str):
@@ -82,7 +72,7 @@ def _put(signal, value, channel: int, what: str):
         yield from bps.mv(signal, value)
     except Exception as exc:
         raise FeeCalibrationError(f"channel {channel}: {what} = {value!r} refused: "
-                                  f"{_reason(exc)}") from exc
+                                  f"{_why(exc)}") from exc
 
 
 def _leave_safe(fee):
@@ -207,13 +197,13 @@ def transit_time_calibration(fee, channel: int, start: int = SWEEP_START, stop: 
             yield from bps.kickoff(fee, wait=True)
         except Exception as exc:
             raise FeeCalibrationError(f"channel {channel}: the sweep did not start: "
-                                      f"{_reason(exc)}") from exc
+                                      f"{_why(exc)}") from exc
         try:
             yield from bps.complete(fee, wait=True)
         except Exception as exc:
             raise FeeCalibrationError(
                 f"channel {channel}: the sweep did not finish within {fee.complete_timeout_s} s: "
-                f"{_reason(exc)}; check that the board answers (Connected_RBV)") from exc
+                f"{_why(exc)}; check that the board answers (Connected_RBV)") from exc
         yield from bps.collect(fee)
 
     def sweep():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import bluesky.plan_stubs as bps
 from bluesky.preprocessors import finalize_wrapper
 
-from calbench.devices.base import InstrumentRefused
+from calbench.devices.base import refusal_reason
 
 
 class ShutterError(RuntimeError):
@@ -49,7 +49,7 @@ def open_xrf_shutter(box, target: str, *, retries: int = 10, check_s: float = 0.
     try:
         yield from bps.abs_set(box.xrf_shutter, "Open", wait=True)
     except Exception as exc:  # a refused put arrives as FailedStatus wrapping InstrumentRefused
-        reason = _refusal(exc) or str(exc)
+        reason = refusal_reason(exc) or str(exc)
         raise ShutterError(f"the XRF shutter did not open on {target}: {reason}") from exc
     for _ in range(retries):
         if (yield from bps.rd(box.xrf_shutter)) == "Open":
@@ -82,17 +82,3 @@ def xrf_exposure(box, target: str, plan, *, retries: int = 10, check_s: float = 
 
     return (yield from finalize_wrapper(inner(), close_shutters(box)))
 
-
-def _refusal(exc: BaseException) -> str | None:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, InstrumentRefused):
-            return str(exc)
-        inner = getattr(exc, "args", ())
-        status = inner[0] if inner and hasattr(inner[0], "exception") else None
-        if status is not None and status.done and status.exception() is not None:
-            exc = status.exception()
-            continue
-        exc = exc.__cause__ or exc.__context__
-    return None
