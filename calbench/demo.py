@@ -19,6 +19,7 @@ DEMO_STEPS: list[str] = [
     "calbench.demo:batmet_step",
     "calbench.fee_paper:demo_step",
     "calbench.qc6_cli:demo_step",
+    "calbench.plans.eiger:eiger_step",
 ]
 DEMO_TIME_SCALES = {"qc6": 2000.0, "xray": 5.0, "bench": 50.0, "fee": 2000.0}
 

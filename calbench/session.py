@@ -77,6 +77,8 @@ def make_lab_devices(cfg: LabConfig, *, timeout: float = 3.0) -> dict:
         except ConnectionError as exc:
             print(f"WARNING: {exc}")
         devices[PROFILE_NAMES.get(name, name)] = device
+    if "crate" in devices:
+        devices["layer"] = devices["crate"].layer(connect=False)   # the configured GEM layer
     return devices
 
 

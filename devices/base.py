@@ -85,8 +85,10 @@ def _signals(device: Device):
 class CheckedSignal(EpicsSignal):
     """An EpicsSignal whose set() fails with InstrumentRefused when the IOC refuses the put.
 
-    Completion is the CA put callback; with `tolerance` given, also the readback reaching the
-    setpoint within it (a positioner-like setpoint/readback pair, e.g. tube current).
+    Completion is the CA put callback; with a `tolerance` given explicitly, also the readback
+    reaching the setpoint within it (a positioner-like setpoint/readback pair, e.g. tube current).
+    ophyd's fallback tolerance from the PV's display precision is not used: an instrument may hold
+    a value other than the request (a clamped V0Set) and the put must still complete.
     """
 
     def set(self, value, *, timeout: float | None = None, settle_time: float | None = None, **kwargs):
@@ -121,12 +123,14 @@ class CheckedSignal(EpicsSignal):
 
         request = value
 
+        tolerance = self._tolerance
+
         def reached(value=None, **_):
-            if self.tolerance is None or abs(self.get() - request) <= self.tolerance:
+            if tolerance is None or abs(self.get() - request) <= tolerance:
                 finish()
 
         def put_done(*args, **kw):
-            if self.tolerance is None:
+            if tolerance is None:
                 finish()
             else:
                 tokens.append((self, self.subscribe(reached, event_type=self.SUB_VALUE, run=True)))

@@ -16,19 +16,6 @@ from calbench.devices.base import CheckedSignal, InstrumentDevice, LongStringSig
 LINE_FREQUENCY_HZ = 50.0
 
 
-class PutSignal(CheckedSignal):
-    """A CheckedSignal that is done when the IOC completes the put. The bench IOCs publish every
-    readback before they complete a put, so no readback tolerance (derived by ophyd from the PV's
-    display precision) is waited for."""
-
-    @property
-    def tolerance(self):
-        return None
-
-    @tolerance.setter
-    def tolerance(self, value):
-        pass
-
 
 class Multimeter34401a(InstrumentDevice):
     """HP/Agilent 34401A: `dmm.reading` is the mean of `samples` readings (A or V) per trigger."""
@@ -36,19 +23,19 @@ class Multimeter34401a(InstrumentDevice):
     instrument = "dmm"
 
     identity = Cpt(LongStringSignalRO, "Identity_RBV", kind="config")
-    function = Cpt(PutSignal, "Function_RBV", write_pv="Function", string=True, kind="config")
-    range_setting = Cpt(PutSignal, "Range", kind="config")
-    nplc = Cpt(PutSignal, "NPLC_RBV", write_pv="NPLC", kind="config")
-    samples = Cpt(PutSignal, "Samples", kind="config")
-    measure = Cpt(PutSignal, "Measure", kind="omitted")
+    function = Cpt(CheckedSignal, "Function_RBV", write_pv="Function", string=True, kind="config")
+    range_setting = Cpt(CheckedSignal, "Range", kind="config")
+    nplc = Cpt(CheckedSignal, "NPLC_RBV", write_pv="NPLC", kind="config")
+    samples = Cpt(CheckedSignal, "Samples", kind="config")
+    measure = Cpt(CheckedSignal, "Measure", kind="omitted")
     reading = Cpt(EpicsSignalRO, "Reading_RBV", auto_monitor=False, kind="hinted")
     reading_std = Cpt(EpicsSignalRO, "ReadingStd_RBV", auto_monitor=False, kind="normal")
     range_in_use = Cpt(EpicsSignalRO, "Range_RBV", auto_monitor=False, kind="normal")
-    display_text = Cpt(PutSignal, "DisplayText", string=True, kind="omitted")
-    display_clear = Cpt(PutSignal, "DisplayClear", kind="omitted")
-    remote = Cpt(PutSignal, "Remote_RBV", write_pv="Remote", string=True, kind="omitted")
-    clear_status = Cpt(PutSignal, "ClearStatus", kind="omitted")
-    reconnect_cmd = Cpt(PutSignal, "Reconnect", kind="omitted")
+    display_text = Cpt(CheckedSignal, "DisplayText", string=True, kind="omitted")
+    display_clear = Cpt(CheckedSignal, "DisplayClear", kind="omitted")
+    remote = Cpt(CheckedSignal, "Remote_RBV", write_pv="Remote", string=True, kind="omitted")
+    clear_status = Cpt(CheckedSignal, "ClearStatus", kind="omitted")
+    reconnect_cmd = Cpt(CheckedSignal, "Reconnect", kind="omitted")
 
     def measure_timeout_s(self) -> float:
         """Wall-time bound of one Measure on real hardware: samples x (integration + trigger and
@@ -67,15 +54,15 @@ class ScpiPsu(InstrumentDevice):
     instrument = "psu"
 
     identity = Cpt(LongStringSignalRO, "Identity_RBV", kind="config")
-    voltage = Cpt(PutSignal, "Voltage_RBV", write_pv="Voltage", kind="config")
-    current_limit = Cpt(PutSignal, "CurrentLimit_RBV", write_pv="CurrentLimit", kind="config")
-    output = Cpt(PutSignal, "Output_RBV", write_pv="Output", string=True, kind="config")
+    voltage = Cpt(CheckedSignal, "Voltage_RBV", write_pv="Voltage", kind="config")
+    current_limit = Cpt(CheckedSignal, "CurrentLimit_RBV", write_pv="CurrentLimit", kind="config")
+    output = Cpt(CheckedSignal, "Output_RBV", write_pv="Output", string=True, kind="config")
     voltage_meas = Cpt(EpicsSignalRO, "VoltageMeas_RBV", auto_monitor=False, kind="normal")
     current_meas = Cpt(EpicsSignalRO, "CurrentMeas_RBV", auto_monitor=False, kind="normal")
     mode = Cpt(EpicsSignalRO, "Mode_RBV", string=True, auto_monitor=False, kind="normal")
     over_current = Cpt(EpicsSignalRO, "OverCurrent_RBV", auto_monitor=False, kind="normal")
-    update = Cpt(PutSignal, "Update", kind="omitted")
-    reconnect_cmd = Cpt(PutSignal, "Reconnect", kind="omitted")
+    update = Cpt(CheckedSignal, "Update", kind="omitted")
+    reconnect_cmd = Cpt(CheckedSignal, "Reconnect", kind="omitted")
 
     def trigger(self):
         return self.update.set(1)
@@ -87,20 +74,20 @@ class Batmet(InstrumentDevice):
     instrument = "batmet"
 
     identity = Cpt(LongStringSignalRO, "Identity_RBV", kind="config")
-    dac = Cpt(PutSignal, "DAC_RBV", write_pv="DAC", kind="hinted")
-    sink = Cpt(PutSignal, "Sink_RBV", write_pv="Sink", kind="omitted")
-    cal_min = Cpt(PutSignal, "CalMin", kind="omitted")
-    cal_max = Cpt(PutSignal, "CalMax", kind="omitted")
-    cal_a = Cpt(PutSignal, "CalA", kind="omitted")
-    cal_b = Cpt(PutSignal, "CalB", kind="omitted")
-    cal_c = Cpt(PutSignal, "CalC", kind="omitted")
-    cal_write = Cpt(PutSignal, "CalWrite", kind="omitted")
+    dac = Cpt(CheckedSignal, "DAC_RBV", write_pv="DAC", kind="hinted")
+    sink = Cpt(CheckedSignal, "Sink_RBV", write_pv="Sink", kind="omitted")
+    cal_min = Cpt(CheckedSignal, "CalMin", kind="omitted")
+    cal_max = Cpt(CheckedSignal, "CalMax", kind="omitted")
+    cal_a = Cpt(CheckedSignal, "CalA", kind="omitted")
+    cal_b = Cpt(CheckedSignal, "CalB", kind="omitted")
+    cal_c = Cpt(CheckedSignal, "CalC", kind="omitted")
+    cal_write = Cpt(CheckedSignal, "CalWrite", kind="omitted")
     calibration = Cpt(LongStringSignalRO, "Calibration_RBV", kind="config")
     adc_ext = Cpt(EpicsSignalRO, "AdcExt_RBV", auto_monitor=False, kind="omitted")
     adc_supply = Cpt(EpicsSignalRO, "AdcSupply_RBV", auto_monitor=False, kind="normal")
     adc_sense = Cpt(EpicsSignalRO, "AdcSense_RBV", auto_monitor=False, kind="normal")
-    update = Cpt(PutSignal, "Update", kind="omitted")
-    reconnect_cmd = Cpt(PutSignal, "Reconnect", kind="omitted")
+    update = Cpt(CheckedSignal, "Update", kind="omitted")
+    reconnect_cmd = Cpt(CheckedSignal, "Reconnect", kind="omitted")
 
     def trigger(self):
         return self.update.set(1)

@@ -76,18 +76,6 @@ def at_setpoint(bits: int, vmon_V: float, target_V: float) -> bool:
     return not bits & RAMPING and abs(vmon_V - target_V) <= TOLERANCE_V
 
 
-class SettingSignal(CheckedSignal):
-    """A crate setting: its put completes when the crate acknowledges it (the value held may
-    differ from the request, e.g. V0Set clamped to SVMax), never by waiting for a readback."""
-
-    @property
-    def tolerance(self):
-        return None
-
-    @tolerance.setter
-    def tolerance(self, value):
-        pass
-
 
 class HvChannel(Device):
     """One HV channel (prefix "<P>Sss:Ccc:") as a positioner in volts.
@@ -99,14 +87,14 @@ class HvChannel(Device):
     vmon = Cpt(EpicsSignalRO, "VMon", kind="hinted", auto_monitor=True)
     imon = Cpt(EpicsSignalRO, "IMon", kind="hinted", auto_monitor=True)
     status = Cpt(EpicsSignalRO, "Status", kind="normal", auto_monitor=True)
-    v0set = Cpt(SettingSignal, "V0Set", kind="normal", auto_monitor=True)
-    pw = Cpt(SettingSignal, "Pw", kind="normal", auto_monitor=True)
-    i0set = Cpt(SettingSignal, "I0Set", kind="config", auto_monitor=True)
-    rup = Cpt(SettingSignal, "RUp", kind="config", auto_monitor=True)
-    rdwn = Cpt(SettingSignal, "RDWn", kind="config", auto_monitor=True)
-    trip = Cpt(SettingSignal, "Trip", kind="config", auto_monitor=True)
-    svmax = Cpt(SettingSignal, "SVMax", kind="config", auto_monitor=True)
-    pdwn = Cpt(SettingSignal, "PDwn", kind="config", auto_monitor=True)
+    v0set = Cpt(CheckedSignal, "V0Set", kind="normal", auto_monitor=True)
+    pw = Cpt(CheckedSignal, "Pw", kind="normal", auto_monitor=True)
+    i0set = Cpt(CheckedSignal, "I0Set", kind="config", auto_monitor=True)
+    rup = Cpt(CheckedSignal, "RUp", kind="config", auto_monitor=True)
+    rdwn = Cpt(CheckedSignal, "RDWn", kind="config", auto_monitor=True)
+    trip = Cpt(CheckedSignal, "Trip", kind="config", auto_monitor=True)
+    svmax = Cpt(CheckedSignal, "SVMax", kind="config", auto_monitor=True)
+    pdwn = Cpt(CheckedSignal, "PDwn", kind="config", auto_monitor=True)
     ch_name = Cpt(EpicsSignal, "ChName", string=True, kind="config")
 
     def __init__(self, prefix: str = "", *, channel: int | None = None, electrode: str = "",
@@ -201,8 +189,8 @@ class _CrateCommon(InstrumentDevice):
     # monitored: plans read the world clock and the crate's link state at every look
     connected_rbv = Cpt(EpicsSignalRO, "Connected_RBV", kind="omitted", auto_monitor=True)
     world_time = Cpt(EpicsSignalRO, "WorldTime_RBV", kind="omitted", auto_monitor=True)
-    clear_alarm_cmd = Cpt(SettingSignal, "ClearAlarm", kind="omitted")
-    kill_cmd = Cpt(SettingSignal, "Kill", kind="omitted")
+    clear_alarm_cmd = Cpt(CheckedSignal, "ClearAlarm", kind="omitted")
+    kill_cmd = Cpt(CheckedSignal, "Kill", kind="omitted")
     system_type = Cpt(LongStringSignalRO, "SystemType_RBV", kind="config")
     board = FCpt(BoardInfo, "{prefix}S{slot:02d}:", kind="config")
 

@@ -54,7 +54,8 @@ class InstrumentIOC(PVGroup):
         old = instance.value
         if not force and _same(old, value):
             return
-        await instance.write(value, timestamp=self.clock.now())
+        # verify_value=False: a readback published from the poll loop must not run a putter
+        await instance.write(value, timestamp=self.clock.now(), verify_value=False)
 
     async def report(self, message: str) -> None:
         """Publish a status message (refusal, fault or note) for operators and devices."""

@@ -228,14 +228,14 @@ def _put(signal, value, *, retries: int = 3):
     for attempt in range(retries + 1):
         group = f"qc6-put-{id(signal)}-{attempt}-{time.monotonic_ns()}"
         status = yield from bps.abs_set(signal, value, group=group)
+        deadline = time.monotonic() + ACK_TIMEOUT_S
         try:
             yield from bps.wait(group=group, timeout=ACK_TIMEOUT_S, error_on_timeout=False)
+            # a pause or suspension may end the wait early: look at the status itself
+            while not status.done and time.monotonic() < deadline:
+                yield from bps.sleep(MIN_POLL_S)
         except FailedStatus:           # the RunEngine reports the failed put; handled below
             pass
-        # a pause or suspension may end the wait early: look at the status itself
-        deadline = time.monotonic() + ACK_TIMEOUT_S
-        while not status.done and time.monotonic() < deadline:
-            yield from bps.sleep(MIN_POLL_S)
         if status.done and status.success:
             return
         exc = status.exception() if status.done else TimeoutError("no acknowledgement")
@@ -749,6 +749,8 @@ def _stability_hold(session: _Session, setpoints: dict, powered: Sequence[HvChan
         yield from session.progress(elapsed(now), trips, 0.0, readables)
         if trips >= tripmax:
             return trips, elapsed(now)
+        if state["t_start"] is not None and elapsed(now) >= hold_s:
+            break                          # the hold ran out during the recovery
         yield from _switch_on(session, off)
     now = yield from session.now()
     yield from session.progress(elapsed(now), trips, 0.0, readables)

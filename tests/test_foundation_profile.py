@@ -25,7 +25,8 @@ def test_queueserver_lists_plans_and_devices(lab, tiled_server, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "no IOC answers" not in done.stdout, done.stdout
     listed = yaml.safe_load((tmp_path / "existing_plans_and_devices.yaml").read_text())
-    assert {"box", "scan", "count", "tube_on", "xrf_exposure"} <= (
+    assert {"box", "det", "crate", "layer", "dmm", "psu", "batmet", "fee", "scan", "vrf_scan",
+            "calibrate_eiger", "stress_test", "calibrate_sink", "transit_time_calibration"} <= (
         set(listed["existing_devices"]) | set(listed["existing_plans"]))
     assert "box" in listed["existing_devices"]
     assert "xrf_exposure" in listed["existing_plans"]

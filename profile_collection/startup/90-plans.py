@@ -9,3 +9,6 @@ from calbench.plans.eiger import (setup_detector, vrf_scan, scurve, trimbit_scan
 from calbench.analysis.eiger_reanalysis import reanalyse_calibration  # noqa: F401
 from calbench.plans.batmet import (collect_sink_calibration, calibrate_sink,  # noqa: F401
                                    write_sink_calibration, verify_sink_calibration)
+from calbench.plans.qc6 import (check_connection, megger_test, stress_test,  # noqa: F401
+                                iv_short_stability, long_stability, resume_long_stability)
+from calbench.plans.fee import transit_time_calibration, realtime_cable_monitor  # noqa: F401
