@@ -24,8 +24,8 @@ class IocNotAnswering(ConnectionError):
     """No IOC answers on a prefix."""
 
 
-class LongStringSignalRO(EpicsSignalRO):
-    """A CHAR-waveform string PV read in full (DBR_STRING would cut it at 40 characters)."""
+class _CharWaveformText:
+    """Read a CHAR-waveform string PV in full (DBR_STRING would cut it at 40 characters)."""
 
     def get(self, **kwargs):
         return decode_char_waveform(super().get(**kwargs))
@@ -34,6 +34,10 @@ class LongStringSignalRO(EpicsSignalRO):
         desc = super().describe()
         desc[self.name].update(dtype="string", shape=[])
         return desc
+
+
+class LongStringSignalRO(_CharWaveformText, EpicsSignalRO):
+    """A read-only long string PV (messages, identities, file names)."""
 
 
 def decode_char_waveform(value) -> str:
@@ -153,6 +157,14 @@ def refusal_reason(exc: BaseException | None, *, also: tuple[type, ...] = ()) ->
             continue
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+class LongStringSignal(_CharWaveformText, CheckedSignal):
+    """A writable long string PV (paths, file names); a refused put raises."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("string", True)
+        super().__init__(*args, **kwargs)
 
 
 def set_and_check(signal: CheckedSignal, value, timeout: float = DEFAULT_PUT_TIMEOUT_S):

@@ -37,7 +37,7 @@ from ophyd.status import DeviceStatus
 from calbench.analysis.eiger_geometry import frame_dtype
 from calbench.analysis.trimfile import DAC_NAMES
 from calbench.devices.base import (CheckedSignal, InstrumentDevice, InstrumentRefused,
-                                   LongStringSignalRO, decode_char_waveform, set_and_check)
+                                   LongStringSignal, LongStringSignalRO, set_and_check)
 
 DATASET = "/entry/data/data"
 IMAGE_KEY_SUFFIX = "_image"
@@ -46,21 +46,6 @@ IMAGE_KEY_SUFFIX = "_image"
 class EigerError(RuntimeError):
     """An acquisition did not produce its frames; the message says why and what to do."""
 
-
-class LongStringSignal(CheckedSignal):
-    """A writable CHAR-waveform string PV (paths, file names), refused puts raise."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("string", True)
-        super().__init__(*args, **kwargs)
-
-    def get(self, **kwargs):
-        return decode_char_waveform(super().get(**kwargs))
-
-    def describe(self):
-        desc = super().describe()
-        desc[self.name].update(dtype="string", shape=[])
-        return desc
 
 
 def _dac_components() -> dict:

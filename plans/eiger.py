@@ -58,7 +58,7 @@ from calbench.analysis.eiger_geometry import EigerGeometry
 from calbench.analysis.eiger_geometry import geometry as eiger_geometry
 from calbench.analysis.eiger_report import write_calibration_report
 from calbench.analysis.trimfile import DAC_NAMES, serial_from_hostname
-from calbench.devices.base import InstrumentRefused
+from calbench.devices.base import refusal_reason
 from calbench.plans.eiger_derived import record_results
 from calbench.plans.xray import ShutterError, xrf_exposure
 
@@ -189,17 +189,7 @@ def new_calibration(det, *, target: str = "Cu", gain: str | None = None,
 
 def _reason(exc: BaseException) -> str:
     """The instrument's own words inside a failed put (FailedStatus -> InstrumentRefused)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, (InstrumentRefused, ShutterError, CalibrationStepError)):
-            return str(exc)
-        status = exc.args[0] if exc.args and hasattr(exc.args[0], "exception") else None
-        if status is not None and status.done and status.exception() is not None:
-            exc = status.exception()
-            continue
-        exc = exc.__cause__ or exc.__context__
-    return "no reason given"
+    return refusal_reason(exc, also=(ShutterError, CalibrationStepError)) or "no reason given"
 
 
 def _put(signal, value, what: str):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from calbench.analysis.fee_callbacks import ChannelFit, TransitTimeFitter
 from calbench.analysis.timewalk import (RG58_VELOCITY_M_PER_NS, TransitTimeResult,
                                         plot_monitor_history, plot_walk_fits)
 from calbench.devices.base import refusal_reason
+from calbench.plans.world_clock import InstrumentClock
 
 log = logging.getLogger(__name__)
 
@@ -91,35 +91,6 @@ def _check_connected(fee, channel: int):
         raise FeeCalibrationError(f"channel {channel}: the FEE board ({fee.prefix}) does not answer: "
                                   f"{message or 'no reason given'}")
 
-
-class _WorldClock:
-    """The board's clock seen from a plan: reads WorldTime_RBV, measures its rate against the wall
-    clock, and sleeps in short wall steps until a world time is reached."""
-
-    def __init__(self, fee):
-        self.fee = fee
-        self.rate = 1.0
-        self._last: tuple[float, float] | None = None
-
-    def now(self):
-        t = float((yield from bps.rd(self.fee.world_time)))
-        wall = time.monotonic()
-        if self._last is None:
-            self._last = (t, wall)
-        elif wall - self._last[1] >= 0.2:
-            rate = (t - self._last[0]) / (wall - self._last[1])
-            if rate > 0:
-                self.rate = rate
-            self._last = (t, wall)
-        return t
-
-    def wait_until(self, world_t: float):
-        while True:
-            now = yield from self.now()
-            remaining = world_t - now
-            if remaining <= 0:
-                return now
-            yield from bps.sleep(min(max(0.8 * remaining / self.rate, MIN_POLL_S), MAX_POLL_S))
 
 
 def _record_fit(fit: ChannelFit | None, *, channel: int, parent_uid: str, method: str,
@@ -259,7 +230,7 @@ def realtime_cable_monitor(fee, channels: Iterable[int], every_s: float = MONITO
         raise FeeCalibrationError("realtime_cable_monitor needs at least one channel")
     if every_s <= 0:
         raise FeeCalibrationError(f"every_s = {every_s}: the period must be positive (seconds)")
-    clock = _WorldClock(fee)
+    clock = InstrumentClock(fee.world_time, min_poll_s=MIN_POLL_S, max_poll_s=MAX_POLL_S)
     history: list[MonitorEntry] = []
     md = {"monitor": {"channels": channels, "every_s": float(every_s)}, **(md or {})}
     round_no = 0

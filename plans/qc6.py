@@ -38,6 +38,7 @@ from ophyd import Device, Signal
 
 from calbench.analysis.qc6 import Qc6LivePlot, Qc6ResultFiles, result_path
 from calbench.devices.base import InstrumentRefused
+from calbench.plans.world_clock import InstrumentClock
 from calbench.devices.caen import (
     ELECTRODES, FOILS, RAMPING, STATUS_ON, TRIPPED, GemLayer, HvChannel, at_setpoint,
     describe_status)
@@ -163,27 +164,15 @@ class _Session:
         self.incidents = 0
         self.last_ok_V: dict[int, float] = {ch.channel: 0.0 for ch in layer.channels}
         self.state: dict[HvChannel, tuple[int, float, int]] = {}   # last (Status, VMon, Pw)
-        self._rate = 1.0                 # world seconds per wall second, measured
-        self._last: tuple[float, float] | None = None
+        self.clock = InstrumentClock(layer.world_time, min_poll_s=MIN_POLL_S, max_poll_s=MAX_POLL_S)
 
     def now(self):
         """World time (epoch s) of the crate (plan)."""
-        t = float((yield from bps.rd(self.layer.world_time)))
-        wall = time.monotonic()
-        if self._last is None:
-            self._last = (t, wall)
-        elif wall - self._last[1] >= 0.2:
-            rate = (t - self._last[0]) / (wall - self._last[1])
-            if rate > 0:
-                self._rate = rate
-            self._last = (t, wall)
-        return t
+        return (yield from self.clock.now())
 
     def pause_for(self, world_s: float):
         """A short wall sleep: the rest of a world interval, or one poll (plan)."""
-        world_s = min(world_s, MAX_LOOK_WORLD_S)
-        wall = world_s / self._rate if world_s > 0 else MIN_POLL_S
-        yield from bps.sleep(min(max(wall, MIN_POLL_S), MAX_POLL_S))
+        yield from self.clock.pause(min(world_s, MAX_LOOK_WORLD_S))
 
     def scan(self, channels: Sequence[HvChannel]):
         """Newly tripped channels (trip bits set), updating the last good VMon of the others."""

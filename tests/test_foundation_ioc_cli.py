@@ -13,9 +13,15 @@ from caproto.threading.client import Context
 
 from calbench.iocs.server import loopback_ca_environment
 
+from conftest import free_port
 
-def test_ioc_process_serves_and_shuts_down_cleanly(tmp_path):
+
+def test_ioc_process_serves_and_shuts_down_cleanly(tmp_path, monkeypatch):
     prefix = f"C{uuid.uuid4().hex[:6]}:"
+    # a port of its own: the session's in-process IOCs answer searches on the session's port
+    port = str(free_port())
+    monkeypatch.setenv("EPICS_CA_SERVER_PORT", port)
+    monkeypatch.setenv("EPICS_CAS_SERVER_PORT", port)
     env = {**os.environ, **loopback_ca_environment(), "CALBENCH_HOME": str(tmp_path)}
     proc = subprocess.Popen([sys.executable, "-m", "calbench.cli", "ioc", "run", "xraybox", "--sim",
                              "--prefix", prefix, "--time-scale", "10", "--list-pvs"],

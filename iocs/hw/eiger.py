@@ -57,9 +57,10 @@ from numpy.typing import NDArray
 
 from calbench.analysis.eiger_geometry import DYNAMIC_RANGES, geometry as eiger_geometry
 from calbench.analysis.eiger_geometry import frame_dtype
-from calbench.analysis.trimfile import (DAC_MAX, DAC_MIN, DAC_NAMES, SETTINGS_NAMES, TRIMBIT_MAX,
+from calbench.analysis.trimfile import (DAC_NAMES, SETTINGS_NAMES, TRIMBIT_MAX,
                                         TrimFileError, read_trim_file, serial_from_hostname,
                                         trim_file_path, write_trim_file)
+from calbench.iocs.eiger_limits import check_dac
 from calbench.iocs.errors import InstrumentFault, Refused
 from calbench.iocs.sim.eiger import Acquisition
 
@@ -167,13 +168,7 @@ class EigerHardware:
         table = self._call(lambda: np.asarray(self.det.dacs.get_asarray()))
         return np.rint(table).astype(np.int64).reshape(len(DAC_NAMES) + 1, -1)
 
-    @staticmethod
-    def _check_dac(name: str, value) -> int:
-        v = float(value)
-        if not v.is_integer() or not DAC_MIN <= v <= DAC_MAX:
-            raise Refused(f"DAC {name} = {value} outside {DAC_MIN}..{DAC_MAX} (12-bit DAC units); "
-                          "use an integer in range")
-        return int(v)
+    _check_dac = staticmethod(check_dac)
 
     def set_dac(self, name: str, value: int, hm: int | None = None) -> None:
         if name not in DAC_NAMES and name != "iodelay":

@@ -65,6 +65,7 @@ from calbench.analysis.trimfile import (DAC_DEFAULTS, DAC_MAX, DAC_MIN, DAC_NAME
                                         TrimFileError, bracket_trim_energies, interpolate_trim,
                                         read_trim_file, serial_from_hostname, trim_file_path,
                                         write_trim_file)
+from calbench.iocs.eiger_limits import check_dac
 from calbench.iocs.errors import InstrumentFault, Refused
 from calbench.iocs.sim.clock import WorldClock
 
@@ -288,13 +289,7 @@ class EigerSim:
             raise InstrumentFault(f"no answer from {'+'.join(self.hostnames)}: the detector server "
                                   "does not respond; power-cycle the module and check the network")
 
-    @staticmethod
-    def _check_dac(name: str, value) -> int:
-        v = float(value)
-        if not v.is_integer() or not DAC_MIN <= v <= DAC_MAX:
-            raise Refused(f"DAC {name} = {value} outside {DAC_MIN}..{DAC_MAX} (12-bit DAC units); "
-                          "use an integer in range")
-        return int(v)
+    _check_dac = staticmethod(check_dac)
 
     def _changed(self) -> None:
         """Direct DAC/trimbit edits make the loaded settings undefined (slsDetector #1507)."""
