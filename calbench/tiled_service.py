@@ -152,6 +152,15 @@ def runs_catalog(endpoint: TiledEndpoint, name: str = "raw"):
 
     try:
         client = from_uri(endpoint.uri, api_key=endpoint.api_key)
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code != 401:
+            raise TiledUnavailable(f"tiled at {endpoint.uri} answered {exc}") from exc
+        where = (f"the key in {endpoint.directory / 'api_key'}" if endpoint.directory
+                 else "CALBENCH_TILED_API_KEY")
+        raise TiledUnavailable(
+            f"the tiled server at {endpoint.uri} refuses {where}: another lab home's server may "
+            "be running on this port; stop it (`calbench tiled stop` with that CALBENCH_HOME) or "
+            "give this lab another [tiled] port") from exc
     except httpx.HTTPError as exc:
         raise TiledUnavailable(f"cannot reach tiled at {endpoint.uri}: {exc}; is the server "
                                "running (`calbench tiled status`)?") from exc
