@@ -27,7 +27,17 @@ def truth_trips(sim, layer, t0, t1):
     return [r for r in sim.trip_log if r.channel in chans and t0 <= r.time <= t1]
 
 
-def test_qc6_sequence_with_lab_defaults(lab, qc6, RE, tmp_path):
+@pytest.fixture
+def faster_crate_clock(qc6):
+    """The full 17-hour sequence at 4000x (the session's QC6 world runs at 2000x)."""
+    clock = qc6[2].clock
+    scale = clock.time_scale
+    clock.set_time_scale(4000.0)
+    yield
+    clock.set_time_scale(scale)
+
+
+def test_qc6_sequence_with_lab_defaults(lab, qc6, RE, tmp_path, faster_crate_clock):
     crate, layer, sim = qc6
     results = tmp_path / "results"
     wall = {}
