@@ -197,15 +197,9 @@ def open_34401a(settings: dict) -> Agilent34401A:
     """Hardware backend from the lab configuration's [instruments.dmm] settings: the VISA resource
     (or the USB-serial adapter found by usb_vid_pid), 9600 baud 8N1, DTR/DSR. The port is opened on
     first use, so an IOC starts (and reports) without the meter."""
-    from calbench.iocs.hw.ports import open_visa_resource
+    from calbench.iocs.hw.ports import lazy_visa_connection
 
     s = {**DEFAULT_SETTINGS, **settings}
-
-    def connect():
-        return open_visa_resource(resource=s["resource"], visa_library=s["visa_library"],
-                                  baud_rate=int(s["baud_rate"]), timeout_s=float(s["timeout_s"]),
-                                  vid_pid=s["usb_vid_pid"], what="34401A multimeter",
-                                  setting="instruments.dmm.resource", dtr_dsr=True)
-
-    port = s["resource"] or f"USB-serial adapter {s['usb_vid_pid']}"
+    connect, port = lazy_visa_connection(s, what="34401A multimeter",
+                                         setting="instruments.dmm.resource")
     return Agilent34401A(connect, port=port, settings=s)

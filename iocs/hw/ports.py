@@ -97,3 +97,16 @@ def open_serial_port(*, port: str, baud_rate: int, timeout_s: float, vid_pid: st
     except (serial.SerialException, ValueError) as exc:
         raise InstrumentFault(f"cannot open {port} for the {what}: {exc}; check the USB cable "
                               f"and {setting}") from None
+
+
+def lazy_visa_connection(s: dict, *, what: str, setting: str):
+    """(connect, port description) for a SCPI instrument over RS-232 from its lab settings
+    (resource or usb_vid_pid, visa_library, baud_rate, timeout_s); the port opens on first use,
+    so an IOC starts (and reports) without the instrument."""
+    def connect():
+        return open_visa_resource(resource=s["resource"], visa_library=s["visa_library"],
+                                  baud_rate=int(s["baud_rate"]), timeout_s=float(s["timeout_s"]),
+                                  vid_pid=s["usb_vid_pid"], what=what, setting=setting, dtr_dsr=True)
+
+    port = s["resource"] or f"USB-serial adapter {s['usb_vid_pid'] or '(not configured)'}"
+    return connect, port

@@ -117,15 +117,8 @@ class ScpiPsu(ScpiInstrument):
 def open_scpi_psu(settings: dict) -> ScpiPsu:
     """Hardware backend from [instruments.psu]: the VISA resource (or the USB-serial adapter
     found by usb_vid_pid). The port is opened on first use."""
-    from calbench.iocs.hw.ports import open_visa_resource
+    from calbench.iocs.hw.ports import lazy_visa_connection
 
     s = {**DEFAULT_SETTINGS, **settings}
-
-    def connect():
-        return open_visa_resource(resource=s["resource"], visa_library=s["visa_library"],
-                                  baud_rate=int(s["baud_rate"]), timeout_s=float(s["timeout_s"]),
-                                  vid_pid=s["usb_vid_pid"], what="lab supply",
-                                  setting="instruments.psu.resource", dtr_dsr=True)
-
-    port = s["resource"] or f"USB-serial adapter {s['usb_vid_pid'] or '(not configured)'}"
+    connect, port = lazy_visa_connection(s, what="lab supply", setting="instruments.psu.resource")
     return ScpiPsu(connect, port=port, settings=s)
