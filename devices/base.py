@@ -95,8 +95,12 @@ class CheckedSignal(EpicsSignal):
     a value other than the request (a clamped V0Set) and the put must still complete.
     """
 
+    def __init__(self, *args, set_timeout_s: float = DEFAULT_PUT_TIMEOUT_S, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.set_timeout_s = set_timeout_s   # ramped setpoints (tube kV, HV) need longer
+
     def set(self, value, *, timeout: float | None = None, settle_time: float | None = None, **kwargs):
-        timeout = DEFAULT_PUT_TIMEOUT_S if timeout is None else timeout
+        timeout = self.set_timeout_s if timeout is None else timeout
         owner = self.root if hasattr(self.root, "refusals") else None
         status = Status(self, timeout=timeout, settle_time=settle_time)
         lock = threading.Lock()
@@ -167,8 +171,9 @@ class LongStringSignal(_CharWaveformText, CheckedSignal):
         super().__init__(*args, **kwargs)
 
 
-def set_and_check(signal: CheckedSignal, value, timeout: float = DEFAULT_PUT_TIMEOUT_S):
+def set_and_check(signal: CheckedSignal, value, timeout: float | None = None):
     """Blocking set for code outside the RunEngine (CLIs, staging); raises InstrumentRefused."""
+    timeout = getattr(signal, "set_timeout_s", DEFAULT_PUT_TIMEOUT_S) if timeout is None else timeout
     status = signal.set(value, timeout=timeout)
     try:
         status.wait(timeout + 1)

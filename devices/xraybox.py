@@ -18,8 +18,11 @@ class XrayBox(InstrumentDevice):
 
     hv = Cpt(CheckedSignal, "HV_RBV", write_pv="HV", string=True, kind="config")
     warmup_remaining = Cpt(EpicsSignalRO, "WarmupRemaining_RBV", kind="omitted")
-    voltage = Cpt(CheckedSignal, "Voltage_RBV", write_pv="Voltage", tolerance=0.05, kind="hinted")
-    current = Cpt(CheckedSignal, "Current_RBV", write_pv="Current", tolerance=0.05, kind="hinted")
+    # the tube ramps at a few kV (mA) per second: 0 -> 60 kV takes 12 s
+    voltage = Cpt(CheckedSignal, "Voltage_RBV", write_pv="Voltage", tolerance=0.05,
+                  set_timeout_s=60.0, kind="hinted")
+    current = Cpt(CheckedSignal, "Current_RBV", write_pv="Current", tolerance=0.05,
+                  set_timeout_s=60.0, kind="hinted")
     target = Cpt(CheckedSignal, "Target_RBV", write_pv="Target", string=True, kind="config")
     target_energy = Cpt(EpicsSignalRO, "TargetEnergy_RBV", kind="config")
     target_moving = Cpt(EpicsSignalRO, "TargetMoving_RBV", kind="omitted")
