@@ -27,17 +27,7 @@ def truth_trips(sim, layer, t0, t1):
     return [r for r in sim.trip_log if r.channel in chans and t0 <= r.time <= t1]
 
 
-@pytest.fixture
-def faster_crate_clock(qc6):
-    """The full 17-hour sequence at 4000x (the session's QC6 world runs at 2000x)."""
-    clock = qc6[2].clock
-    scale = clock.time_scale
-    clock.set_time_scale(4000.0)
-    yield
-    clock.set_time_scale(scale)
-
-
-def test_qc6_sequence_with_lab_defaults(lab, qc6, RE, tmp_path, faster_crate_clock):
+def test_qc6_sequence_with_lab_defaults(lab, qc6, RE, tmp_path):
     crate, layer, sim = qc6
     results = tmp_path / "results"
     wall = {}

@@ -22,13 +22,6 @@ class WorldClock:
         """Current world time (epoch seconds)."""
         return self._t0 + (time.monotonic() - self._m0) * self.time_scale
 
-    def set_time_scale(self, time_scale: float) -> None:
-        """Change the acceleration from now on, without a jump in world time."""
-        if time_scale <= 0:
-            raise ValueError(f"time_scale must be > 0, got {time_scale}")
-        self._t0, self._m0 = self.now(), time.monotonic()
-        self.time_scale = float(time_scale)
-
     def wall_seconds(self, world_seconds: float) -> float:
         """How long (wall seconds) a world interval lasts."""
         return world_seconds / self.time_scale
