@@ -357,6 +357,9 @@ def test_chunked_fit_bounds_extra_memory(module_scan):
     import tracemalloc
 
     _, counts = module_scan
+    # eight modules' worth of rows, so that other threads of the test session (IOCs, clients)
+    # allocating meanwhile stay small against the full copy an unchunked fit would make
+    counts = np.concatenate([counts] * 8, axis=0)
     full_float_copy = counts.size * 8
     fit_scurves(X, counts[:1, :2])  # load the compiled kernel outside the measurement
     tracemalloc.start()
