@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -582,12 +583,17 @@ class Qc6ResultFiles(CallbackBase):
 class Qc6LivePlot(CallbackBase):
     """Live view of a QC6 run: trip number vs voltage per foil (stress), I-V per electrode
     (IV scan), cumulative trips vs hours (stability). Figures are pyplot figures, so they show in an
-    interactive session; the saved PNGs come from Qc6ResultFiles."""
+    interactive session; the saved PNGs come from Qc6ResultFiles. Redrawing takes ~0.1 s, so it
+    happens at most every `redraw_every_s` wall seconds (and at the end of the run): the plan's
+    events must not wait for the figures."""
 
-    def __init__(self):
+    def __init__(self, *, redraw_every_s: float = 1.0):
         super().__init__()
         self.figures: dict[str, object] = {}
         self._streams: dict[str, str] = {}
+        self.redraw_every_s = redraw_every_s
+        self._last_draw = -float("inf")
+        self._stale = False
 
     def start(self, doc):
         import matplotlib.pyplot as plt
@@ -616,15 +622,21 @@ class Qc6LivePlot(CallbackBase):
             ch = int(data["trip_channel"])
             self._trips.setdefault(ch, []).append(float(data["trip_voltage"]))
             self._trip_hours.append((float(data["trip_time"]) - self._world_start) / 3600.0)
-            self._redraw()
+            self._changed()
         elif stream == "primary" and self.test == "iv_short_stability":
             for ch, keys in self._keys.items():
                 v, i = self._iv.setdefault(int(ch), ([], []))
                 v.append(float(data[keys["vmon"]]))
                 i.append(float(data[keys["imon"]]))
+            self._changed()
+
+    def _changed(self):
+        self._stale = True
+        if time.monotonic() - self._last_draw >= self.redraw_every_s:
             self._redraw()
 
     def _redraw(self):
+        self._stale, self._last_draw = False, time.monotonic()
         if "stress" in self.figures:
             fig = self.figures["stress"]
             fig.clf()
@@ -657,6 +669,8 @@ class Qc6LivePlot(CallbackBase):
     def stop(self, doc):
         import matplotlib
         import matplotlib.pyplot as plt
+        if matplotlib.get_backend().lower() != "agg" and self._stale:
+            self._redraw()
         if matplotlib.get_backend().lower() == "agg":     # nothing to look at: free the figures
             for fig in self.figures.values():
                 plt.close(fig)

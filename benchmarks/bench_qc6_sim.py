@@ -4,7 +4,7 @@ against fixed-step integration (the baseline, measured in the same run).
     python benchmarks/bench_qc6_sim.py [--hours 15] [--volts 600] [--step 0.01] [--reads 900]
 
 Three foils are held at --volts for --hours of world time; the crate is read --reads times over the
-hold (the IOC polls it; at time scale 2000 a 15-hour hold is about 1400 polls of 20 ms). Rows:
+hold (the IOC polls it; at time scale 5000 a 15-hour hold is about 1100 polls of 10 ms). Rows:
 
   event-driven     CaenCrateSim.read_board at each read: the channels jump from event to event
                    (ramp ends, discharges, trip timers), exact whatever the interval between reads

@@ -2,7 +2,8 @@
 
 * `HvChannel` is a positioner: `set(V)` writes V0Set and completes when the channel is not ramping
   (Status bits 1-2 clear) and |VMon - V0Set| <= 1 V; it fails at once with `ChannelTripped` if the
-  crate trips the channel on the way, and with `ChannelOff` if the channel is not switched on.
+  crate trips the channel on the way (or had tripped it), and with `ChannelOff` if the channel is
+  switched off.
 * `GemLayer` groups the 7 channels of a triple-GEM layer in the QC6 order (Drift, G1T, G1B, G2T,
   G2B, G3T, G3B = channels 6..0, or 13..7 for layer 2) and emulates the ceramic divider the QC6
   procedure is written for: `layer.set(4600)` puts each electrode at its share of 4600 V
@@ -122,6 +123,13 @@ class HvChannel(Device):
         value = float(value)
         status = DeviceStatus(self, timeout=timeout, settle_time=settle_time)
         if int(self.pw.get(use_monitor=False)) != 1:
+            bits = int(self.status.get(use_monitor=False))
+            if bits & TRIPPED:                # the crate switched it off: say why
+                status.set_exception(ChannelTripped(
+                    f"{self.label()} has tripped (Status {describe_status(bits)}) and is off: "
+                    "clear the alarm (the crate's ClearAlarm) and switch it on before setting "
+                    f"{value:g} V"))
+                return status
             status.set_exception(ChannelOff(
                 f"{self.label()} is switched off (Pw = Off): switch it on first "
                 f"({self.pw.pvname} = On, e.g. RE(bps.mv(<device>.{self.pw.dotted_name}, 1))), "

@@ -11,10 +11,12 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Iterable
 
 from caproto.asyncio.server import Context
+from caproto.server import common as caproto_server_common
 from caproto.server import PVGroup
 
 from calbench.iocs.errors import Refused
@@ -61,9 +63,35 @@ def _make_safe_all(groups: Iterable[PVGroup]) -> None:
             log.exception("could not make %s safe", group.prefix)
 
 
+class _NoDelayContext(Context):
+    """caproto's asyncio server with Nagle's algorithm off on every client circuit.
+
+    caproto binds its listening sockets with protocol 0, so asyncio does not set TCP_NODELAY on the
+    accepted ones; a monitor update sent right after another small packet then waits for the
+    client's delayed ACK (40 ms on Linux) and every put-then-readback costs ~40-90 ms."""
+
+    async def tcp_handler(self, client, addr):
+        sock = client.writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return await super().tcp_handler(client, addr)
+
+
+# caproto batches monitor updates while more arrive within this many seconds (10 ms by default,
+# and the batch latency then doubles up to 1 s while updates keep coming): an IOC polling every
+# 20 ms would send its readings tens of ms late. Its environment variable still overrides.
+HIGH_LOAD_TIMEOUT_S = 0.001
+
+
+def _tune_caproto() -> None:
+    if "CAPROTO_SERVER_HIGH_LOAD_TIMEOUT_SEC" not in os.environ:
+        caproto_server_common.HIGH_LOAD_TIMEOUT = HIGH_LOAD_TIMEOUT_S
+
+
 async def _serve(groups: list[PVGroup], interfaces: list[str], stop: asyncio.Event,
                  started: threading.Event | None = None) -> None:
-    ctx = Context(merged_pvdb(groups), list(interfaces))
+    _tune_caproto()
+    ctx = _NoDelayContext(merged_pvdb(groups), list(interfaces))
     task = asyncio.ensure_future(ctx.run(log_pv_names=False))
     if started is not None:
         # caproto binds its sockets at the start of run(); give it a moment, then report readiness

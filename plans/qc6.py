@@ -25,6 +25,7 @@ time, incident number); result files and plots come from analysis.qc6's callback
 from __future__ import annotations
 
 import time
+import weakref
 from pathlib import Path
 from typing import Sequence
 
@@ -38,6 +39,7 @@ from ophyd import Device, Signal
 
 from calbench.analysis.qc6 import Qc6LivePlot, Qc6ResultFiles, result_path
 from calbench.devices.base import InstrumentRefused
+from calbench.plans.monitor_wait import MonitorWaiter
 from calbench.plans.world_clock import InstrumentClock
 from calbench.devices.caen import (
     ELECTRODES, FOILS, RAMPING, STATUS_ON, TRIPPED, GemLayer, HvChannel, at_setpoint,
@@ -47,8 +49,8 @@ from calbench.devices.caen import (
 MEGGER_VOLTAGE_V = 550.0
 
 OFF_V = 2.0                  # a channel below this (V) counts as ramped down
-MIN_POLL_S, MAX_POLL_S = 0.005, 0.5     # wall seconds between two looks at the crate
-MAX_LOOK_WORLD_S = 60.0      # world seconds between two looks during a hold, at most
+MIN_POLL_S = 0.005           # wall seconds between two looks where no monitor tells the change
+MAX_WAIT_WALL_S = 0.5        # wall seconds a plan waits for a monitor update before looking anyway
 PROGRESS_EVERY_S = 600.0     # world seconds between progress events of a stability hold
 RAMP_MARGIN_S = 300.0       # world seconds a ramp may take beyond 3x its nominal time
 # A fault timeout also needs this many wall seconds: at high world-clock acceleration a
@@ -78,7 +80,7 @@ class TripRecord(Device):
     electrode = Cpt(Signal, value="", kind="normal")
     voltage = Cpt(Signal, value=0.0, kind="hinted")      # last VMon before the trip (V)
     v0set = Cpt(Signal, value=0.0, kind="normal")        # setpoint then (V)
-    time = Cpt(Signal, value=0.0, kind="normal")         # world epoch s of the poll that saw it
+    time = Cpt(Signal, value=0.0, kind="normal")         # world epoch s the crate showed the trip
     incident = Cpt(Signal, value=0, kind="normal")       # trips seen in one poll share a number
 
 
@@ -154,6 +156,58 @@ class SuspendWhenCrateUnreachable(SuspenderBase):
 
 
 # -- the session: world time, trip detection, recording -------------------------------------------
+class _LayerWatch:
+    """What the crate's monitors told about a layer, kept for the layer device's lifetime: the time
+    each trip bit appeared (the IOC's timestamp, world clock) and each channel's last VMon while on
+    and not tripped (the voltage before a trip). Callbacks see every update the IOC published, in
+    order, so neither depends on how often the plan looks. The waiter wakes waiting plans at each
+    new world time, which the IOC publishes after every reading of the crate."""
+
+    def __init__(self, layer: GemLayer):
+        self.channel_of: dict[int, int] = {}
+        self.bits: dict[int, int] = {ch.channel: 0 for ch in layer.channels}
+        self.last_ok_V: dict[int, float] = {ch.channel: 0.0 for ch in layer.channels}
+        self.trip_time: dict[int, float] = {}      # channel -> world time of its trip bit
+        self.not_before: dict[int, float] = {}     # channel -> its trips up to here are handled
+        for ch in layer.channels:
+            for sig in (ch.status, ch.vmon):
+                self.channel_of[id(sig)] = ch.channel
+                sig.subscribe(self._update, run=False)
+        self.waiter = MonitorWaiter([layer.world_time, layer.connected_rbv])
+
+    def handled(self, channel: int, world_t: float) -> None:
+        """The channel's trips up to world_t are recorded or cleared: the next trip bit is new."""
+        self.not_before[channel] = max(self.not_before.get(channel, 0.0), world_t)
+        self.trip_time.pop(channel, None)
+
+    def _update(self, value=None, timestamp=None, obj=None, **kwargs) -> None:
+        channel = self.channel_of.get(id(obj))
+        if channel is None or value is None or timestamp is None:
+            return
+        if obj.attr_name == "status":
+            bits = int(value)
+            # the first trip bit published after the plan last recorded or cleared this channel's
+            # trip (not "after a Status without it": a monitor may skip the short cleared state,
+            # and callbacks trail the values the plan reads)
+            if (bits & TRIPPED and channel not in self.trip_time
+                    and float(timestamp) > self.not_before.get(channel, 0.0)):
+                self.trip_time[channel] = float(timestamp)
+            self.bits[channel] = bits
+        else:
+            bits = self.bits[channel]
+            if bits & STATUS_ON and not bits & TRIPPED:
+                self.last_ok_V[channel] = float(value)
+
+
+_WATCHES: "weakref.WeakKeyDictionary[GemLayer, _LayerWatch]" = weakref.WeakKeyDictionary()
+
+
+def _watch_of(layer: GemLayer) -> _LayerWatch:
+    if layer not in _WATCHES:
+        _WATCHES[layer] = _LayerWatch(layer)
+    return _WATCHES[layer]
+
+
 class _Session:
     """State of one QC6 run: the world clock, trip bookkeeping and the soft records."""
 
@@ -162,46 +216,67 @@ class _Session:
         self.trip = TripRecord(name="trip")
         self.record = Qc6Record(name="qc6")
         self.incidents = 0
-        self.last_ok_V: dict[int, float] = {ch.channel: 0.0 for ch in layer.channels}
+        self.watch = _watch_of(layer)
         self.state: dict[HvChannel, tuple[int, float, int]] = {}   # last (Status, VMon, Pw)
-        self.clock = InstrumentClock(layer.world_time, min_poll_s=MIN_POLL_S, max_poll_s=MAX_POLL_S)
+        self.clock = InstrumentClock(layer.world_time)
 
     def now(self):
         """World time (epoch s) of the crate (plan)."""
         return (yield from self.clock.now())
 
-    def pause_for(self, world_s: float):
-        """A short wall sleep: the rest of a world interval, or one poll (plan)."""
-        yield from self.clock.pause(min(world_s, MAX_LOOK_WORLD_S))
+    def world_now(self) -> float:
+        """The crate's world time as last published (its monitor; not a plan step)."""
+        return float(self.layer.world_time.get())
+
+    def wait_until(self, condition, *, max_wall_s: float = MAX_WAIT_WALL_S):
+        """Until condition() holds (checked at once, then at each world time the IOC publishes,
+        i.e. after each reading of the crate, and at link changes), at most max_wall_s wall
+        seconds (plan)."""
+        yield from self.watch.waiter.wait(condition, max_wall_s=max_wall_s)
+
+    def world_passed(self, world_t: float):
+        """A condition: the crate has published a world time after world_t."""
+        return lambda: self.world_now() > world_t
+
+    def any_tripped(self, channels: Sequence[HvChannel]):
+        """A condition: one of the channels shows a trip bit."""
+        return lambda: any(int(ch.status.get()) & TRIPPED for ch in channels)
 
     def scan(self, channels: Sequence[HvChannel]):
-        """Newly tripped channels (trip bits set), updating the last good VMon of the others."""
+        """A look at the channels as their monitors show them (Status, VMon, Pw into self.state,
+        VMon before Status: see HvChannel): the ones with trip bits set, with their Status."""
         tripped = []
         for ch in channels:
-            reading = yield from bps.read(ch)
-            bits = int(reading[ch.status.name]["value"])
-            self.state[ch] = (bits, float(reading[ch.vmon.name]["value"]),
-                              int(reading[ch.pw.name]["value"]))
+            vmon = float(ch.vmon.get())
+            bits = int(ch.status.get())
+            self.state[ch] = (bits, vmon, int(ch.pw.get()))
             if bits & TRIPPED:
                 tripped.append((ch, bits))
-            elif bits & STATUS_ON:
-                self.last_ok_V[ch.channel] = float(reading[ch.vmon.name]["value"])
         return tripped
 
     def record_trips(self, tripped):
         """One incident: an event per tripped channel in the "trips" stream (plan)."""
         self.incidents += 1
         t = yield from self.now()
+        # the callbacks trail the values the plan reads: let them reach the trip bits first
+        unseen = [ch for ch, bits in tripped
+                  if bits != ITRIP_CLEARED and ch.channel not in self.watch.trip_time]
+        if unseen:
+            yield from self.wait_until(
+                lambda: all(ch.channel in self.watch.trip_time for ch in unseen),
+                max_wall_s=ACK_TIMEOUT_S / 10)
         for ch, bits in tripped:
             v0set = float((yield from bps.rd(ch.v0set)))
+            voltage = self.watch.last_ok_V[ch.channel]
+            seen = self.watch.trip_time.get(ch.channel, t)
+            self.watch.handled(ch.channel, seen)
             _fill(self.trip, channel=ch.channel, electrode=ch.electrode,
-                  voltage=round(self.last_ok_V[ch.channel], 2), v0set=v0set, time=t,
+                  voltage=round(voltage, 2), v0set=v0set, time=seen,
                   incident=self.incidents)
             yield from bps.create("trips")
             yield from bps.read(self.trip)
             yield from bps.save()
-            print(f"QC6: trip #{self.incidents} on {ch.label()} at "
-                  f"{self.last_ok_V[ch.channel]:.1f} V (Status {describe_status(bits)})")
+            print(f"QC6: trip #{self.incidents} on {ch.label()} at {voltage:.1f} V (Status {describe_status(bits)})")
 
     def progress(self, elapsed_s: float, trips: int, setpoint: float, readables=(),
                  stream: str = "progress"):
@@ -247,19 +322,23 @@ def _clear_alarm(session: _Session, cleared: Sequence[HvChannel] = (),
     while (yield from session.now()) <= t_clear:
         if time.monotonic() > deadline:
             raise Qc6Error("the crate's clock stopped after ClearAlarm; check the IOC")
-        yield from bps.sleep(MIN_POLL_S)
+        yield from session.wait_until(session.world_passed(t_clear))
+    checked = list(cleared or layer.channels)
     while True:
         still = []
-        for ch in cleared or layer.channels:
+        for ch in checked:
             if int((yield from bps.rd(ch.status))) & TRIPPED:
                 still.append(ch)
         if not still:
+            for ch in checked:               # their next trip bit is a new trip
+                session.watch.handled(ch.channel, t_clear)
             break
         if time.monotonic() > deadline:
             raise Qc6Error(f"ClearAlarm did not clear the trip of "
                            f"{', '.join(c.label() for c in still)}; check the crate's alarms "
                            "(an external trip or interlock keeps it set)")
-        yield from bps.sleep(MIN_POLL_S)
+        tripped = session.any_tripped(still)
+        yield from session.wait_until(lambda: not tripped())
     missed = list(expected_on)
     for _ in range(3):                      # off in three looks: not a monitor in flight
         off = []
@@ -270,7 +349,7 @@ def _clear_alarm(session: _Session, cleared: Sequence[HvChannel] = (),
         missed = off
         if not missed:
             break
-        yield from bps.sleep(MIN_POLL_S)
+        yield from session.wait_until(session.world_passed(session.world_now()))
     return missed
 
 
@@ -285,7 +364,7 @@ def _switch_on(session: _Session, channels: Sequence[HvChannel]):
             if time.monotonic() > deadline:
                 raise Qc6Error(f"{ch.label()} does not show Pw On after switching it on; check "
                                "the crate (interlock, channel disabled)")
-            yield from bps.sleep(MIN_POLL_S)
+            yield from session.wait_until(lambda: int(ch.pw.get()) == 1)
 
 
 def _ramp(session: _Session, setpoints: dict[HvChannel, float], watch: Sequence[HvChannel]):
@@ -304,20 +383,35 @@ def _ramp(session: _Session, setpoints: dict[HvChannel, float], watch: Sequence[
     off_looks: dict[HvChannel, int] = {}
     t0 = yield from session.now()
     wall0 = time.monotonic()
+    tripped_now = session.any_tripped(looked_at)
+
+    def changed(now):
+        # wake on a trip, on arrival, on a channel found off (then at the next crate reading, so
+        # that three looks at it are three readings), and at the timeout
+        def condition():
+            if tripped_now() or session.world_now() > now + timeout_s:
+                return True
+            if all(at_setpoint(int(c.status.get()), float(c.vmon.get()), v)
+                   for c, v in targets.items()):
+                return True
+            return bool(off_looks) and session.world_now() > now
+        return condition
+
     while True:
         yield from bps.checkpoint()
-        tripped = yield from session.scan(looked_at)
+        tripped = session.scan(looked_at)
         if tripped:
             return tripped
         now = yield from session.now()
         late = [ch for ch, v in targets.items() if not at_setpoint(*session.state[ch][:2], v)]
         if not late:
             return []
-        # Pw, not the ON bit (Status follows at the crate's next poll); seen off three looks in a
-        # row, so that a monitor still in flight after switching on is not taken for it
+        # Pw, not the ON bit (Status follows at the crate's next poll); seen off in three crate
+        # readings in a row, so that a monitor still in flight after switching on is not taken
         for ch in late:
             off_looks[ch] = off_looks.get(ch, 0) + 1 if not session.state[ch][2] else 0
-        off = [ch for ch in late if off_looks[ch] >= 3]
+        off_looks = {ch: n for ch, n in off_looks.items() if n}
+        off = [ch for ch in late if off_looks.get(ch, 0) >= 3]
         if off:
             raise Qc6Error(f"{', '.join(c.label() for c in off)} went off without a trip while "
                            "ramping: someone switched it off, or the crate's interlock; check the "
@@ -328,16 +422,20 @@ def _ramp(session: _Session, setpoints: dict[HvChannel, float], watch: Sequence[
                     f"{c.label()} VMon {session.state[c][1]:.1f} V for {targets[c]:g} V, Status "
                     f"{describe_status(session.state[c][0])}" for c in late)
                 + "; check RUp/RDWn and the channels")
-        yield from session.pause_for(0.0)
+        yield from session.wait_until(changed(now))
 
 
-def _hold(session: _Session, watch: Sequence[HvChannel], hold_s: float, *, on_poll=None):
+def _hold(session: _Session, watch: Sequence[HvChannel], hold_s: float, *, on_poll=None,
+          look_every_s: float | None = None):
     """Hold for hold_s world seconds watching for trips; returns the tripped channels at once if
-    any trip ([] when the hold completed). on_poll(now) is a plan run at every look."""
+    any trip ([] when the hold completed). The plan looks when a channel trips, when the hold ends,
+    every look_every_s world seconds, and at least every MAX_WAIT_WALL_S wall seconds;
+    on_poll(now) is a plan run at every look."""
     t0 = yield from session.now()
+    tripped_now = session.any_tripped(watch)
     while True:
         yield from bps.checkpoint()
-        tripped = yield from session.scan(watch)
+        tripped = session.scan(watch)
         if tripped:
             return tripped
         now = yield from session.now()
@@ -345,7 +443,11 @@ def _hold(session: _Session, watch: Sequence[HvChannel], hold_s: float, *, on_po
             yield from on_poll(now)
         if now - t0 >= hold_s:
             return []
-        yield from session.pause_for(hold_s - (now - t0))
+        wake_at = t0 + hold_s
+        if look_every_s is not None:
+            wake_at = min(wake_at, now + look_every_s)
+        yield from session.wait_until(
+            lambda: tripped_now() or session.world_now() >= wake_at)
 
 
 def _recover(session: _Session, tripped, watch: Sequence[HvChannel], recovery_s: float):
@@ -388,6 +490,12 @@ def all_off(layer: GemLayer, *, off_V: float = OFF_V, timeout_s: float | None = 
         timeout_s = 3.0 * worst + RAMP_MARGIN_S
     t0 = yield from session.now()
     wall0 = time.monotonic()
+
+    def discharged():
+        return session.world_now() > t0 + timeout_s or all(
+            float(ch.vmon.get()) <= off_V and not int(ch.status.get()) & RAMPING
+            for ch in layer.channels)
+
     while True:
         high = []
         for ch in layer.channels:
@@ -400,7 +508,7 @@ def all_off(layer: GemLayer, *, off_V: float = OFF_V, timeout_s: float | None = 
         if now - t0 > timeout_s and time.monotonic() - wall0 > MIN_TIMEOUT_WALL_S:
             raise Qc6Error(f"the layer is switched off but still not discharged after "
                            f"{now - t0:.0f} s: {', '.join(high)}; check the crate")
-        yield from session.pause_for(0.0)
+        yield from session.wait_until(discharged)
 
 
 def qc6_safety(layer: GemLayer, plan):
@@ -620,8 +728,9 @@ def _last_look(session: _Session, channels: Sequence[HvChannel]):
     t_off = yield from session.now()
     deadline = time.monotonic() + ACK_TIMEOUT_S
     while (yield from session.now()) <= t_off and time.monotonic() < deadline:
-        yield from bps.sleep(MIN_POLL_S)          # a crate reading taken after the switch-off
-    tripped = yield from session.scan(channels)
+        # a crate reading taken after the switch-off
+        yield from session.wait_until(session.world_passed(t_off))
+    tripped = session.scan(channels)
     if not tripped:
         return 0
     yield from session.record_trips(tripped)
@@ -729,7 +838,8 @@ def _stability_hold(session: _Session, setpoints: dict, powered: Sequence[HvChan
             remaining = hold_s - elapsed(now)
             if remaining <= 0:
                 break
-            tripped = yield from _hold(session, powered, remaining, on_poll=on_poll)
+            tripped = yield from _hold(session, powered, remaining, on_poll=on_poll,
+                                       look_every_s=PROGRESS_EVERY_S)
             if not tripped:
                 continue
         n, off = yield from _recover(session, tripped, powered, recovery_s)

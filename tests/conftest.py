@@ -31,7 +31,7 @@ from calbench.config import DEFAULT_CONFIG  # noqa: E402
 
 # World-clock acceleration per simulated world in the test session: QC6 holds of hours run in
 # seconds; the X-ray world runs 5x so the tube warm-up and shutter motion do not dominate.
-TEST_TIME_SCALES = {"qc6": 2000.0, "xray": 5.0, "bench": 50.0, "fee": 2000.0}
+TEST_TIME_SCALES = {"qc6": 5000.0, "xray": 5.0, "bench": 50.0, "fee": 2000.0}
 
 
 class Lab:

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from calbench.iocs.sim.qc6 import HW_VMAX_V
+from conftest import TEST_TIME_SCALES
 
 OFF_V = 2.0
 _LAYERS: dict = {}
@@ -60,7 +61,13 @@ def assert_layer_safe(layer, sim) -> None:
         f"{ch.label()} Pw={ch.pw.get()} VMon={ch.vmon.get()}" for ch in layer.channels))
 
 
-def assert_trips_match(recorded, truth, *, max_step_V: float = 0.0, latency_s: float = 900.0):
+# A trip is timed by the IOC poll that first shows it; on a loaded host a poll can come a few tenths
+# of a wall second late, which is thousands of world seconds on the accelerated clock.
+POLL_LATENCY_S = max(900.0, 0.5 * TEST_TIME_SCALES["qc6"])
+
+
+def assert_trips_match(recorded, truth, *, max_step_V: float = 0.0,
+                       latency_s: float = POLL_LATENCY_S):
     """The recorded trips (rows of a "trips" stream) are the crate's trips (the simulator's log):
     channel by channel, the same number in the same order, each seen after it happened and within
     `latency_s` world seconds, with the voltage before it within one step (max_step_V) below."""

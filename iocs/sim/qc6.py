@@ -316,7 +316,7 @@ class CaenCrateSim:
         self.unreachable = False
         self.spark_rate_scale = 1.0
         # the IOC polls fast enough to follow an accelerated clock, gently at real time
-        self.poll_period_s = 0.02 if clock.time_scale >= 100 else 0.1
+        self.poll_period_s = 0.01 if clock.time_scale >= 100 else 0.1
         self._lock = threading.RLock()
         root = np.random.default_rng(seed)
         self._noise = np.random.default_rng(root.integers(2**63))
