@@ -29,7 +29,7 @@ threshold (u -> 1) the arcsin's square-root singularity makes it wrong by a lot 
 (all pulses of a sin^2 sweep gave biases up to 0.2 ns; a Q^-5/2 term quadrupled the spread
 instead). A fit therefore starts at `min_charge_over_threshold` times the threshold charge:
 2.0 for "binned" (u <= 0.71: lower, its equal-weight bins near the threshold hold few pulses each and
-add more noise than lever arm) and 1.7 for "likelihood" (u <= 0.77: it weighs each pulse by what it
+add more noise than lever arm) and 1.5 for "likelihood" (u <= 0.82: it weighs each pulse by what it
 tells, so the longer lever arm pays). The threshold charge is read from the data where the sweep
 crosses it (the step in the firing indicator against the DAC register); when every pulse fired the
 smallest charge bounds it, and for direct pulses the reflections' threshold does (the cable only
@@ -39,9 +39,9 @@ by the fitted constant ratio to the direct charge: both are proportional to the 
 the paper notes may stand in for Q.
 
 On the simulated board (iocs/sim/fee.py, 20 m of RG58, the paper's 500..12000 sweep) the spread of
-repeated calibrations is about 0.05 ns with "likelihood" and 0.09 ns with "binned"; a plain average
-of TDC times at one amplitude is off by up to 0.4 ns in the paper's incremental table
-(calbench.fee_paper).
+repeated calibrations is 0.047 ns with "likelihood" and 0.11 ns with "binned" (the lab's seed; other
+simulated boards give 0.04..0.06 and 0.11..0.14 ns); a plain average of TDC times at one amplitude
+is off by up to 0.4 ns in the paper's incremental table (calbench.fee_paper).
 
 Nothing here imports ophyd, bluesky's RunEngine or caproto: arrays in, numbers and figures out.
 """

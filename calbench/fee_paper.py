@@ -19,6 +19,12 @@ the temperature held at the reference so that only the length changes. For each 
 The naive estimate has no walk model, so its systematic part is its constant walk difference,
 which cancels in the increments: its table must stand on its statistical error alone.
 
+Agreement. Each row's pull is (dt - 2 dL / v) / combined error, the two errors added in quadrature.
+The typical calibration scatters by its statistical error, so an unbiased estimator with honest
+errors puts a row outside one combined error about one time in three: "agrees within the combined
+error" is judged on the whole table: its chi^2 against the number of rows (the p-value), with the
+covariance the shared dL = 0 calibration gives the increments, and no row beyond three.
+
 Every estimator sees the same sweeps: "binned" (the paper's), "likelihood", and the naive mean TDC
 difference at one amplitude, which the table shows failing.
 """
@@ -60,6 +66,11 @@ class TableRow:
     def deviation_ns(self) -> float:
         return self.measured_ns - self.expected_ns
 
+    @property
+    def pull(self) -> float:
+        """Deviation from 2 dL / v in units of the combined error."""
+        return self.deviation_ns / self.combined_ns if self.combined_ns > 0 else math.inf
+
 
 @dataclass
 class PaperTableStudy:
@@ -74,6 +85,23 @@ class PaperTableStudy:
     def calibration_stat_ns(self, estimator: str) -> float:
         """Pooled spread of repeated calibrations (ns) over all lengths."""
         return float(np.sqrt(np.mean([r.calibration_stat_ns ** 2 for r in self.rows[estimator]])))
+
+    def agreement(self, estimator: str) -> tuple[float, int, float, float]:
+        """(chi^2, rows, p-value, largest |pull|) of the table's increments against 2 dL / v.
+
+        Every increment subtracts the same dL = 0 calibration, so their errors share its variance:
+        the chi^2 uses that covariance (the spread of calibrations at each length on the diagonal,
+        the dL = 0 spread everywhere, the walk-model bias added on the diagonal)."""
+        from scipy.stats import chi2
+        rows = self.rows[estimator]
+        base_var = rows[0].calibration_stat_ns ** 2
+        dev = np.array([r.deviation_ns for r in rows[1:]])
+        cov = np.full((len(dev), len(dev)), base_var)
+        cov[np.diag_indices_from(cov)] += [r.calibration_stat_ns ** 2 + r.sys_ns ** 2
+                                           for r in rows[1:]]
+        total = float(dev @ np.linalg.solve(cov, dev))
+        worst = float(np.max(np.abs([r.pull for r in rows[1:]])))
+        return total, len(dev), float(chi2.sf(total, len(dev))), worst
 
 
 def simulate_paper_table(*, repeats: int = 20, seed: int = 2014, base_length_m: float = BASE_LENGTH_M,
@@ -191,13 +219,12 @@ def format_paper_table(study: PaperTableStudy) -> str:
         lines.append(line)
     lines.append("")
     for e in ESTIMATORS:
-        rows = study.rows[e][1:]
-        pulls = [abs(r.deviation_ns) / r.combined_ns if r.combined_ns > 0 else math.inf
-                 for r in rows]
+        chi2, n, p, worst = study.agreement(e)
         v, v_err = study.velocity_fit[e]
         lines.append(
             f"{e:>10}: spread of repeated calibrations {study.calibration_stat_ns(e):.3f} ns; "
-            f"largest |dt - 2dL/v| / (stat + sys) {max(pulls):.1f}; fitted v = {v:.4f} +- "
+            f"(dt - 2dL/v) / (stat (+) sys): chi2 {chi2:.1f} for {n} rows, p = {p:.2g}, "
+            f"largest |pull| {worst:.1f}; fitted v = {v:.4f} +- "
             f"{v_err:.4f} m/ns; absolute dt - 2L/v "
             f"{np.mean([r.absolute_bias_ns for r in study.rows[e]]):+.3f} ns (walk-model bias "
             f"{np.mean([r.absolute_sys_ns for r in study.rows[e]]):+.3f} ns)")

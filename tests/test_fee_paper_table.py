@@ -2,7 +2,8 @@
 
 Short cables of 27.5..137.5 mm are added to 20 m of simulated RG58 read by a 1.5625 ns TDC. The
 walk-model estimators must reproduce 2 dL / v within their combined (statistical + systematic)
-error; the naive mean TDC difference at one amplitude must not.
+error, judged by the chi^2 of the whole table; the naive mean TDC difference at one amplitude
+must not.
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ def test_table_and_figure_are_written(study):
 def test_walk_model_reproduces_the_table_within_the_combined_error(study, method):
     s, _ = study
     rows = s.rows[method][1:]
+    chi2, n, p, worst = s.agreement(method)
+    assert n == 5 and p > 1e-3, (method, chi2)     # the table as a whole, with its covariance
+    assert worst <= 3.0
     for row in rows:
         assert abs(row.deviation_ns) <= 3 * row.combined_ns, (method, row)
         # the walk model's bias hardly changes over 14 cm: increments are clean
@@ -67,6 +71,7 @@ def test_naive_estimate_fails_the_table(study):
     the naive walk difference is the same at every length)."""
     s, _ = study
     rows = s.rows["naive"][1:]
+    assert s.agreement("naive")[2] < 1e-6
     failing = [r for r in rows if abs(r.deviation_ns) > 3 * r.stat_ns]
     assert len(failing) >= 2
     assert max(abs(r.deviation_ns) for r in rows) > 0.2
