@@ -21,7 +21,7 @@ DEMO_STEPS: list[str] = [
     "calbench.qc6_cli:demo_step",
     "calbench.plans.eiger:eiger_step",
 ]
-DEMO_TIME_SCALES = {"qc6": 2000.0, "xray": 5.0, "bench": 50.0, "fee": 2000.0}
+DEMO_TIME_SCALES = {"qc6": 5000.0, "xray": 5.0, "bench": 50.0, "fee": 2000.0}
 
 
 @dataclass
