@@ -276,7 +276,8 @@ class _Session:
             yield from bps.create("trips")
             yield from bps.read(self.trip)
             yield from bps.save()
-            print(f"QC6: trip #{self.incidents} on {ch.label()} at {voltage:.1f} V (Status {describe_status(bits)})")
+            print(f"QC6: trip #{self.incidents} on {ch.label()} at {voltage:.1f} V "
+                  f"(Status {describe_status(bits)})")
 
     def progress(self, elapsed_s: float, trips: int, setpoint: float, readables=(),
                  stream: str = "progress"):
