@@ -669,8 +669,8 @@ class Qc6LivePlot(CallbackBase):
     def stop(self, doc):
         import matplotlib
         import matplotlib.pyplot as plt
-        if matplotlib.get_backend().lower() != "agg" and self._stale:
-            self._redraw()
         if matplotlib.get_backend().lower() == "agg":     # nothing to look at: free the figures
             for fig in self.figures.values():
                 plt.close(fig)
+        elif self._stale:
+            self._redraw()

@@ -20,21 +20,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import threading
 import time
 import uuid
 
-from calbench.iocs.server import loopback_ca_environment
+from calbench.iocs.server import free_port, loopback_ca_environment
 
 os.environ.update(loopback_ca_environment())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _make_group(prefix: str, poll_s: float):
@@ -89,7 +82,7 @@ def measure(tuned: bool, puts: int, poll_s: float) -> list[float]:
         common.HIGH_LOAD_TIMEOUT = 0.01          # caproto's default
         context_cls = Context
     prefix = f"B{uuid.uuid4().hex[:6]}:"
-    port = str(_free_port())      # a port of this run's own: no other server answers
+    port = str(free_port())      # a port of this run's own: no other server answers
     os.environ.update({"EPICS_CA_SERVER_PORT": port, "EPICS_CAS_SERVER_PORT": port})
     stop, ready = threading.Event(), threading.Event()
     thread = threading.Thread(target=_serve, daemon=True,

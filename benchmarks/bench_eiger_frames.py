@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ import numpy as np
 
 # Own CA port: other CA servers on this host must not answer (or steal) our searches.
 os.environ["EPICS_CA_SERVER_PORT"] = str(random.randint(20000, 40000))
-from calbench.iocs.server import IocThread, loopback_ca_environment  # noqa: E402
+from calbench.iocs.server import IocThread, free_port, loopback_ca_environment  # noqa: E402
 
 os.environ.update(loopback_ca_environment())
 
@@ -51,12 +50,6 @@ from calbench.devices.eiger import Eiger  # noqa: E402
 from calbench.iocs.build import build_iocs  # noqa: E402
 from calbench.persistence import TiledPersister  # noqa: E402
 from calbench.tiled_service import runs_catalog, start_embedded  # noqa: E402
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def h5py_floor(directory: Path, n: int) -> float:
@@ -115,7 +108,7 @@ def main(argv=None) -> int:
                       instruments={"xraybox": box_cfg, "eiger": cfg.instruments["eiger"]})
         groups = build_iocs(cfg, time_scale=1.0)
         server = IocThread(groups).start()
-        endpoint, proc = start_embedded(tmp / "tiled", [cfg.data_dir], _port())
+        endpoint, proc = start_embedded(tmp / "tiled", [cfg.data_dir], free_port())
         try:
             det = Eiger.from_settings(cfg.prefix_of("eiger"), name="eiger",
                                       settings=cfg.instruments["eiger"].settings, lab=cfg)

@@ -9,7 +9,6 @@ RunEngine's wall time for `count` divided by the number of events, including the
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 import tempfile
 import time
@@ -20,14 +19,9 @@ from bluesky.plans import count
 from bluesky_tiled_plugins import TiledWriter
 from ophyd.sim import SynSignal
 
+from calbench.iocs.server import free_port
 from calbench.persistence import TiledPersister
 from calbench.tiled_service import runs_catalog, start_embedded, stop_embedded
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def timed(RE, n: int) -> tuple[float, str]:
@@ -43,7 +37,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "tiled"
-        endpoint, _ = start_embedded(directory, [Path(tmp) / "data"], _port())
+        endpoint, _ = start_embedded(directory, [Path(tmp) / "data"], free_port())
         try:
             catalog = runs_catalog(endpoint)
             rows = []

@@ -44,6 +44,14 @@ def loopback_ca_environment(interfaces: Iterable[str] = ("127.0.0.1",)) -> dict[
             "EPICS_CA_MAX_ARRAY_BYTES": "100000000"}
 
 
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A port nobody listens on at 127.0.0.1 now (TCP by default, socket.SOCK_DGRAM for UDP): for
+    test and benchmark servers that must not answer one another."""
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def merged_pvdb(groups: Iterable[PVGroup]) -> dict:
     pvdb: dict = {}
     for group in groups:

@@ -164,14 +164,12 @@ class _LayerWatch:
     new world time, which the IOC publishes after every reading of the crate."""
 
     def __init__(self, layer: GemLayer):
-        self.channel_of: dict[int, int] = {}
         self.bits: dict[int, int] = {ch.channel: 0 for ch in layer.channels}
         self.last_ok_V: dict[int, float] = {ch.channel: 0.0 for ch in layer.channels}
         self.trip_time: dict[int, float] = {}      # channel -> world time of its trip bit
         self.not_before: dict[int, float] = {}     # channel -> its trips up to here are handled
         for ch in layer.channels:
             for sig in (ch.status, ch.vmon):
-                self.channel_of[id(sig)] = ch.channel
                 sig.subscribe(self._update, run=False)
         self.waiter = MonitorWaiter([layer.world_time, layer.connected_rbv])
 
@@ -181,9 +179,9 @@ class _LayerWatch:
         self.trip_time.pop(channel, None)
 
     def _update(self, value=None, timestamp=None, obj=None, **kwargs) -> None:
-        channel = self.channel_of.get(id(obj))
-        if channel is None or value is None or timestamp is None:
+        if value is None or timestamp is None:
             return
+        channel = obj.parent.channel
         if obj.attr_name == "status":
             bits = int(value)
             # the first trip bit published after the plan last recorded or cleared this channel's
@@ -492,24 +490,25 @@ def all_off(layer: GemLayer, *, off_V: float = OFF_V, timeout_s: float | None = 
     t0 = yield from session.now()
     wall0 = time.monotonic()
 
-    def discharged():
-        return session.world_now() > t0 + timeout_s or all(
-            float(ch.vmon.get()) <= off_V and not int(ch.status.get()) & RAMPING
-            for ch in layer.channels)
-
-    while True:
+    def still_high() -> list[str]:
+        # as the monitors show them; VMon before Status (see HvChannel)
         high = []
         for ch in layer.channels:
-            vmon = float((yield from bps.rd(ch.vmon)))
-            if vmon > off_V or int((yield from bps.rd(ch.status))) & RAMPING:
+            vmon = float(ch.vmon.get())
+            if vmon > off_V or int(ch.status.get()) & RAMPING:
                 high.append(f"{ch.label()} {vmon:.1f} V")
+        return high
+
+    while True:
+        high = still_high()
         if not high:
             return
         now = yield from session.now()
         if now - t0 > timeout_s and time.monotonic() - wall0 > MIN_TIMEOUT_WALL_S:
             raise Qc6Error(f"the layer is switched off but still not discharged after "
                            f"{now - t0:.0f} s: {', '.join(high)}; check the crate")
-        yield from session.wait_until(discharged)
+        yield from session.wait_until(
+            lambda: session.world_now() > t0 + timeout_s or not still_high())
 
 
 def qc6_safety(layer: GemLayer, plan):

@@ -3,18 +3,10 @@ that persists to it. Channel Access stays on loopback."""
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from dataclasses import replace
 
-from calbench.iocs.server import loopback_ca_environment
-
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from calbench.iocs.server import free_port, loopback_ca_environment
 
 
 # Before any CA client exists: search loopback only, never the LAN, on a port of this session's own

@@ -35,16 +35,10 @@ from calbench.config import InstrumentConfig
 from calbench.plans.eiger import (CalibrationStepError, calibrate_eiger, global_calibration,
                                   scurve, trimbit_scan, vrf_scan)
 from calbench.plans.xray import tube_on
-from conftest import TEST_TIME_SCALES, Lab
+from conftest import TEST_TIME_SCALES, Lab, free_port
 
 VRF_RANGE = (2500, 3700, 30)          # the lab script's vrf scan range
 KV, MA = 40.0, 40.0
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -74,7 +68,7 @@ def eiger_lab(lab_config):
                                              "hostnames": ["beb058"]})
     cfg = replace(lab_config, pv_prefix=f"E{uuid.uuid4().hex[:6]}:", instruments=instruments)
     groups = build_iocs(cfg, time_scales=TEST_TIME_SCALES)
-    port = _free_udp_port()
+    port = free_port(socket.SOCK_DGRAM)
     with _environ(EPICS_CA_SERVER_PORT=port, EPICS_CAS_SERVER_PORT=port):
         server = IocThread(groups).start()
     addr_list = os.environ.get("EPICS_CA_ADDR_LIST", "127.0.0.1")
