@@ -11,7 +11,7 @@ b = a k / 6; the series is arcsin(u), u = sqrt(k/Q), cut after u^3). T0, the cro
 infinitely large pulse, is the pulse's start; dt = T0(reflected) - T0(direct) is the round trip
 through the cable and L = v dt / 2.
 
-Two estimators, selectable by name (`method=`):
+Two estimators, selectable by name (`method=`; "likelihood" by default, as the plans use):
 
 * "binned" (the paper's): group pulses by TDC bin, take the mean charge in each bin, fit the model
   to (mean charge, bin centre) with equal weights: one linear least-squares solve. The bin holding
@@ -206,26 +206,54 @@ def _least_squares(x: NDArray, y: NDArray) -> NDArray:
     return np.linalg.solve(_xtwx(xs, np.ones(len(y))), _xtv(xs, y)) / scale
 
 
+@dataclass(frozen=True)
+class BinCuts:
+    """What the binned estimator left out of the TDC bins the pulses fell in, and why."""
+    n_bins: int                       # TDC bins holding at least one pulse
+    few_pulses: int                   # fewer than min_count pulses: mean charge too noisy
+    below_range: int                  # mean charge below the fit range (too close to threshold)
+    sweep_end: int                    # the open-ended bin of the largest pulses and the later ones
+    sweep_start: int                  # the open-ended bin of the smallest pulses and the earlier ones
+    kept: int
+
+    def explain(self, min_count: int, q_min_pC: float) -> str:
+        reasons = [(self.few_pulses, f"with fewer than {min_count} pulses"),
+                   (self.below_range, f"with a mean charge below the fit range {q_min_pC:.3g} pC"),
+                   (self.sweep_end, "open-ended at the sweep's largest pulses (their charges run "
+                                    "to the end of the sweep, not to a bin edge)"),
+                   (self.sweep_start, "open-ended at the sweep's smallest pulses")]
+        cut = "; ".join(f"{n} {why}" for n, why in reasons if n)
+        return f"{self.n_bins} bins hold pulses, {self.kept} kept" + (f"; left out: {cut}"
+                                                                     if cut else "")
+
+
 def _binned(q: NDArray, k: NDArray, lsb_ns: float, min_count: int, q_min: float = 0.0):
     """Equal-weight least squares of the walk model on (mean charge, bin centre) of the bins whose
     mean charge is at least q_min. The covariance is that of the equal-weight solution given the
     statistical error of each bin's mean charge (carried to time through the model's slope); the
     scatter of the bin points about the curve is mostly the fixed offset between a bin's centre and
-    the crossing time of its mean charge, not noise, and would overstate the error."""
+    the crossing time of its mean charge, not noise, and would overstate the error.
+    Returns (fit or None, BinCuts, mean charges, bin centres)."""
+    n_all = int(np.unique(k).size)
     bins, q_mean, q_err = _bin_means(q, k, min_count)
+    few = n_all - bins.size
     keep = q_mean >= q_min
+    below = int((~keep).sum())
     bins, q_mean, q_err = bins[keep], q_mean[keep], q_err[keep]
     # The bin holding the sweep's largest pulses is open-ended (its charges run up to the end of the
     # sweep, not to a bin edge), so its mean charge belongs to no definite time; earlier bins hold
     # only the jitter tail of those pulses. Both are left out, and so are the bin of the smallest
     # pulses and the later ones when the sweep's start (not the fit range) ends the charges there.
-    inside = bins > np.median(k[q >= np.quantile(q, 0.99)])
-    if q_min <= q.min():
-        inside &= bins < np.median(k[q <= np.quantile(q, 0.01)])
+    end = bins > np.median(k[q >= np.quantile(q, 0.99)])
+    start = (bins < np.median(k[q <= np.quantile(q, 0.01)]) if q_min <= q.min()
+             else np.ones(bins.size, bool))
+    inside = end & start
+    cuts = BinCuts(n_all, few, below, int((~end).sum()), int((end & ~start).sum()),
+                   int(inside.sum()))
     bins, q_mean, q_err = bins[inside], q_mean[inside], q_err[inside]
     t_centre = (bins + 0.5) * lsb_ns
     if bins.size < MIN_BINS:
-        return None, bins.size, q_mean, t_centre
+        return None, cuts, q_mean, t_centre
     x = _design(q_mean)
     coef, *_ = np.linalg.lstsq(x, t_centre, rcond=None)
     resid = t_centre - x @ coef
@@ -234,7 +262,7 @@ def _binned(q: NDArray, k: NDArray, lsb_ns: float, min_count: int, q_min: float 
     xtx_inv = np.linalg.inv(x.T @ x)
     cov = xtx_inv @ (x.T * t_err ** 2) @ x @ xtx_inv
     rms = float(np.sqrt(np.mean(resid ** 2)))
-    return (coef, cov, rms), bins.size, q_mean, t_centre
+    return (coef, cov, rms), cuts, q_mean, t_centre
 
 
 # -- likelihood estimator --------------------------------------------------------------------------
@@ -365,7 +393,7 @@ def _threshold_charge(q_all: NDArray, fired: NDArray, amplitude: NDArray) -> flo
     return float(np.median(q_all[above])) if above.size else math.nan
 
 
-def fit_walk(q_pC: ArrayLike, t_ns: ArrayLike, method: Method = "binned", *,
+def fit_walk(q_pC: ArrayLike, t_ns: ArrayLike, method: Method = "likelihood", *,
              lsb_ns: float = TDC_LSB_NS, min_charge_over_threshold: float | None = None,
              q_min_pC: float | None = None, min_bin_count: int = MIN_BIN_COUNT,
              amplitude: ArrayLike | None = None, threshold_bound_pC: float | None = None,
@@ -410,18 +438,20 @@ def fit_walk(q_pC: ArrayLike, t_ns: ArrayLike, method: Method = "binned", *,
     # The binned fit keeps whole bins (mean charge in range): cutting pulses would leave bins that
     # hold only the jitter tail of larger pulses. The likelihood conditions on each pulse's charge,
     # so it cuts pulses.
-    fit, n_bins, q_mean, t_centre = _binned(q, k, lsb_ns, min_bin_count, q_min_pC)
+    fit, cuts, q_mean, t_centre = _binned(q, k, lsb_ns, min_bin_count, q_min_pC)
+    n_bins = cuts.kept
+    n_all = int(np.unique(k).size)
     sel = q >= q_min_pC
     q, k = q[sel], k[sel]
     n_used = n_bins if method == "binned" else int(np.unique(k).size)
     if (fit is None if method == "binned" else n_used < MIN_BINS):
-        what = (f"with at least {min_bin_count} pulses and a mean charge above {q_min_pC:.3g} pC"
-                if method == "binned" else f"above {q_min_pC:.3g} pC")
+        what = (f"the binned fit can use ({cuts.explain(min_bin_count, q_min_pC)})"
+                if method == "binned" else
+                f"above the fit range {q_min_pC:.3g} pC ({n_all} bins hold pulses)")
         raise TransitFitError(
-            f"{_prefix(label)}{kind} fall in only {n_used} TDC bin(s) {what} "
-            f"({np.unique(k).size} bins in all); the walk model needs {MIN_BINS}: start the sweep "
-            "at a lower DAC register so that the walk spans more bins, or lower the discriminator "
-            "threshold")
+            f"{_prefix(label)}{kind} fall in only {n_used} TDC bin(s) {what}; the walk model "
+            f"needs {MIN_BINS}: start the sweep at a lower DAC register so that the walk spans "
+            "more bins, or lower the discriminator threshold")
     q_range = (float(q.min()), float(q.max()))
     if method == "binned":
         coef, cov, rms = fit
@@ -486,7 +516,7 @@ def naive_transit_time(direct_t_ns: ArrayLike, reflected_t_ns: ArrayLike,
 
 
 def fit_transit_time(direct_q_pC: ArrayLike, direct_t_ns: ArrayLike, reflected_q_pC: ArrayLike,
-                     reflected_t_ns: ArrayLike, method: Method = "binned", *,
+                     reflected_t_ns: ArrayLike, method: Method = "likelihood", *,
                      velocity_m_per_ns: float = RG58_VELOCITY_M_PER_NS, lsb_ns: float = TDC_LSB_NS,
                      min_charge_over_threshold: float | None = None,
                      min_bin_count: int = MIN_BIN_COUNT, amplitude: ArrayLike | None = None,

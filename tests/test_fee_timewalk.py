@@ -140,3 +140,28 @@ def test_velocity_from_added_lengths():
     assert free.velocity_m_per_ns == pytest.approx(0.208, rel=0.02)
     with pytest.raises(TransitFitError, match="different lengths"):
         fit_velocity([0.1], [1.0])
+
+
+def test_binned_refusal_names_the_bins_it_left_out_and_why():
+    """A walk spanning only four TDC bins, each with thousands of pulses: the binned estimator must
+    say it kept too few because the bins at the sweep's ends are open-ended, not that no bin held
+    enough pulses."""
+    t = np.linspace(2 * TDC_LSB_NS, 6 * TDC_LSB_NS, 40000, endpoint=False)
+    q = (6.0 / t) ** 2                          # t = 6 q^-1/2: four bins of 10,000 pulses
+    k = np.floor(walk_model(q, 0.0, 6.0, 0.0) / TDC_LSB_NS + 1e-9)
+    counts = np.unique(k, return_counts=True)[1]
+    assert counts.size == 4 and counts.min() >= 1000
+    with pytest.raises(TransitFitError) as info:
+        fit_walk(q, k * TDC_LSB_NS, "binned", label="channel 5")
+    message = str(info.value)
+    assert "channel 5" in message and "4 bins hold pulses" in message
+    assert "open-ended at the sweep's largest pulses" in message
+    assert "fewer than" not in message          # every bin held thousands
+
+
+def test_the_default_estimator_is_the_one_the_plans_use():
+    import inspect
+    from calbench.plans.fee import transit_time_calibration
+    plan_default = inspect.signature(transit_time_calibration).parameters["method"].default
+    assert inspect.signature(fit_transit_time).parameters["method"].default == plan_default
+    assert inspect.signature(fit_walk).parameters["method"].default == plan_default
