@@ -1,6 +1,6 @@
 """`calbench` command line: IOCs, the embedded tiled server, the lab's start-up, procedure tools.
 
-    calbench ioc list                          instruments and their worlds
+    calbench ioc list [--pvs [NAME ...]]       instruments and their worlds, or their PV names
     calbench ioc run [NAME ...] [--sim] [--prefix P] [--interfaces A ...] [--time-scale X] [--list-pvs]
     calbench tiled start|stop|status
     calbench up | down                         simulated IOCs + tiled in the background (make run)
@@ -37,10 +37,21 @@ def _cfg(args):
 # -- ioc ----------------------------------------------------------------------------------------
 def cmd_ioc_list(args) -> int:
     cfg = _cfg(args)
+    if args.pvs:
+        return _print_pvs(cfg, args.names or None)
     for name, spec in INSTRUMENTS.items():
         icfg = cfg.instruments.get(name)
         where = f"{cfg.prefix_of(name):<14} {icfg.backend:<8}" if icfg else f"{'(not configured)':<23}"
         print(f"{name:<10} {where} world={spec.world:<6} {spec.description}")
+    return 0
+
+
+def _print_pvs(cfg, names) -> int:
+    """The PV names the instruments would serve, from their simulated IOCs: nothing is served and
+    no hardware is touched."""
+    from calbench.iocs.build import build_iocs
+    groups = build_iocs(cfg, names, force_sim=True)
+    print("\n".join(sorted(pv for g in groups for pv in g.pvdb)), flush=True)
     return 0
 
 
@@ -52,10 +63,10 @@ def cmd_ioc_run(args) -> int:
     if args.interfaces:
         cfg = cfg.with_overrides(interfaces=tuple(args.interfaces))
     names = args.names or None
-    groups = build_iocs(cfg, names, force_sim=args.sim, time_scale=args.time_scale)
-    pvs = sorted(pv for g in groups for pv in g.pvdb)
     if args.list_pvs:
-        print("\n".join(pvs), flush=True)
+        return _print_pvs(cfg, names)
+    groups = build_iocs(cfg, names, force_sim=args.sim, time_scale=args.time_scale)
+    pvs = [pv for g in groups for pv in g.pvdb]
     print(f"serving {len(pvs)} PVs of {', '.join(names or cfg.instruments)} on "
           f"{', '.join(cfg.interfaces)} (prefix {cfg.pv_prefix}); Ctrl-C stops", flush=True)
     serve_forever(groups, cfg.interfaces)
@@ -154,8 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     ioc = sub.add_parser("ioc", help="run instrument IOCs").add_subparsers(dest="ioc_cmd", required=True)
-    p = ioc.add_parser("list", help="list instruments")
+    p = ioc.add_parser("list", help="list instruments, or with --pvs the PV names they serve")
+    p.add_argument("names", nargs="*", help="instruments for --pvs (default: all configured)")
     p.add_argument("--prefix", help="lab-wide PV prefix (default from the configuration)")
+    p.add_argument("--pvs", action="store_true", help="print the PV names and exit (serves nothing)")
     p.set_defaults(func=cmd_ioc_list)
     p = ioc.add_parser("run", help="serve instruments (all configured ones by default)")
     p.add_argument("names", nargs="*", help=f"instruments: {', '.join(INSTRUMENTS)}")
@@ -164,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", help="lab-wide PV prefix (default from the configuration)")
     p.add_argument("--interfaces", nargs="+", help="addresses to serve on (default 127.0.0.1)")
     p.add_argument("--time-scale", type=float, help="world-clock acceleration of the simulators")
-    p.add_argument("--list-pvs", action="store_true", help="print the PV names served")
+    p.add_argument("--list-pvs", action="store_true",
+                   help="print the PV names and exit without serving (as `ioc list --pvs`)")
     p.set_defaults(func=cmd_ioc_run)
 
     p = sub.add_parser("tiled", help="the embedded tiled server")

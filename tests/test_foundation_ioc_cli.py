@@ -24,7 +24,7 @@ def test_ioc_process_serves_and_shuts_down_cleanly(tmp_path, monkeypatch):
     monkeypatch.setenv("EPICS_CAS_SERVER_PORT", port)
     env = {**os.environ, **loopback_ca_environment(), "CALBENCH_HOME": str(tmp_path)}
     proc = subprocess.Popen([sys.executable, "-m", "calbench.cli", "ioc", "run", "xraybox", "--sim",
-                             "--prefix", prefix, "--time-scale", "10", "--list-pvs"],
+                             "--prefix", prefix, "--time-scale", "10"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         lines = []
@@ -34,7 +34,6 @@ def test_ioc_process_serves_and_shuts_down_cleanly(tmp_path, monkeypatch):
             lines.append(line)
             if line.startswith("serving"):
                 break
-        assert f"{prefix}XRAY:Shutter:XRF_RBV\n" in lines
         ctx = Context()
         hv, current, rbv = ctx.get_pvs(f"{prefix}XRAY:HV", f"{prefix}XRAY:Current",
                                        f"{prefix}XRAY:Current_RBV", timeout=10)
@@ -58,3 +57,16 @@ def test_ioc_list_names_every_instrument(capsys):
     assert main(["ioc", "list"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in INSTRUMENTS)
+
+
+def test_pv_names_are_listed_without_serving(tmp_path):
+    """`ioc list --pvs` and `ioc run --list-pvs` print the names and exit: nothing stays served."""
+    prefix = f"L{uuid.uuid4().hex[:6]}:"
+    env = {**os.environ, **loopback_ca_environment(), "CALBENCH_HOME": str(tmp_path)}
+    for args in (["ioc", "list", "--pvs", "xraybox"], ["ioc", "run", "xraybox", "--list-pvs"]):
+        done = subprocess.run([sys.executable, "-m", "calbench.cli", *args, "--prefix", prefix],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        names = done.stdout.split()
+        assert f"{prefix}XRAY:Shutter:XRF_RBV" in names and f"{prefix}XRAY:HV" in names
+        assert not any(name.startswith("serving") for name in names)
