@@ -1,0 +1,151 @@
+"""The layers of DESIGN.md, checked on the source: every import (module level or lazy, absolute or
+relative) of every package folder is resolved to a calbench module or an outside package and held
+against the rules below. A new import that breaks a rule fails here, naming the file, the line and
+the import; the arrows that still break a rule today are listed in KNOWN and must only shrink.
+
+(import-linter cannot see this tree: setuptools maps folders beside calbench/ into the package, so
+the layout on disk is not the package's.)
+"""
+from __future__ import annotations
+
+import ast
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Rule:
+    source: str                    # a package (its submodules included)
+    forbidden: tuple[str, ...]     # packages or modules it must not import
+    why: str
+
+
+RULES = [
+    Rule("calbench.contracts", ("calbench",), "contracts lie below every layer"),
+    Rule("calbench.iocs.sim", ("calbench.iocs.hw",), "simulators and hardware drivers are siblings"),
+    Rule("calbench.iocs.hw", ("calbench.iocs.sim",), "simulators and hardware drivers are siblings"),
+    Rule("calbench.iocs", ("calbench.analysis", "calbench.devices", "calbench.plans",
+                           "calbench.session", "ophyd", "bluesky"),
+         "IOCs serve PVs: no analysis, no clients of their own PVs"),
+    Rule("calbench.devices", ("calbench.iocs", "calbench.plans", "calbench.session"),
+         "the PV names are the only contract between devices and IOCs"),
+    Rule("calbench.devices", ("calbench.analysis",),
+         "devices share geometry and limits with the analysis through calbench.contracts"),
+    Rule("calbench.analysis", ("calbench.iocs", "calbench.devices", "calbench.plans",
+                               "calbench.session", "ophyd", "caproto", "bluesky.run_engine",
+                               "bluesky.plans", "bluesky.plan_stubs"),
+         "analysis is pure: arrays and documents in, numbers, files and figures out"),
+    Rule("calbench.plans", ("calbench.iocs", "calbench.demo", "caproto"),
+         "plans drive devices over Channel Access, never the IOCs themselves"),
+]
+
+# Arrows that break a rule today (source module, imported module). Remove an entry when its import
+# goes; never add one.
+KNOWN = {
+    ("calbench.devices.eiger", "calbench.analysis.eiger_geometry"),
+    ("calbench.devices.eiger", "calbench.analysis.trimfile"),
+    ("calbench.iocs.eiger", "calbench.analysis.eiger_geometry"),
+    ("calbench.iocs.eiger", "calbench.analysis.trimfile"),
+    ("calbench.iocs.eiger_limits", "calbench.analysis.trimfile"),
+    ("calbench.iocs.hw.caen", "calbench.iocs.sim.qc6"),
+    ("calbench.iocs.hw.eiger", "calbench.analysis.eiger_geometry"),
+    ("calbench.iocs.hw.eiger", "calbench.analysis.trimfile"),
+    ("calbench.iocs.hw.eiger", "calbench.iocs.sim.eiger"),
+    ("calbench.iocs.hw.fee", "calbench.iocs.sim.fee"),
+    ("calbench.iocs.sim.bench", "calbench.iocs.hw.agilent34401a"),
+    ("calbench.iocs.sim.bench", "calbench.iocs.hw.batmet_serial"),
+    ("calbench.iocs.sim.bench", "calbench.iocs.hw.scpi_psu"),
+    ("calbench.iocs.sim.eiger", "calbench.analysis.eiger_geometry"),
+    ("calbench.iocs.sim.eiger", "calbench.analysis.trimfile"),
+    ("calbench.plans.eiger", "calbench.demo"),
+}
+
+
+def package_dirs() -> dict[str, Path]:
+    """calbench package name -> folder, as pyproject.toml maps them."""
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    return {name: ROOT / folder for name, folder in tool["package-dir"].items()}
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for package, folder in package_dirs().items():
+        for path in folder.glob("*.py"):
+            out[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    return out
+
+
+def imports_of(module: str, path: Path):
+    """(line, imported name) of every import in the file; `from X import y` gives X.y, so that a
+    submodule imported by name is seen (an attribute then just fails to match a rule)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = module if path.stem == "__init__" else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parts = parts[:len(parts) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            yield node.lineno, base
+            for alias in node.names:
+                yield node.lineno, f"{base}.{alias.name}"
+
+
+def within(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def _known_module(name: str, known: dict[str, Path]) -> str:
+    """The module an imported name lands in (X.y -> X when y is an attribute of module X)."""
+    return name if name in known or not name.startswith("calbench") else name.rpartition(".")[0]
+
+
+def violations():
+    known = modules()
+    found: dict[tuple[str, str], str] = {}
+    for module, path in sorted(known.items()):
+        for line, name in imports_of(module, path):
+            target = _known_module(name, known)
+            for rule in RULES:
+                if within(module, rule.source) and any(within(target, f) for f in rule.forbidden) \
+                        and not within(target, rule.source):
+                    found.setdefault((module, target),
+                                     f"{path.relative_to(ROOT)}:{line}: {module} imports {target} "
+                                     f"({rule.source} must not: {rule.why})")
+    return found
+
+
+def test_every_package_folder_is_read():
+    found = modules()
+    assert {"calbench.iocs.base", "calbench.devices.base", "calbench.analysis.scurve",
+            "calbench.plans.xray", "calbench.session"} <= set(found)
+
+
+def test_the_rules_catch_a_forbidden_import(tmp_path):
+    """The checker itself: a relative import from the simulators into the drivers is found."""
+    path = tmp_path / "probe.py"
+    path.write_text("def f():\n    from ..hw import eiger\n")
+    names = [name for _, name in imports_of("calbench.iocs.sim.probe", path)]
+    assert "calbench.iocs.hw.eiger" in names
+
+
+def test_imports_follow_the_layers():
+    found = violations()
+    new = [message for arrow, message in found.items() if arrow not in KNOWN]
+    assert not new, "imports that break DESIGN.md's layers:\n" + "\n".join(new)
+
+
+def test_known_exceptions_only_shrink():
+    gone = sorted(KNOWN - set(violations()))
+    if gone:
+        pytest.fail("these arrows are gone; remove them from KNOWN in tests/test_import_rules.py: "
+                    + ", ".join(f"{a} -> {b}" for a, b in gone))
