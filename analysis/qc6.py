@@ -323,10 +323,6 @@ def fit_iv(voltage_V: Sequence[float], current_uA: Sequence[float], *, channel: 
                  float(offset_err))
 
 
-def fit_iv_table(table: IvTable) -> dict[int, IvFit]:
-    return {c: fit_iv(*table.column(c), channel=c) for c in table.channels}
-
-
 def cumulative_trips(log: StabilityLog) -> tuple[np.ndarray, np.ndarray]:
     """(hours since start, cumulative trips) as a step curve ending at the end of the test."""
     hours, counts, n = [0.0], [0], 0
@@ -339,13 +335,6 @@ def cumulative_trips(log: StabilityLog) -> tuple[np.ndarray, np.ndarray]:
         hours.append((log.end - log.start).total_seconds() / 3600.0)
         counts.append(n)
     return np.array(hours), np.array(counts)
-
-
-def trip_rate_per_hour(log: StabilityLog) -> float:
-    """Trips per hour over the test (to its end, or to the last trip when unfinished)."""
-    end = log.end or (log.trips[-1][1] if log.trips else log.start)
-    hours = (end - log.start).total_seconds() / 3600.0
-    return len(log.trips) / hours if hours > 0 else math.nan
 
 
 # -- plots --------------------------------------------------------------------------------------

@@ -26,9 +26,3 @@ def make_device(cfg: LabConfig, name: str, *, connect: bool = True, timeout: flo
     if connect:
         device.ensure_connected(timeout)
     return device
-
-
-def make_devices(cfg: LabConfig, names: list[str] | None = None, *, connect: bool = True,
-                 timeout: float = 5.0) -> dict:
-    return {n: make_device(cfg, n, connect=connect, timeout=timeout)
-            for n in (names or list(cfg.instruments))}

@@ -7,7 +7,6 @@ fails with `InstrumentRefused("<the IOC's reason and remedy>")` instead of a bar
 from __future__ import annotations
 
 import threading
-import time
 
 from ophyd import Component as Cpt
 from ophyd import Device, EpicsSignal, EpicsSignalRO
@@ -181,13 +180,3 @@ def set_and_check(signal: CheckedSignal, value, timeout: float | None = None):
         inner = status.exception() if status.done else None
         raise (inner or exc) from None
     return status
-
-
-def poll_until(predicate, timeout: float, period: float = 0.05) -> bool:
-    """True as soon as predicate() is; False after timeout wall seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(period)
-    return bool(predicate())
