@@ -9,7 +9,8 @@ import pytest
 from scipy.optimize import curve_fit
 
 from calbench.analysis.scurve import scurve
-from calbench.analysis.trimfile import read_trim_file, round_half_away, trim_file_path
+from calbench.analysis.trimfile import (DAC_NAMES, linear_interpolation, read_trim_file,
+                                        trim_file_path, write_trim_file)
 from calbench.iocs.errors import Refused
 from calbench.iocs.sim.clock import WorldClock
 from calbench.iocs.sim.eiger import EigerSim
@@ -176,21 +177,32 @@ def test_test_pulses_count_above_threshold(sim, beam):
 
 
 def test_threshold_energy_follows_slsdetector_interpolation(sim):
+    """At 5650 eV between the 5400 and 6400 eV files a trimbit pair 2 apart is an exact .5 tie:
+    the simulator takes slsDetectorPackage's values (linear_interpolation, checked against a C
+    build of upstream's formula in test_eiger_trimfile.py)."""
     serials = ("058", "059")
+    for s in serials:       # 6400 eV trimbits 0..3 above 5400's, so that a quarter are 2 apart
+        path = trim_file_path(sim.settings_dir, "standard", 6400, s)
+        a = read_trim_file(trim_file_path(sim.settings_dir, "standard", 5400, s))
+        b = read_trim_file(path)
+        shifted = np.clip(a.trimbits + np.arange(a.trimbits.size).reshape(256, 1024) % 4, 0, 63)
+        write_trim_file(path, b.dacs, b.iodelay, b.tau_ns, shifted)
     files = {e: [read_trim_file(trim_file_path(sim.settings_dir, "standard", e, s))
                  for s in serials] for e in (5400, 6400)}
-    sim.set_threshold_energy(6000)
+    sim.set_threshold_energy(5650)
     table = sim.dac_table()
-    k = (6000 - 5400) / (6400 - 5400)
+    ties = 0
     for hm, (a, b) in enumerate(zip(files[5400], files[6400])):
         for name in ("vrpreamp", "vcmp_ll", "vcmp_rr", "vcp", "vtrim", "vrshaper"):
-            want = round_half_away(a.dac(name) + k * (b.dac(name) - a.dac(name)))
-            assert table[("vsvp vtrim vrpreamp vrshaper vsvn vtgstv vcmp_ll vcmp_lr vcal vcmp_rl "
-                          "rxb_rb rxb_lb vcmp_rr vcp vcn vishaper").split().index(name), hm] == want
+            want = linear_interpolation(5650, 5400, 6400, a.dac(name), b.dac(name))
+            assert table[DAC_NAMES.index(name), hm] == want
         tb = sim.trimbits()[sim.geometry.half_module_slice(hm)]
         np.testing.assert_array_equal(
-            tb, round_half_away(a.trimbits + k * (b.trimbits.astype(float) - a.trimbits)))
-    assert sim.tau_ns == round_half_away(350 + k * (300 - 350))
+            tb, linear_interpolation(5650, 5400, 6400, a.trimbits, b.trimbits))
+        ties += int(np.sum((b.trimbits.astype(int) - a.trimbits) % 4 == 2))
+    assert ties > 100_000, "the files must exercise .5 ties"
+    assert sim.tau_ns == linear_interpolation(5650, 5400, 6400, 350, 300)
+    sim.set_threshold_energy(6000)
     assert sim.threshold_eV == 6000 and sim.loaded_settings == "standard"
     sim.set_threshold_energy(5400)                  # a trim energy: that file, unchanged
     assert sim.dac_table()[2, 0] == files[5400][0].dac("vrpreamp")
@@ -247,6 +259,26 @@ def test_bad_requests_are_refused_and_change_nothing(sim, call, args, reason):
     after = (sim.dac_table(), sim.trimbits(), sim.dr, sim.threshold_eV)
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a, b)
+
+
+def test_older_trim_file_layouts_load_with_tau_0_and_iodelay_kept_where_absent(sim, tmp_path):
+    """PSI's 1,048,644-byte (16 DACs + iodelay) and 1,048,640-byte (16 DACs) files load: tau 0,
+    and a file without iodelay leaves the detector's alone."""
+    dacs = np.arange(16, dtype="<i4") * 100 + 50
+    tb = np.random.default_rng(5).integers(0, 64, (256, 1024)).astype("<i4")
+    (tmp_path / "old.sn058").write_bytes(np.concatenate([dacs, [655]]).astype("<i4").tobytes()
+                                         + tb.tobytes())
+    (tmp_path / "old.sn059").write_bytes(dacs.tobytes() + (63 - tb).tobytes())
+    sim.set_dac("iodelay", 640)
+    sim.set_rate_correction(200)
+    sim.load_trimbits(str(tmp_path / "old"))
+    table = sim.dac_table()
+    np.testing.assert_array_equal(table[:16, 0], dacs)
+    np.testing.assert_array_equal(table[:16, 1], dacs)
+    assert table[16].tolist() == [655, 640]
+    assert sim.tau_ns == 0
+    np.testing.assert_array_equal(sim.trimbits()[256:512], tb)
+    np.testing.assert_array_equal(sim.trimbits()[0:256], 63 - tb)
 
 
 def test_missing_trim_file_in_the_settings_dir_is_refused(sim, tmp_path):

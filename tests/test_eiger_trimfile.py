@@ -2,7 +2,10 @@
 and slsDetector's trim-energy interpolation rules."""
 from __future__ import annotations
 
+import shutil
 import struct
+import subprocess
+from decimal import ROUND_HALF_UP, Decimal
 
 import numpy as np
 import pytest
@@ -10,9 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from calbench.analysis.trimfile import (DAC_NAMES, TRIM_FILE_BYTES, TrimFile, TrimFileError,
-                                        bracket_trim_energies, interpolate_trim, read_trim_file,
-                                        round_half_away, serial_from_hostname, settings_for_energy,
+from calbench.analysis.trimfile import (DAC_NAMES, LAYOUT_DACS, LAYOUT_DACS_IODELAY,
+                                        LAYOUT_DACS_IODELAY_TAU, TRIM_FILE_BYTES,
+                                        TRIM_FILE_LAYOUTS, TrimFile, TrimFileError,
+                                        bracket_trim_energies, interpolate_trim,
+                                        linear_interpolation, read_trim_file, round_half_away,
+                                        serial_from_hostname, settings_for_energy,
                                         trim_file_path, write_trim_file)
 
 dacs_st = arrays(np.int32, 16, elements=st.integers(0, 4000))
@@ -31,6 +37,7 @@ def test_layout_is_slsdetectors_int32_sequence(tmp_path):
     path = tmp_path / "noise.sn058"
     path.write_bytes(raw)
     tf = read_trim_file(path)
+    assert tf.layout == LAYOUT_DACS_IODELAY_TAU
     assert tf.dacs.tolist() == dacs and tf.iodelay == 660 and tf.tau_ns == 540
     assert tf.dac("vrpreamp") == 3422 and tf.dac("vcp") == 1140
     np.testing.assert_array_equal(tf.trimbits, tb)
@@ -59,13 +66,57 @@ def test_seventeen_dacs_as_slsdet_get_asarray_are_accepted(tmp_path):
         write_trim_file(tmp_path / "y.sn001", asarray, 650, 0, tb)
 
 
+@settings(max_examples=15, deadline=None)
+@given(layout=st.sampled_from(sorted(TRIM_FILE_LAYOUTS.items())), dacs=dacs_st,
+       iodelay=st.integers(0, 4000), tau=st.integers(0, 2000), tb=trimbits_st)
+def test_each_layout_psi_ships_reads_field_by_field_and_says_which(tmp_path_factory, layout,
+                                                                    dacs, iodelay, tau, tb):
+    """Files of each size, assembled from the documented byte layout (int32 little-endian: 16
+    DACs, then iodelay and tau where the layout has them, then the trimbits)."""
+    size, name = layout
+    header = {LAYOUT_DACS_IODELAY_TAU: [*dacs, iodelay, tau], LAYOUT_DACS_IODELAY: [*dacs, iodelay],
+              LAYOUT_DACS: [*dacs]}[name]
+    raw = struct.pack(f"<{len(header)}i", *header) + tb.astype("<i4").tobytes()
+    assert len(raw) == size
+    path = tmp_path_factory.mktemp("layout") / "noise.sn031"
+    path.write_bytes(raw)
+    tf = read_trim_file(path)
+    assert tf.layout == name
+    assert tf.dacs.tolist() == dacs.tolist()
+    assert tf.iodelay == (None if name == LAYOUT_DACS else iodelay)
+    assert tf.tau_ns == (tau if name == LAYOUT_DACS_IODELAY_TAU else 0)
+    np.testing.assert_array_equal(tf.trimbits, tb)
+    if tf.iodelay is not None:          # rewritten in the current layout, nothing else changes
+        again = read_trim_file(write_trim_file(path.with_suffix(".sn032"), tf.dacs, tf.iodelay,
+                                               tf.tau_ns, tf.trimbits))
+        assert again.layout == LAYOUT_DACS_IODELAY_TAU
+        assert (again.dacs.tolist(), again.iodelay, again.tau_ns) == (dacs.tolist(), iodelay,
+                                                                      tf.tau_ns)
+        np.testing.assert_array_equal(again.trimbits, tb)
+    else:
+        with pytest.raises(TrimFileError, match="no iodelay.*pass the detector's iodelay"):
+            write_trim_file(path.with_suffix(".sn032"), tf.dacs, tf.iodelay, 0, tf.trimbits)
+
+
+def test_the_written_layout_is_the_current_one(tmp_path):
+    assert sorted(TRIM_FILE_LAYOUTS) == [1_048_640, 1_048_644, 1_048_648]
+    path = write_trim_file(tmp_path / "t.sn000", np.zeros(16), 660, 200, np.zeros((256, 1024)))
+    assert path.stat().st_size == TRIM_FILE_BYTES == 1_048_648
+
+
 @settings(max_examples=25, deadline=None)
-@given(data=st.binary(min_size=0, max_size=4096))
-def test_truncated_or_foreign_files_are_rejected_with_the_expected_size(tmp_path_factory, data):
+@given(data=st.one_of(st.binary(min_size=0, max_size=4096),
+                      st.sampled_from([1_048_636, 1_048_642, 1_048_646, 1_048_652]).map(
+                          lambda n: bytes(n))))
+def test_other_sizes_are_refused_naming_the_three_layouts(tmp_path_factory, data):
     path = tmp_path_factory.mktemp("bad") / "noise.sn058"
     path.write_bytes(data)
-    with pytest.raises(TrimFileError, match="1048648"):
+    with pytest.raises(TrimFileError) as err:
         read_trim_file(path)
+    message = str(err.value)
+    assert f"has {len(data):,} bytes" in message and "truncated or not a trim file" in message
+    for size, name in TRIM_FILE_LAYOUTS.items():
+        assert f"{size:,} bytes ({name}" in message
 
 
 def test_corrupt_trimbit_and_missing_file_are_named(tmp_path):
@@ -119,7 +170,7 @@ def test_interpolation_uses_slsdetector_rounding_and_dac_lists():
                  tau_ns=350, trimbits=np.full((256, 1024), 33, np.int32))
     with pytest.warns(UserWarning, match="vcal differs"):
         out = interpolate_trim(4950, 4500, a, 5400, b)
-    # k = (y2 - y1)/(E2 - E1), y = round(k*E + y1 - k*E1), half away from zero
+    # k = (y2 - y1)/(E2 - E1), m = y1 - k*E1, y = round(k*E + m), half away from zero
     assert out.dac("vrpreamp") == 3350          # 3422 - 144*0.5 = 3350
     assert out.dac("vcmp_ll") == 1138           # 1137.5 -> 1138
     assert out.dac("vtrim") == 2550
@@ -127,6 +178,78 @@ def test_interpolation_uses_slsdetector_rounding_and_dac_lists():
     assert out.tau_ns == 445 and out.iodelay == 660
     assert np.all(out.trimbits == 32)           # 31.5 -> 32
     assert round_half_away([-1.5, -0.5, 0.5, 2.5]).tolist() == [-2, -1, 1, 3]
+    # C round, not floor(x + 0.5): the largest double below 0.5 rounds to 0
+    assert round_half_away([0.49999999999999994, -0.49999999999999994]).tolist() == [0, 0]
+
+
+def _upstream(x: int, x1: int, x2: int, y1: int, y2: int) -> int:
+    """Module::linearInterpolation in Python doubles (the same IEEE operations in the same
+    order) with an exact half-away-from-zero rounding of the double it gives."""
+    k = float(y2 - y1) / (x2 - x1)
+    m = y1 - k * x1
+    return int(Decimal(k * x + m).to_integral_value(ROUND_HALF_UP))
+
+
+def test_exact_half_ties_round_as_slsdetector_does():
+    """Between 5400 and 6400 eV at 5650 eV a trimbit pair 2 apart lands on an exact .5; which
+    way it rounds is decided by the double operations, in slsDetectorPackage's order: (21, 23)
+    gives k*x + m = 21.5 -> 22, (22, 20) gives 21.499999999999996 -> 21. The former formula
+    round(k*E + y1 - k*E1) gave 21 and 22."""
+    y1, y2 = np.array([21, 22, 22]), np.array([23, 20, 24])
+    got = linear_interpolation(5650, 5400, 6400, y1, y2)
+    assert got.tolist() == [_upstream(5650, 5400, 6400, a, b) for a, b in zip(y1, y2)]
+    assert got.tolist() == [22, 21, 23]
+    k = (y2 - y1) / 1000.0
+    former = round_half_away(k * 5650 + y1 - k * 5400)
+    assert former.tolist() == [21, 22, 22]
+
+
+@settings(max_examples=300, deadline=None)
+@given(e1=st.integers(1000, 20000), de=st.integers(1, 5000), frac=st.integers(1, 999),
+       y1=st.integers(-5000, 5000), y2=st.integers(-5000, 5000))
+def test_interpolation_is_bit_identical_to_the_upstream_double_arithmetic(e1, de, frac, y1, y2):
+    e2 = e1 + de
+    x = e1 + max(1, min(de - 1, de * frac // 1000)) if de > 1 else e1
+    assert int(linear_interpolation(x, e1, e2, y1, y2)) == _upstream(x, e1, e2, y1, y2)
+
+
+_C_REFERENCE = r"""
+#include <math.h>
+#include <stdio.h>
+/* slsDetectorPackage Module::linearInterpolation, as a plain C function */
+static int lin(int x, int x1, int x2, int y1, int y2) {
+    double k = (double)(y2 - y1) / (x2 - x1);
+    double m = y1 - k * x1;
+    int y = round(k * x + m);
+    return y;
+}
+int main(void) {
+    int x, x1, x2, y1, y2;
+    while (scanf("%d %d %d %d %d", &x, &x1, &x2, &y1, &y2) == 5) printf("%d\n", lin(x, x1, x2, y1, y2));
+    return 0;
+}
+"""
+
+
+def test_interpolation_equals_a_compiled_c_build_of_the_formula_on_every_trimbit_pair(tmp_path):
+    """Every pair of trimbits 0..63 at energies that make .5 ties common, through a C compiler
+    (no fused multiply-add, as slsDetectorPackage's x86-64 build)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler (cc/gcc) on PATH to build the reference; install gcc")
+    src = tmp_path / "lin.c"
+    src.write_text(_C_REFERENCE)
+    exe = tmp_path / "lin"
+    subprocess.run([cc, "-O2", "-ffp-contract=off", str(src), "-o", str(exe), "-lm"], check=True)
+    y1, y2 = (a.ravel() for a in np.meshgrid(np.arange(64), np.arange(64)))
+    cases = [(5650, 5400, 6400), (4950, 4500, 5400), (5450, 4500, 6400), (4700, 4500, 5400)]
+    lines, ours = [], []
+    for x, x1, x2 in cases:
+        lines += [f"{x} {x1} {x2} {a} {b}" for a, b in zip(y1, y2)]
+        ours.append(linear_interpolation(x, x1, x2, y1, y2))
+    out = subprocess.run([str(exe)], input="\n".join(lines) + "\n", capture_output=True,
+                         text=True, check=True).stdout.split()
+    np.testing.assert_array_equal(np.concatenate(ours), np.array(out, dtype=np.int64))
 
 
 def test_interpolation_refuses_files_whose_fixed_dacs_differ():

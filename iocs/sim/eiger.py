@@ -431,7 +431,8 @@ class EigerSim:
         with self._lock:
             for hm, tf in enumerate(per_hm):
                 self._dacs[:len(DAC_NAMES), hm] = tf.dacs
-                self._dacs[len(DAC_NAMES), hm] = tf.iodelay
+                if tf.iodelay is not None:      # a 16-DAC file leaves iodelay as it was
+                    self._dacs[len(DAC_NAMES), hm] = tf.iodelay
                 if trimbits:
                     self._trimbits[g.half_module_slice(hm)] = tf.trimbits
             self.tau_ns = int(per_hm[0].tau_ns)
