@@ -14,7 +14,9 @@ In the calibration's results directory (``{results_dir}/{det_id}/{gain}``, PSI's
     calibration.npz                     p0, p1 (E = p0 + p1*vcmp per chip), mu, energy
     calibration.snNNN                   text, per chip of the half module "m k" (%.2f %.2f), with
                                         vcmp = m - k*E[keV], chips in vcmp_ll, lr, rl, rr order
-                                        (top half module chips 0..3, bottom 7..4)
+                                        (top half module chips 0..3, bottom 7..4); PSI's own
+                                        files (slsDetectorPackage settingsdir) add a fifth line,
+                                        tau [ns]
     settings/{gain}/noise.snNNN         the trim files as a settings directory holds them
     {det_id}_{gain}_calibration_report.pdf
 
@@ -26,10 +28,12 @@ Also here: the HDF5 layout of analysis arrays that derived runs register in tile
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -37,13 +41,14 @@ from numpy.typing import ArrayLike, NDArray
 
 from calbench.analysis.eiger_calibration import EnergyCalibration
 from calbench.analysis.eiger_geometry import VCMP_NAMES, EigerGeometry
-from calbench.analysis.trimfile import N_DACS, write_trim_file
+from calbench.analysis.trimfile import DAC_MAX, DAC_MIN, N_DACS, write_trim_file
 
 __all__ = [
     "vrf_scan_name", "scurve_name", "fit_name", "trimbit_scan_name", "trim_prefix_name",
     "trimbits_name", "calibration_text_name", "report_name", "save_scan", "load_scan",
     "save_fit", "save_trimbits", "write_trim_files", "chips_in_file_order",
-    "write_calibration_text", "read_calibration_text", "save_calibration", "install_settings",
+    "write_calibration_text", "CalibrationText", "CalibrationFileError", "read_calibration_text",
+    "save_calibration", "install_settings",
     "RESULTS_DATASET_ROOT", "write_result_arrays",
 ]
 
@@ -164,22 +169,93 @@ def write_calibration_text(directory: str | os.PathLike, calibration: EnergyCali
     return files
 
 
-def read_calibration_text(path: str | os.PathLike) -> tuple[NDArray, NDArray]:
-    """(m, k) per chip line of a ``calibration.snNNN`` file; ValueError naming a bad line."""
-    m, k = [], []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+class CalibrationFileError(ValueError):
+    """A calibration.snNNN file is malformed or physically impossible; the message names the file,
+    the line and the reason."""
+
+
+class CalibrationText(NamedTuple):
+    """A ``calibration.snNNN`` file: per chip (file order vcmp_ll, lr, rl, rr) m (DAC) and
+    k (DAC/keV) of ``vcmp = m - k*E[keV]``, and tau (ns) from PSI's fifth line (None without)."""
+    m: NDArray[np.float64]
+    k: NDArray[np.float64]
+    tau_ns: int | None
+
+
+CHIPS_PER_HALF_MODULE = 4
+# Beyond these a number is a corrupt file, not a calibration: m is a vcmp, a few 12-bit DAC ranges
+# at most; a slope that moves the threshold by less than 0.1 keV over the whole DAC range, or
+# thresholds of more than 1000 keV (EIGER's sensors stop near 30 keV), are no detector's.
+_M_LIMIT_DAC = 10.0 * DAC_MAX
+_K_LIMIT_DAC_PER_KEV = 10.0 * DAC_MAX
+_E_LIMIT_KEV = 1000.0
+_TAU_LIMIT_NS = 10000
+
+
+def read_calibration_text(path: str | os.PathLike) -> CalibrationText:
+    """Read a ``calibration.snNNN`` file: four "m k" chip lines, optionally PSI's fifth line tau.
+
+    Refused (CalibrationFileError naming the file, the line and the reason): a line that is not
+    two numbers (or one, tau, after the four chips), a chip count other than a half module's 4,
+    non-finite or absurd values, a slope k <= 0 (vcmp falls as the threshold energy rises), and a
+    chip whose threshold energy ``(m - vcmp)/k`` is nowhere positive for vcmp in the DAC range."""
+    m, k, tau = [], [], None
+    where = []
+    lines = Path(path).read_text().splitlines()
+
+    def refuse(n: int | None, reason: str):
+        at = f"{path}:{n}: " if n is not None else f"{path}: "
+        raise CalibrationFileError(at + reason)
+
+    for n, line in enumerate(lines, 1):
         parts = line.split()
+        if not parts:
+            continue
         try:
-            if len(parts) != 2:
-                raise ValueError
-            m.append(float(parts[0]))
-            k.append(float(parts[1]))
+            values = [float(p) for p in parts]      # "inf"/"nan" parse here, refused below
         except ValueError:
-            raise ValueError(f"{path}:{n}: {line!r} is not 'm k' (two numbers); the file is not "
-                             "an EIGER calibration file") from None
-    return np.array(m), np.array(k)
+            values = []
+        if tau is not None:
+            refuse(n, f"{line.strip()!r} follows the tau line; a calibration file ends with it")
+        if len(values) == 1 and len(m) == CHIPS_PER_HALF_MODULE:
+            t = values[0]
+            if not math.isfinite(t) or not t.is_integer() or not 0 <= t <= _TAU_LIMIT_NS:
+                refuse(n, f"tau {t:.6g} ns must be a whole number of ns in 0..{_TAU_LIMIT_NS}")
+            tau = int(t)
+            continue
+        if len(values) != 2:
+            refuse(n, f"{line.strip()[:60]!r} is not 'm k' (two numbers) nor, after the four "
+                      "chips, a tau; the file is not an EIGER calibration file")
+        if len(m) == CHIPS_PER_HALF_MODULE:
+            refuse(n, f"a fifth chip line; a half module has {CHIPS_PER_HALF_MODULE} chips "
+                      "(vcmp_ll, lr, rl, rr): this is not one half module's calibration")
+        mi, ki = values
+        if not (math.isfinite(mi) and math.isfinite(ki)):
+            refuse(n, f"m = {mi:.6g}, k = {ki:.6g}: not finite numbers; the file is corrupt")
+        if ki <= 0:
+            refuse(n, f"slope k = {ki:.6g} DAC/keV is not positive: vcmp = m - k*E must fall as "
+                      "the threshold energy rises; the file is corrupt or the signs are swapped")
+        if abs(mi) > _M_LIMIT_DAC or ki > _K_LIMIT_DAC_PER_KEV:
+            refuse(n, f"m = {mi:.6g} DAC, k = {ki:.6g} DAC/keV are absurd for a 12-bit vcmp "
+                      f"(|m| <= {_M_LIMIT_DAC:g}, k <= {_K_LIMIT_DAC_PER_KEV:g}); the file is "
+                      "corrupt")
+        top = (mi - DAC_MIN) / ki        # the highest threshold energy the chip reaches (keV)
+        if top <= 0:
+            refuse(n, f"m = {mi:.6g}, k = {ki:.6g} give no positive threshold energy for vcmp "
+                      f"{DAC_MIN}..{DAC_MAX} (E = (m - vcmp)/k <= {top:.3g} keV); repeat the "
+                      "energy calibration")
+        if top > _E_LIMIT_KEV:
+            refuse(n, f"m = {mi:.6g}, k = {ki:.6g} give a threshold of {top:.6g} keV at vcmp "
+                      f"{DAC_MIN}, an absurd energy for EIGER; the file is corrupt")
+        m.append(mi)
+        k.append(ki)
+        where.append(n)
+    if len(m) != CHIPS_PER_HALF_MODULE:
+        last = f" (chip lines: {', '.join(map(str, where))})" if where else ""
+        refuse(None, f"{len(m)} chip line(s){last}; a half module's calibration has "
+                     f"{CHIPS_PER_HALF_MODULE} (vcmp_ll, lr, rl, rr): the file is incomplete or "
+                     "not an EIGER calibration file")
+    return CalibrationText(np.array(m), np.array(k), tau)
 
 
 def save_calibration(path: str | os.PathLike, calibration: EnergyCalibration) -> Path:

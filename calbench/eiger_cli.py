@@ -81,9 +81,11 @@ def cmd_reanalyse(args) -> int:
 def cmd_calibration(args) -> int:
     from calbench.analysis.eiger_files import read_calibration_text
 
-    m, k = read_calibration_text(args.file)
+    m, k, tau_ns = read_calibration_text(args.file)
     lo, hi = args.range
     for i, (mi, ki) in enumerate(zip(m, k)):
         print(f"chip {i}: vcmp = {mi:.2f} - {ki:.2f} * E[keV]; thresholds "
               f"{(mi - hi) / ki:.2f} .. {(mi - lo) / ki:.2f} keV for vcmp {hi:g} .. {lo:g}")
+    if tau_ns is not None:
+        print(f"tau {tau_ns} ns")
     return 0

@@ -3,6 +3,7 @@ document callbacks (frames from HDF5 files named by StreamResource documents) an
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -16,9 +17,9 @@ from calbench.analysis.eiger_calibration import (CalibrationError, ChipInflectio
                                                  fit_vrf_edge)
 from calbench.analysis.eiger_callbacks import (ChipCurvesPlot, StepAnalysis, VrfScanPlot,
                                                path_from_uri)
-from calbench.analysis.eiger_files import (chips_in_file_order, read_calibration_text,
-                                           write_calibration_text, write_result_arrays,
-                                           write_trim_files)
+from calbench.analysis.eiger_files import (CalibrationFileError, chips_in_file_order,
+                                           read_calibration_text, write_calibration_text,
+                                           write_result_arrays, write_trim_files)
 from calbench.analysis.eiger_geometry import geometry
 from calbench.analysis.trimfile import DAC_NAMES, read_trim_file
 from scipy.special import ndtr
@@ -96,9 +97,69 @@ def test_calibration_text_round_trips_to_two_decimals(tmp_path_factory, mk):
     m, k = np.array(mk).T
     cal = fit_energy_calibration([_line("Cu", 8.02, m - k * 8.02), _line("Ge", 9.9, m - k * 9.9)])
     (path,) = write_calibration_text(tmp_path_factory.mktemp("cal"), cal, g, ["058"])
-    m2, k2 = read_calibration_text(path)
+    m2, k2, tau = read_calibration_text(path)
     np.testing.assert_allclose(m2, cal.m, atol=0.0051)
     np.testing.assert_allclose(k2, cal.k, atol=0.0051)
+    assert tau is None
+
+
+PSI_FILES = Path(__file__).parent / "data" / "psi"
+
+
+def test_psis_calibration_file_with_its_tau_line_is_read():
+    m, k, tau = read_calibration_text(PSI_FILES / "calibration.sn031")
+    np.testing.assert_array_equal(m, [3851.3, 3850.95, 3845.29, 3645.21])
+    np.testing.assert_array_equal(k, [517.439, 521.812, 518.808, 484.783])
+    assert tau == 410
+
+
+def test_psis_one_line_calibration_file_is_not_a_half_module():
+    with pytest.raises(CalibrationFileError,
+                       match=r"calibration.snbeb045: 1 chip line\(s\) \(chip lines: 1\); a half "
+                             "module's calibration has 4"):
+        read_calibration_text(PSI_FILES / "calibration.snbeb045")
+
+
+GOOD = "2300.00 140.00\n2310.00 141.00\n2320.00 142.00\n2330.00 143.00\n"
+
+
+@pytest.mark.parametrize("text, line, reason", [
+    ("2300.00 140.00\n", None, r"1 chip line\(s\) \(chip lines: 1\)"),
+    (GOOD + "2340.00 144.00\n", 5, "a fifth chip line"),
+    (GOOD.replace("141.00", "-141.00"), 2, "slope k = -141 DAC/keV is not positive"),
+    (GOOD.replace("142.00", "-1.6e+251"), 3, r"slope k = -1.6e\+251 DAC/keV is not positive"),
+    (GOOD.replace("142.00", "1.6e+251"), 3, "absurd for a 12-bit vcmp"),
+    (GOOD.replace("2330.00", "nan"), 4, "not finite"),
+    (GOOD.replace("2310.00", "inf"), 2, "not finite"),
+    (GOOD.replace("2300.00", "-50.00"), 1, "no positive threshold energy for vcmp 0..4000"),
+    (GOOD.replace("140.00", "0.001"), 1, "threshold of 2.3e\\+06 keV at vcmp 0, an absurd"),
+    (GOOD + "410.5\n", 5, "tau 410.5 ns must be a whole number"),
+    (GOOD + "-3\n", 5, "tau -3 ns must be a whole number of ns in 0..10000"),
+    (GOOD + "410\n1\n", 6, "follows the tau line"),
+    ("410\n" + GOOD, 1, "not 'm k'"),
+])
+def test_malformed_or_impossible_calibrations_are_refused_naming_line_and_reason(
+        tmp_path, text, line, reason):
+    path = tmp_path / "calibration.sn058"
+    path.write_text(text)
+    where = f"calibration.sn058:{line}: " if line else "calibration.sn058: "
+    with pytest.raises(CalibrationFileError, match=where.replace(".", r"\.") + ".*" + reason):
+        read_calibration_text(path)
+
+
+@settings(max_examples=50, deadline=None)
+@given(text=st.text(alphabet="0123456789.-+e \nainf", max_size=120))
+def test_any_text_reads_as_four_sensible_chips_or_is_refused_by_line(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("cal") / "calibration.sn058"
+    path.write_text(text)
+    try:
+        m, k, tau = read_calibration_text(path)
+    except CalibrationFileError as exc:
+        assert str(exc).startswith(f"{path}:") and len(str(exc)) < 400
+        return
+    assert m.shape == k.shape == (4,)
+    assert np.all(np.isfinite(m)) and np.all(k > 0) and np.all(m > 0)
+    assert tau is None or 0 <= tau <= 10000
 
 
 def test_a_malformed_calibration_file_names_the_line(tmp_path):
