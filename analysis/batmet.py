@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import ArrayLike
 
+from calbench.contracts.batmet import DAC_MAX
+
 __all__ = [
     "CSINK_RANGE_A", "MIN_CURRENT_A", "DAC_MAX", "CalibrationFileError", "SinkFit",
     "SinkAccuracy", "fit_sink", "csink_line", "read_calibration_file", "write_calibration_file",
@@ -36,7 +38,6 @@ __all__ = [
 
 CSINK_RANGE_A = (0.0, 4.0)     # the lab tool's hard-coded `csink 0 4 ...` range
 MIN_CURRENT_A = 1e-4           # points at or below 0.1 mA are the dead zone (reference: 1e-4 A)
-DAC_MAX = 4095
 
 
 class CalibrationFileError(ValueError):

@@ -35,7 +35,8 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.optimize import curve_fit
 
-from calbench.analysis.eiger_geometry import EigerGeometry
+from calbench.contracts.xray import XRF_LINES_KEV  # PSI's rounded lines, kept as the lab has them
+from calbench.contracts.eiger_geometry import EigerGeometry
 from calbench.analysis.scurve import FitStatus, fit_scurves, fit_trimbit_scans
 
 __all__ = [
@@ -49,12 +50,6 @@ __all__ = [
     "chip_statistics", "CalibrationResults",
 ]
 
-# XRF line energies (keV) of PSI's calibration (sls_detector_tools ``xrf``): rounded K-alpha lines,
-# In L-alpha. The lab's numbers are kept as they are so that calibrations compare across sites.
-XRF_LINES_KEV: dict[str, float] = {
-    "In": 3.29, "Ti": 4.5, "Cr": 5.4, "Fe": 6.4, "Cu": 8.02, "Ge": 9.9,
-    "Zr": 15.7, "Mo": 17.5, "Ag": 22.2, "Sn": 25.3,
-}
 # The second energy point of the calibration for each trim target (config.py ``global_targets``).
 GLOBAL_TARGETS: dict[str, tuple[str, ...]] = {
     "Sn": ("Ag",), "Ag": ("Sn",), "Mo": ("Ag",), "Zr": ("Mo",), "Ge": ("Cu",), "Cu": ("Ge",),

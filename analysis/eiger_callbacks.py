@@ -35,8 +35,8 @@ from calbench.analysis.eiger_calibration import (DEFAULTS, CalibrationError, SCu
                                                  analyse_scurve, analyse_trimbit_scan,
                                                  analyse_vrf_scan, chip_inflections,
                                                  counts_from_frames, fit_vrf_edge)
-from calbench.analysis.eiger_geometry import EigerGeometry
-from calbench.analysis.eiger_geometry import geometry as eiger_geometry
+from calbench.contracts.eiger_geometry import EigerGeometry
+from calbench.contracts.eiger_geometry import geometry as eiger_geometry
 from calbench.analysis.scurve import FitStatus, fit_scurves
 
 log = logging.getLogger(__name__)

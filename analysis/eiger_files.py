@@ -10,7 +10,7 @@ In the calibration's results directory (``{results_dir}/{det_id}/{gain}``, PSI's
     {det_id}_tbscan_{t}XRF_{r}.npz      trimbit scan: data [rows, cols, n] float64, x (trimbits)
     {det_id}_{t}XRF_{gain}.npz          trimbits [rows, cols] int32, fit (crossing fit), target,
                                         trimmed, bad (0 good, 1 dead, 2 hot, 3 noisy, 4 unfitted)
-    {det_id}_{t}XRF_{gain}.snNNN        binary trim file per half module (analysis/trimfile.py)
+    {det_id}_{t}XRF_{gain}.snNNN        binary trim file per half module (calbench/contracts/trimfile.py)
     calibration.npz                     p0, p1 (E = p0 + p1*vcmp per chip), mu, energy
     calibration.snNNN                   text, per chip of the half module "m k" (%.2f %.2f), with
                                         vcmp = m - k*E[keV], chips in vcmp_ll, lr, rl, rr order
@@ -40,8 +40,8 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from calbench.analysis.eiger_calibration import EnergyCalibration
-from calbench.analysis.eiger_geometry import VCMP_NAMES, EigerGeometry
-from calbench.analysis.trimfile import DAC_MAX, DAC_MIN, N_DACS, write_trim_file
+from calbench.contracts.eiger_geometry import VCMP_NAMES, EigerGeometry
+from calbench.contracts.trimfile import DAC_MAX, DAC_MIN, N_DACS, write_trim_file
 
 __all__ = [
     "vrf_scan_name", "scurve_name", "fit_name", "trimbit_scan_name", "trim_prefix_name",

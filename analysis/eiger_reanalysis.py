@@ -18,7 +18,7 @@ import numpy as np
 
 from calbench.analysis.eiger_calibration import CalibrationError, CalibrationResults
 from calbench.analysis.eiger_callbacks import ScanData, analyse_step
-from calbench.analysis.eiger_geometry import geometry as eiger_geometry
+from calbench.contracts.eiger_geometry import geometry as eiger_geometry
 
 __all__ = ["PROCEDURE", "ANALYSIS_PROCEDURE", "Reanalysis", "reanalyse_calibration",
            "scan_data", "calibration_runs"]

@@ -55,6 +55,8 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.special import log_ndtr, ndtr
 
+from calbench.contracts.fee import TDC_LSB_NS  # Daya Bay FEE TDC least significant bit
+
 __all__ = [
     "TDC_LSB_NS", "RG58_VELOCITY_M_PER_NS", "METHODS", "DEFAULT_MIN_CHARGE_OVER_THRESHOLD",
     "TransitFitError", "WalkFit", "TransitTimeResult", "VelocityFit", "walk_model", "fit_walk",
@@ -62,7 +64,6 @@ __all__ = [
     "fit_temperature_coefficient", "plot_walk_fits", "plot_monitor_history",
 ]
 
-TDC_LSB_NS = 1.5625                  # Daya Bay FEE TDC least significant bit
 RG58_VELOCITY_M_PER_NS = 0.208       # the paper's fitted propagation velocity in RG58A/U
 METHODS = ("binned", "likelihood")
 MIN_BINS = 4                         # three parameters and one degree of freedom

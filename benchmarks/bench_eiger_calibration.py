@@ -30,7 +30,7 @@ from calbench.analysis import eiger_calibration as ec
 from calbench.analysis.eiger_files import save_fit, save_scan, write_trim_files
 from calbench.analysis.eiger_report import write_calibration_report
 from calbench.analysis.scurve import fit_scurves, fit_trimbit_scans
-from calbench.iocs.sim.clock import WorldClock
+from calbench.contracts.clock import WorldClock
 from calbench.iocs.sim.eiger import EigerSim
 
 LINES = {"Cu": (8.02, 1.0e4), "Ge": (9.9, 0.62e4)}     # keV, photons/pixel/s at 40 kV 40 mA

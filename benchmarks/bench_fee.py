@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 from scipy.optimize import minimize  # noqa: E402
 
 from calbench.analysis import timewalk as tw  # noqa: E402
-from calbench.iocs.sim.clock import WorldClock  # noqa: E402
+from calbench.contracts.clock import WorldClock  # noqa: E402
 from calbench.iocs.sim.fee import FeeBoardSim  # noqa: E402
 
 REGISTERS = np.arange(500, 12001)

@@ -19,7 +19,7 @@ DEMO_STEPS: list[str] = [
     "calbench.demo:batmet_step",
     "calbench.fee_paper:demo_step",
     "calbench.qc6_cli:demo_step",
-    "calbench.plans.eiger:eiger_step",
+    "calbench.eiger_cli:demo_step",
 ]
 DEMO_TIME_SCALES = {"qc6": 5000.0, "xray": 5.0, "bench": 50.0, "fee": 2000.0}
 

@@ -59,7 +59,7 @@ def cmd_reanalyse(args) -> int:
         print(f"  dispersion {s['dispersion_untrimmed']['sigma_eV']:.0f} eV untrimmed, "
               f"{s['dispersion_trimmed']['sigma_eV']:.0f} eV trimmed")
     if args.report is not None and r.calibration is not None:
-        from calbench.analysis.trimfile import serial_from_hostname
+        from calbench.contracts.trimfile import serial_from_hostname
         first = catalog[again.scan_uids[0]].metadata["start"]
         serials = [serial_from_hostname(h) for h in first["hostnames"]]
         out = args.report
@@ -89,3 +89,38 @@ def cmd_calibration(args) -> int:
     if tau_ns is not None:
         print(f"tau {tau_ns} ns")
     return 0
+
+
+def demo_step(ctx):
+    """`make demo` step: tube on, the whole calibration of the simulated EIGER on Cu (vrf scan over
+    the lab script's 2500..3700), results in the lab's results directory."""
+    import numpy as np
+
+    from calbench.demo import DemoResult
+    from calbench.plans.eiger import calibrate_eiger
+    from calbench.plans.xray import tube_on
+
+    box, det = ctx.devices["xraybox"], ctx.devices["eiger"]
+    if det.data_dir is None:
+        det.data_dir = ctx.cfg.data_dir
+    ctx.RE(tube_on(box, 40.0, 40.0))
+    calibrations = []
+
+    def plan():
+        calibrations.append((yield from calibrate_eiger(
+            det, box, "Cu", results_dir=ctx.cfg.results_dir, vrf_range=(2500, 3700, 30),
+            plot=False, md={"purpose": "demo"})))
+
+    ctx.RE(plan())
+    cal = calibrations[0]
+    s = cal.results.summary()
+    summary = (f"vrf {s['vrf_scan']['vrf']}, exposure {s['vrf_scan']['exptime_s']:.3f} s; "
+               f"inflection spread {np.mean(s['untrimmed']['mu_std']):.0f} -> "
+               f"{np.mean(s['trimmed']['mu_std']):.1f} DAC; dispersion "
+               f"{s['dispersion_untrimmed']['sigma_eV']:.0f} -> "
+               f"{s['dispersion_trimmed']['sigma_eV']:.0f} eV; "
+               f"k {', '.join(f'{k:.1f}' for k in s['calibration']['k'])} DAC/keV")
+    keep = [p for p in cal.files if p.suffix in (".pdf",) or ".sn" in p.suffix
+            or p.name == "calibration.npz"]
+    return DemoResult("EIGER trimming and energy calibration (Cu, gain5)", cal.uids,
+                      [str(p) for p in keep], summary)

@@ -111,7 +111,7 @@ def simulate_paper_table(*, repeats: int = 20, seed: int = 2014, base_length_m: 
     board: a calbench.iocs.sim.fee.FeeBoardSim to use (default: a fresh one with the lab's defaults,
     seeded with `seed`); its temperature is held at the cable's reference temperature."""
     from calbench.analysis.timewalk import fit_transit_time, fit_velocity, naive_transit_time
-    from calbench.iocs.sim.clock import WorldClock
+    from calbench.contracts.clock import WorldClock
     from calbench.iocs.sim.fee import FeeBoardSim
 
     if repeats < 2:

@@ -34,8 +34,8 @@ from ophyd import Component as Cpt
 from ophyd import Device, EpicsSignal, EpicsSignalRO
 from ophyd.status import DeviceStatus
 
-from calbench.analysis.eiger_geometry import frame_dtype
-from calbench.analysis.trimfile import DAC_NAMES
+from calbench.contracts.eiger_geometry import frame_dtype
+from calbench.contracts.trimfile import DAC_NAMES
 from calbench.devices.base import (CheckedSignal, InstrumentDevice, InstrumentRefused,
                                    LongStringSignal, LongStringSignalRO, set_and_check)
 

@@ -15,7 +15,7 @@ from caproto import ChannelType
 from caproto.server import PVGroup, pvproperty
 
 from calbench.iocs.errors import InstrumentFault, Refused
-from calbench.iocs.sim.clock import WorldClock
+from calbench.contracts.clock import WorldClock
 
 __all__ = ["InstrumentIOC", "Refused", "InstrumentFault", "string_pv", "enum_pv"]
 

@@ -5,12 +5,14 @@ Instruments that share a simulated world (iocs/sim/<world>.py) are built togethe
 """
 from __future__ import annotations
 
-import importlib
 from collections import defaultdict
 
 from calbench.config import ConfigError, LabConfig
 from calbench.instruments import INSTRUMENTS, load_object
-from calbench.iocs.sim.clock import WorldClock
+from calbench.contracts.clock import WorldClock
+
+# Worlds whose builder is not iocs/sim/<world>.py:build_world.
+WORLD_BUILDERS = {"bench": "calbench.iocs.bench_world:build_world"}
 
 
 def build_iocs(cfg: LabConfig, names: list[str] | None = None, *, force_sim: bool = False,
@@ -39,10 +41,10 @@ def build_iocs(cfg: LabConfig, names: list[str] | None = None, *, force_sim: boo
             clocks[name] = WorldClock(1.0)
     for world, members in by_world.items():
         clock = WorldClock((time_scales or {}).get(world, scale))
-        module = importlib.import_module(f"calbench.iocs.sim.{world}")
         settings = {n: cfg.instruments[n].settings for n in cfg.instruments
                     if INSTRUMENTS[n].world == world}
-        world_backends = module.build_world(clock, cfg.seed, settings)
+        world_backends = load_object(WORLD_BUILDERS.get(
+            world, f"calbench.iocs.sim.{world}:build_world"))(clock, cfg.seed, settings)
         for name in members:
             backends[name] = world_backends[name]
             clocks[name] = clock

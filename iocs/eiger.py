@@ -55,8 +55,8 @@ from caproto._constants import (MAX_SUBSCRIPTION_BACKLOG,
                                 SUBSCRIPTION_BACKLOG_WARN_THRESHOLD_ELEMENTS)
 from caproto.server import PVGroup, SubGroup, pvproperty
 
-from calbench.analysis.eiger_geometry import EigerGeometry, frame_dtype
-from calbench.analysis.trimfile import DAC_NAMES, SETTINGS_NAMES
+from calbench.contracts.eiger_geometry import EigerGeometry, frame_dtype
+from calbench.contracts.trimfile import DAC_NAMES, SETTINGS_NAMES
 from calbench.iocs.base import InstrumentFault, InstrumentIOC, Refused, enum_pv, string_pv
 
 DETECTOR_STATES = ["Idle", "Acquire", "Readout", "Correct", "Saving", "Aborting", "Error",

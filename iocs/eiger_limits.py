@@ -1,7 +1,7 @@
 """Limits both EIGER backends (simulated and slsdet) enforce before touching a DAC."""
 from __future__ import annotations
 
-from calbench.analysis.trimfile import DAC_MAX, DAC_MIN
+from calbench.contracts.eiger import DAC_MAX, DAC_MIN
 from calbench.iocs.errors import Refused
 
 

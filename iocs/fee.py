@@ -36,8 +36,8 @@ from caproto import ChannelType
 from caproto.server import PVGroup, SubGroup, pvproperty
 
 from calbench.iocs.base import InstrumentFault, InstrumentIOC, enum_pv
-from calbench.iocs.sim.fee import (ADC_FINE_LSB_PC, DAC_FULL_SCALE_PC, DAC_MAX, MAX_SWEEP_PULSES,
-                                   N_CHANNELS, TDC_LSB_NS)
+from calbench.contracts.fee import (ADC_FINE_LSB_PC, DAC_FULL_SCALE_PC, DAC_MAX,
+                                    MAX_SWEEP_PULSES, N_CHANNELS, TDC_LSB_NS)
 
 POLL_PERIOD_S = 0.05
 ACQUIRE = ["Done", "Acquire"]

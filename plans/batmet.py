@@ -23,6 +23,7 @@ import numpy as np
 from bluesky.preprocessors import finalize_wrapper
 from bluesky.utils import RunEngineControlException
 
+from calbench.contracts.batmet import DAC_MAX
 from calbench.analysis.batmet import (CSINK_RANGE_A, SinkAccuracy, SinkFit, fit_sink,
                                       setting_accuracy, sink_data_from_table)
 from calbench.devices.base import refusal_reason
@@ -192,9 +193,9 @@ def collect_sink_calibration(dmm, sink, psu=None, *, dac_start: int = DAC_START,
     (`<sink>_dac`), the mean current (`<dmm>_reading`, A), its spread, the meter range, the
     BatMet's ADC and the supply's readbacks and over-current flag."""
     codes = list(range(dac_start, dac_stop, dac_step)) if dac_step > 0 else []
-    if not codes or codes[0] < 0 or codes[-1] > 4095:
+    if not codes or codes[0] < 0 or codes[-1] > DAC_MAX:
         raise ValueError(f"DAC scan range({dac_start}, {dac_stop}, {dac_step}): need codes in "
-                         "0..4095 and a positive step")
+                         f"0..{DAC_MAX} and a positive step")
     if readings_per_point < 1:
         raise ValueError(f"readings_per_point = {readings_per_point}: need at least 1")
     detectors = [dmm, sink] + ([psu] if psu is not None else [])

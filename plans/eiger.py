@@ -54,10 +54,10 @@ from calbench.analysis.eiger_files import (fit_name, install_settings, report_na
                                            scurve_name, trim_prefix_name, trimbit_scan_name,
                                            trimbits_name, vrf_scan_name, write_calibration_text,
                                            write_trim_files)
-from calbench.analysis.eiger_geometry import EigerGeometry
-from calbench.analysis.eiger_geometry import geometry as eiger_geometry
+from calbench.contracts.eiger_geometry import EigerGeometry
+from calbench.contracts.eiger_geometry import geometry as eiger_geometry
 from calbench.analysis.eiger_report import write_calibration_report
-from calbench.analysis.trimfile import DAC_NAMES, serial_from_hostname
+from calbench.contracts.trimfile import DAC_NAMES, serial_from_hostname
 from calbench.devices.base import refusal_reason
 from calbench.plans.eiger_derived import record_results
 from calbench.plans.xray import ShutterError, xrf_exposure
@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 __all__ = ["PROCEDURE", "ANALYSIS_PROCEDURE", "CalibrationStepError", "EigerCalibration",
            "current_calibration", "new_calibration", "setup_detector", "vrf_scan", "scurve",
            "trimbit_scan", "load_trimbits", "verification_scurve", "global_calibration",
-           "calibrate_eiger", "eiger_step"]
+           "calibrate_eiger"]
 
 PROCEDURE = "eiger_calibration"
 ANALYSIS_PROCEDURE = "eiger_calibration_analysis"
@@ -662,35 +662,3 @@ def calibrate_eiger(det, box, target: str = "Cu", gain: str | None = None, *,
     yield from verification_scurve(det, box, **sc, cal=cal, plot=plot, md=md)
     yield from global_calibration(det, box, **sc, cal=cal, plot=plot, report=report, md=md)
     return cal
-
-
-def eiger_step(ctx):
-    """`make demo` step: tube on, the whole calibration of the simulated EIGER on Cu (vrf scan over
-    the lab script's 2500..3700), results in the lab's results directory."""
-    from calbench.demo import DemoResult
-    from calbench.plans.xray import tube_on
-
-    box, det = ctx.devices["xraybox"], ctx.devices["eiger"]
-    if det.data_dir is None:
-        det.data_dir = ctx.cfg.data_dir
-    ctx.RE(tube_on(box, 40.0, 40.0))
-    calibrations = []
-
-    def plan():
-        calibrations.append((yield from calibrate_eiger(
-            det, box, "Cu", results_dir=ctx.cfg.results_dir, vrf_range=(2500, 3700, 30),
-            plot=False, md={"purpose": "demo"})))
-
-    ctx.RE(plan())
-    cal = calibrations[0]
-    s = cal.results.summary()
-    summary = (f"vrf {s['vrf_scan']['vrf']}, exposure {s['vrf_scan']['exptime_s']:.3f} s; "
-               f"inflection spread {np.mean(s['untrimmed']['mu_std']):.0f} -> "
-               f"{np.mean(s['trimmed']['mu_std']):.1f} DAC; dispersion "
-               f"{s['dispersion_untrimmed']['sigma_eV']:.0f} -> "
-               f"{s['dispersion_trimmed']['sigma_eV']:.0f} eV; "
-               f"k {', '.join(f'{k:.1f}' for k in s['calibration']['k'])} DAC/keV")
-    keep = [p for p in cal.files if p.suffix in (".pdf",) or ".sn" in p.suffix
-            or p.name == "calibration.npz"]
-    return DemoResult("EIGER trimming and energy calibration (Cu, gain5)", cal.uids,
-                      [str(p) for p in keep], summary)

@@ -9,7 +9,7 @@ import pytest
 from calbench.analysis.batmet import read_calibration_file, write_calibration_file
 from calbench.cli import main
 from calbench.iocs.sim.bench import BenchWorld
-from calbench.iocs.sim.clock import WorldClock
+from calbench.contracts.clock import WorldClock
 
 CSINK_RE = re.compile(r"csink 0 4 -?\d+\.\d{6} \d+\.\d{6} \d+\.\d{6}")
 

@@ -20,7 +20,7 @@ from calbench.iocs.hw.batmet_serial import BatmetSerial, open_batmet
 from calbench.iocs.hw.scpi import READING_RE, ScpiLink, parse_reading
 from calbench.iocs.hw.scpi_psu import open_scpi_psu
 from calbench.iocs.sim.bench import BenchWorld, SimBatmetPort, build_bench, scpi_split
-from calbench.iocs.sim.clock import WorldClock
+from calbench.contracts.clock import WorldClock
 
 
 def visa_meter(resource: str):

@@ -30,7 +30,7 @@ from calbench.analysis.eiger_files import (chips_in_file_order, load_scan, read_
                                            trim_prefix_name)
 from calbench.analysis.eiger_reanalysis import reanalyse_calibration
 from calbench.analysis.scurve import FitStatus
-from calbench.analysis.trimfile import read_trim_file
+from calbench.contracts.trimfile import read_trim_file
 from calbench.config import InstrumentConfig
 from calbench.plans.eiger import (CalibrationStepError, calibrate_eiger, global_calibration,
                                   scurve, trimbit_scan, vrf_scan)

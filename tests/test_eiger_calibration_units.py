@@ -20,8 +20,8 @@ from calbench.analysis.eiger_callbacks import (ChipCurvesPlot, StepAnalysis, Vrf
 from calbench.analysis.eiger_files import (CalibrationFileError, chips_in_file_order,
                                            read_calibration_text, write_calibration_text,
                                            write_result_arrays, write_trim_files)
-from calbench.analysis.eiger_geometry import geometry
-from calbench.analysis.trimfile import DAC_NAMES, read_trim_file
+from calbench.contracts.eiger_geometry import geometry
+from calbench.contracts.trimfile import DAC_NAMES, read_trim_file
 from scipy.special import ndtr
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calbench.analysis.trimfile import DAC_NAMES, write_trim_file
+from calbench.contracts.trimfile import DAC_NAMES, write_trim_file
 from calbench.iocs.errors import InstrumentFault, Refused
 from calbench.iocs.hw.eiger import EigerHardware, open_eiger
 

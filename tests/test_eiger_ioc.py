@@ -11,7 +11,7 @@ from bluesky.plans import count, scan
 from scipy.optimize import curve_fit
 
 from calbench.analysis.scurve import scurve
-from calbench.analysis.trimfile import read_trim_file
+from calbench.contracts.trimfile import read_trim_file
 from calbench.devices.base import InstrumentRefused, set_and_check
 from calbench.devices.eiger import EigerError
 from calbench.plans.xray import tube_on, xrf_exposure

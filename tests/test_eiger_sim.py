@@ -9,10 +9,10 @@ import pytest
 from scipy.optimize import curve_fit
 
 from calbench.analysis.scurve import scurve
-from calbench.analysis.trimfile import (DAC_NAMES, linear_interpolation, read_trim_file,
+from calbench.contracts.trimfile import (DAC_NAMES, linear_interpolation, read_trim_file,
                                         trim_file_path, write_trim_file)
 from calbench.iocs.errors import Refused
-from calbench.iocs.sim.clock import WorldClock
+from calbench.contracts.clock import WorldClock
 from calbench.iocs.sim.eiger import EigerSim
 
 CU_KEV = 8.02

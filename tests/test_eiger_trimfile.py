@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from calbench.analysis.trimfile import (DAC_NAMES, LAYOUT_DACS, LAYOUT_DACS_IODELAY,
+from calbench.contracts.trimfile import (DAC_NAMES, LAYOUT_DACS, LAYOUT_DACS_IODELAY,
                                         LAYOUT_DACS_IODELAY_TAU, TRIM_FILE_BYTES,
                                         TRIM_FILE_LAYOUTS, TrimFile, TrimFileError,
                                         bracket_trim_energies, interpolate_trim,
@@ -276,7 +276,7 @@ def test_energy_selection_matches_or_brackets_and_refuses_outside():
 
 
 def test_geometries_place_half_modules_and_chips_like_psi():
-    from calbench.analysis.eiger_geometry import geometry
+    from calbench.contracts.eiger_geometry import geometry
     g = geometry("500k")
     assert g.half_module_slice(0) == (slice(256, 512), slice(0, 1024))      # top: beb058
     assert g.half_module_slice(1) == (slice(0, 256), slice(0, 1024))

@@ -8,9 +8,9 @@ import pytest
 
 from calbench.analysis.timewalk import fit_temperature_coefficient, fit_transit_time
 from calbench.iocs.errors import Refused
-from calbench.iocs.sim.clock import WorldClock
-from calbench.iocs.sim.fee import (ADC_FINE_LSB_PC, DAC_FULL_SCALE_PC, DAC_MAX, TDC_LSB_NS,
-                                   FeeBoardSim)
+from calbench.contracts.clock import WorldClock
+from calbench.contracts.fee import ADC_FINE_LSB_PC, DAC_FULL_SCALE_PC, DAC_MAX, TDC_LSB_NS
+from calbench.iocs.sim.fee import FeeBoardSim
 
 REGISTERS = np.arange(500, 12001)
 

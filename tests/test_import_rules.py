@@ -1,7 +1,7 @@
 """The layers of DESIGN.md, checked on the source: every import (module level or lazy, absolute or
 relative) of every package folder is resolved to a calbench module or an outside package and held
 against the rules below. A new import that breaks a rule fails here, naming the file, the line and
-the import; the arrows that still break a rule today are listed in KNOWN and must only shrink.
+the import.
 
 (import-linter cannot see this tree: setuptools maps folders beside calbench/ into the package, so
 the layout on disk is not the package's.)
@@ -12,8 +12,6 @@ import ast
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,28 +41,6 @@ RULES = [
     Rule("calbench.plans", ("calbench.iocs", "calbench.demo", "caproto"),
          "plans drive devices over Channel Access, never the IOCs themselves"),
 ]
-
-# Arrows that break a rule today (source module, imported module). Remove an entry when its import
-# goes; never add one.
-KNOWN = {
-    ("calbench.devices.eiger", "calbench.analysis.eiger_geometry"),
-    ("calbench.devices.eiger", "calbench.analysis.trimfile"),
-    ("calbench.iocs.eiger", "calbench.analysis.eiger_geometry"),
-    ("calbench.iocs.eiger", "calbench.analysis.trimfile"),
-    ("calbench.iocs.eiger_limits", "calbench.analysis.trimfile"),
-    ("calbench.iocs.hw.caen", "calbench.iocs.sim.qc6"),
-    ("calbench.iocs.hw.eiger", "calbench.analysis.eiger_geometry"),
-    ("calbench.iocs.hw.eiger", "calbench.analysis.trimfile"),
-    ("calbench.iocs.hw.eiger", "calbench.iocs.sim.eiger"),
-    ("calbench.iocs.hw.fee", "calbench.iocs.sim.fee"),
-    ("calbench.iocs.sim.bench", "calbench.iocs.hw.agilent34401a"),
-    ("calbench.iocs.sim.bench", "calbench.iocs.hw.batmet_serial"),
-    ("calbench.iocs.sim.bench", "calbench.iocs.hw.scpi_psu"),
-    ("calbench.iocs.sim.eiger", "calbench.analysis.eiger_geometry"),
-    ("calbench.iocs.sim.eiger", "calbench.analysis.trimfile"),
-    ("calbench.plans.eiger", "calbench.demo"),
-}
-
 
 def package_dirs() -> dict[str, Path]:
     """calbench package name -> folder, as pyproject.toml maps them."""
@@ -140,12 +116,4 @@ def test_the_rules_catch_a_forbidden_import(tmp_path):
 
 def test_imports_follow_the_layers():
     found = violations()
-    new = [message for arrow, message in found.items() if arrow not in KNOWN]
-    assert not new, "imports that break DESIGN.md's layers:\n" + "\n".join(new)
-
-
-def test_known_exceptions_only_shrink():
-    gone = sorted(KNOWN - set(violations()))
-    if gone:
-        pytest.fail("these arrows are gone; remove them from KNOWN in tests/test_import_rules.py: "
-                    + ", ".join(f"{a} -> {b}" for a, b in gone))
+    assert not found, "imports that break DESIGN.md's layers:\n" + "\n".join(found.values())

@@ -17,12 +17,12 @@ import re
 import threading
 from collections.abc import Callable
 
+from calbench.contracts.batmet import DAC_MAX
 from calbench.iocs.errors import InstrumentFault, Refused
 from calbench.iocs.hw.scpi import link_errors
 
 log = logging.getLogger(__name__)
 
-DAC_MAX = 4095
 DEFAULT_SETTINGS = {"port": "", "usb_vid_pid": "0403:6015", "baud_rate": 115200, "timeout_s": 2.0}
 ADC_CHANNELS = ("EXT", "PSUPPLY", "SENS")
 _DAC_REPLY = re.compile(r"dac\s+(\d+)", re.IGNORECASE)

@@ -14,7 +14,7 @@ import logging
 import os
 
 from calbench.iocs.errors import InstrumentFault, Refused
-from calbench.iocs.sim.qc6 import BoardInfo
+from calbench.contracts.caen import BoardInfo
 
 log = logging.getLogger(__name__)
 

@@ -55,14 +55,14 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from calbench.analysis.eiger_geometry import DYNAMIC_RANGES, geometry as eiger_geometry
-from calbench.analysis.eiger_geometry import frame_dtype
-from calbench.analysis.trimfile import (DAC_NAMES, SETTINGS_NAMES, TRIMBIT_MAX,
+from calbench.contracts.eiger_geometry import DYNAMIC_RANGES, geometry as eiger_geometry
+from calbench.contracts.eiger_geometry import frame_dtype
+from calbench.contracts.trimfile import (DAC_NAMES, SETTINGS_NAMES, TRIMBIT_MAX,
                                         TrimFileError, read_trim_file, serial_from_hostname,
                                         trim_file_path, write_trim_file)
 from calbench.iocs.eiger_limits import check_dac
 from calbench.iocs.errors import InstrumentFault, Refused
-from calbench.iocs.sim.eiger import Acquisition
+from calbench.contracts.eiger import Acquisition
 
 log = logging.getLogger(__name__)
 

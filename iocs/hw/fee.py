@@ -56,8 +56,8 @@ from typing import Protocol
 import numpy as np
 
 from calbench.iocs.errors import InstrumentFault, Refused
-from calbench.iocs.sim.fee import (DAC_MAX, N_CHANNELS, TDC_LSB_NS, THRESHOLD_RANGE_MV, PulseResults,
-                                   SweepResult)
+from calbench.contracts.fee import (DAC_MAX, N_CHANNELS, TDC_LSB_NS, THRESHOLD_RANGE_MV,
+                                    PulseResults, SweepResult)
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calbench.iocs.sim.clock import WorldClock
+from calbench.contracts.clock import WorldClock
 
 DAC_CODES = 4096
 METER_RANGES_A = (0.01, 0.1, 1.0, 3.0)          # 34401A DC current ranges
@@ -650,23 +650,3 @@ def build_bench(clock: WorldClock, seed: int, timeout_s: float = 2.0) -> BenchHa
     world = BenchWorld(clock, seed)
     return BenchHandles(world, Sim34401A(world, timeout_s), SimE3632A(world, timeout_s),
                         SimBatmetPort(world, timeout_s))
-
-
-def build_world(clock: WorldClock, seed: int, settings: dict[str, dict]) -> dict[str, object]:
-    """The bench world's backends by instrument name: the hardware drivers (iocs/hw/) talking to
-    the simulated instruments' text interfaces. Each backend's `sim` attribute is the simulated
-    link (fault injection) and `sim.world` the circuit (hidden truth)."""
-    # imported here: the drivers are the backends, this module stays usable without them
-    from calbench.iocs.hw.agilent34401a import Agilent34401A
-    from calbench.iocs.hw.batmet_serial import BatmetSerial
-    from calbench.iocs.hw.scpi_psu import ScpiPsu
-
-    bench = build_bench(clock, seed)
-    for name, link in (("dmm", bench.meter), ("psu", bench.supply), ("batmet", bench.batmet)):
-        link.timeout_s = float(settings.get(name, {}).get("timeout_s", link.timeout_s))
-    dmm = Agilent34401A(lambda: bench.meter, port="sim://bench/dmm",
-                        settings=settings.get("dmm", {}))
-    psu = ScpiPsu(lambda: bench.supply, port="sim://bench/psu", settings=settings.get("psu", {}))
-    batmet = BatmetSerial(lambda: bench.batmet, port="sim://bench/batmet")
-    dmm.sim, psu.sim, batmet.sim = bench.meter, bench.supply, bench.batmet
-    return {"dmm": dmm, "psu": psu, "batmet": batmet}

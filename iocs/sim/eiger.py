@@ -58,16 +58,17 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy.special import ndtr
 
-from calbench.analysis.eiger_geometry import DYNAMIC_RANGES, EigerGeometry, frame_dtype
-from calbench.analysis.eiger_geometry import geometry as eiger_geometry
-from calbench.analysis.trimfile import (DAC_DEFAULTS, DAC_MAX, DAC_MIN, DAC_NAMES,
+from calbench.contracts.eiger_geometry import DYNAMIC_RANGES, EigerGeometry, frame_dtype
+from calbench.contracts.eiger_geometry import geometry as eiger_geometry
+from calbench.contracts.trimfile import (DAC_DEFAULTS, DAC_MAX, DAC_MIN, DAC_NAMES,
                                         IODELAY_DEFAULT, SETTINGS_NAMES, TRIMBIT_MAX, TrimFile,
                                         TrimFileError, bracket_trim_energies, interpolate_trim,
                                         read_trim_file, serial_from_hostname, trim_file_path,
                                         write_trim_file)
 from calbench.iocs.eiger_limits import check_dac
 from calbench.iocs.errors import InstrumentFault, Refused
-from calbench.iocs.sim.clock import WorldClock
+from calbench.contracts.clock import WorldClock
+from calbench.contracts.eiger import Acquisition
 
 # --- physics constants (documented in the module docstring) ---------------------------------------
 BASELINE_DAC = 2350.0
@@ -199,15 +200,6 @@ def make_truth(geom: EigerGeometry, seed: int) -> EigerTruth:
                       enc=enc.astype(f4), charge_sharing=charge_sharing.astype(f4),
                       efficiency=efficiency.astype(f4), noise_scale=noise_scale.astype(f4),
                       hot=hot, dead=dead, noisy=noisy, chip_baseline=chip_m)
-
-
-@dataclass(frozen=True)
-class Acquisition:
-    """What an acquisition returns: the frames [n, rows, cols] (dtype of the dynamic range), the
-    world time (epoch s) each exposure started, and whether it was aborted."""
-    frames: NDArray
-    start_times: NDArray[np.float64]
-    aborted: bool = False
 
 
 BeamSource = Callable[[], tuple[float, float]]

@@ -41,20 +41,12 @@ import numpy as np
 from scipy.signal import fftconvolve
 
 from calbench.iocs.errors import Refused
-from calbench.iocs.sim.clock import WorldClock
+from calbench.contracts.clock import WorldClock
+from calbench.contracts.fee import (ADC_COARSE_LSB_PC, ADC_COARSE_MAX_PC, ADC_FINE_LSB_PC,
+                                    ADC_FINE_MAX_PC, DAC_FULL_SCALE_PC, DAC_MAX, N_CHANNELS,
+                                    TDC_LSB_NS, THRESHOLD_RANGE_MV, PulseResults, SweepResult)
 
-N_CHANNELS = 16
-DAC_MAX = 65535
-DAC_FULL_SCALE_PC = 1834.0          # direct-pulse charge at register 65535
-TDC_LSB_NS = 1.5625
-TDC_BITS = 20
-ADC_FINE_LSB_PC = 0.16
-ADC_FINE_MAX_PC = 4095 * ADC_FINE_LSB_PC
-ADC_COARSE_MAX_PC = 1800.0
-ADC_COARSE_LSB_PC = ADC_COARSE_MAX_PC / 4095
 INPUT_OHM = 50.0
-THRESHOLD_RANGE_MV = (0.1, 500.0)
-MAX_SWEEP_PULSES = DAC_MAX + 1
 DEFAULT_CABLE_M = 20.0
 # The threshold puts the reflections' firing point just inside the default sweep (register ~640 of
 # 500..12000 for 20 m of RG58), so the analysis sees where it is and keeps the fit away from it.
@@ -192,26 +184,6 @@ class Environment:
         for period, phase, share in self._weather:
             temp = temp + self.weather_K * share * np.sin(2 * np.pi * t / period + phase)
         return temp if temp.ndim else float(temp)
-
-
-@dataclass(frozen=True)
-class PulseResults:
-    """Per-pulse results of one channel; NaN where the discriminator did not fire."""
-    direct_charge_pC: np.ndarray
-    direct_time_ns: np.ndarray
-    reflected_charge_pC: np.ndarray
-    reflected_time_ns: np.ndarray
-
-
-@dataclass(frozen=True)
-class SweepResult:
-    """What the board's sequencer delivers after a sweep."""
-    registers: np.ndarray                   # DAC register of each pulse
-    pulse_times: np.ndarray                 # world time of each pulse, epoch s
-    period_s: float                         # time between pulses (world s)
-    temperature_C: float                    # cable temperature at the sweep's start
-    channels: dict[int, PulseResults]       # enabled channels only
-    complete: bool                          # False when the sweep was stopped early
 
 
 @dataclass

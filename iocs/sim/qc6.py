@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from calbench.iocs.errors import InstrumentFault, Refused
-from calbench.iocs.sim.clock import WorldClock
+from calbench.contracts.caen import BoardInfo
+from calbench.contracts.clock import WorldClock
 
 # CAEN channel status bits (CAENHVAsyn / CAEN HV wrapper manual).
 ON, RUP, RDW, OVC, OVV, UNV, ETRIP, MAXV, EXTDIS, ITRIP, CALERR, UNPLUG = (1 << b for b in range(12))
@@ -48,17 +49,6 @@ TRIP_LIMITS_S = (0.0, 1000.0)
 
 PARAMS = ("V0Set", "I0Set", "RUp", "RDWn", "Trip", "SVMax", "Pw", "PDwn")
 READ_PARAMS = ("VMon", "IMon", "Status", "ChName") + PARAMS
-
-
-@dataclass(frozen=True)
-class BoardInfo:
-    """One entry of the crate map."""
-    slot: int
-    model: str
-    description: str
-    serial_number: int
-    n_channels: int
-    firmware: str
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,9 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from calbench.contracts.eiger import (DAC_DEFAULTS, DAC_MAX, DAC_MIN, DAC_NAMES, IODELAY_DEFAULT,
+                                      N_DACS, SETTINGS_NAMES, TRIMBIT_MAX)
+
 __all__ = [
     "DAC_NAMES", "DAC_DEFAULTS", "IODELAY_DEFAULT", "DAC_MIN", "DAC_MAX", "N_DACS",
     "TRIMBIT_MAX", "HALF_MODULE_SHAPE", "TRIM_FILE_BYTES", "SETTINGS_NAMES",
@@ -54,25 +57,9 @@ __all__ = [
     "settings_for_energy", "round_half_away", "linear_interpolation",
 ]
 
-# slsDetectorPackage eigerDetectorServer/slsDetectorServer_defs.h, index order of the trim file.
-DAC_NAMES: tuple[str, ...] = (
-    "vsvp", "vtrim", "vrpreamp", "vrshaper", "vsvn", "vtgstv", "vcmp_ll", "vcmp_lr",
-    "vcal", "vcmp_rl", "rxb_rb", "rxb_lb", "vcmp_rr", "vcp", "vcn", "vishaper",
-)
-# Detector server defaults (DAC units).
-DAC_DEFAULTS: dict[str, int] = {
-    "vsvp": 0, "vtrim": 2480, "vrpreamp": 3300, "vrshaper": 1400, "vsvn": 4000, "vtgstv": 2556,
-    "vcmp_ll": 1000, "vcmp_lr": 1000, "vcal": 0, "vcmp_rl": 1000, "rxb_rb": 1100, "rxb_lb": 1100,
-    "vcmp_rr": 1000, "vcp": 1000, "vcn": 2000, "vishaper": 1550,
-}
-IODELAY_DEFAULT = 650
-N_DACS = len(DAC_NAMES)
-DAC_MIN, DAC_MAX = 0, 4000          # LTC2620, 12 bit, 2048 mV full scale
-TRIMBIT_MAX = 63                    # 6-bit trimbits
 HALF_MODULE_SHAPE = (256, 1024)
 N_TRIMBITS = HALF_MODULE_SHAPE[0] * HALF_MODULE_SHAPE[1]
 TRIM_FILE_BYTES = 4 * (N_DACS + 2 + N_TRIMBITS)   # 1,048,648: the layout written
-SETTINGS_NAMES: tuple[str, ...] = ("standard", "highgain", "lowgain", "veryhighgain", "verylowgain")
 
 INTERPOLATED_DACS: tuple[str, ...] = ("vtrim", "vrpreamp", "vrshaper", "vcmp_ll", "vcmp_lr",
                                       "vcmp_rl", "vcmp_rr", "vcp")
@@ -136,7 +123,7 @@ def read_trim_file(path: str | os.PathLike) -> TrimFile:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"trim file {path} not found; write it with calbench.analysis.trimfile.write_trim_file "
+            f"trim file {path} not found; write it with calbench.contracts.trimfile.write_trim_file "
             "(the calibration does) or copy the module's factory settings there")
     size = path.stat().st_size
     layout = TRIM_FILE_LAYOUTS.get(size)
