@@ -3,7 +3,8 @@
     calbench ioc list [--pvs [NAME ...]]       instruments and their worlds, or their PV names
     calbench ioc run [NAME ...] [--sim] [--prefix P] [--interfaces A ...] [--time-scale X] [--list-pvs]
     calbench tiled start|stop|status
-    calbench up | down                         simulated IOCs + tiled in the background (make run)
+    calbench up | down [--force]               simulated IOCs, tiled, Redis + RE Manager in the background
+    calbench queue start|stop|status|keys      the queue server alone (see calbench.queue_service)
     calbench demo                              non-interactive tour of every procedure
     calbench <procedure> ...                   procedure tools (batmet, qc6, fee, ...)
 """
@@ -24,7 +25,7 @@ from calbench.instruments import INSTRUMENTS
 
 # Modules contributing procedure subcommands: each defines add_cli(subparsers).
 PROCEDURE_CLIS: list[str] = ["calbench.batmet_cli", "calbench.qc6_cli", "calbench.fee_paper",
-                             "calbench.eiger_cli"]
+                             "calbench.eiger_cli", "calbench.queue_cli"]
 
 
 def _cfg(args):
@@ -132,16 +133,23 @@ def cmd_up(args) -> int:
     from calbench.tiled_service import ensure_tiled
 
     cfg = _cfg(args)
+    from calbench.queue_service import start_queue
+
     start_iocs_background(cfg)
     ep = ensure_tiled(cfg)
     print(f"IOCs: prefix {cfg.pv_prefix} (log {cfg.home / 'iocs.log'}); tiled: {ep.uri}")
+    print(start_queue(cfg))
     return 0
 
 
 def cmd_down(args) -> int:
     from calbench.tiled_service import stop_embedded
 
+    from calbench.queue_service import stop_queue
+
     cfg = _cfg(args)
+    for name in stop_queue(cfg, force=args.force):      # before the IOCs its plans talk to
+        print(f"{name} stopped")
     pidfile = _pidfile(cfg)
     if _alive(pidfile):
         os.kill(int(pidfile.read_text()), signal.SIGTERM)
@@ -187,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="start the simulated IOCs and tiled in the background")
     p.add_argument("--prefix")
     p.set_defaults(func=cmd_up)
-    p = sub.add_parser("down", help="stop the background IOCs and tiled")
+    p = sub.add_parser("down", help="stop the queue server, the background IOCs and tiled")
+    p.add_argument("--force", action="store_true", help="stop the RE Manager even while a plan runs")
     p.set_defaults(func=cmd_down)
     p = sub.add_parser("demo", help="non-interactive tour of every procedure on the simulators")
     p.set_defaults(func=cmd_demo)

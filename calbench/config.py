@@ -40,6 +40,15 @@ class InstrumentConfig:
 
 
 @dataclass(frozen=True)
+class QueueConfig:
+    """Where the queue server listens: Redis (its state) and the RE Manager's 0MQ sockets."""
+    bind: str = "127.0.0.1"           # "*" to take clients from other machines (see README)
+    redis_port: int = 60379           # the lab's own Redis (started by `calbench up`)
+    control_port: int = 60615         # RE Manager control socket (qserver's default)
+    info_port: int = 60625            # RE Manager console-output socket (qserver's default)
+
+
+@dataclass(frozen=True)
 class LabConfig:
     source: Path
     name: str
@@ -56,6 +65,7 @@ class LabConfig:
     tiled_port: int
     tiled_catalog: str
     instruments: dict[str, InstrumentConfig]
+    queue: QueueConfig = QueueConfig()
 
     def prefix_of(self, instrument: str) -> str:
         """Full PV prefix of an instrument (lab prefix + instrument prefix)."""
@@ -87,6 +97,7 @@ def _jsonable(d: dict) -> dict:
 _LAB_KEYS = {"name": str, "home": str, "data_dir": str, "results_dir": str, "pv_prefix": str,
              "interfaces": list, "time_scale": (int, float), "seed": int, "operator": str}
 _TILED_KEYS = {"uri": str, "port": int, "catalog": str, "api_key": str}
+_QUEUE_KEYS = {"bind": str, "redis_port": int, "control_port": int, "info_port": int}
 
 
 def _check_keys(where: str, table: dict, allowed: dict, source: Path) -> None:
@@ -117,14 +128,15 @@ def load_config(path: str | os.PathLike | None = None) -> LabConfig:
 
 
 def parse_config(raw: dict, source: Path = DEFAULT_CONFIG) -> LabConfig:
-    unknown = set(raw) - {"lab", "tiled", "instruments"}
+    unknown = set(raw) - {"lab", "tiled", "queue", "instruments"}
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; "
-                          "allowed are [lab], [tiled] and [instruments.<name>]")
+                          "allowed are [lab], [tiled], [queue] and [instruments.<name>]")
     lab = raw.get("lab", {})
     tiled = raw.get("tiled", {})
     _check_keys("lab", lab, _LAB_KEYS, source)
     _check_keys("tiled", tiled, _TILED_KEYS, source)
+    _check_keys("queue", raw.get("queue", {}), _QUEUE_KEYS, source)
 
     home = Path(os.environ.get("CALBENCH_HOME") or lab.get("home", "~/.local/share/calbench"))
     home = home.expanduser()
@@ -188,5 +200,5 @@ def parse_config(raw: dict, source: Path = DEFAULT_CONFIG) -> LabConfig:
         tiled_uri=os.environ.get("CALBENCH_TILED_URI", tiled.get("uri", "")),
         tiled_api_key=os.environ.get("CALBENCH_TILED_API_KEY", tiled.get("api_key", "")),
         tiled_port=int(tiled.get("port", 8009)), tiled_catalog=tiled.get("catalog", "raw"),
-        instruments=instruments,
+        instruments=instruments, queue=QueueConfig(**raw.get("queue", {})),
     )

@@ -12,3 +12,7 @@ from calbench.plans.batmet import (collect_sink_calibration, calibrate_sink,  # 
 from calbench.plans.qc6 import (check_connection, megger_test, stress_test,  # noqa: F401
                                 iv_short_stability, long_stability, resume_long_stability)
 from calbench.plans.fee import transit_time_calibration, realtime_cable_monitor  # noqa: F401
+# The same plans with signatures bluesky-queueserver can validate (JSON values and device names).
+from calbench.plans.queue_facing import queue_facing_plans  # noqa: E402
+
+globals().update(queue_facing_plans(globals(), catalog=cat))  # noqa: F821

@@ -1,0 +1,147 @@
+"""The lab's plans as bluesky-queueserver sees them: parameters a user can type as JSON values.
+
+The queue server builds a pydantic model from each plan's signature. Our plans annotate some
+parameters with objects no client can send (an EigerCalibration, a GemLayer, a Path, the tiled
+catalog), and `from __future__ import annotations` leaves every annotation a string the server cannot
+resolve. `queue_facing(plan)` returns the same plan under the same name with a signature the server
+understands:
+
+- device parameters (annotated with an ophyd Device class, or not annotated) carry no annotation, so
+  the server turns a device name ('layer', 'det', 'box.voltage') into the device;
+- Path becomes str (the plans build the Path themselves);
+- parameters of internal types (calibration state, analysis defaults, callables) are left out of the
+  signature: the plan builds them from its defaults; a value may still be passed at the prompt;
+- session objects (`catalog`) are filled from the session that built the wrapper.
+
+Calling the wrapper with everything the plan accepts still works, so the prompt and the queue run
+the same objects.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+import typing
+from collections import abc
+from pathlib import PurePath
+
+JSON_TYPES = (int, float, str, bool, type(None), dict, list, tuple)
+JSON_GENERICS = {typing.Union, types.UnionType, typing.Literal, list, tuple, dict, abc.Sequence,
+                 abc.Iterable, abc.Mapping, abc.Collection}
+
+
+class MissingSessionObject(RuntimeError):
+    """A plan needs an object of the session (e.g. the tiled catalog) that the session lacks."""
+
+
+def _is_device_class(t) -> bool:
+    from ophyd import Device, Signal
+    return isinstance(t, type) and issubclass(t, (Device, Signal))
+
+
+def _members(t) -> tuple:
+    """The alternatives of a Union (or the type itself)."""
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        return typing.get_args(t)
+    return (t,)
+
+
+def _is_json(t) -> bool:
+    if t is typing.Any or t in JSON_TYPES:
+        return True
+    origin = typing.get_origin(t)
+    if origin is typing.Literal:
+        return True
+    if origin in JSON_GENERICS:
+        return all(_is_json(a) for a in typing.get_args(t) if a is not Ellipsis)
+    return False
+
+
+def _queue_annotation(hint):
+    """(kind, annotation): kind 'json' (annotation for the server), 'device' (no annotation) or
+    'internal' (hidden)."""
+    if hint is inspect.Parameter.empty:
+        return "device", inspect.Parameter.empty
+    members = _members(hint)
+    if any(_is_device_class(m) for m in members):
+        return "device", inspect.Parameter.empty
+    if any(isinstance(m, type) and issubclass(m, PurePath) for m in members):
+        rest = [m for m in members if not (isinstance(m, type) and issubclass(m, PurePath))]
+        hint = functools.reduce(lambda a, b: a | b, {str, *rest})
+        members = _members(hint)
+    if _is_json(hint):
+        return "json", hint
+    return "internal", None
+
+
+def _resolved_hints(plan) -> dict:
+    try:
+        return typing.get_type_hints(plan)
+    except Exception:          # a name only importable for type checkers: leave such plans as they are
+        return {}
+
+
+def queue_facing(plan, **session_objects):
+    """`plan` under its own name with a signature of JSON values and devices (see the module's
+    docstring). `session_objects` fill parameters of that name (e.g. catalog=cat) when not given."""
+    sig = inspect.signature(plan)
+    hints = _resolved_hints(plan)
+    params, hidden = [], []
+    for p in sig.parameters.values():
+        if p.name.startswith("_"):
+            hidden.append(p.name)
+            continue
+        if p.name in session_objects:
+            hidden.append(p.name)
+            continue
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            params.append(p.replace(annotation=inspect.Parameter.empty))
+            continue
+        kind, annotation = _queue_annotation(hints.get(p.name, inspect.Parameter.empty))
+        if kind == "internal":
+            if p.default is inspect.Parameter.empty:
+                raise TypeError(f"{plan.__name__}: parameter '{p.name}' ({hints.get(p.name)}) has no "
+                                "JSON form and no default; pass it as a session object")
+            hidden.append(p.name)
+            continue
+        params.append(p.replace(annotation=annotation))
+    queue_sig = sig.replace(parameters=params, return_annotation=inspect.Signature.empty)
+
+    @functools.wraps(plan)
+    def wrapper(*args, **kwargs):
+        bound = sig.bind_partial(*args, **kwargs)
+        for name, value in session_objects.items():
+            if name in bound.arguments:
+                continue
+            if value is None and sig.parameters[name].default is inspect.Parameter.empty:
+                raise MissingSessionObject(
+                    f"{plan.__name__} needs the session's {name}, and this session has none: start "
+                    "tiled (`calbench tiled start`) and reopen the environment (qserver environment "
+                    "close; qserver environment open)")
+            bound.arguments[name] = value
+        return (yield from plan(*bound.args, **bound.kwargs))
+
+    wrapper.__signature__ = queue_sig
+    wrapper.__wrapped_plan__ = plan
+    del wrapper.__wrapped__          # inspect.signature must not look through to the plan's own
+    wrapper.__annotations__ = {p.name: p.annotation for p in params
+                               if p.annotation is not inspect.Parameter.empty}
+    if hidden:
+        wrapper.__doc__ = (plan.__doc__ or "") + (
+            "\n\n(Queue: " + ", ".join(hidden) + " built inside the plan or taken from the session.)")
+    return wrapper
+
+
+def queue_facing_plans(namespace: dict, modules: tuple[str, ...] = ("calbench.plans",),
+                       **session_objects) -> dict:
+    """Queue-facing versions of every plan in `namespace` defined in `modules` (bluesky's own plans
+    are already queue-friendly), under the same names."""
+    out = {}
+    for name, obj in namespace.items():
+        if (callable(obj) and inspect.isgeneratorfunction(obj) and not name.startswith("_")
+                and getattr(obj, "__module__", "").startswith(modules)
+                and not hasattr(obj, "__wrapped_plan__")):
+            wanted = {k: v for k, v in session_objects.items()
+                      if k in inspect.signature(obj).parameters}
+            out[name] = queue_facing(obj, **wanted)
+    return out
