@@ -84,8 +84,11 @@ def run_demo(cfg: LabConfig) -> int:
     from calbench.session import configure_ca
     from calbench.tiled_service import connect_catalog
 
+    from calbench.plans.toolkit import set_results_dir
+
     cfg = replace(cfg, pv_prefix=cfg.pv_prefix + "DEMO:")
     configure_ca(cfg)
+    set_results_dir(cfg.results_dir)
     catalog = connect_catalog(cfg)
     groups = build_iocs(cfg, force_sim=True, time_scales=DEMO_TIME_SCALES)
     server = IocThread(groups, cfg.interfaces).start()

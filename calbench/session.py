@@ -33,7 +33,10 @@ def make_run_engine(cfg: LabConfig, *, interactive: bool = True):
     from calbench.persistence import TiledPersister
     from calbench.tiled_service import TiledUnavailable, connect_catalog
 
+    from calbench.plans.toolkit import set_results_dir
+
     cfg.home.mkdir(parents=True, exist_ok=True)
+    set_results_dir(cfg.results_dir)        # where procedures write their files by default
     RE = RunEngine(PersistentDict(str(cfg.home / "runengine-metadata")))
     RE.md.setdefault("operator", cfg.operator or os.environ.get("USER", "unknown"))
     RE.md["lab"] = cfg.name

@@ -16,6 +16,7 @@ instructions; the scan then also stops when the current stops rising (the supply
 from __future__ import annotations
 
 import logging
+from functools import partial
 from dataclasses import dataclass, field
 
 import bluesky.plan_stubs as bps
@@ -26,7 +27,7 @@ from bluesky.utils import RunEngineControlException
 from calbench.contracts.batmet import DAC_MAX
 from calbench.analysis.batmet import (CSINK_RANGE_A, SinkAccuracy, SinkFit, fit_sink,
                                       setting_accuracy, sink_data_from_table)
-from calbench.devices.base import refusal_reason
+from calbench.plans.toolkit import check_connected, put, reason
 
 log = logging.getLogger(__name__)
 
@@ -81,25 +82,10 @@ class SinkCalibration:
 # -- helpers ------------------------------------------------------------------------------------------
 
 
-def _why(exc: BaseException) -> str:
-    return refusal_reason(exc) or "no reason given"
-
-
-def _put(signal, value, what: str):
-    """Set a signal and wait; a refusal or fault becomes BenchNotReady saying what failed."""
-    try:
-        yield from bps.mv(signal, value)
-    except RunEngineControlException:       # abort/stop requested: not a failure of the bench
-        raise
-    except Exception as exc:
-        raise BenchNotReady(f"{what} failed: {_why(exc)}") from exc
-
-
-def _check_connected(device, what: str):
-    if not (yield from bps.rd(device.connected_rbv)):
-        message = yield from bps.rd(device.status_message)
-        raise BenchNotReady(f"the {what} ({device.prefix}) is not connected: "
-                            f"{message or 'no reason given'}")
+_why = reason
+# a refusal or fault becomes BenchNotReady saying what failed
+_put = partial(put, error=BenchNotReady)
+_check_connected = partial(check_connected, error=BenchNotReady)
 
 
 def _prepare(dmm, sink, psu, *, readings_per_point: int, nplc: float, supply_voltage_V: float,

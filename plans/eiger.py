@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,8 +59,9 @@ from calbench.contracts.eiger_geometry import EigerGeometry
 from calbench.contracts.eiger_geometry import geometry as eiger_geometry
 from calbench.analysis.eiger_report import write_calibration_report
 from calbench.contracts.trimfile import DAC_NAMES, serial_from_hostname
-from calbench.devices.base import refusal_reason
 from calbench.plans.eiger_derived import record_results
+from calbench.plans.toolkit import put, reason
+from calbench.plans.toolkit import results_dir as toolkit_results_dir
 from calbench.plans.xray import ShutterError, xrf_exposure
 
 log = logging.getLogger(__name__)
@@ -158,9 +160,7 @@ def new_calibration(det, *, target: str = "Cu", gain: str | None = None,
     line_energy(target)
     gain = gain or default_gain(target)
     defaults = defaults or DEFAULTS
-    if results_dir is None:
-        from calbench.config import load_config
-        results_dir = load_config().results_dir
+    results_dir = toolkit_results_dir(results_dir)
     det_id = str((yield from bps.rd(det.det_id)) or "")
     geometry_name = str((yield from bps.rd(det.geometry)) or "")
     hostnames = [h for h in str((yield from bps.rd(det.hostnames)) or "").split("+") if h]
@@ -189,17 +189,11 @@ def new_calibration(det, *, target: str = "Cu", gain: str | None = None,
 
 def _reason(exc: BaseException) -> str:
     """The instrument's own words inside a failed put (FailedStatus -> InstrumentRefused)."""
-    return refusal_reason(exc, also=(ShutterError, CalibrationStepError)) or "no reason given"
+    return reason(exc, also=(ShutterError, CalibrationStepError))
 
 
-def _put(signal, value, what: str):
-    """Set a signal and wait; a refusal becomes a CalibrationStepError saying what failed."""
-    try:
-        yield from bps.mv(signal, value)
-    except (RequestAbort, RequestStop):
-        raise
-    except Exception as exc:
-        raise CalibrationStepError(f"{what} failed: {_reason(exc)}") from exc
+# a refusal becomes a CalibrationStepError saying what failed
+_put = partial(put, error=CalibrationStepError, also=(ShutterError, CalibrationStepError))
 
 
 def _read_dac_table(det, n_hm: int):

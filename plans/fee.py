@@ -30,7 +30,7 @@ from bluesky.preprocessors import finalize_wrapper
 from calbench.analysis.fee_callbacks import ChannelFit, TransitTimeFitter
 from calbench.analysis.timewalk import (RG58_VELOCITY_M_PER_NS, TransitTimeResult,
                                         plot_monitor_history, plot_walk_fits)
-from calbench.devices.base import refusal_reason
+from calbench.plans.toolkit import check_connected, put, reason
 from calbench.plans.world_clock import InstrumentClock
 
 log = logging.getLogger(__name__)
@@ -63,16 +63,12 @@ class MonitorEntry:
 # -- helpers ---------------------------------------------------------------------------------------
 
 
-def _why(exc: BaseException) -> str:
-    return refusal_reason(exc) or "no reason given"
+_why = reason
 
 
 def _put(signal, value, channel: int, what: str):
-    try:
-        yield from bps.mv(signal, value)
-    except Exception as exc:
-        raise FeeCalibrationError(f"channel {channel}: {what} = {value!r} refused: "
-                                  f"{_why(exc)}") from exc
+    """Plan: set one of the board's settings for a channel's calibration (FeeCalibrationError)."""
+    return put(signal, value, f"channel {channel}: setting {what} = {value!r}", FeeCalibrationError)
 
 
 def _leave_safe(fee):
@@ -84,12 +80,6 @@ def _leave_safe(fee):
     except Exception:          # the board gone: nothing more a plan can do; the IOC makes it safe
         log.exception("could not leave the FEE board safe")
 
-
-def _check_connected(fee, channel: int):
-    if not int((yield from bps.rd(fee.connected_rbv))):
-        message = yield from bps.rd(fee.status_message)
-        raise FeeCalibrationError(f"channel {channel}: the FEE board ({fee.prefix}) does not answer: "
-                                  f"{message or 'no reason given'}")
 
 
 
@@ -178,7 +168,7 @@ def transit_time_calibration(fee, channel: int, start: int = SWEEP_START, stop: 
         yield from bps.collect(fee)
 
     def sweep():
-        yield from _check_connected(fee, channel)
+        yield from check_connected(fee, "FEE board", FeeCalibrationError)
         yield from _put(fee.channel_mask, 1 << channel, channel, "ChannelMask")
         # Order the puts so that every intermediate range is one the board accepts.
         yield from _put(fee.seq_step, int(step), channel, "Seq:Step")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import time
 import weakref
-from pathlib import Path
 from typing import Sequence
 
 import bluesky.plan_stubs as bps
@@ -40,6 +39,7 @@ from ophyd import Device, Signal
 from calbench.analysis.qc6 import Qc6LivePlot, Qc6ResultFiles, result_path
 from calbench.devices.base import InstrumentRefused
 from calbench.plans.monitor_wait import MonitorWaiter
+from calbench.plans.toolkit import results_dir as toolkit_results_dir
 from calbench.plans.world_clock import InstrumentClock
 from calbench.devices.caen import (
     ELECTRODES, FOILS, RAMPING, STATUS_ON, TRIPPED, GemLayer, HvChannel, at_setpoint,
@@ -527,11 +527,7 @@ def qc6_safety(layer: GemLayer, plan):
 
 
 # -- shared pieces of the procedures --------------------------------------------------------------
-def _results_dir(results_dir) -> Path:
-    if results_dir is not None:
-        return Path(results_dir)
-    from calbench.config import load_config
-    return load_config().results_dir
+_results_dir = toolkit_results_dir
 
 
 def _preflight(layer: GemLayer):
