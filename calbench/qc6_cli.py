@@ -14,7 +14,8 @@ import sys
 
 
 def cmd_plot(args) -> int:
-    from calbench.analysis.qc6 import Qc6FileError, plot_result_file
+    from calbench.analysis.qc6_files import Qc6FileError
+    from calbench.analysis.qc6_plots import plot_result_file
     status = 0
     for path in args.files:
         try:

@@ -20,7 +20,7 @@ where it was when the crate answers again (trips latched meanwhile are then reco
 Time: durations are instrument (world) time, read from the IOC's WorldTime_RBV, never the wall
 clock; the same plan holds 15 hours in the lab and a few seconds against the accelerated simulator.
 Trips are events of the stream "trips" (channel, electrode, voltage before the trip, V0Set, world
-time, incident number); result files and plots come from analysis.qc6's callbacks.
+time, incident number); result files and plots come from analysis/qc6_callbacks.py.
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ from bluesky.utils import FailedStatus, Msg, RunEngineControlException
 from ophyd import Component as Cpt
 from ophyd import Device, Signal
 
-from calbench.analysis.qc6 import Qc6LivePlot, Qc6ResultFiles, result_path
+from calbench.analysis.qc6_callbacks import Qc6LivePlot, Qc6ResultFiles
+from calbench.analysis.qc6_files import result_path
 from calbench.devices.base import InstrumentRefused
 from calbench.plans.monitor_wait import MonitorWaiter
 from calbench.plans.toolkit import results_dir as toolkit_results_dir

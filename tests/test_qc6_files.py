@@ -11,10 +11,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from calbench.analysis.qc6 import (
-    IvTable, Qc6FileError, StabilityLog, StressTrips, cumulative_trips, detect_kind, fit_iv,
-    plot_result_file, read_iv_file, read_megger_sheet, read_stability_file, read_stress_file,
-    result_path, write_iv_file, write_megger_sheet, write_stability_file, write_stress_file)
+from calbench.analysis.qc6_files import (
+    IvTable, Qc6FileError, StabilityLog, StressTrips, detect_kind, read_iv_file, read_megger_sheet,
+    read_stability_file, read_stress_file, result_path, write_iv_file, write_megger_sheet,
+    write_stability_file, write_stress_file)
+from calbench.analysis.qc6_fits import cumulative_trips, fit_iv
+from calbench.analysis.qc6_plots import plot_result_file
 from calbench.devices.caen import divider_setpoints
 
 FAST = settings(max_examples=40, deadline=None,

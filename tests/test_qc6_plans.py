@@ -9,8 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from calbench.analysis.qc6 import (
-    fit_iv, read_iv_file, read_megger_sheet, read_stability_file, read_stress_file)
+from calbench.analysis.qc6_files import (
+    read_iv_file, read_megger_sheet, read_stability_file, read_stress_file)
+from calbench.analysis.qc6_fits import fit_iv
 from calbench.plans.qc6 import (
     CrateUnreachable, check_connection, iv_short_stability, long_stability, megger_test,
     stress_test)

@@ -15,7 +15,7 @@ from bluesky.preprocessors import plan_mutator
 from bluesky.utils import Msg, RunEngineInterrupted
 from ophyd import Signal
 
-from calbench.analysis.qc6 import read_stability_file
+from calbench.analysis.qc6_files import read_stability_file
 from calbench.plans.qc6 import (
     long_stability, long_stability_state, resume_long_stability, stress_test)
 from conftest import TEST_TIME_SCALES
