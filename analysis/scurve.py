@@ -1,3 +1,4 @@
+# Long by design: one numba fitting engine (model, kernels, public API) whose kernels must compile together.
 """Per-pixel S-curve fitting for EIGER threshold scans and trimbit scans.
 
 The model is PSI's (sls_detector_tools ``function.scurve``, aare ``Fit.cpp``)::

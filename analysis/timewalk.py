@@ -1,3 +1,4 @@
+# Long by design: the walk model with its two estimators, which share the binning and the fit range.
 """Cable transit time from calibration pulses: the time-walk model of leading-edge discrimination.
 
 A calibration sweep gives, for every pulse, the charge Q (pC) and the TDC time t (ns) of the direct
