@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export CALBENCH_HOME ?= $(CURDIR)/var
 export MPLBACKEND ?= Agg
 
-.PHONY: run test demo bench iocs up down venv clean
+.PHONY: run test test-slsvirtual demo bench iocs up down venv clean
 
 venv: $(VENV)/.installed
 
@@ -21,6 +21,12 @@ run: venv
 
 test: venv
 	$(BIN)/pytest -q
+
+# the EIGER hardware backend against PSI's virtual detector server: README, "PSI's virtual EIGER server"
+test-slsvirtual: venv
+	@test -n "$$CALBENCH_SLS_BUILD" || { echo "set CALBENCH_SLS_BUILD to a slsDetectorPackage 9.2.0 build folder (README, \"PSI's virtual EIGER server\")"; exit 2; }
+	$(BIN)/pip install --quiet -e ".[test,hardware]"
+	$(BIN)/pytest -v -s -m slsvirtual tests/test_eiger_slsvirtual.py
 
 demo: venv
 	$(BIN)/calbench demo

@@ -4,7 +4,8 @@ PVs after the instrument prefix (e.g. CB:EIGER:). Setpoints have an _RBV readbac
 write every half module and their _RBV reads -1 when the half modules differ.
 
   Geometry_RBV, ArraySizeY_RBV (rows), ArraySizeX_RBV (cols), NumHalfModules_RBV, NumChips_RBV,
-  Hostnames_RBV ("beb058+beb059"), DetId_RBV
+  Hostnames_RBV ("beb058+beb059"), Serials_RBV (trim-file serials "031+032": the module ids the
+  detector reports; the simulator's come from its hostnames), DetId_RBV
   vsvp vtrim vrpreamp vrshaper vsvn vtgstv vcmp_ll vcmp_lr vcal vcmp_rl rxb_rb rxb_lb vcmp_rr vcp
   vcn vishaper iodelay (+ _RBV)            DAC units 0..4000
   DacTable, DacTable_RBV                   all DACs [17 x n_half_modules] row-major (slsdet
@@ -40,11 +41,14 @@ write every half module and their _RBV reads -1 when the half modules differ.
   Sim:Unresponsive                         simulated backend only: 1 = the detector stops answering
 
 Settings puts are refused while an acquisition runs ("detector is acquiring"), as the real
-detector server does.
+detector server does. Backend calls run in a worker thread, one at a time, so a slow detector never
+holds up Channel Access; an error of the backend nobody expected becomes a fault on
+StatusMessage_RBV (Connected_RBV = 0) and the IOC keeps serving.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from pathlib import Path
 
@@ -56,8 +60,10 @@ from caproto._constants import (MAX_SUBSCRIPTION_BACKLOG,
 from caproto.server import PVGroup, SubGroup, pvproperty
 
 from calbench.contracts.eiger_geometry import EigerGeometry, frame_dtype
-from calbench.contracts.trimfile import DAC_NAMES, SETTINGS_NAMES
+from calbench.contracts.trimfile import DAC_NAMES, SETTINGS_NAMES, serial_from_hostname
 from calbench.iocs.base import InstrumentFault, InstrumentIOC, Refused, enum_pv, string_pv
+
+log = logging.getLogger(__name__)
 
 DETECTOR_STATES = ["Idle", "Acquire", "Readout", "Correct", "Saving", "Aborting", "Error",
                    "Waiting", "Initializing", "Disconnected", "Aborted"]
@@ -93,9 +99,7 @@ def _dac_group() -> type[PVGroup]:
     def make_putter(dac: str):
         async def putter(group, instance, value):
             ioc = group.parent
-            await ioc.refuse_if_busy()
-            await ioc.call(ioc.backend.set_dac, dac, int(value))
-            await ioc.refresh_settings(trimbits=False)
+            await ioc._setting(ioc.backend.set_dac, dac, int(value))
             return value
         return putter
 
@@ -135,6 +139,7 @@ class EigerIOC(InstrumentIOC):
     n_half_modules = _int_pv("NumHalfModules_RBV", read_only=True)
     n_chips = _int_pv("NumChips_RBV", read_only=True)
     hostnames = string_pv("Hostnames_RBV")
+    serials = string_pv("Serials_RBV", doc="trim-file serials (.snNNN) of the half modules")
     det_id = string_pv("DetId_RBV")
 
     dacs = SubGroup(_dac_group(), prefix="")
@@ -218,6 +223,7 @@ class EigerIOC(InstrumentIOC):
         self.geometry: EigerGeometry = backend.geometry
         super().__init__(prefix=prefix, backend=backend, clock=clock, **kwargs)
         self._busy = False
+        self._backend_lock = asyncio.Lock()
         self._stream_file: _FrameFile | None = None
         if not hasattr(backend, "truth"):             # hardware: no fault-injection PVs
             for name in list(self.pvdb):
@@ -257,36 +263,70 @@ class EigerIOC(InstrumentIOC):
     async def refuse_if_busy(self) -> None:
         """Refuse a put during an acquisition (the detector server does too): reported, counted,
         raised."""
-        if self._busy:
-            await self.call(_raise, Refused("the detector is acquiring; wait for "
-                                            "DetectorState_RBV = Idle or put Acquire = 0 to abort"))
+        if self._busy:       # answered at once: the acquisition holds the backend
+            await InstrumentIOC.call(self, _raise, Refused(
+                "the detector is acquiring; wait for DetectorState_RBV = Idle or put Acquire = 0 "
+                "to abort"))
 
-    async def refresh_settings(self, *, trimbits: bool = True) -> None:
-        """Publish every settings readback from the backend."""
+    def _serials(self) -> list[str]:
+        """Trim-file serials: the detector's module ids (hardware), else from the hostnames."""
+        serials = getattr(self.backend, "serials", None)
+        return list(serials) if serials else [serial_from_hostname(h)
+                                              for h in self.backend.hostnames]
+
+    async def call(self, func, *args):
+        """A backend call on behalf of a put, in a worker thread (a detector that answers slowly
+        must not hold up Channel Access) and one at a time. Refusals and faults are published and
+        re-raised (InstrumentIOC.call); any other exception becomes a fault: no error of a
+        backend may take the IOC down."""
+        try:
+            async with self._backend_lock:
+                return await asyncio.to_thread(_guarded, func, *args)
+        except (Refused, InstrumentFault) as exc:
+            return await super().call(_raise, exc)
+
+    def _read_settings(self, trimbits: bool) -> dict:
+        """Every settings readback from the backend (worker thread)."""
         b = self.backend
         table = b.dac_table()
+        loaded = b.loaded_settings
+        values = {"table": table, "vthreshold": int(b.vthreshold()),
+                  "vcmp": np.asarray(b.vcmp(), np.int32), "trimval": int(b.trimval()),
+                  "dr": int(b.dr), "exptime": float(b.exptime), "period": float(b.period),
+                  "frames": int(b.frames), "threshold": int(b.threshold_eV),
+                  "trim_energies": list(b.trim_energies) or [0],
+                  "settings": loaded if loaded in SETTINGS_NAMES else "undefined",
+                  "settings_dir": str(b.settings_dir), "tau": float(b.tau_ns),
+                  "test_pulses": int(b.test_pulses)}
+        if trimbits:
+            values["trimbits"] = np.asarray(b.trimbits(), np.int16).ravel()
+        return values
+
+    async def refresh_settings(self, *, trimbits: bool = True) -> None:
+        """Publish every settings readback from the backend. A fault on the way is published
+        (StatusMessage_RBV, Connected_RBV = 0) and re-raised."""
+        v = await self.call(self._read_settings, trimbits)
+        table = v["table"]
         same = np.all(table == table[:, :1], axis=1)
         for i, dac in enumerate(ALL_DACS):
             value = int(table[i, 0]) if same[i] else -1
             await self.publish(getattr(self.dacs, f"{dac}_rbv"), value)
         await self.publish(self.dac_table_rbv, table.astype(np.int32).ravel())
-        await self.publish(self.vthreshold_rbv, int(b.vthreshold()))
-        await self.publish(self.vcmp_rbv, np.asarray(b.vcmp(), np.int32))
-        await self.publish(self.trimval_rbv, int(b.trimval()))
+        await self.publish(self.vthreshold_rbv, v["vthreshold"])
+        await self.publish(self.vcmp_rbv, v["vcmp"])
+        await self.publish(self.trimval_rbv, v["trimval"])
         if trimbits:
-            await self.publish(self.trimbits_rbv, np.asarray(b.trimbits(), np.int16).ravel(),
-                               force=True)
-        await self.publish(self.dynamic_range_rbv, int(b.dr))
-        await self.publish(self.acquire_time_rbv, float(b.exptime))
-        await self.publish(self.acquire_period_rbv, float(b.period))
-        await self.publish(self.num_images_rbv, int(b.frames))
-        await self.publish(self.threshold_energy_rbv, int(b.threshold_eV))
-        await self.publish(self.trim_energies_rbv, list(b.trim_energies) or [0])
-        await self.publish(self.settings_rbv, b.loaded_settings
-                           if b.loaded_settings in SETTINGS_NAMES else "undefined")
-        await self.publish(self.settings_dir_rbv, str(b.settings_dir))
-        await self.publish(self.rate_corr_tau_rbv, float(b.tau_ns))
-        await self.publish(self.test_pulses_rbv, int(b.test_pulses))
+            await self.publish(self.trimbits_rbv, v["trimbits"], force=True)
+        await self.publish(self.dynamic_range_rbv, v["dr"])
+        await self.publish(self.acquire_time_rbv, v["exptime"])
+        await self.publish(self.acquire_period_rbv, v["period"])
+        await self.publish(self.num_images_rbv, v["frames"])
+        await self.publish(self.threshold_energy_rbv, v["threshold"])
+        await self.publish(self.trim_energies_rbv, v["trim_energies"])
+        await self.publish(self.settings_rbv, v["settings"])
+        await self.publish(self.settings_dir_rbv, v["settings_dir"])
+        await self.publish(self.rate_corr_tau_rbv, v["tau"])
+        await self.publish(self.test_pulses_rbv, v["test_pulses"])
 
     async def _show_settings_in_setpoints(self) -> None:
         """Start the setpoint PVs at the detector's values (without applying them again)."""
@@ -305,12 +345,17 @@ class EigerIOC(InstrumentIOC):
                  (self.test_pulses, self.test_pulses_rbv))
         for setpoint, rbv in pairs:
             await setpoint.write(rbv.value, verify_value=False)
-        await self.settings_dir.write(str(self.backend.settings_dir), verify_value=False)
+        await self.settings_dir.write(self.settings_dir_rbv.value, verify_value=False)
 
     async def _setting(self, func, *args, trimbits: bool = False):
-        """A settings put: refused while acquiring, then the backend call, then the readbacks."""
+        """A settings put: refused while acquiring, then the backend call, then the readbacks,
+        also after a refusal (a detector may refuse half way: the readbacks show what it holds)."""
         await self.refuse_if_busy()
-        await self.call(func, *args)
+        try:
+            await self.call(func, *args)
+        except Refused:
+            await self.refresh_settings(trimbits=trimbits)
+            raise
         await self.refresh_settings(trimbits=trimbits)
 
     # -- startup and polling ----------------------------------------------------------------------
@@ -323,6 +368,7 @@ class EigerIOC(InstrumentIOC):
         await self.n_half_modules.write(g.n_half_modules)
         await self.n_chips.write(g.n_chips)
         await self.hostnames.write("+".join(self.backend.hostnames))
+        await self.serials.write("+".join(self._serials()))
         await self.det_id.write(str(getattr(self.backend, "det_id", "")))
         await self.image.size_x.write(g.cols // LIVE_BINNING)
         await self.image.size_y.write(g.rows // LIVE_BINNING)
@@ -330,8 +376,7 @@ class EigerIOC(InstrumentIOC):
             await self.refresh_settings()
             await self._show_settings_in_setpoints()
             await self.heartbeat(True)
-        except InstrumentFault as exc:
-            await self.report(f"fault: {exc}")
+        except (Refused, InstrumentFault):      # published by call(); the IOC keeps serving
             await self.heartbeat(False)
 
     @temperature.scan(period=POLL_PERIOD_S)
@@ -340,8 +385,9 @@ class EigerIOC(InstrumentIOC):
             await self.heartbeat(True)
             return
         try:
-            t = self.backend.temperature()
-        except InstrumentFault as exc:
+            async with self._backend_lock:
+                t = await asyncio.to_thread(_guarded, self.backend.temperature)
+        except (Refused, InstrumentFault) as exc:
             await self.report(f"fault: {exc}")
             await self.heartbeat(False)
             await self.publish(self.detector_state, "Disconnected")
@@ -559,8 +605,8 @@ class EigerIOC(InstrumentIOC):
         """The acquisition behind the Acquire put; returns whether it was aborted. Refusals and
         faults go through `self.call` (reported, counted) and are re-raised."""
         call = self.call
-        if self._stream_file is not None and self._stream_file.dtype != frame_dtype(
-                int(self.backend.dr)):
+        dr = await call(lambda: int(self.backend.dr))
+        if self._stream_file is not None and self._stream_file.dtype != frame_dtype(dr):
             await call(_raise, Refused(
                 f"the open file {self._stream_file.path.name} holds {self._stream_file.dtype} "
                 "frames but DynamicRange changed; put Capture = Off and On to start a new file"))
@@ -571,14 +617,15 @@ class EigerIOC(InstrumentIOC):
             await self.publish(self.acquire_rbv, "Acquire")
             await self.publish(self.detector_state, "Acquire")
             await self.publish(self.images_counter, 0)
-            loop = asyncio.get_running_loop()
             try:
-                frames, starts, aborted = await loop.run_in_executor(
-                    None, self._acquire_to_file, path)
+                async with self._backend_lock:      # other puts are refused meanwhile
+                    frames, starts, aborted = await asyncio.to_thread(self._acquire_to_file, path)
             except OSError as exc:
                 await call(_raise, Refused(f"writing {path or self._stream_file.path} failed: "
                                            f"{exc}; check FilePath, free space and permissions"))
             except (Refused, InstrumentFault) as exc:
+                await call(_raise, exc)
+            except Exception as exc:                # never a crash: a fault, the IOC serves on
                 await call(_raise, exc)
             await self._publish_acquisition(frames, starts, path)
         finally:
@@ -701,3 +748,15 @@ class _FrameFile:
 
 def _raise(exc: BaseException):
     raise exc
+
+
+def _guarded(func, *args):
+    """``func(*args)`` with any exception but a refusal or a fault turned into a fault naming it."""
+    try:
+        return func(*args)
+    except (Refused, InstrumentFault):
+        raise
+    except Exception as exc:
+        log.exception("unexpected error in the EIGER backend")
+        raise InstrumentFault(f"unexpected {type(exc).__name__} in the detector backend: {exc}; "
+                              "the IOC keeps serving, check the detector and the IOC log") from exc
