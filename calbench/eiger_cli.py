@@ -61,7 +61,8 @@ def cmd_reanalyse(args) -> int:
     if args.report is not None and r.calibration is not None:
         from calbench.contracts.trimfile import serial_from_hostname
         first = catalog[again.scan_uids[0]].metadata["start"]
-        serials = [serial_from_hostname(h) for h in first["hostnames"]]
+        serials = first.get("module_serials") or [serial_from_hostname(h)
+                                                   for h in first["hostnames"]]
         out = args.report
         save_calibration(out / "calibration.npz", r.calibration)
         for path in write_calibration_text(out, r.calibration, r.geometry, serials):

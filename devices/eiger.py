@@ -79,6 +79,8 @@ class Eiger(InstrumentDevice):
     n_half_modules = Cpt(EpicsSignalRO, "NumHalfModules_RBV", kind="omitted")
     n_chips = Cpt(EpicsSignalRO, "NumChips_RBV", kind="omitted")
     hostnames = Cpt(LongStringSignalRO, "Hostnames_RBV", kind="config")
+    serials = Cpt(LongStringSignalRO, "Serials_RBV", kind="config",
+                  doc="trim-file serials (.snNNN) of the half modules, '+'-joined")
     det_id = Cpt(LongStringSignalRO, "DetId_RBV", kind="config")
 
     dacs = Cpt(EigerDacs, "")

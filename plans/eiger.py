@@ -100,6 +100,8 @@ class EigerCalibration:
     results_dir: Path
     settings_dir: Path | None = None
     defaults: CalibrationDefaults = DEFAULTS
+    # trim-file serials as the detector reports them (its module ids); [] = from the hostnames
+    module_serials: list[str] = field(default_factory=list)
     calibration_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     vthreshold: int = DEFAULTS.vthreshold
     exptime_s: float = DEFAULTS.exptime_s
@@ -121,7 +123,8 @@ class EigerCalibration:
 
     @property
     def serials(self) -> list[str]:
-        return [serial_from_hostname(h) for h in self.hostnames]
+        """The .snNNN of each half module's trim and calibration files."""
+        return list(self.module_serials) or [serial_from_hostname(h) for h in self.hostnames]
 
     @property
     def uids(self) -> list[str]:
@@ -169,13 +172,20 @@ def new_calibration(det, *, target: str = "Cu", gain: str | None = None,
             f"{det.prefix}: the detector does not report its id, geometry or hostnames "
             f"(DetId_RBV {det_id!r}, Geometry_RBV {geometry_name!r}, Hostnames_RBV "
             f"{'+'.join(hostnames)!r}); check that the EIGER IOC is running and connected")
+    # the detector's module ids name the files (hostnames of virtual servers carry no serial)
+    serials = [s for s in str((yield from bps.rd(det.serials)) or "").split("+") if s]
     geometry = eiger_geometry(geometry_name)
     if len(hostnames) != geometry.n_half_modules:
         raise CalibrationStepError(f"a {geometry.name} has {geometry.n_half_modules} half modules "
                                    f"but the detector names {len(hostnames)} hostnames "
                                    f"({'+'.join(hostnames)}); fix [instruments.eiger] hostnames")
+    if serials and len(serials) != geometry.n_half_modules:
+        raise CalibrationStepError(f"{det.prefix}Serials_RBV lists {len(serials)} serials "
+                                   f"({'+'.join(serials)}) for {geometry.n_half_modules} half "
+                                   "modules; check the detector's module ids (detid)")
     cal = EigerCalibration(det_id=det_id, gain=gain, target=target, geometry=geometry,
-                           hostnames=hostnames, results_dir=Path(results_dir),
+                           hostnames=hostnames, module_serials=serials,
+                           results_dir=Path(results_dir),
                            settings_dir=Path(settings_dir) if settings_dir else None,
                            defaults=defaults, vthreshold=vthreshold_for_gain(gain, defaults),
                            exptime_s=defaults.exptime_s)
