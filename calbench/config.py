@@ -66,6 +66,7 @@ class LabConfig:
     tiled_catalog: str
     instruments: dict[str, InstrumentConfig]
     queue: QueueConfig = QueueConfig()
+    proposal: str = ""           # lab.proposal: default of RE.md["proposal"]
 
     def prefix_of(self, instrument: str) -> str:
         """Full PV prefix of an instrument (lab prefix + instrument prefix)."""
@@ -95,7 +96,8 @@ def _jsonable(d: dict) -> dict:
 
 
 _LAB_KEYS = {"name": str, "home": str, "data_dir": str, "results_dir": str, "pv_prefix": str,
-             "interfaces": list, "time_scale": (int, float), "seed": int, "operator": str}
+             "interfaces": list, "time_scale": (int, float), "seed": int, "operator": str,
+             "proposal": str}
 _TILED_KEYS = {"uri": str, "port": int, "catalog": str, "api_key": str}
 _QUEUE_KEYS = {"bind": str, "redis_port": int, "control_port": int, "info_port": int}
 
@@ -201,4 +203,5 @@ def parse_config(raw: dict, source: Path = DEFAULT_CONFIG) -> LabConfig:
         tiled_api_key=os.environ.get("CALBENCH_TILED_API_KEY", tiled.get("api_key", "")),
         tiled_port=int(tiled.get("port", 8009)), tiled_catalog=tiled.get("catalog", "raw"),
         instruments=instruments, queue=QueueConfig(**raw.get("queue", {})),
+        proposal=lab.get("proposal", ""),
     )

@@ -15,6 +15,14 @@ log = logging.getLogger(__name__)
 # Names the lab uses at the prompt: RE(vrf_scan(det, box)).
 PROFILE_NAMES = {"xraybox": "box", "eiger": "det", "caen": "crate", "dmm": "dmm", "psu": "psu",
                  "batmet": "batmet", "fee": "fee"}
+# ophyd labels, for %wa and %ct (which counts the 'detectors' by default).
+PROFILE_LABELS = {"xraybox": {"sources"}, "eiger": {"detectors"}, "caen": {"hv"},
+                  "dmm": {"detectors"}, "psu": {"supplies"}, "batmet": {"detectors"},
+                  "fee": {"detectors"}}
+# The lab's state recorded in every run's baseline stream (read at open and close), per prompt name.
+BASELINE = {"box": ("hv", "voltage", "current", "target", "xrf_shutter", "direct_shutter"),
+            "det": ("temperature",), "fee": ("temperature",), "psu": ("output", "voltage"),
+            "layer": None}      # None: the device's own read (every electrode's VMon, IMon, Status)
 
 
 def configure_ca(cfg: LabConfig) -> None:
@@ -27,8 +35,9 @@ def make_run_engine(cfg: LabConfig, *, interactive: bool = True):
     """RunEngine with persistent metadata, tiled persistence (or a JSONL fallback), progress bars and
     the BestEffortCallback. Returns (RE, bec, catalog or None)."""
     from bluesky import RunEngine
-    from bluesky.callbacks.best_effort import BestEffortCallback
     from bluesky.utils import PersistentDict, ProgressBarManager
+
+    from calbench.live_feedback import SessionBestEffortCallback
 
     from calbench.persistence import TiledPersister
     from calbench.tiled_service import TiledUnavailable, connect_catalog
@@ -38,12 +47,13 @@ def make_run_engine(cfg: LabConfig, *, interactive: bool = True):
     cfg.home.mkdir(parents=True, exist_ok=True)
     set_results_dir(cfg.results_dir)        # where procedures write their files by default
     RE = RunEngine(PersistentDict(str(cfg.home / "runengine-metadata")))
-    RE.md.setdefault("operator", cfg.operator or os.environ.get("USER", "unknown"))
+    bootstrap_metadata(RE.md, cfg, interactive=interactive)
     RE.md["lab"] = cfg.name
     RE.md["lab_config"] = cfg.as_metadata()
     if interactive:
         RE.waiting_hook = ProgressBarManager()
-    bec = BestEffortCallback()
+    bec = SessionBestEffortCallback(plots_dir=cfg.results_dir / "plots")
+    bec.disable_baseline()       # stored in every run; a table of it twice per run is noise
     if not interactive:
         bec.disable_plots()
     RE.subscribe(bec)
@@ -63,6 +73,22 @@ def make_run_engine(cfg: LabConfig, *, interactive: bool = True):
     return RE, bec, catalog
 
 
+def bootstrap_metadata(md, cfg: LabConfig, *, interactive: bool) -> None:
+    """operator and proposal in RE.md: kept from the last session, else the lab file's, else asked
+    (at an interactive terminal only), else the login name for the operator."""
+    import sys
+
+    for key, default in (("operator", cfg.operator), ("proposal", cfg.proposal)):
+        if md.get(key) not in (None, "", "unknown"):
+            continue
+        value = default
+        if not value and interactive and sys.stdin.isatty():
+            value = input(f"{key} (stored in every run; lab.{key} in the lab file sets a default): ")
+        if not value and key == "operator":
+            value = os.environ.get("USER", "unknown")
+        md[key] = value.strip()
+
+
 def make_lab_devices(cfg: LabConfig, *, timeout: float = 3.0) -> dict:
     """Devices of every configured instrument under their prompt names (box, det, ...). An IOC that
     does not answer is reported, and its device kept (it connects when the IOC comes up)."""
@@ -75,14 +101,48 @@ def make_lab_devices(cfg: LabConfig, *, timeout: float = 3.0) -> dict:
         except ImportError as exc:
             print(f"WARNING: no device for {name}: {exc}")
             continue
+        device._ophyd_labels_ = set(PROFILE_LABELS.get(name, ()))
         try:
             device.ensure_connected(timeout)
         except ConnectionError as exc:
             print(f"WARNING: {exc}")
         devices[PROFILE_NAMES.get(name, name)] = device
     if "crate" in devices:
-        devices["layer"] = devices["crate"].layer(connect=False)   # the configured GEM layer
+        layer = devices["layer"] = devices["crate"].layer(connect=False)   # the configured GEM layer
+        layer._ophyd_labels_ = {"hv"}
+        if devices["crate"].connected:
+            try:
+                layer.ensure_connected(timeout)
+            except ConnectionError as exc:
+                print(f"WARNING: {exc}")
     return devices
+
+
+def lab_baseline(devices: dict) -> list:
+    """What `sd.baseline` records of the lab (tube kV/mA, shutters, temperatures, the GEM layer's
+    channels), from the devices whose IOCs answer: a missing one would fail every run."""
+    baseline = []
+    for name, attrs in BASELINE.items():
+        device = devices.get(name)
+        if device is None or not device.connected:
+            continue
+        baseline.extend([device] if attrs is None else [getattr(device, a) for a in attrs])
+    return baseline
+
+
+def configure_ipython(ip, cfg: LabConfig, RE) -> None:
+    """bluesky's magics (%mov, %movr, %ct, %wa), the lab's errors as one line, the session's log
+    and IPython's input log in the lab home."""
+    from bluesky.magics import BlueskyMagics
+
+    from calbench.session_console import configure_logging, install_error_display
+
+    BlueskyMagics.RE = RE
+    ip.register_magics(BlueskyMagics)
+    log_path = configure_logging(cfg.home)
+    install_error_display(ip, log_path)
+    history = log_path.with_name(log_path.name.replace("session-", "ipython-"))
+    ip.run_line_magic("logstart", f"-o -t -q {history} append")
 
 
 def start_session(user_ns: dict, *, interactive: bool | None = None) -> LabConfig:
