@@ -10,6 +10,7 @@ import bluesky.plan_stubs as bps  # noqa: E402,F401
 import bluesky.preprocessors as bpp  # noqa: E402,F401
 from bluesky import SupplementalData  # noqa: E402
 from bluesky.simulators import summarize_plan  # noqa: E402,F401
+from bluesky_queueserver import is_re_worker_active  # noqa: E402
 from IPython import get_ipython  # noqa: E402
 from tiled.queries import Key  # noqa: E402,F401
 
@@ -25,5 +26,5 @@ peaks = bec.peaks
 sd = SupplementalData()       # baseline: the lab's state at the start and end of every run
 RE.preprocessors.append(sd)
 install_quiet_exit(getattr(RE, "persister", None))
-if get_ipython() is not None:  # not in the queue server's worker
+if get_ipython() is not None and not is_re_worker_active():  # at the prompt only
     configure_ipython(get_ipython(), cfg, RE)
