@@ -609,3 +609,12 @@ def test_an_unexpected_backend_error_is_a_fault_and_the_ioc_serves_on(hw, fake):
         assert ioc.vthreshold_rbv.value == 1200
 
     asyncio.run(main())
+
+
+def test_trimbits_never_set_read_back_as_minus_one(hw, fake):
+    for m in fake.modules:           # a server just started: slsdet saves -1 for every pixel
+        m["trimbits"][:] = -1
+    assert np.all(hw.trimbits() == -1) and hw.trimval() == -1
+    fake.modules[1]["trimbits"][0, 0] = 99
+    with pytest.raises(InstrumentFault, match="cannot be read back"):
+        hw.trimbits()
