@@ -66,7 +66,12 @@ def cmd_ioc_run(args) -> int:
     names = args.names or None
     if args.list_pvs:
         return _print_pvs(cfg, names)
-    groups = build_iocs(cfg, names, force_sim=args.sim, time_scale=args.time_scale)
+    from calbench.iocs.errors import InstrumentFault
+    try:
+        groups = build_iocs(cfg, names, force_sim=args.sim, time_scale=args.time_scale)
+    except InstrumentFault as exc:        # a hardware backend could not open its instrument
+        print(f"calbench: cannot start the IOCs: {exc}", file=sys.stderr)
+        return 1
     pvs = [pv for g in groups for pv in g.pvdb]
     print(f"serving {len(pvs)} PVs of {', '.join(names or cfg.instruments)} on "
           f"{', '.join(cfg.interfaces)} (prefix {cfg.pv_prefix}); Ctrl-C stops", flush=True)

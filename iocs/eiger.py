@@ -368,7 +368,10 @@ class EigerIOC(InstrumentIOC):
         await self.n_half_modules.write(g.n_half_modules)
         await self.n_chips.write(g.n_chips)
         await self.hostnames.write("+".join(self.backend.hostnames))
-        await self.serials.write("+".join(self._serials()))
+        try:
+            await self.serials.write("+".join(self._serials()))
+        except ValueError as exc:          # a simulator's hostname without a number
+            await self.report(f"fault: {exc}")
         await self.det_id.write(str(getattr(self.backend, "det_id", "")))
         await self.image.size_x.write(g.cols // LIVE_BINNING)
         await self.image.size_y.write(g.rows // LIVE_BINNING)

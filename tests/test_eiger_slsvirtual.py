@@ -651,3 +651,13 @@ def test_detector_off(rig, ca):
     assert message.startswith("fault:") and "switch the detector on" in message, message
     assert ca.get("Geometry_RBV") == "500k"                  # the IOC still serves
     print(f"\ndetector off: {message}")
+    # an IOC started while a half module is off does not start, and says why
+    lab = rig.root / "lab.toml"
+    started = subprocess.run([sys.executable, "-m", "calbench.cli", "--config", str(lab), "ioc",
+                              "run", "eiger", "--prefix", "OFF:"], capture_output=True, text=True,
+                             timeout=WAIT_S, env={**os.environ,
+                                                  "CALBENCH_HOME": str(rig.root / "home")})
+    assert started.returncode == 1, started.stderr[-2000:]
+    assert "cannot start the IOCs" in started.stderr and "switch the detector on" in started.stderr
+    print(f"IOC started with the detector off: exit 1, "
+          f"{started.stderr.strip().splitlines()[-1][:200]}")
