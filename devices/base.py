@@ -124,7 +124,9 @@ class CheckedSignal(EpicsSignal):
             def on_refusal(value, **_):
                 if value != start_count:
                     message = owner.status_message.get(use_monitor=False)
-                    finish(InstrumentRefused(f"{self.setpoint_pvname} = {request!r}: {message}"))
+                    if self.setpoint_pvname not in message:     # the IOC names PV and value
+                        message = f"{self.setpoint_pvname} = {request!r}: {message}"
+                    finish(InstrumentRefused(message))
 
             tokens.append((owner.refusals, owner.refusals.subscribe(on_refusal, run=False)))
 
@@ -137,6 +139,11 @@ class CheckedSignal(EpicsSignal):
                 finish()
 
         def put_done(*args, **kw):
+            # a refused put also completes (with ECA_PUTFAIL, which ophyd does not pass on); the
+            # IOC counts the refusal before it answers, so a fresh read of the count tells
+            if owner is not None and owner.refusals.get(use_monitor=False) != start_count:
+                on_refusal(None)
+                return
             if tolerance is None:
                 finish()
             else:

@@ -243,7 +243,7 @@ class Eiger(InstrumentDevice):
         if refusals != refusals_before or counter == counter_before:
             message = self.status_message.get(use_monitor=False)
             state = self.detector_state.get(use_monitor=False)
-            if refusals != refusals_before:
+            if refusals != refusals_before and not message.startswith("fault:"):
                 raise InstrumentRefused(f"{self.prefix}Acquire: {message}")
             raise EigerError(f"{self.prefix}Acquire produced no frame (state {state}): "
                              f"{message or 'no message'}; check the detector and retry")

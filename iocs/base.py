@@ -5,27 +5,153 @@ hardware driver. The PVGroup only translates between PVs and backend calls; all 
 backend. A put the instrument must not accept raises `Refused` in the backend (or in the putter): the
 put fails at the client, the value is not stored, and the reason is published on `StatusMessage_RBV`
 so an operator (or an ophyd device) can show it.
+
+Every writable PV of an InstrumentGroup (the IOC and its subgroups) checks a put on the value the
+client sent, before caproto converts it (iocs/put_check.py): its type, length, control limits, enum
+states, text. A refused put leaves the state unchanged, publishes "refused: <PV> = <typed value>
+<reason>" on StatusMessage_RBV, counts in Refusals_RBV, answers the client with an error (ECA_PUTFAIL
+in the put-callback reply; an error message for a put without callback) and raises the PV's own
+alarm (WRITE, MAJOR) until its next good put. Setting PVs declare their range and units with
+`setting_pv` (published as control and display limits); command PVs with `command_pv`. Who may write
+at all is the IOC's `access` rule (the lab file's writers, see calbench/config.py).
 """
 from __future__ import annotations
 
 import logging
 import math
+from contextvars import ContextVar
+from dataclasses import dataclass
 
-from caproto import ChannelType
+from caproto import AccessRights, AlarmSeverity, AlarmStatus, CAStatus, ChannelAlarm, ChannelType
 from caproto.server import PVGroup, pvproperty
+from caproto.server.server import pvspec_type_map
 
 from calbench.iocs.errors import InstrumentFault, Refused
 from calbench.contracts.clock import WorldClock
+from calbench.iocs.put_check import Sent, check
 
-__all__ = ["InstrumentIOC", "Refused", "InstrumentFault", "string_pv", "enum_pv"]
+__all__ = ["InstrumentIOC", "InstrumentGroup", "Refused", "InstrumentFault", "string_pv", "enum_pv",
+           "setting_pv", "command_pv"]
 
 log = logging.getLogger(__name__)
 
+# True while the server handles a put with callback (set by iocs/server.py's circuit): such a put is
+# answered with an error status, a put without callback with an error message
+WRITE_NOTIFY: ContextVar[bool] = ContextVar("calbench_write_notify", default=False)
 
-def string_pv(name: str, value: str = "", *, read_only: bool = True, max_length: int = 256, doc=""):
+
+@dataclass
+class _Put:
+    """The put being served (a context variable, so backend calls inside it know it)."""
+    where: str              # "<PV> = <typed value>"
+    refused: bool = False   # the refusal is published and counted already
+
+
+_PUT: ContextVar[_Put | None] = ContextVar("calbench_put", default=None)
+
+
+class _CheckedPut:
+    """Mixin of every writable PV class of an InstrumentGroup (see the module docstring).
+
+    length: "exact" (a waveform takes exactly max_length values) or "up to"; max_chars: the longest
+    text a string PV takes (default: what fits)."""
+
+    def __init__(self, *, length: str = "exact", max_chars: int | None = None, **kwargs):
+        kwargs["alarm"] = ChannelAlarm()     # its own alarm: a refusal alarms this PV only
+        super().__init__(**kwargs)
+        self.put_length, self.max_chars = length, max_chars
+
+    def check_access(self, hostname, username):
+        access = getattr(instrument_of(self.group), "access", None)
+        if access is None or access.allows(hostname, username):
+            return AccessRights.READ | AccessRights.WRITE
+        return AccessRights.READ
+
+    async def write_from_dbr(self, data, data_type, metadata, *, flags=0):
+        if data_type in (ChannelType.PUT_ACKS, ChannelType.PUT_ACKT):
+            return await super().write_from_dbr(data, data_type, metadata, flags=flags)
+        sent = Sent.from_wire(data, data_type)
+        put = _Put(f"{self.pvname} = {sent.shown()}")
+        ioc = instrument_of(self.group)
+        reason = check(self, sent)
+        if reason is not None:
+            return await self._refuse(ioc, put, f"refused: {put.where} {reason}")
+        token = _PUT.set(put)
+        try:
+            if self.data_type == ChannelType.CHAR:
+                # caproto converts neither a DBR_STRING nor an empty text to a CHAR waveform
+                result = await self.write(sent.text(), flags=flags)
+            else:
+                result = await super().write_from_dbr(data, data_type, metadata, flags=flags)
+        except (Refused, InstrumentFault) as exc:
+            return await self._refuse(ioc, put, f"refused: {put.where}: {exc}")
+        except Exception as exc:     # a check missed above: still a refusal with its reason
+            log.error("put %s failed unexpectedly", put.where, exc_info=True)
+            return await self._refuse(ioc, put, f"refused: {put.where}: {type(exc).__name__}: {exc}")
+        finally:
+            _PUT.reset(token)
+        if self.alarm.status != AlarmStatus.NO_ALARM:
+            await self.alarm.write(status=AlarmStatus.NO_ALARM, severity=AlarmSeverity.NO_ALARM)
+        return result
+
+    async def _refuse(self, ioc, put: _Put, message: str):
+        if ioc is not None and not put.refused:
+            put.refused = True
+            await ioc.count_refusal(message)
+        await self.alarm.write(status=AlarmStatus.WRITE, severity=AlarmSeverity.MAJOR_ALARM)
+        if WRITE_NOTIFY.get():
+            return CAStatus.ECA_PUTFAIL
+        raise Refused(message)
+
+
+def _checked_class(cls):
+    return type(f"Checked{cls.__name__}", (_CheckedPut, cls), {})
+
+
+class InstrumentGroup(PVGroup):
+    """A PVGroup whose writable PVs check every put (the IOC and each of its subgroups)."""
+
+    type_map = {dtype: _checked_class(cls) for dtype, cls in pvspec_type_map.items()}
+
+
+def instrument_of(group):
+    """The InstrumentIOC a (sub)group belongs to, or None."""
+    while group is not None and not isinstance(group, InstrumentIOC):
+        group = getattr(group, "parent", None)
+    return group
+
+
+def setting_pv(name: str, dtype=ChannelType.DOUBLE, *, low: float, high: float, units: str = "",
+               value=None, precision: int | None = None, doc: str = "", **kwargs):
+    """A setting PV: puts outside low..high are refused; the range is published as control and
+    display limits, with the units. Integer settings are LONG: a client converts a put to the PV's
+    type before sending, and 65537 for a 16-bit PV would arrive as 1."""
+    if value is None:
+        value = 0.0 if dtype in (ChannelType.DOUBLE, ChannelType.FLOAT) else 0
+        value = min(max(value, type(value)(low)), type(value)(high))
+    extra = {} if precision is None else {"precision": precision}
+    return pvproperty(name=name, value=value, dtype=dtype, units=units, lower_ctrl_limit=low,
+                      upper_ctrl_limit=high, lower_disp_limit=low, upper_disp_limit=high, doc=doc,
+                      **extra, **kwargs)
+
+
+def set_limits(pv, low: float, high: float) -> None:
+    """Set a setting PV's range when the IOC is built (from the lab file or the instrument)."""
+    for which, limit in (("lower", low), ("upper", high)):
+        for kind in ("ctrl", "disp"):
+            pv._data[f"{which}_{kind}_limit"] = limit   # caproto's metadata store; no setter
+
+
+def command_pv(name: str, doc: str, *, values: tuple[int, int] = (0, 1)):
+    """A command PV: takes only its documented values (by default 0: nothing, 1: do it)."""
+    return setting_pv(name, ChannelType.LONG, low=values[0], high=values[1], value=0, doc=doc)
+
+
+def string_pv(name: str, value: str = "", *, read_only: bool = True, max_length: int = 256, doc="",
+              **kwargs):
     """A long string PV (a CHAR waveform, `caget -S`), for messages and file names."""
     return pvproperty(name=name, value=value, dtype=ChannelType.CHAR, max_length=max_length,
-                      string_encoding="utf-8", read_only=read_only, doc=doc)
+                      string_encoding="utf-8", read_only=read_only, doc=doc, **kwargs)
 
 
 def enum_pv(name: str, strings: list[str], value: str | None = None, *, read_only=False, doc=""):
@@ -33,7 +159,7 @@ def enum_pv(name: str, strings: list[str], value: str | None = None, *, read_onl
                       dtype=ChannelType.ENUM, enum_strings=list(strings), read_only=read_only, doc=doc)
 
 
-class InstrumentIOC(PVGroup):
+class InstrumentIOC(InstrumentGroup):
     """Base PVGroup: holds the backend and the world clock; StatusMessage_RBV; Connected_RBV."""
 
     status_message = string_pv("StatusMessage_RBV", doc="last refusal or fault, with its remedy")
@@ -48,6 +174,7 @@ class InstrumentIOC(PVGroup):
         super().__init__(prefix, **kwargs)
         self.backend = backend
         self.clock = clock or WorldClock()
+        self.access = None       # who may write (calbench.config.WriteAccess); None: anybody
 
     async def publish(self, instance, value, *, force: bool = False) -> None:
         """Write a readback with a world-clock timestamp (only when it changed, unless forced)."""
@@ -63,17 +190,33 @@ class InstrumentIOC(PVGroup):
             log.warning("%s%s", self.prefix, message)
         await self.status_message.write(message[:255], timestamp=self.clock.now())
 
+    async def count_refusal(self, message: str) -> None:
+        """Publish why a put failed, then count it (a client seeing the count change reads the
+        message); once per put."""
+        put = _PUT.get()
+        if put is not None:
+            if put.refused:
+                return
+            put.refused = True
+        await self.report(message)
+        await self.refusals.write(self.refusals.value + 1, timestamp=self.clock.now())
+
     async def call(self, func, *args):
         """Call a backend method on behalf of a put; a refusal is published (StatusMessage_RBV,
-        Refusals_RBV), then re-raised so the put fails and the old value stays."""
+        Refusals_RBV), then re-raised so the put fails and the old value stays. A fault inside a
+        put fails the put the same way (and drops Connected_RBV)."""
+        put = _PUT.get()
+        where = f"{put.where}: " if put is not None else ""
         try:
             result = func(*args)
         except Refused as exc:
-            await self.report(f"refused: {exc}")
-            await self.refusals.write(self.refusals.value + 1, timestamp=self.clock.now())
+            await self.count_refusal(f"refused: {where}{exc}")
             raise
         except InstrumentFault as exc:
-            await self.report(f"fault: {exc}")
+            if put is not None:
+                await self.count_refusal(f"fault: {where}{exc}")
+            else:
+                await self.report(f"fault: {exc}")
             await self.publish(self.connected, 0)
             raise
         return result

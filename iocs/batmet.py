@@ -17,27 +17,31 @@ from __future__ import annotations
 from caproto import ChannelType
 from caproto.server import pvproperty
 
-from calbench.iocs.base import string_pv
+from calbench.iocs.base import command_pv, setting_pv, string_pv
 from calbench.iocs.bench_ioc import BenchInstrumentIOC
+from calbench.contracts.batmet import DAC_MAX
 
 POLL_PERIOD_S = 1.0
+MAX_SINK_A = 4.0            # the sink's design range (and the calibration's default CalMax)
+MAX_COEFFICIENT = 1e5       # DAC codes per A (per A^2): far beyond any real sink's
 
 
 class BatmetIOC(BenchInstrumentIOC):
-    dac = pvproperty(name="DAC", value=0, dtype=ChannelType.INT, doc="raw DAC code 0..4095")
+    dac = setting_pv("DAC", ChannelType.LONG, low=0, high=DAC_MAX, doc="raw DAC code")
     dac_rbv = pvproperty(name="DAC_RBV", value=0, read_only=True, dtype=ChannelType.INT)
-    sink = pvproperty(name="Sink", value=0.0, dtype=ChannelType.DOUBLE, precision=6, units="A")
+    sink = setting_pv("Sink", low=0.0, high=MAX_SINK_A, units="A", precision=6,
+                      doc="sink current through the stored calibration")
     sink_rbv = pvproperty(name="Sink_RBV", value=0.0, read_only=True, dtype=ChannelType.DOUBLE,
                           precision=6, units="A")
-    cal_min = pvproperty(name="CalMin", value=0.0, dtype=ChannelType.DOUBLE, precision=3,
-                         units="A")
-    cal_max = pvproperty(name="CalMax", value=4.0, dtype=ChannelType.DOUBLE, precision=3,
-                         units="A")
-    cal_a = pvproperty(name="CalA", value=0.0, dtype=ChannelType.DOUBLE, precision=6)
-    cal_b = pvproperty(name="CalB", value=0.0, dtype=ChannelType.DOUBLE, precision=6)
-    cal_c = pvproperty(name="CalC", value=0.0, dtype=ChannelType.DOUBLE, precision=6)
-    cal_write = pvproperty(name="CalWrite", value=0, dtype=ChannelType.INT,
-                           doc="1: store CalMin CalMax CalA CalB CalC in the BatMet (csink)")
+    cal_min = setting_pv("CalMin", low=0.0, high=MAX_SINK_A, units="A", precision=3)
+    cal_max = setting_pv("CalMax", low=0.0, high=MAX_SINK_A, value=MAX_SINK_A, units="A",
+                         precision=3)
+    cal_a = setting_pv("CalA", low=-MAX_COEFFICIENT, high=MAX_COEFFICIENT, units="1/A^2",
+                       precision=6, doc="DAC = a*I^2 + b*I + c")
+    cal_b = setting_pv("CalB", low=-MAX_COEFFICIENT, high=MAX_COEFFICIENT, units="1/A",
+                       precision=6)
+    cal_c = setting_pv("CalC", low=-DAC_MAX, high=DAC_MAX, precision=6)
+    cal_write = command_pv("CalWrite", "1: store CalMin CalMax CalA CalB CalC in the BatMet (csink)")
     calibration = string_pv("Calibration_RBV", doc="the csink line last stored")
     adc_ext = pvproperty(name="AdcExt_RBV", value=0.0, read_only=True, dtype=ChannelType.DOUBLE,
                          precision=4, units="V")
@@ -45,10 +49,10 @@ class BatmetIOC(BenchInstrumentIOC):
                             dtype=ChannelType.DOUBLE, precision=4, units="V")
     adc_sense = pvproperty(name="AdcSense_RBV", value=0.0, read_only=True,
                            dtype=ChannelType.DOUBLE, precision=4, units="V")
-    update = pvproperty(name="Update", value=0, dtype=ChannelType.INT)
+    update = command_pv("Update", "1: read the ADC now")
 
-    async def refresh(self, *, put: bool = True) -> None:
-        adc = await self.run(self.backend.read_adc, put=put)
+    async def refresh(self) -> None:
+        adc = await self.run(self.backend.read_adc)
         await self.publish(self.adc_ext, adc["EXT"])
         await self.publish(self.adc_supply, adc["PSUPPLY"])
         await self.publish(self.adc_sense, adc["SENS"])

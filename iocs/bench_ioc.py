@@ -20,11 +20,12 @@ import asyncio
 import time
 
 from caproto import ChannelType
-from caproto.server import PVGroup, SubGroup, pvproperty
+from caproto.server import SubGroup, pvproperty
 
-from calbench.iocs.base import InstrumentFault, InstrumentIOC, string_pv
+from calbench.iocs.base import InstrumentGroup, InstrumentIOC, command_pv, setting_pv, string_pv
 
 RECONNECT_PERIOD_S = 3.0
+MAX_INJECTED_FAULTS = 1000
 
 
 class _Outcome:
@@ -42,15 +43,14 @@ class _Outcome:
         return self.value
 
 
-class LinkFaultPVs(PVGroup):
+class LinkFaultPVs(InstrumentGroup):
     """Fault injection on a simulated link (removed on hardware backends)."""
 
-    garble_next = pvproperty(name="GarbleNext", value=0, dtype=ChannelType.INT,
+    garble_next = setting_pv("GarbleNext", ChannelType.LONG, low=0, high=MAX_INJECTED_FAULTS,
                              doc="simulation: the next N replies arrive garbled")
-    timeout_next = pvproperty(name="TimeoutNext", value=0, dtype=ChannelType.INT,
+    timeout_next = setting_pv("TimeoutNext", ChannelType.LONG, low=0, high=MAX_INJECTED_FAULTS,
                               doc="simulation: the next N replies never arrive")
-    absent = pvproperty(name="Absent", value=0, dtype=ChannelType.INT,
-                        doc="simulation: 1 = the instrument does not answer at all")
+    absent = command_pv("Absent", "simulation: 1 = the instrument does not answer at all")
     identity = string_pv("Identity", read_only=False,
                          doc="simulation: identity the instrument reports ('' = its own)")
 
@@ -83,8 +83,7 @@ class BenchInstrumentIOC(InstrumentIOC):
     """Base PVGroup of the bench instruments (backend: a driver from iocs/hw/)."""
 
     identity = string_pv("Identity_RBV", doc="the instrument's identification (*IDN? or help)")
-    reconnect = pvproperty(name="Reconnect", value=0, dtype=ChannelType.INT,
-                           doc="1: close the link and open it again (after fixing a cable)")
+    reconnect = command_pv("Reconnect", "1: close the link and open it again (after fixing a cable)")
     sim = SubGroup(LinkFaultPVs, prefix="Sim:")
 
     def __init__(self, *, prefix, backend, clock=None, **kwargs):
@@ -95,17 +94,11 @@ class BenchInstrumentIOC(InstrumentIOC):
                     del self.pvdb[name]
         self._last_attempt = 0.0
 
-    async def run(self, func, *args, put: bool = True):
+    async def run(self, func, *args):
         """Call a driver method in a worker thread. Refusals and faults are published as by
-        InstrumentIOC.call; on behalf of a put (put=True) a fault also counts in Refusals_RBV (the
-        put was not done). Polls pass put=False: their faults must not fail someone's put."""
+        InstrumentIOC.call (a fault fails and counts only a put it happens in, not a poll)."""
         outcome = await asyncio.to_thread(_Outcome, func, args)
-        try:
-            result = await self.call(outcome.get)
-        except InstrumentFault:
-            if put:
-                await self.refusals.write(self.refusals.value + 1, timestamp=self.clock.now())
-            raise
+        result = await self.call(outcome.get)
         await self._connected_now()
         return result
 
@@ -118,7 +111,7 @@ class BenchInstrumentIOC(InstrumentIOC):
         """Open the link (at start-up, and every few seconds while disconnected)."""
         self._last_attempt = time.monotonic()
         try:
-            await self.run(self.backend.open, put=False)
+            await self.run(self.backend.open)
         except Exception:       # reported on StatusMessage_RBV by run()
             return False
         await self.report("")
@@ -128,15 +121,15 @@ class BenchInstrumentIOC(InstrumentIOC):
     async def after_connect(self) -> None:
         """Hook: publish the instrument's state once it answers."""
 
-    async def refresh(self, *, put: bool = True) -> None:
-        """Hook: read the instrument and publish its readbacks (put: on behalf of a put)."""
+    async def refresh(self) -> None:
+        """Hook: read the instrument and publish its readbacks."""
 
     async def poll(self) -> None:
         """One period of a poll loop: keep the link up and, while connected, refresh the
         readbacks (a failure is reported on StatusMessage_RBV and tried again next period)."""
         if await self.keep_connected():
             try:
-                await self.refresh(put=False)
+                await self.refresh()
             except Exception:       # reported by run(); the instrument may come back
                 pass
 

@@ -24,9 +24,12 @@ import logging
 import time
 
 from caproto import ChannelType
-from caproto.server import PVGroup, SubGroup, pvproperty
+from caproto.server import SubGroup, pvproperty
 
-from calbench.iocs.base import InstrumentFault, InstrumentIOC, enum_pv, string_pv
+from calbench.iocs.base import (InstrumentFault, InstrumentGroup, InstrumentIOC, command_pv, enum_pv,
+                                setting_pv, string_pv)
+from calbench.contracts.caen import (BOARD_CHANNELS, HW_IMAX_UA, HW_VMAX_V, RAMP_LIMITS_V_PER_S,
+                                     TRIP_LIMITS_S)
 
 log = logging.getLogger(__name__)
 
@@ -38,23 +41,33 @@ IDLE_POLL_PERIOD_S = 0.25     # poll period (wall s) of an idle crate
 IDLE_AFTER_S = 5.0            # a crate is idle this long (wall s) after the last put
 
 
+CHANNEL_NAME_CHARS = 12
+
+
 def _double(name: str, units: str, precision: int, *, read_only: bool = False, doc: str = ""):
     return pvproperty(name=name, value=0.0, dtype=ChannelType.DOUBLE, units=units,
                       precision=precision, read_only=read_only, doc=doc)
 
 
-class ChannelPVs(PVGroup):
+def _setting(name: str, units: str, precision: int, low: float, high: float, doc: str):
+    return setting_pv(name, low=low, high=high, units=units, precision=precision, doc=doc)
+
+
+class ChannelPVs(InstrumentGroup):
     """The PVs of one crate channel; puts go to the crate through the IOC's backend."""
 
-    v0set = _double("V0Set", "V", 1, doc="voltage setpoint (clamped to SVMax by the crate)")
-    i0set = _double("I0Set", "uA", 3, doc="current limit: above it for Trip s, the channel trips")
-    rup = _double("RUp", "V/s", 1, doc="ramp-up rate")
-    rdwn = _double("RDWn", "V/s", 1, doc="ramp-down rate")
-    trip = _double("Trip", "s", 1, doc="time above I0Set before a trip")
-    svmax = _double("SVMax", "V", 1, doc="software voltage limit")
+    v0set = _setting("V0Set", "V", 1, 0.0, HW_VMAX_V,
+                     "voltage setpoint (clamped to SVMax by the crate)")
+    i0set = _setting("I0Set", "uA", 3, 0.0, HW_IMAX_UA,
+                     "current limit: above it for Trip s, the channel trips")
+    rup = _setting("RUp", "V/s", 1, *RAMP_LIMITS_V_PER_S, "ramp-up rate")
+    rdwn = _setting("RDWn", "V/s", 1, *RAMP_LIMITS_V_PER_S, "ramp-down rate")
+    trip = _setting("Trip", "s", 1, *TRIP_LIMITS_S, "time above I0Set before a trip")
+    svmax = _setting("SVMax", "V", 1, 0.0, HW_VMAX_V, "software voltage limit")
     pw = enum_pv("Pw", OFF_ON, doc="power; the crate switches it Off on a trip")
     pdwn = enum_pv("PDwn", KILL_RAMP, doc="after a trip: Kill (at once) or Ramp (at RDWn)")
-    ch_name = pvproperty(name="ChName", value="", dtype=ChannelType.STRING, doc="channel name")
+    ch_name = pvproperty(name="ChName", value="", dtype=ChannelType.STRING,
+                         max_chars=CHANNEL_NAME_CHARS, doc="channel name")
     vmon = _double("VMon", "V", 2, read_only=True, doc="monitored voltage")
     imon = _double("IMon", "uA", 4, read_only=True, doc="monitored current")
     status = pvproperty(name="Status", value=0, dtype=ChannelType.LONG, read_only=True,
@@ -139,7 +152,7 @@ class ChannelPVs(PVGroup):
         await pub(self.ch_name, str(board["ChName"][c])[:39])
 
 
-class BoardPVs(PVGroup):
+class BoardPVs(InstrumentGroup):
     """Crate-map entry of one slot."""
     model = string_pv("Model_RBV", doc="board model, e.g. A1515TG")
     description = string_pv("Description_RBV")
@@ -149,16 +162,16 @@ class BoardPVs(PVGroup):
     n_channels = pvproperty(name="NumChannels_RBV", value=0, dtype=ChannelType.LONG, read_only=True)
 
 
-class _SimControls(PVGroup):
-    unreachable = pvproperty(name="Unreachable", value=0, dtype=ChannelType.INT,
-                             doc="simulation: 1 makes the crate stop answering")
-    spark_rate_scale = pvproperty(name="SparkRateScale", value=1.0, dtype=ChannelType.DOUBLE,
+class _SimControls(InstrumentGroup):
+    unreachable = command_pv("Unreachable", "simulation: 1 makes the crate stop answering")
+    spark_rate_scale = setting_pv("SparkRateScale", low=0.0, high=1e6, value=1.0,
                                   doc="simulation: multiplies every foil's discharge rate")
-    discharge_channel = pvproperty(name="DischargeChannel", value=-1, dtype=ChannelType.INT,
+    discharge_channel = setting_pv("DischargeChannel", ChannelType.LONG, low=-1,
+                                   high=BOARD_CHANNELS - 1, value=-1,
                                    doc="simulation: put a channel number to start a 10 s discharge")
-    short_channel = pvproperty(name="ShortChannel", value=-1, dtype=ChannelType.INT,
-                               doc="simulation: put a channel number to short its electrode "
-                                   "(10 MOhm), -1 repairs")
+    short_channel = setting_pv("ShortChannel", ChannelType.LONG, low=-1, high=BOARD_CHANNELS - 1,
+                               value=-1, doc="simulation: put a channel number to short its "
+                                             "electrode (10 MOhm), -1 repairs")
 
     @unreachable.putter
     async def unreachable(self, instance, value):
@@ -190,10 +203,8 @@ class CaenCrateIOC(InstrumentIOC):
 
     system_type = string_pv("SystemType_RBV", doc="crate model, e.g. SY5527")
     slots = string_pv("Slots_RBV", doc="occupied slots, comma separated")
-    clear_alarm = pvproperty(name="ClearAlarm", value=0, dtype=ChannelType.INT,
-                             doc="put 1: clear latched trips on every channel")
-    kill = pvproperty(name="Kill", value=0, dtype=ChannelType.INT,
-                      doc="put 1: switch every channel off at once")
+    clear_alarm = command_pv("ClearAlarm", "put 1: clear latched trips on every channel")
+    kill = command_pv("Kill", "put 1: switch every channel off at once")
 
     sim = SubGroup(_SimControls, prefix="Sim:")
 

@@ -57,11 +57,13 @@ import numpy as np
 from caproto import ChannelType
 from caproto._constants import (MAX_SUBSCRIPTION_BACKLOG,
                                 SUBSCRIPTION_BACKLOG_WARN_THRESHOLD_ELEMENTS)
-from caproto.server import PVGroup, SubGroup, pvproperty
+from caproto.server import SubGroup, pvproperty
 
+from calbench.contracts.eiger import DAC_MAX, DAC_MIN, TRIMBIT_MAX
 from calbench.contracts.eiger_geometry import EigerGeometry, frame_dtype
 from calbench.contracts.trimfile import DAC_NAMES, SETTINGS_NAMES, serial_from_hostname
-from calbench.iocs.base import InstrumentFault, InstrumentIOC, Refused, enum_pv, string_pv
+from calbench.iocs.base import (InstrumentFault, InstrumentGroup, InstrumentIOC, Refused, command_pv,
+                                enum_pv, setting_pv, string_pv)
 
 log = logging.getLogger(__name__)
 
@@ -77,23 +79,41 @@ MAX_TRIM_ENERGIES = 32
 ALL_DACS = tuple(DAC_NAMES) + ("iodelay",)
 
 
-def _int_pv(name, value=0, *, read_only=False, doc=""):
-    return pvproperty(name=name, value=value, dtype=ChannelType.LONG, read_only=read_only, doc=doc)
+MAX_COUNTER = 2 ** 31 - 1
+MAX_ENERGY_EV = 100_000
+MAX_FRAMES = 100_000
+MAX_TIME_S = 3600.0
 
 
-def _float_pv(name, value=0.0, *, read_only=False, units="", precision=4, doc=""):
-    return pvproperty(name=name, value=value, dtype=ChannelType.DOUBLE, read_only=read_only,
-                      units=units, precision=precision, doc=doc)
+def _int_pv(name, value=0, *, read_only=False, low=None, high=None, units="", doc=""):
+    if not read_only:           # a setting: its range is declared (and published)
+        return setting_pv(name, ChannelType.LONG, low=low, high=high, value=value, units=units,
+                          doc=doc)
+    return pvproperty(name=name, value=value, dtype=ChannelType.LONG, read_only=True, units=units,
+                      doc=doc)
 
 
-def _array_pv(name, dtype, *, read_only=False, doc=""):
-    """A waveform sized for the detector when the IOC is built (see EigerIOC._create_pvdb)."""
+def _float_pv(name, value=0.0, *, read_only=False, low=None, high=None, units="", precision=4,
+              doc=""):
+    if not read_only:
+        return setting_pv(name, low=low, high=high, value=value, units=units, precision=precision,
+                          doc=doc)
+    return pvproperty(name=name, value=value, dtype=ChannelType.DOUBLE, read_only=True, units=units,
+                      precision=precision, doc=doc)
+
+
+def _array_pv(name, dtype, *, read_only=False, low=None, high=None, doc=""):
+    """A waveform sized for the detector when the IOC is built (see EigerIOC._create_pvdb); a
+    writable one takes exactly that many values in low..high."""
     zero = np.zeros(2, dtype={ChannelType.LONG: np.int32, ChannelType.INT: np.int16,
                               ChannelType.DOUBLE: np.float64, ChannelType.FLOAT: np.float32}[dtype])
-    return pvproperty(name=name, value=zero, dtype=dtype, max_length=2, read_only=read_only, doc=doc)
+    limits = {} if read_only else dict(lower_ctrl_limit=low, upper_ctrl_limit=high,
+                                       lower_disp_limit=low, upper_disp_limit=high)
+    return pvproperty(name=name, value=zero, dtype=dtype, max_length=2, read_only=read_only, doc=doc,
+                      **limits)
 
 
-def _dac_group() -> type[PVGroup]:
+def _dac_group() -> type[InstrumentGroup]:
     """PVGroup with `<dac>` and `<dac>_RBV` for the 16 DACs and iodelay (slsdet names)."""
 
     def make_putter(dac: str):
@@ -105,16 +125,15 @@ def _dac_group() -> type[PVGroup]:
 
     attrs = {}
     for dac in ALL_DACS:
-        attrs[dac] = pvproperty(name=dac, value=0, dtype=ChannelType.LONG, put=make_putter(dac),
-                                doc=f"{dac} of every half module, DAC units 0..4000")
+        attrs[dac] = setting_pv(dac, ChannelType.LONG, low=DAC_MIN, high=DAC_MAX,
+                                put=make_putter(dac), doc=f"{dac} of every half module, DAC units")
         attrs[f"{dac}_rbv"] = pvproperty(name=f"{dac}_RBV", value=0, dtype=ChannelType.LONG,
                                          read_only=True, doc=f"{dac}; -1 if half modules differ")
-    return type("EigerDacs", (PVGroup,), attrs)
+    return type("EigerDacs", (InstrumentGroup,), attrs)
 
 
-class _SimControls(PVGroup):
-    unresponsive = pvproperty(name="Unresponsive", value=0, dtype=ChannelType.INT,
-                              doc="simulation: 1 makes the detector stop answering")
+class _SimControls(InstrumentGroup):
+    unresponsive = command_pv("Unresponsive", "simulation: 1 makes the detector stop answering")
 
     @unresponsive.putter
     async def unresponsive(self, instance, value):
@@ -122,7 +141,7 @@ class _SimControls(PVGroup):
         return int(bool(value))
 
 
-class _LiveImage(PVGroup):
+class _LiveImage(InstrumentGroup):
     array_data = _array_pv("ArrayData", ChannelType.FLOAT, read_only=True,
                            doc="last frame, summed in Binning x Binning bins, row-major")
     size_x = _int_pv("ArraySizeX_RBV", read_only=True)
@@ -143,37 +162,43 @@ class EigerIOC(InstrumentIOC):
     det_id = string_pv("DetId_RBV")
 
     dacs = SubGroup(_dac_group(), prefix="")
-    dac_table = _array_pv("DacTable", ChannelType.LONG, doc="[17 x half modules] DACs + iodelay")
+    dac_table = _array_pv("DacTable", ChannelType.LONG, low=DAC_MIN, high=DAC_MAX,
+                          doc="[17 x half modules] DACs + iodelay")
     dac_table_rbv = _array_pv("DacTable_RBV", ChannelType.LONG, read_only=True)
-    vthreshold = _int_pv("Vthreshold", doc="vcmp_ll/lr/rl/rr and vcp of every half module")
+    vthreshold = _int_pv("Vthreshold", low=DAC_MIN, high=DAC_MAX,
+                         doc="vcmp_ll/lr/rl/rr and vcp of every half module")
     vthreshold_rbv = _int_pv("Vthreshold_RBV", read_only=True, doc="-1 if they differ")
-    vcmp = _array_pv("Vcmp", ChannelType.LONG, doc="per-chip vcmp (slsdet order)")
+    vcmp = _array_pv("Vcmp", ChannelType.LONG, low=DAC_MIN, high=DAC_MAX,
+                     doc="per-chip vcmp (slsdet order)")
     vcmp_rbv = _array_pv("Vcmp_RBV", ChannelType.LONG, read_only=True)
 
-    trimbits = _array_pv("Trimbits", ChannelType.INT, doc="rows x cols trimbits 0..63")
+    trimbits = _array_pv("Trimbits", ChannelType.INT, low=0, high=TRIMBIT_MAX,
+                         doc="rows x cols trimbits")
     trimbits_rbv = _array_pv("Trimbits_RBV", ChannelType.INT, read_only=True)
-    trimval = _int_pv("Trimval", 32, doc="set every trimbit to this value")
+    trimval = _int_pv("Trimval", 32, low=0, high=TRIMBIT_MAX, doc="set every trimbit to this value")
     trimval_rbv = _int_pv("Trimval_RBV", read_only=True, doc="-1 if trimbits differ")
     load_trimbits = string_pv("LoadTrimbits", read_only=False,
                               doc="path prefix of trim files to load (.snXXX appended)")
     save_trimbits = string_pv("SaveTrimbits", read_only=False,
                               doc="path prefix to save the trim files to (.snXXX appended)")
 
-    dynamic_range = _int_pv("DynamicRange", 16, doc="bits: 4, 8, 12, 16 or 32")
+    dynamic_range = _int_pv("DynamicRange", 16, low=4, high=32, units="bit",
+                            doc="bits: 4, 8, 12, 16 or 32")
     dynamic_range_rbv = _int_pv("DynamicRange_RBV", 16, read_only=True)
-    acquire_time = _float_pv("AcquireTime", 1.0, units="s")
+    acquire_time = _float_pv("AcquireTime", 1.0, low=0.0, high=MAX_TIME_S, units="s")
     acquire_time_rbv = _float_pv("AcquireTime_RBV", 1.0, units="s", read_only=True)
-    acquire_period = _float_pv("AcquirePeriod", 0.0, units="s")
+    acquire_period = _float_pv("AcquirePeriod", 0.0, low=0.0, high=MAX_TIME_S, units="s")
     acquire_period_rbv = _float_pv("AcquirePeriod_RBV", 0.0, units="s", read_only=True)
-    num_images = _int_pv("NumImages", 1)
+    num_images = _int_pv("NumImages", 1, low=1, high=MAX_FRAMES)
     num_images_rbv = _int_pv("NumImages_RBV", 1, read_only=True)
 
-    threshold_energy = _int_pv("ThresholdEnergy", -1, doc="eV; loads/interpolates trim files")
+    threshold_energy = _int_pv("ThresholdEnergy", -1, low=1, high=MAX_ENERGY_EV, units="eV",
+                               doc="loads/interpolates trim files")
     threshold_energy_rbv = _int_pv("ThresholdEnergy_RBV", -1, read_only=True,
                                    doc="eV; -1 when DACs or trimbits were set directly")
-    trim_energies = pvproperty(name="TrimEnergies", value=[4500, 5400, 6400],
-                               dtype=ChannelType.LONG, max_length=MAX_TRIM_ENERGIES,
-                               doc="eV for which trim files exist")
+    trim_energies = setting_pv("TrimEnergies", ChannelType.LONG, low=1, high=MAX_ENERGY_EV,
+                               value=[4500, 5400, 6400], units="eV", max_length=MAX_TRIM_ENERGIES,
+                               length="up to", doc="energies for which trim files exist")
     trim_energies_rbv = pvproperty(name="TrimEnergies_RBV", value=[4500, 5400, 6400],
                                    dtype=ChannelType.LONG, max_length=MAX_TRIM_ENERGIES,
                                    read_only=True)
@@ -182,16 +207,16 @@ class EigerIOC(InstrumentIOC):
                            read_only=True)
     settings_dir = string_pv("SettingsDir", read_only=False, max_length=1024)
     settings_dir_rbv = string_pv("SettingsDir_RBV", max_length=1024)
-    rate_corr_tau = _float_pv("RateCorrTau", 0.0, units="ns", precision=1)
+    rate_corr_tau = _float_pv("RateCorrTau", 0.0, low=0.0, high=10_000.0, units="ns", precision=1)
     rate_corr_tau_rbv = _float_pv("RateCorrTau_RBV", 0.0, units="ns", precision=1, read_only=True)
-    test_pulses = _int_pv("TestPulses", 0, doc="test pulses per frame; 0 = off")
+    test_pulses = _int_pv("TestPulses", 0, low=0, high=65535, doc="test pulses per frame; 0 = off")
     test_pulses_rbv = _int_pv("TestPulses_RBV", 0, read_only=True)
     temperature = _float_pv("Temperature_RBV", 0.0, units="degC", precision=2, read_only=True)
 
     acquire = enum_pv("Acquire", ACQUIRE)
     acquire_rbv = enum_pv("Acquire_RBV", ACQUIRE, read_only=True)
     detector_state = enum_pv("DetectorState_RBV", DETECTOR_STATES, read_only=True)
-    array_counter = _int_pv("ArrayCounter")
+    array_counter = _int_pv("ArrayCounter", low=0, high=MAX_COUNTER)
     array_counter_rbv = _int_pv("ArrayCounter_RBV", read_only=True)
     images_counter = _int_pv("NumImagesCounter_RBV", read_only=True)
     acquire_start = _float_pv("AcquireStartTime_RBV", 0.0, units="s", precision=3, read_only=True,
@@ -202,7 +227,7 @@ class EigerIOC(InstrumentIOC):
     file_path_exists = enum_pv("FilePathExists_RBV", NO_YES, read_only=True)
     file_name = string_pv("FileName", "eiger", read_only=False)
     file_name_rbv = string_pv("FileName_RBV", "eiger")
-    file_number = _int_pv("FileNumber", 0)
+    file_number = _int_pv("FileNumber", 0, low=0, high=MAX_COUNTER)
     file_number_rbv = _int_pv("FileNumber_RBV", 0, read_only=True)
     auto_increment = enum_pv("AutoIncrement", NO_YES, "Yes")
     file_write_mode = enum_pv("FileWriteMode", FILE_WRITE_MODES)
@@ -430,15 +455,22 @@ class EigerIOC(InstrumentIOC):
     @load_trimbits.putter
     async def load_trimbits(self, instance, value):
         if value:
+            await self._refuse_relative("LoadTrimbits", str(value))
             await self._setting(self.backend.load_trimbits, str(value), trimbits=True)
         return value
 
     @save_trimbits.putter
     async def save_trimbits(self, instance, value):
         if value:
+            await self._refuse_relative("SaveTrimbits", str(value))
             await self.refuse_if_busy()
             await self.call(self.backend.save_trimbits, str(value))
         return value
+
+    async def _refuse_relative(self, pv: str, path: str) -> None:
+        """A relative path would land in whatever directory the IOC was started from."""
+        if not os.path.isabs(path):
+            await self.call(_raise, Refused(f"{pv} {path!r} must be an absolute path prefix"))
 
     # -- acquisition settings -----------------------------------------------------------------------
     @dynamic_range.putter

@@ -33,13 +33,15 @@ import math
 
 import numpy as np
 from caproto import ChannelType
-from caproto.server import PVGroup, SubGroup, pvproperty
+from caproto.server import SubGroup, pvproperty
 
-from calbench.iocs.base import InstrumentFault, InstrumentIOC, enum_pv
-from calbench.contracts.fee import (ADC_FINE_LSB_PC, DAC_FULL_SCALE_PC, DAC_MAX,
-                                    MAX_SWEEP_PULSES, N_CHANNELS, TDC_LSB_NS)
+from calbench.contracts.fee import (ADC_FINE_LSB_PC, DAC_FULL_SCALE_PC, DAC_MAX, MAX_SWEEP_PULSES,
+                                    N_CHANNELS, TDC_LSB_NS, THRESHOLD_RANGE_MV)
+from calbench.iocs.base import (InstrumentFault, InstrumentGroup, InstrumentIOC, command_pv, enum_pv,
+                                setting_pv)
 
 POLL_PERIOD_S = 0.05
+MAX_CABLE_M = 2000.0
 ACQUIRE = ["Done", "Acquire"]
 
 
@@ -53,16 +55,16 @@ def _scalar_rbv(name: str, units: str, doc: str = ""):
                       precision=4, units=units, doc=doc)
 
 
-class _ChannelSweep(PVGroup):
+class _ChannelSweep(InstrumentGroup):
     direct_charge = _waveform("DirectCharge_RBV", "direct-pulse charge of each pulse, pC")
     direct_time = _waveform("DirectTime_RBV", "direct-pulse TDC time of each pulse, ns")
     reflected_charge = _waveform("ReflectedCharge_RBV", "reflected-pulse charge of each pulse, pC")
     reflected_time = _waveform("ReflectedTime_RBV", "reflected-pulse TDC time of each pulse, ns")
 
 
-class _Channel(PVGroup):
-    threshold = pvproperty(name="Threshold", value=0.0, dtype=ChannelType.DOUBLE, precision=3,
-                           units="mV", doc="leading-edge discriminator threshold")
+class _Channel(InstrumentGroup):
+    threshold = setting_pv("Threshold", low=THRESHOLD_RANGE_MV[0], high=THRESHOLD_RANGE_MV[1],
+                           units="mV", precision=3, doc="leading-edge discriminator threshold")
     direct_charge = _scalar_rbv("DirectCharge_RBV", "pC", "last single pulse")
     direct_time = _scalar_rbv("DirectTime_RBV", "ns")
     reflected_charge = _scalar_rbv("ReflectedCharge_RBV", "pC")
@@ -80,13 +82,13 @@ class _Channel(PVGroup):
         return value
 
 
-class _SimControls(PVGroup):
-    cable_length = pvproperty(name="CableLength", value=[0.0] * N_CHANNELS, dtype=ChannelType.DOUBLE,
+class _SimControls(InstrumentGroup):
+    cable_length = setting_pv("CableLength", low=0.0, high=MAX_CABLE_M, value=[0.0] * N_CHANNELS,
                               max_length=N_CHANNELS, units="m",
                               doc="simulation: RG58 length on each channel, 0 = nothing connected")
-    mean_temperature = pvproperty(name="MeanTemperature", value=20.0, dtype=ChannelType.DOUBLE,
-                                  units="degC", doc="simulation: mean cable temperature")
-    daily_swing = pvproperty(name="DailySwing", value=0.0, dtype=ChannelType.DOUBLE, units="K",
+    mean_temperature = setting_pv("MeanTemperature", low=-40.0, high=80.0, value=20.0, units="degC",
+                                  doc="simulation: mean cable temperature")
+    daily_swing = setting_pv("DailySwing", low=0.0, high=40.0, units="K",
                              doc="simulation: amplitude of the daily temperature cycle")
 
     @cable_length.putter
@@ -110,19 +112,19 @@ class _SimControls(PVGroup):
 
 
 class FeeIOC(InstrumentIOC):
-    cal_dac = pvproperty(name="CalDAC", value=0, dtype=ChannelType.LONG,
-                         doc="calibration DAC register 0..65535")
+    cal_dac = setting_pv("CalDAC", ChannelType.LONG, low=0, high=DAC_MAX,
+                         doc="calibration DAC register")
     cal_dac_rbv = pvproperty(name="CalDAC_RBV", value=0, dtype=ChannelType.LONG, read_only=True)
     cal_charge = pvproperty(name="CalCharge_RBV", value=0.0, dtype=ChannelType.DOUBLE, read_only=True,
                             precision=3, units="pC")
-    fire = pvproperty(name="Fire", value=0, dtype=ChannelType.LONG,
-                      doc="put 1: one calibration pulse at CalDAC on the enabled channels")
-    channel_mask = pvproperty(name="ChannelMask", value=(1 << N_CHANNELS) - 1, dtype=ChannelType.LONG)
+    fire = command_pv("Fire", "put 1: one calibration pulse at CalDAC on the enabled channels")
+    channel_mask = setting_pv("ChannelMask", ChannelType.LONG, low=1, high=(1 << N_CHANNELS) - 1,
+                              value=(1 << N_CHANNELS) - 1, doc="bit c enables channel c")
     channel_mask_rbv = pvproperty(name="ChannelMask_RBV", value=(1 << N_CHANNELS) - 1,
                                   dtype=ChannelType.LONG, read_only=True)
-    seq_start = pvproperty(name="Seq:Start", value=500, dtype=ChannelType.LONG)
-    seq_stop = pvproperty(name="Seq:Stop", value=12000, dtype=ChannelType.LONG)
-    seq_step = pvproperty(name="Seq:Step", value=1, dtype=ChannelType.LONG)
+    seq_start = setting_pv("Seq:Start", ChannelType.LONG, low=0, high=DAC_MAX, value=500)
+    seq_stop = setting_pv("Seq:Stop", ChannelType.LONG, low=0, high=DAC_MAX, value=12000)
+    seq_step = setting_pv("Seq:Step", ChannelType.LONG, low=1, high=DAC_MAX, value=1)
     seq_acquire = enum_pv("Seq:Acquire", ACQUIRE)
     seq_busy = pvproperty(name="Seq:Busy_RBV", value=0, dtype=ChannelType.LONG, read_only=True)
     seq_progress = pvproperty(name="Seq:Progress_RBV", value=0, dtype=ChannelType.LONG,

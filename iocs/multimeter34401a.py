@@ -21,12 +21,12 @@ import numpy as np
 from caproto import ChannelType
 from caproto.server import pvproperty
 
-from calbench.iocs.base import Refused, enum_pv, string_pv
+from calbench.iocs.base import Refused, command_pv, enum_pv, setting_pv, string_pv
 from calbench.iocs.bench_ioc import BenchInstrumentIOC
+from calbench.iocs.hw.agilent34401a import DISPLAY_CHARS, MAX_SAMPLES, NPLC_VALUES, VOLTAGE_RANGES_V
 
 FUNCTIONS = ["CURR:DC", "VOLT:DC"]
 LOCAL_REMOTE = ["Local", "Remote"]
-MAX_SAMPLES = 100
 POLL_PERIOD_S = 0.5
 
 
@@ -39,17 +39,17 @@ def _check_samples(count: int) -> int:
 class Multimeter34401aIOC(BenchInstrumentIOC):
     function = enum_pv("Function", FUNCTIONS)
     function_rbv = enum_pv("Function_RBV", FUNCTIONS, read_only=True)
-    range_setpoint = pvproperty(name="Range", value=0.0, dtype=ChannelType.DOUBLE, precision=3,
-                       doc="requested range, A or V; 0 = autorange")
+    range_setpoint = setting_pv("Range", low=0.0, high=max(VOLTAGE_RANGES_V), precision=3,
+                                doc="requested range, A or V; 0 = autorange")
     range_rbv = pvproperty(name="Range_RBV", value=0.0, read_only=True, dtype=ChannelType.DOUBLE,
                            precision=3, doc="range in use at the last reading")
-    nplc = pvproperty(name="NPLC", value=10.0, dtype=ChannelType.DOUBLE, precision=2)
+    nplc = setting_pv("NPLC", low=min(NPLC_VALUES), high=max(NPLC_VALUES), value=10.0, precision=2,
+                      doc=f"power-line cycles per reading: {', '.join(f'{n:g}' for n in NPLC_VALUES)}")
     nplc_rbv = pvproperty(name="NPLC_RBV", value=10.0, read_only=True, dtype=ChannelType.DOUBLE,
                           precision=2)
-    samples = pvproperty(name="Samples", value=1, dtype=ChannelType.INT,
+    samples = setting_pv("Samples", ChannelType.LONG, low=1, high=MAX_SAMPLES, value=1,
                          doc="readings averaged per Measure")
-    measure = pvproperty(name="Measure", value=0, dtype=ChannelType.INT,
-                         doc="1: measure; the put completes when Reading_RBV is updated")
+    measure = command_pv("Measure", "1: measure; the put completes when Reading_RBV is updated")
     reading = pvproperty(name="Reading_RBV", value=0.0, read_only=True, dtype=ChannelType.DOUBLE,
                          precision=9)
     reading_std = pvproperty(name="ReadingStd_RBV", value=0.0, read_only=True,
@@ -57,11 +57,11 @@ class Multimeter34401aIOC(BenchInstrumentIOC):
     reading_count = pvproperty(name="ReadingCount_RBV", value=0, read_only=True,
                                dtype=ChannelType.INT)
     display_text = string_pv("DisplayText", read_only=False, max_length=40,
-                             doc="front-panel text (12 characters)")
-    display_clear = pvproperty(name="DisplayClear", value=0, dtype=ChannelType.INT)
+                             max_chars=DISPLAY_CHARS, doc="front-panel text (12 characters)")
+    display_clear = command_pv("DisplayClear", "1: clear the front-panel text")
     remote = enum_pv("Remote", LOCAL_REMOTE)
     remote_rbv = enum_pv("Remote_RBV", LOCAL_REMOTE, read_only=True)
-    clear_status = pvproperty(name="ClearStatus", value=0, dtype=ChannelType.INT)
+    clear_status = command_pv("ClearStatus", "1: read out and clear the error queue (*CLS)")
 
     async def after_connect(self) -> None:
         # open() configured the meter and put it in remote

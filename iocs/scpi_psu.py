@@ -16,21 +16,22 @@ from __future__ import annotations
 from caproto import ChannelType
 from caproto.server import pvproperty
 
-from calbench.iocs.base import enum_pv
+from calbench.iocs.base import command_pv, enum_pv, set_limits, setting_pv
 from calbench.iocs.bench_ioc import BenchInstrumentIOC
+from calbench.iocs.hw.scpi_psu import DEFAULT_SETTINGS
 
 OFF_ON = ["Off", "On"]
 MODES = ["Off", "CV", "CC"]
 POLL_PERIOD_S = 0.5
+DEFAULT_MAX_V = DEFAULT_SETTINGS["max_voltage_V"]
+DEFAULT_MAX_A = DEFAULT_SETTINGS["max_current_A"]
 
 
 class ScpiPsuIOC(BenchInstrumentIOC):
-    voltage = pvproperty(name="Voltage", value=0.0, dtype=ChannelType.DOUBLE, precision=4,
-                         units="V")
+    voltage = setting_pv("Voltage", low=0.0, high=DEFAULT_MAX_V, units="V", precision=4)
     voltage_rbv = pvproperty(name="Voltage_RBV", value=0.0, read_only=True,
                              dtype=ChannelType.DOUBLE, precision=4, units="V")
-    current_limit = pvproperty(name="CurrentLimit", value=0.0, dtype=ChannelType.DOUBLE,
-                               precision=4, units="A")
+    current_limit = setting_pv("CurrentLimit", low=0.0, high=DEFAULT_MAX_A, units="A", precision=4)
     current_limit_rbv = pvproperty(name="CurrentLimit_RBV", value=0.0, read_only=True,
                                    dtype=ChannelType.DOUBLE, precision=4, units="A")
     output = enum_pv("Output", OFF_ON)
@@ -42,11 +43,16 @@ class ScpiPsuIOC(BenchInstrumentIOC):
     mode = enum_pv("Mode_RBV", MODES, read_only=True)
     over_current = pvproperty(name="OverCurrent_RBV", value=0, read_only=True,
                               dtype=ChannelType.INT)
-    update = pvproperty(name="Update", value=0, dtype=ChannelType.INT,
-                        doc="1: read the supply now; completes when the readbacks are published")
+    update = command_pv("Update", "1: read the supply now; completes when the readbacks are published")
 
-    async def refresh(self, *, put: bool = True) -> None:
-        r = await self.run(self.backend.read, put=put)
+    def __init__(self, *, prefix, backend, clock=None, **kwargs):
+        super().__init__(prefix=prefix, backend=backend, clock=clock, **kwargs)
+        # the lab file sets this supply's maxima (max_voltage_V, max_current_A)
+        set_limits(self.voltage, 0.0, float(getattr(backend, "max_voltage_V", DEFAULT_MAX_V)))
+        set_limits(self.current_limit, 0.0, float(getattr(backend, "max_current_A", DEFAULT_MAX_A)))
+
+    async def refresh(self) -> None:
+        r = await self.run(self.backend.read)
         await self.publish(self.voltage_rbv, r.voltage_setpoint_V)
         await self.publish(self.current_limit_rbv, r.current_limit_A)
         await self.publish(self.output_rbv, OFF_ON[int(r.output_on)])
@@ -56,7 +62,7 @@ class ScpiPsuIOC(BenchInstrumentIOC):
         await self.publish(self.over_current, int(r.over_current))
 
     async def after_connect(self) -> None:
-        await self.refresh(put=False)
+        await self.refresh()
 
     @voltage.putter
     async def voltage(self, instance, value):

@@ -15,10 +15,12 @@ import socket
 import threading
 from collections.abc import Iterable
 
-from caproto.asyncio.server import Context
+import caproto as ca
+from caproto.asyncio.server import Context, VirtualCircuit
 from caproto.server import common as caproto_server_common
 from caproto.server import PVGroup
 
+from calbench.iocs.base import WRITE_NOTIFY
 from calbench.iocs.errors import Refused
 
 log = logging.getLogger(__name__)
@@ -71,12 +73,34 @@ def _make_safe_all(groups: Iterable[PVGroup]) -> None:
             log.exception("could not make %s safe", group.prefix)
 
 
+class _Circuit(VirtualCircuit):
+    """A client circuit that tells a put which answer its client waits for (WRITE_NOTIFY) and
+    judges access by the client's address, not by the host name the client claims."""
+
+    @property
+    def client_hostname(self) -> str:
+        return self.circuit.address[0]
+
+    @client_hostname.setter
+    def client_hostname(self, claimed) -> None:
+        self.claimed_hostname = claimed
+
+    async def _process_command(self, command):
+        token = WRITE_NOTIFY.set(isinstance(command, ca.WriteNotifyRequest))
+        try:
+            return await super()._process_command(command)
+        finally:
+            WRITE_NOTIFY.reset(token)
+
+
 class _NoDelayContext(Context):
     """caproto's asyncio server with Nagle's algorithm off on every client circuit.
 
     caproto binds its listening sockets with protocol 0, so asyncio does not set TCP_NODELAY on the
     accepted ones; a monitor update sent right after another small packet then waits for the
     client's delayed ACK (40 ms on Linux) and every put-then-readback costs ~40-90 ms."""
+
+    CircuitClass = _Circuit
 
     async def tcp_handler(self, client, addr):
         sock = client.writer.get_extra_info("socket")

@@ -12,9 +12,10 @@ PVs (after the instrument prefix, e.g. CB:XRAY:):
 from __future__ import annotations
 
 from caproto import ChannelType
-from caproto.server import PVGroup, SubGroup, pvproperty
+from caproto.server import SubGroup, pvproperty
 
-from calbench.iocs.base import InstrumentFault, InstrumentIOC, enum_pv
+from calbench.iocs.base import (InstrumentFault, InstrumentGroup, InstrumentIOC, command_pv, enum_pv,
+                                setting_pv)
 from calbench.iocs.sim.xray import XRF_LINES_KEV, MAX_KV, MAX_MA
 
 OFF_ON = ["Off", "On"]
@@ -22,11 +23,9 @@ CLOSED_OPEN = ["Closed", "Open"]
 POLL_PERIOD_S = 0.1
 
 
-class _SimControls(PVGroup):
-    door_open = pvproperty(name="DoorOpen", value=0, dtype=ChannelType.INT,
-                           doc="simulation: 1 opens the box door (trips the HV)")
-    shutter_stuck = pvproperty(name="ShutterStuck", value=0, dtype=ChannelType.INT,
-                               doc="simulation: 1 jams the XRF shutter closed")
+class _SimControls(InstrumentGroup):
+    door_open = command_pv("DoorOpen", "simulation: 1 opens the box door (trips the HV)")
+    shutter_stuck = command_pv("ShutterStuck", "simulation: 1 jams the XRF shutter closed")
 
     @door_open.putter
     async def door_open(self, instance, value):
@@ -44,12 +43,10 @@ class XrayBoxIOC(InstrumentIOC):
     hv_rbv = enum_pv("HV_RBV", OFF_ON, read_only=True)
     warmup_remaining = pvproperty(name="WarmupRemaining_RBV", value=0.0, read_only=True,
                                   dtype=ChannelType.DOUBLE, precision=1, units="s")
-    voltage = pvproperty(name="Voltage", value=0.0, dtype=ChannelType.DOUBLE, precision=2,
-                         units="kV", upper_disp_limit=MAX_KV)
+    voltage = setting_pv("Voltage", low=0.0, high=MAX_KV, units="kV", precision=2)
     voltage_rbv = pvproperty(name="Voltage_RBV", value=0.0, read_only=True, dtype=ChannelType.DOUBLE,
                              precision=2, units="kV")
-    current = pvproperty(name="Current", value=0.0, dtype=ChannelType.DOUBLE, precision=2,
-                         units="mA", upper_disp_limit=MAX_MA)
+    current = setting_pv("Current", low=0.0, high=MAX_MA, units="mA", precision=2)
     current_rbv = pvproperty(name="Current_RBV", value=0.0, read_only=True, dtype=ChannelType.DOUBLE,
                              precision=2, units="mA")
     target = enum_pv("Target", list(XRF_LINES_KEV), "Cu")
@@ -62,8 +59,8 @@ class XrayBoxIOC(InstrumentIOC):
     direct_shutter = enum_pv("Shutter:Direct", CLOSED_OPEN)
     direct_shutter_rbv = enum_pv("Shutter:Direct_RBV", CLOSED_OPEN, read_only=True)
     locked = pvproperty(name="Locked_RBV", value=0, read_only=True, dtype=ChannelType.INT)
-    unlock = pvproperty(name="Unlock", value=0, dtype=ChannelType.INT)
-    lock = pvproperty(name="Lock", value=0, dtype=ChannelType.INT)
+    unlock = command_pv("Unlock", "1: take the box for this IOC (the box's client lock)")
+    lock = command_pv("Lock", "1: give the box back (lock it for other clients)")
     safe = pvproperty(name="Safe_RBV", value=1, read_only=True, dtype=ChannelType.INT,
                       doc="1: HV off and shutters closed, the door may be opened")
     door_open = pvproperty(name="DoorOpen_RBV", value=0, read_only=True, dtype=ChannelType.INT)

@@ -198,7 +198,7 @@ def test_sink_and_csink_refusals(bench, RE):
     assert bench.firmware.calibration is None
     RE(write_sink_calibration(bench.batmet, 0.21, 762.1, 522.9))
     assert bench.firmware.calibration == pytest.approx((0, 4, 0.21, 762.1, 522.9))
-    with pytest.raises(InstrumentRefused, match="above the calibrated range 0..4 A"):
+    with pytest.raises(InstrumentRefused, match="Sink = 4.5 is outside 0..4 A"):
         set_and_check(bench.batmet.sink, 4.5)
     set_and_check(bench.batmet.sink, 1.0)
     assert bench.world.dac == int(0.21 + 762.1 + 522.9 + 0.5)

@@ -150,7 +150,7 @@ def test_describe_gives_frame_shape_and_dtype_per_dynamic_range(det):
     ("trimval", 64, "outside 0..63"),
     ("dynamic_range", 10, "10 bit not supported"),
     ("threshold_energy", 8000, "8000 not defined for this module"),
-    ("vcmp", [1200] * 7, "one value per chip"),
+    ("vcmp", [1200] * 7, "takes exactly 8 values, got 7"),
 ])
 def test_bad_puts_are_refused_and_leave_the_detector_unchanged(det, signal, value, reason):
     sig = det
@@ -169,7 +169,7 @@ def test_bad_puts_are_refused_and_leave_the_detector_unchanged(det, signal, valu
 
 
 def test_wrong_trimbit_waveform_and_missing_trim_file_are_refused(det, tmp_path):
-    with pytest.raises(InstrumentRefused, match="trimbits need 524288 values"):
+    with pytest.raises(InstrumentRefused, match="takes exactly 524288 values, got 1000"):
         set_and_check(det.trimbits, np.zeros(1000, np.int16))
     with pytest.raises(InstrumentRefused, match="not found"):
         set_and_check(det.load_trimbits, str(tmp_path / "nothing" / "noise"))

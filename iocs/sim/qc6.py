@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from calbench.iocs.errors import InstrumentFault, Refused
-from calbench.contracts.caen import BoardInfo
+from calbench.contracts.caen import (BOARD_CHANNELS, BOARD_DESCRIPTION, BOARD_MODEL, HW_IMAX_UA,
+                                     HW_VMAX_V, RAMP_LIMITS_V_PER_S, TRIP_LIMITS_S, BoardInfo)
 from calbench.contracts.clock import WorldClock
 
 # CAEN channel status bits (CAENHVAsyn / CAEN HV wrapper manual).
@@ -39,13 +40,6 @@ ELECTRODES = ("G3B", "G3T", "G2B", "G2T", "G1B", "G1T", "Drift")   # channel off
 FOIL_OFFSETS = (5, 3, 1)                                         # G1T, G2T, G3T
 CHANNELS_PER_LAYER = 7
 
-BOARD_MODEL = "A1515TG"
-BOARD_DESCRIPTION = "14 ch floating triple-GEM 1.2 kV 20 uA"
-BOARD_CHANNELS = 14
-HW_VMAX_V = 1200.0        # board hardware limit per channel
-HW_IMAX_UA = 20.0
-RAMP_LIMITS_V_PER_S = (1.0, 500.0)
-TRIP_LIMITS_S = (0.0, 1000.0)
 
 PARAMS = ("V0Set", "I0Set", "RUp", "RDWn", "Trip", "SVMax", "Pw", "PDwn")
 READ_PARAMS = ("VMon", "IMon", "Status", "ChName") + PARAMS
