@@ -58,7 +58,8 @@ def _print_pvs(cfg, names) -> int:
 
 def cmd_ioc_run(args) -> int:
     from calbench.iocs.build import build_iocs
-    from calbench.iocs.server import serve_forever
+    from calbench.iocs.one_server import AlreadyServed, describe_this_server, refuse_if_served
+    from calbench.iocs.server import ca_serving_environment, serve_forever
 
     cfg = _cfg(args)
     if args.interfaces:
@@ -67,6 +68,12 @@ def cmd_ioc_run(args) -> int:
     if args.list_pvs:
         return _print_pvs(cfg, names)
     from calbench.iocs.errors import InstrumentFault
+    ca_serving_environment(cfg.interfaces)
+    try:    # before any backend opens its instrument: another IOC may be driving it
+        refuse_if_served([cfg.prefix_of(n) for n in names or cfg.instruments], list(cfg.interfaces))
+    except AlreadyServed as exc:
+        print(f"calbench ioc run: not started: {exc}", file=sys.stderr, flush=True)
+        return 1
     try:
         groups = build_iocs(cfg, names, force_sim=args.sim, time_scale=args.time_scale)
     except InstrumentFault as exc:        # a hardware backend could not open its instrument
@@ -75,7 +82,7 @@ def cmd_ioc_run(args) -> int:
     pvs = [pv for g in groups for pv in g.pvdb]
     print(f"serving {len(pvs)} PVs of {', '.join(names or cfg.instruments)} on "
           f"{', '.join(cfg.interfaces)} (prefix {cfg.pv_prefix}); Ctrl-C stops", flush=True)
-    serve_forever(groups, cfg.interfaces)
+    serve_forever(groups, cfg.interfaces, who=describe_this_server(str(cfg.home)), check=False)
     print("IOCs stopped; instruments left safe", flush=True)
     return 0
 
@@ -127,7 +134,10 @@ def start_iocs_background(cfg, *, wait_s: float = 30.0) -> None:
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the IOCs exited with code {proc.returncode}; see {cfg.home / 'iocs.log'}")
+            pidfile.unlink(missing_ok=True)
+            last = (cfg.home / "iocs.log").read_text(errors="replace").strip().splitlines()[-1:]
+            raise RuntimeError(f"the IOCs exited with code {proc.returncode}: "
+                               f"{last[0] if last else 'no output'} (log: {cfg.home / 'iocs.log'})")
         if b"serving" in (cfg.home / "iocs.log").read_bytes()[-4000:]:
             return
         time.sleep(0.2)

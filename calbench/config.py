@@ -7,14 +7,24 @@ CALBENCH_TILED_URI / CALBENCH_TILED_API_KEY (an external tiled server). An instr
 setting left empty ("data_dir", "settings_dir", ...) means the lab's place for it:
 <data_dir>/<instrument> for data_dir, <home>/<settings>/<instrument> for settings_dir.
 
+Who may write an instrument's PVs: `write_users` and `write_hosts` (in [lab] for every instrument,
+or in an [instruments.<name>] section for one); by default the lab's own user (who runs calbench)
+on the local host. Everybody else reads only. Hosts are names or addresses; the IOC compares them
+with the address a client connects from, not with the name it claims.
+
 Validation names the key and the fix, e.g.
     lab.toml: [instruments.eiger] backend = 'real': must be 'sim' or 'hardware'
 """
 from __future__ import annotations
 
+import getpass
+import ipaddress
 import os
+import pwd
+import socket
 import tomllib
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +37,54 @@ class ConfigError(ValueError):
     """The lab configuration is missing or invalid; the message names the key and the fix."""
 
 
+def lab_user() -> str:
+    """Who runs calbench (the user a CA client of this session reports)."""
+    return getpass.getuser()
+
+
+@dataclass(frozen=True)
+class WriteAccess:
+    """The users and hosts that may write an instrument's PVs; others read only."""
+    users: tuple[str, ...]
+    hosts: tuple[str, ...]
+
+    @classmethod
+    def default(cls) -> "WriteAccess":
+        # the login name and the real uid's name differ under `su`: either is the lab's user
+        return cls(tuple(dict.fromkeys((lab_user(), pwd.getpwuid(os.getuid()).pw_name))),
+                   ("localhost",))
+
+    @cached_property
+    def addresses(self) -> frozenset[str]:
+        """The hosts' addresses (a name that does not resolve allows nothing)."""
+        found = set()
+        for host in self.hosts:
+            try:
+                found.update(info[4][0] for info in socket.getaddrinfo(host, None))
+            except OSError:
+                continue
+        return frozenset(found)
+
+    def allows(self, address: str, user: str) -> bool:
+        """May `user` connecting from `address` write?"""
+        if user not in self.users:
+            return False
+        if address in self.addresses:
+            return True
+        try:        # every loopback address is the local host
+            return ipaddress.ip_address(address).is_loopback and any(
+                ipaddress.ip_address(a).is_loopback for a in self.addresses)
+        except ValueError:
+            return False
+
+
 @dataclass(frozen=True)
 class InstrumentConfig:
     name: str
     backend: str            # "sim" | "hardware"
     prefix: str             # instrument prefix, without the lab-wide pv_prefix
     settings: dict[str, Any] = field(default_factory=dict)
+    access: WriteAccess = field(default_factory=WriteAccess.default)
 
     @property
     def sim(self) -> bool:
@@ -97,7 +149,8 @@ def _jsonable(d: dict) -> dict:
 
 _LAB_KEYS = {"name": str, "home": str, "data_dir": str, "results_dir": str, "pv_prefix": str,
              "interfaces": list, "time_scale": (int, float), "seed": int, "operator": str,
-             "proposal": str}
+             "proposal": str, "write_users": list, "write_hosts": list}
+_ACCESS_KEYS = ("write_users", "write_hosts")
 _TILED_KEYS = {"uri": str, "port": int, "catalog": str, "api_key": str}
 _QUEUE_KEYS = {"bind": str, "redis_port": int, "control_port": int, "info_port": int}
 
@@ -111,6 +164,18 @@ def _check_keys(where: str, table: dict, allowed: dict, source: Path) -> None:
             want = allowed[key]
             want = " or ".join(t.__name__ for t in want) if isinstance(want, tuple) else want.__name__
             raise ConfigError(f"{source}: {where}.{key} = {value!r} must be a {want}")
+
+
+def _access(table: dict, default: WriteAccess, where: str, source: Path) -> WriteAccess:
+    """write_users / write_hosts of a section (each falls back to `default`'s)."""
+    lists = {}
+    for key, fallback in (("write_users", default.users), ("write_hosts", default.hosts)):
+        value = table.get(key, list(fallback))
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{source}: {where}.{key} = {value!r} must be a list of names, e.g. "
+                              f"[\"{lab_user()}\"] or [\"localhost\"]")
+        lists[key] = tuple(value)
+    return WriteAccess(lists["write_users"], lists["write_hosts"])
 
 
 def load_config(path: str | os.PathLike | None = None) -> LabConfig:
@@ -158,6 +223,7 @@ def parse_config(raw: dict, source: Path = DEFAULT_CONFIG) -> LabConfig:
         raise ConfigError(f"{source}: lab.interfaces must be a non-empty list of addresses, "
                           "e.g. [\"127.0.0.1\"]")
 
+    lab_access = _access(lab, WriteAccess.default(), "lab", source)
     instruments = {}
     for name, table in raw.get("instruments", {}).items():
         spec = INSTRUMENTS.get(name)
@@ -176,11 +242,12 @@ def parse_config(raw: dict, source: Path = DEFAULT_CONFIG) -> LabConfig:
                               f"non-empty PV prefix without spaces, e.g. {spec.default_prefix!r}")
         settings = dict(spec.settings)
         for key, value in table.items():
-            if key in ("backend", "prefix"):
+            if key in ("backend", "prefix", *_ACCESS_KEYS):
                 continue
             if key not in spec.settings:
                 raise ConfigError(f"{source}: unknown key instruments.{name}.{key}; allowed keys "
-                                  f"are backend, prefix, {', '.join(sorted(spec.settings))}")
+                                  f"are backend, prefix, {', '.join(_ACCESS_KEYS)}, "
+                                  f"{', '.join(sorted(spec.settings))}")
             default = spec.settings[key]
             if default is not None and not isinstance(value, type(default)) and not (
                     isinstance(default, float) and isinstance(value, int)):
@@ -192,7 +259,9 @@ def parse_config(raw: dict, source: Path = DEFAULT_CONFIG) -> LabConfig:
             if key.endswith("_dir") and value == "":
                 settings[key] = str(in_home("data_dir", "data") / name if key == "data_dir"
                                     else home / key[:-4] / name)
-        instruments[name] = InstrumentConfig(name, backend, prefix, settings)
+        instruments[name] = InstrumentConfig(
+            name, backend, prefix, settings,
+            _access(table, lab_access, f"instruments.{name}", source))
 
     return LabConfig(
         source=source, name=lab.get("name", "calbench lab"), home=home,

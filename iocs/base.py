@@ -167,6 +167,7 @@ class InstrumentIOC(InstrumentGroup):
                            doc="1 while the backend answers")
     refusals = pvproperty(name="Refusals_RBV", value=0, read_only=True, dtype=ChannelType.INT,
                           doc="count of refused puts; a change tells a client its put was refused")
+    server = string_pv("Server_RBV", doc="the process serving these PVs and how to stop it")
     world_time = pvproperty(name="WorldTime_RBV", value=0.0, read_only=True, dtype=ChannelType.DOUBLE,
                             precision=3, doc="instrument clock, epoch seconds (accelerated in sims)")
 

@@ -51,6 +51,7 @@ def build_iocs(cfg: LabConfig, names: list[str] | None = None, *, force_sim: boo
     groups = []
     for name in names:
         ioc_class = load_object(INSTRUMENTS[name].ioc)
-        groups.append(ioc_class(prefix=cfg.prefix_of(name), backend=backends[name],
-                                clock=clocks[name]))
+        ioc = ioc_class(prefix=cfg.prefix_of(name), backend=backends[name], clock=clocks[name])
+        ioc.access = cfg.instruments[name].access       # who may write (the lab file's writers)
+        groups.append(ioc)
     return groups

@@ -16,23 +16,28 @@ import threading
 from collections.abc import Iterable
 
 import caproto as ca
+from caproto._data import Forbidden
 from caproto.asyncio.server import Context, VirtualCircuit
 from caproto.server import common as caproto_server_common
 from caproto.server import PVGroup
 
-from calbench.iocs.base import WRITE_NOTIFY
+from calbench.iocs.base import WRITE_NOTIFY, InstrumentIOC
 from calbench.iocs.errors import Refused
+from calbench.iocs.one_server import AlreadyServed, describe_this_server, refuse_if_served
+
+__all__ = ["serve_forever", "IocThread", "AlreadyServed", "loopback_ca_environment", "free_port"]
 
 log = logging.getLogger(__name__)
 
 
 class _RefusalsAreNotCrashes(logging.Filter):
-    """caproto logs every failed put with a traceback; a refusal is expected behaviour, already
-    published on StatusMessage_RBV, so keep it out of the log."""
+    """caproto logs every failed put with a traceback; a refusal (or a put from a client without
+    write access) is expected behaviour, already published on StatusMessage_RBV or answered with
+    the access rights, so keep it out of the log."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, Refused)
+        return not isinstance(exc, (Refused, Forbidden))
 
 
 for _name in ("caproto.circ", "caproto.ctx", "caproto"):
@@ -121,9 +126,15 @@ def _tune_caproto() -> None:
 
 
 async def _serve(groups: list[PVGroup], interfaces: list[str], stop: asyncio.Event,
-                 started: threading.Event | None = None) -> None:
+                 started: threading.Event | None = None, who: str = "", check: bool = True) -> None:
     _tune_caproto()
-    ctx = _NoDelayContext(merged_pvdb(groups), list(interfaces))
+    pvdb = merged_pvdb(groups)
+    instruments = [g for g in groups if isinstance(g, InstrumentIOC)]
+    if check:   # one IOC per prefix: refuse to start while another server answers for these PVs
+        await asyncio.to_thread(refuse_if_served, [g.prefix for g in instruments], list(interfaces))
+    for group in instruments:
+        await group.server.write(who or describe_this_server())
+    ctx = _NoDelayContext(pvdb, list(interfaces))
     task = asyncio.ensure_future(ctx.run(log_pv_names=False))
     if started is not None:
         # caproto binds its sockets at the start of run(); give it a moment, then report readiness
@@ -141,22 +152,35 @@ async def _serve(groups: list[PVGroup], interfaces: list[str], stop: asyncio.Eve
         pass
 
 
-def serve_forever(groups: list[PVGroup], interfaces: Iterable[str] = ("127.0.0.1",)) -> None:
-    """Run the IOCs until SIGINT or SIGTERM; on the way out every instrument is made safe."""
-    os.environ.update({k: v for k, v in loopback_ca_environment(interfaces).items()
-                       if k.startswith("EPICS_CAS")})
+def serve_forever(groups: list[PVGroup], interfaces: Iterable[str] = ("127.0.0.1",), *,
+                  who: str = "", check: bool = True) -> None:
+    """Run the IOCs until SIGINT or SIGTERM; on the way out every instrument is made safe.
+    Raises AlreadyServed (leaving the instruments to the IOC that serves them) if another IOC
+    answers for these PVs (check=False: the caller looked already, see `refuse_if_served`); `who`
+    (published on Server_RBV) tells such a second IOC how to stop this one."""
+    ca_serving_environment(interfaces)
 
     async def main():
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await _serve(groups, list(interfaces), stop)
+        await _serve(groups, list(interfaces), stop, who=who, check=check)
 
     try:
         asyncio.run(main())
-    finally:
+    except AlreadyServed:
+        raise           # not ours to make safe: another IOC drives these instruments
+    except BaseException:
         _make_safe_all(groups)
+        raise
+    _make_safe_all(groups)
+
+
+def ca_serving_environment(interfaces: Iterable[str]) -> None:
+    """This process serves on the interfaces (and searches only there, for `refuse_if_served`)."""
+    os.environ.update({k: v for k, v in loopback_ca_environment(interfaces).items()
+                       if k.startswith("EPICS_CAS")})
 
 
 class IocThread:
@@ -191,7 +215,9 @@ class IocThread:
 
         self._thread = threading.Thread(target=target, name="calbench-iocs", daemon=True)
         self._thread.start()
-        if not self._started.wait(timeout) or self.error is not None:
+        if self._started.wait(timeout) and isinstance(self.error, AlreadyServed):
+            raise self.error
+        if not self._started.is_set() or self.error is not None:
             raise RuntimeError(f"the IOC server did not start: {self.error!r}")
         return self
 

@@ -71,7 +71,7 @@ def test_calibration_stores_the_sweep_and_the_fit(RE, lab, fee, tmp_path):
 
 def test_sweep_outside_the_register_is_refused(RE, fee):
     with pytest.raises(FeeCalibrationError, match="channel 2: setting Seq:Stop = 70000 failed: "
-                                                  ".*outside the DAC register 0..65535"):
+                                                  ".*Seq:Stop = 70000 is outside 0..65535"):
         run(RE, transit_time_calibration(fee, 2, start=500, stop=70000))
     assert int(fee.seq_busy.get(use_monitor=False)) == 0
     assert int(fee.cal_dac.get(use_monitor=False)) == 0
