@@ -54,16 +54,22 @@ def test_calbench_up_from_another_lab_home_on_the_same_port_says_who_serves(tmp_
                               "--sim", "--prefix", prefix], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True,
                              env={**env, "CALBENCH_HOME": str(first_home)})
+    second_env = {**env, "CALBENCH_HOME": str(second_home)}
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not first.stdout.readline().startswith("serving"):
             assert first.poll() is None, "the first IOC did not start"
+        ctx = Context()         # "serving" is printed just before the server binds: wait for it
+        ctx.get_pvs(f"{prefix}XRAY:Server_RBV", timeout=30)[0].read(timeout=30)
+        ctx.disconnect()
         second = subprocess.run([sys.executable, "-m", "calbench.cli", "up", "--prefix", prefix],
-                                capture_output=True, text=True, timeout=120,
-                                env={**env, "CALBENCH_HOME": str(second_home)})
+                                capture_output=True, text=True, timeout=120, env=second_env)
     finally:
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=30)
+        if (second_home / "iocs.pid").exists():       # it started after all: stop what it started
+            subprocess.run([sys.executable, "-m", "calbench.cli", "down"], env=second_env,
+                           timeout=120)
     assert second.returncode == 1, second.stdout + second.stderr
     assert f"{prefix}XRAY:* are served by 127.0.0.1:{own_port} already" in second.stderr
     assert f"pid {first.pid}" in second.stderr
