@@ -37,7 +37,7 @@ from scipy.optimize import curve_fit
 
 from calbench.contracts.xray import XRF_LINES_KEV  # PSI's rounded lines, kept as the lab has them
 from calbench.contracts.eiger_geometry import EigerGeometry
-from calbench.analysis.scurve import FitStatus, fit_scurves, fit_trimbit_scans
+from calbench.analysis.scurve import TRIMBIT_MAX, FitStatus, fit_scurves, fit_trimbit_scans
 
 __all__ = [
     "XRF_LINES_KEV", "GLOBAL_TARGETS", "TARGET_GAINS", "DEFAULTS", "CalibrationDefaults",
@@ -45,7 +45,7 @@ __all__ = [
     "counts_from_frames", "gauss", "fit_vrf_edge", "clean_vrf_counts", "VrfScanResult",
     "analyse_vrf_scan", "BadPixels", "find_bad_pixels", "chip_vcmp", "SCurveResult",
     "analyse_scurve", "trimbit_targets", "TrimbitResult", "analyse_trimbit_scan",
-    "clean_chip_counts", "chip_sums", "ChipInflections", "chip_inflections",
+    "TrimbitStatistics", "trimbit_statistics", "clean_chip_counts", "chip_sums", "ChipInflections", "chip_inflections",
     "EnergyCalibration", "fit_energy_calibration", "Dispersion", "threshold_dispersion",
     "chip_statistics", "CalibrationResults",
 ]
@@ -467,11 +467,20 @@ class TrimbitResult:
     trimmed: NDArray[np.bool_]
     untrimmed: int
 
+    @property
+    def on_rails(self) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+        """Pixels trimmed onto a rail: their trimming point lies below trimbit 0 (first mask) or
+        above 63 (second), beyond what the trim DAC can reach; they sit on 0 or 63."""
+        clipped = self.trimmed & (self.fit["status"] == FitStatus.CLIPPED)
+        return clipped & (self.trimbits == 0), clipped & (self.trimbits == TRIMBIT_MAX)
+
     def summary(self) -> dict:
         t = self.trimbits[self.trimmed]
+        low, high = self.on_rails
         return {"trimmed_pixels": int(self.trimmed.sum()),
                 "untrimmed_pixels": int((~self.trimmed).sum()),
                 "clipped_pixels": int(np.sum(self.fit["status"] == FitStatus.CLIPPED)),
+                "rail_0_pixels": int(low.sum()), "rail_63_pixels": int(high.sum()),
                 "mean_trimbit": float(t.mean()) if t.size else float("nan"),
                 "std_trimbit": float(t.std()) if t.size else float("nan")}
 
@@ -494,6 +503,57 @@ def analyse_trimbit_scan(trimbits: ArrayLike, counts: ArrayLike, scurve_result: 
     tb = np.where(trimmed, fit["trimbit"], untrimmed).astype(np.int32)
     return TrimbitResult(x=xa, trimbits=tb, fit=fit, target=target, trimmed=trimmed,
                          untrimmed=int(untrimmed))
+
+
+@dataclass(frozen=True)
+class TrimbitStatistics:
+    """Trimbits as PSI's trim files are compared, over every pixel given: mean and standard
+    deviation (trimbits), pixels at 0 and at 63 (the rails, with their percentages of all
+    pixels) and the mean per chip (chip order of the geometry)."""
+    n_pixels: int
+    mean: float
+    std: float
+    at_0: int
+    at_63: int
+    chip_mean: NDArray[np.float64]
+
+    @property
+    def percent_at_0(self) -> float:
+        return 100.0 * self.at_0 / self.n_pixels
+
+    @property
+    def percent_at_63(self) -> float:
+        return 100.0 * self.at_63 / self.n_pixels
+
+    @property
+    def chip_mean_range(self) -> float:
+        """Largest difference between two chip means (trimbits)."""
+        return float(np.ptp(self.chip_mean))
+
+    def summary(self) -> dict:
+        return {"pixels": self.n_pixels, "mean": self.mean, "std": self.std, "at_0": self.at_0,
+                "at_63": self.at_63, "percent_at_0": self.percent_at_0,
+                "percent_at_63": self.percent_at_63,
+                "chip_mean": [float(v) for v in self.chip_mean],
+                "chip_mean_range": self.chip_mean_range}
+
+    def line(self) -> str:
+        """One line for a terminal or a report."""
+        return (f"trimbits mean {self.mean:.2f}, sd {self.std:.2f}, {self.percent_at_0:.3f} % "
+                f"at 0, {self.percent_at_63:.3f} % at 63, chip means {self.chip_mean.min():.2f}"
+                f"..{self.chip_mean.max():.2f} (range {self.chip_mean_range:.2f})")
+
+
+def trimbit_statistics(trimbits: ArrayLike, geometry: EigerGeometry) -> TrimbitStatistics:
+    """Statistics of an image-shaped trimbit array (every pixel, as in a trim file)."""
+    tb = np.asarray(trimbits)
+    if tb.shape != geometry.shape:
+        raise ValueError(f"trimbits {tb.shape} do not match a {geometry.name} {geometry.shape}")
+    tb = tb.astype(np.float64)
+    chips = np.array([tb[geometry.chip_slice(c)].mean() for c in range(geometry.n_chips)])
+    return TrimbitStatistics(n_pixels=int(tb.size), mean=float(tb.mean()), std=float(tb.std()),
+                             at_0=int(np.sum(tb == 0)), at_63=int(np.sum(tb == TRIMBIT_MAX)),
+                             chip_mean=chips)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -697,7 +757,8 @@ class CalibrationResults:
         if self.untrimmed is not None:
             out["untrimmed"] = self.untrimmed.summary()
         if self.trimbits is not None:
-            out["trimbits"] = self.trimbits.summary()
+            out["trimbits"] = {**self.trimbits.summary(), "statistics": trimbit_statistics(
+                self.trimbits.trimbits, self.geometry).summary()}
         if self.trimmed is not None:
             out["trimmed"] = self.trimmed.summary()
         if self.lines:

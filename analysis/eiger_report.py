@@ -20,7 +20,8 @@ from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
-from calbench.analysis.eiger_calibration import DEFAULTS, CalibrationResults, gauss, line_energy
+from calbench.analysis.eiger_calibration import (DEFAULTS, CalibrationResults, gauss, line_energy,
+                                                 trimbit_statistics)
 
 __all__ = ["write_calibration_report"]
 
@@ -161,8 +162,14 @@ def _scans_page(r: CalibrationResults, hosts: list[str]) -> Figure:
     ax_tb.set(title="trimbit map", xlabel="column", ylabel="row")
     ax_h = fig.add_subplot(grid[1, 5])
     ax_h.hist(tb.trimbits[tb.trimmed], bins=np.arange(-0.5, 64.5, 1.0), histtype="stepfilled")
+    st = trimbit_statistics(tb.trimbits, g)
+    low, high = tb.on_rails
     ax_h.set(xlabel="trimbit", ylabel="pixels", xlim=(0, 64),
-             title=f"mean {tb.summary()['mean_trimbit']:.1f}")
+             title=f"mean {st.mean:.1f}, sd {st.std:.1f}")
+    # pixels the trim range cannot reach: a sensor's tails, counted so that they are not hidden
+    ax_h.text(0.02, 0.98, f"on rail 0: {int(low.sum())}\non rail 63: {int(high.sum())}\n"
+              f"at 0: {st.percent_at_0:.2f} %\nat 63: {st.percent_at_63:.2f} %",
+              transform=ax_h.transAxes, va="top", fontsize=7, family="monospace")
     fig.tight_layout()
     return fig
 

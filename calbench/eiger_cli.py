@@ -7,6 +7,9 @@
                                                   calibration.snNNN files into DIR
     calbench eiger calibration FILE               the "m k" lines of a calibration.snNNN file as
                                                   threshold ranges in keV
+    calbench eiger trimstats FILE...              the layout, DACs and trimbit statistics (mean,
+                                                  sd, pixels on the rails, chip means) of trim
+                                                  files (noise.snNNN, PSI's or ours)
 
 The calibration itself runs in the IPython profile: RE(calibrate_eiger(det, box, target="Cu")).
 """
@@ -32,6 +35,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--range", nargs=2, type=float, default=(100.0, 1900.0),
                    metavar=("VCMP_LOW", "VCMP_HIGH"), help="vcmp range, DAC (100 1900)")
     p.set_defaults(func=cmd_calibration)
+    p = sub.add_parser("trimstats", help="trimbit statistics of trim files (noise.snNNN)")
+    p.add_argument("files", type=Path, nargs="+")
+    p.set_defaults(func=cmd_trimstats)
 
 
 def cmd_reanalyse(args) -> int:
@@ -125,3 +131,18 @@ def demo_step(ctx):
             or p.name == "calibration.npz"]
     return DemoResult("EIGER trimming and energy calibration (Cu, gain5)", cal.uids,
                       [str(p) for p in keep], summary)
+
+def cmd_trimstats(args) -> int:
+    from calbench.analysis.eiger_calibration import trimbit_statistics
+    from calbench.contracts.eiger_geometry import geometry
+    from calbench.contracts.trimfile import read_trim_file
+
+    half_module = geometry("250k")          # a trim file holds one half module, chips by column
+    for path in args.files:
+        tf = read_trim_file(path)
+        st = trimbit_statistics(tf.trimbits, half_module)
+        dacs = tf.as_dict()
+        print(f"{path}: {tf.layout}; vrpreamp {dacs['vrpreamp']}, vtrim {dacs['vtrim']}, "
+              f"iodelay {tf.iodelay}, tau {tf.tau_ns} ns")
+        print(f"  {st.line()}")
+    return 0

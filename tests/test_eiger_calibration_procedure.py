@@ -25,7 +25,7 @@ import bluesky.plan_stubs as bps
 import numpy as np
 import pytest
 
-from calbench.analysis.eiger_calibration import XRF_LINES_KEV
+from calbench.analysis.eiger_calibration import XRF_LINES_KEV, trimbit_statistics
 from calbench.analysis.eiger_files import (chips_in_file_order, load_scan, read_calibration_text,
                                            trim_prefix_name)
 from calbench.analysis.eiger_reanalysis import reanalyse_calibration
@@ -166,6 +166,29 @@ def test_untrimmed_spread_is_about_100_dac_and_trimming_brings_it_below_15_perce
     for chip in range(g.n_chips):
         sl = g.chip_slice(chip)
         assert mu_true[sl][live[sl]].std() <= 0.15 * untrimmed.mu_std[chip]
+
+
+def test_trimbits_have_the_statistics_of_psis_real_modules(calibrated):
+    """PSI's published standard trim files (slsDetectorPackage settingsdir/eiger/standard, 4500,
+    5400 and 6400 eV, modules 031 and 032; `calbench eiger trimstats` on them) hold trimbits with
+    mean 31.41-31.72, standard deviation 8.86-10.17, 0.235-0.557 % at 0, 0.046-0.065 % at 63 and
+    chip means 0.75-2.26 apart. The simulated sensor trimmed by the procedure must look like
+    them, rails included, and the pixels trimmed onto a rail are reported."""
+    tb = calibrated.results.trimbits
+    stats = calibrated.results.summary()["trimbits"]["statistics"]
+    r = calibrated.results
+    print(f"\n{trimbit_statistics(tb.trimbits, calibrated.geometry).line()}; inflection spread "
+          f"{np.round(r.untrimmed.mu_std, 1)} -> {np.round(r.trimmed.mu_std, 2)} DAC, dispersion "
+          f"{r.dispersion_untrimmed.sigma_eV:.0f} -> {r.dispersion_trimmed.sigma_eV:.1f} eV")
+    assert 31.4 <= stats["mean"] <= 31.75
+    assert 8.85 <= stats["std"] <= 10.2
+    assert 0.23 <= stats["percent_at_0"] <= 0.56
+    assert 0.045 <= stats["percent_at_63"] <= 0.07
+    assert 0.1 < stats["chip_mean_range"] <= 2.5
+    s = tb.summary()
+    low, high = tb.on_rails
+    assert s["rail_0_pixels"] == low.sum() > 0 and s["rail_63_pixels"] == high.sum() > 0
+    assert (tb.trimbits[low] == 0).all() and (tb.trimbits[high] == 63).all()
 
 
 def test_energy_calibration_per_chip_matches_the_truth_within_1_percent(calibrated, eiger_lab):

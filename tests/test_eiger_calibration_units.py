@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from calbench.analysis.eiger_calibration import (CalibrationError, ChipInflections,
                                                  analyse_vrf_scan, fit_energy_calibration,
-                                                 fit_vrf_edge)
+                                                 fit_vrf_edge, trimbit_statistics)
 from calbench.analysis.eiger_callbacks import (ChipCurvesPlot, StepAnalysis, VrfScanPlot,
                                                path_from_uri)
 from calbench.analysis.eiger_files import (CalibrationFileError, chips_in_file_order,
@@ -287,3 +287,24 @@ def test_frames_must_be_local_files():
     with pytest.raises(ValueError, match="not a local file"):
         path_from_uri("https://example.org/frames.h5")
     assert str(path_from_uri("file://localhost/data/f.h5")) == "/data/f.h5"
+
+
+def test_trimstats_command_names_the_layout_and_the_trimbit_statistics(tmp_path, capsys):
+    from calbench.cli import main
+    tb = np.full((256, 1024), 32, "<i4")
+    tb[0, :3] = 0                   # 3 pixels on rail 0, one on 63
+    tb[1, 0] = 63
+    tb[:, 256:512] = 30             # chip 1 two trimbits lower
+    tb[0, 300] = 0
+    old = tmp_path / "noise.sn031"
+    old.write_bytes(np.arange(17, dtype="<i4").tobytes() + tb.tobytes())     # 16 DACs + iodelay
+    assert main(["eiger", "trimstats", str(old)]) == 0
+    out = capsys.readouterr().out
+    assert "16 DACs + iodelay; vrpreamp 2, vtrim 1, iodelay 16, tau 0 ns" in out
+    st = trimbit_statistics(tb, geometry("250k"))
+    assert (st.at_0, st.at_63) == (4, 1) and st.chip_mean_range == pytest.approx(2.0, abs=0.01)
+    assert st.line() in out and "0.002 % at 0" in out
+    bad = tmp_path / "noise.sn032"
+    bad.write_bytes(b"\0" * 1000)
+    assert main(["eiger", "trimstats", str(bad)]) != 0
+    assert "1,048,644 bytes (16 DACs + iodelay" in capsys.readouterr().err

@@ -2,9 +2,7 @@
 and slsDetector's trim-energy interpolation rules."""
 from __future__ import annotations
 
-import shutil
 import struct
-import subprocess
 from decimal import ROUND_HALF_UP, Decimal
 
 import numpy as np
@@ -20,6 +18,7 @@ from calbench.contracts.trimfile import (DAC_NAMES, LAYOUT_DACS, LAYOUT_DACS_IOD
                                         linear_interpolation, read_trim_file, round_half_away,
                                         serial_from_hostname, settings_for_energy,
                                         trim_file_path, write_trim_file)
+import eiger_upstream
 
 dacs_st = arrays(np.int32, 16, elements=st.integers(0, 4000))
 trimbits_st = arrays(np.int8, (256, 1024), elements=st.integers(0, 63),
@@ -213,43 +212,16 @@ def test_interpolation_is_bit_identical_to_the_upstream_double_arithmetic(e1, de
     assert int(linear_interpolation(x, e1, e2, y1, y2)) == _upstream(x, e1, e2, y1, y2)
 
 
-_C_REFERENCE = r"""
-#include <math.h>
-#include <stdio.h>
-/* slsDetectorPackage Module::linearInterpolation, as a plain C function */
-static int lin(int x, int x1, int x2, int y1, int y2) {
-    double k = (double)(y2 - y1) / (x2 - x1);
-    double m = y1 - k * x1;
-    int y = round(k * x + m);
-    return y;
-}
-int main(void) {
-    int x, x1, x2, y1, y2;
-    while (scanf("%d %d %d %d %d", &x, &x1, &x2, &y1, &y2) == 5) printf("%d\n", lin(x, x1, x2, y1, y2));
-    return 0;
-}
-"""
-
-
 def test_interpolation_equals_a_compiled_c_build_of_the_formula_on_every_trimbit_pair(tmp_path):
     """Every pair of trimbits 0..63 at energies that make .5 ties common, through a C compiler
     (no fused multiply-add, as slsDetectorPackage's x86-64 build)."""
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler (cc/gcc) on PATH to build the reference; install gcc")
-    src = tmp_path / "lin.c"
-    src.write_text(_C_REFERENCE)
-    exe = tmp_path / "lin"
-    subprocess.run([cc, "-O2", "-ffp-contract=off", str(src), "-o", str(exe), "-lm"], check=True)
-    y1, y2 = (a.ravel() for a in np.meshgrid(np.arange(64), np.arange(64)))
-    cases = [(5650, 5400, 6400), (4950, 4500, 5400), (5450, 4500, 6400), (4700, 4500, 5400)]
-    lines, ours = [], []
-    for x, x1, x2 in cases:
-        lines += [f"{x} {x1} {x2} {a} {b}" for a, b in zip(y1, y2)]
-        ours.append(linear_interpolation(x, x1, x2, y1, y2))
-    out = subprocess.run([str(exe)], input="\n".join(lines) + "\n", capture_output=True,
-                         text=True, check=True).stdout.split()
-    np.testing.assert_array_equal(np.concatenate(ours), np.array(out, dtype=np.int64))
+    exe = eiger_upstream.build(tmp_path)
+    y1, y2 = np.meshgrid(np.arange(64), np.arange(64))
+    for x, x1, x2 in [(5650, 5400, 6400), (4950, 4500, 5400), (5450, 4500, 6400),
+                      (4700, 4500, 5400)]:
+        np.testing.assert_array_equal(linear_interpolation(x, x1, x2, y1, y2),
+                                      eiger_upstream.interpolate(exe, x, x1, x2, y1, y2))
+
 
 
 def test_interpolation_refuses_files_whose_fixed_dacs_differ():

@@ -6,20 +6,29 @@ The comparator of a pixel fires when the pulse height exceeds the pixel's thresh
 the chip's vcmp (a comparator *reference*: a larger vcmp is a *lower* energy threshold, PSI's
 ``vcmp = m - k*E``) a photon of energy E is counted when
 
-    vcmp_chip + step_pix * (trimbit - 31.5)  >  base_pix - G_pix(vrf) * E        (+ noise)
+    vcmp_chip + shift_pix(trimbit)  >  base_pix - G_pix(vrf) * E        (+ noise)
 
-* ``base_pix = m_chip + offset_pix``: the chip's baseline m (2350 +- 30 DAC between chips) plus the
-  pixel's untrimmed threshold offset (Gaussian, 95 DAC, so that the untrimmed inflection points
-  spread by about 100 DAC as in PSI's calibration plots). m is where the threshold energy is zero:
-  it sits above the 0..2000 vthreshold scans so that their last points are not flooded by noise.
+* ``base_pix = m_chip + row_gradient_chip * (row - 127.5)/256 + offset_pix``: the chip's baseline
+  m (2350 +- 30 DAC between chips), a threshold gradient along the chip's columns (the trimbit
+  row means of PSI's trim files fall by ~12 trimbits over a chip's 256 rows, by 5 to 17 from chip
+  to chip: -GRADIENT_DAC, +-40 % per chip) and the pixel's own offset: Gaussian (OFFSET_SPREAD_DAC,
+  +-8 % from chip to chip), so that the untrimmed inflection points spread by about 100 DAC as in
+  PSI's calibration plots. m is where the threshold energy is zero: it sits above the 0..2000
+  vthreshold scans so that their last points are not flooded by noise.
 * ``G_pix(vrf) = GAIN_AT_VRF_REF * exp(GAIN_SLOPE * (vrpreamp - VRF_REF)) * g_hm * g_chip * g_pix``,
   in DAC/keV (+-1.5 % per half module, +-3 % per chip, +-2 % per pixel). The exponential slope
   0.0013 /DAC is what PSI's standard settings imply (vrpreamp 3422, 3278, 3153 hold the 4.5, 5.4,
   6.4 keV lines at the same vcmp); with 140 DAC/keV at vrpreamp 3000 the Cu line (8.02 keV) sits at
   vthreshold ~1200 near vrpreamp ~3030, and a vthreshold-1200 vrf scan steps up there.
-* ``step_pix = TRIM_STEP_DAC * vtrim / 2500 * s_pix``: the trimbit step (15 DAC at vtrim 2500, +-5 %
-  per pixel), so the 64 trimbits span about +-470 DAC, several times the untrimmed spread. Counts
-  rise with the trimbit.
+* ``shift_pix(t) = step_pix * (u + q_chip * u**2 / 31.5)``, ``u = t - 31.5``: the threshold shift
+  of trimbit t. ``step_pix = TRIM_STEP_DAC * vtrim / 2500 * s_pix`` (10.5 DAC at vtrim 2500, +-5 %
+  per pixel): PSI's trim files hold trimbits with a standard deviation of 9-10 for an untrimmed
+  spread of ~100 DAC. The trim DAC is not linear: its steps grow towards trimbit 63 by a
+  per-chip curvature q (TRIM_CURVATURE +- TRIM_CURVATURE_SPREAD), which is what gives PSI's
+  trimbits their shape: skewed to low codes (skewness -0.4), a mean of ~31.5 below the
+  untrimmed 32, 0.2-0.6 % of the pixels on trimbit 0 but only ~0.05 % on 63, and chip means
+  that differ (0.4-1.4 trimbits here, 0.75-2.3 in PSI's files). The 64 trimbits span about -280..+380 DAC. Counts rise with
+  the trimbit.
 * Width of the S-curve: ``sigma_pix = sqrt((G_pix * ENC_KEV)^2 + sigma_thr_pix^2)`` (electronic noise
   0.3 keV plus comparator threshold noise ~110 DAC) -> 110-130 DAC at Cu.
 * Charge sharing: photons near a pixel border leave part of their charge in the neighbour, so the
@@ -73,13 +82,20 @@ from calbench.contracts.eiger import Acquisition
 # --- physics constants (documented in the module docstring) ---------------------------------------
 BASELINE_DAC = 2350.0
 CHIP_SPREAD_DAC = 30.0
-OFFSET_SPREAD_DAC = 95.0
+OFFSET_SPREAD_DAC = 82.0
+OFFSET_CHIP_SPREAD = 0.08        # relative, chip to chip
+TAIL_FRACTION = 0.01             # pixels whose offset is drawn TAIL_SCALE times wider
+TAIL_SCALE = 2.4
+GRADIENT_DAC = 120.0             # threshold drop over a chip's 256 rows (row 0 -> 255)
+GRADIENT_CHIP_SPREAD = 0.4       # relative, chip to chip
 GAIN_AT_VRF_REF = 140.0          # DAC/keV at vrpreamp = VRF_REF
 VRF_REF = 3000.0
 GAIN_SLOPE = 0.0013              # d ln(gain) / d vrpreamp, 1/DAC
 HM_GAIN_SPREAD, CHIP_GAIN_SPREAD, PIXEL_GAIN_SPREAD = 0.015, 0.03, 0.02
-TRIM_STEP_DAC = 15.0             # per trimbit at vtrim 2500
+TRIM_STEP_DAC = 10.5             # per trimbit at vtrim 2500
 TRIM_STEP_SPREAD = 0.05
+TRIM_CURVATURE = 0.2             # q of shift = step * (u + q u^2 / 31.5), per chip
+TRIM_CURVATURE_SPREAD = 0.1
 THRESHOLD_NOISE_DAC = 110.0
 ENC_KEV = 0.3
 CHARGE_SHARING = 0.45
@@ -114,6 +130,7 @@ class EigerTruth:
     dead: NDArray[np.bool_]
     noisy: NDArray[np.bool_]
     chip_baseline: NDArray[np.float64]  # m per chip at trimbit 31.5 (before pixel offsets)
+    trim_curvature: NDArray[np.float64]  # q per pixel (its chip's)
 
     def gain(self, vrf: NDArray | float) -> NDArray[np.float64]:
         """Pixel gain (DAC/keV) for vrpreamp ``vrf`` (scalar or image-shaped per-pixel vrf)."""
@@ -124,6 +141,22 @@ class EigerTruth:
         """Threshold shift per trimbit (DAC) for vtrim (scalar or per pixel)."""
         return TRIM_STEP_DAC * np.asarray(vtrim, float) / 2500.0 * self.step_rel
 
+    def trim_shift(self, vtrim: NDArray | float, trimbits: NDArray | float) -> NDArray[np.float64]:
+        """Threshold shift (DAC, lowering the inflection) of each pixel at ``trimbits`` relative
+        to trimbit 31.5, for vtrim (scalar or per pixel)."""
+        u = np.asarray(trimbits, float) - TRIM_CENTER
+        return self.trim_step(vtrim) * (u + self.trim_curvature * u * u / TRIM_CENTER)
+
+    def trimbits_for_shift(self, vtrim: NDArray | float, shift: NDArray) -> NDArray[np.float64]:
+        """The (real-valued) trimbit whose ``trim_shift`` is ``shift`` (DAC); a shift beyond the
+        curve's turning point gives that point (the rails clip it anyway)."""
+        a = self.trim_curvature / TRIM_CENTER
+        b = np.asarray(shift, float) / self.trim_step(vtrim)
+        disc = np.maximum(1.0 + 4.0 * a * b, 0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            u = np.where(np.abs(a) > 1e-12, (np.sqrt(disc) - 1.0) / (2.0 * a), b)
+        return TRIM_CENTER + u
+
     def sigma(self, vrf: NDArray | float) -> NDArray[np.float64]:
         """S-curve width (DAC) per pixel."""
         return np.hypot(self.gain(vrf) * self.enc, self.sigma_thr)
@@ -131,8 +164,7 @@ class EigerTruth:
     def inflection(self, energy_keV: float, vrf: NDArray | float, trimbits: NDArray | float,
                    vtrim: NDArray | float) -> NDArray[np.float64]:
         """vthreshold (DAC) at which each pixel counts half of the photons of energy ``energy_keV``."""
-        return (self.base - self.gain(vrf) * energy_keV
-                - self.trim_step(vtrim) * (np.asarray(trimbits, float) - TRIM_CENTER))
+        return self.base - self.gain(vrf) * energy_keV - self.trim_shift(vtrim, trimbits)
 
     def live(self) -> NDArray[np.bool_]:
         """Pixels that respond normally (not dead, noisy or hot)."""
@@ -142,7 +174,7 @@ class EigerTruth:
                          vtrim: NDArray | float) -> tuple[NDArray, NDArray]:
         """(m, k) per chip such that the chip's mean inflection is vcmp = m - k * E[keV]."""
         g = self.geometry
-        offset = self.base - self.trim_step(vtrim) * (np.asarray(trimbits, float) - TRIM_CENTER)
+        offset = self.base - self.trim_shift(vtrim, trimbits)
         gain = np.broadcast_to(self.gain(vrf), g.shape)
         live = self.live()
         m = np.empty(g.n_chips)
@@ -166,7 +198,6 @@ def make_truth(geom: EigerGeometry, seed: int) -> EigerTruth:
     g_hm = 1 + rng.normal(0, HM_GAIN_SPREAD, geom.n_half_modules)
     g_chip = (1 + rng.normal(0, CHIP_GAIN_SPREAD, geom.n_chips)) * g_hm[hm_of_chip]
     offset = rng.normal(0, OFFSET_SPREAD_DAC, shape)
-    base = chip_m[chip_map] + offset
     gain_rel = g_chip[chip_map] * (1 + rng.normal(0, PIXEL_GAIN_SPREAD, shape))
     step_rel = 1 + rng.normal(0, TRIM_STEP_SPREAD, shape)
     sigma_thr = THRESHOLD_NOISE_DAC * np.clip(1 + rng.normal(0, 0.1, shape), 0.6, 1.6)
@@ -194,12 +225,24 @@ def make_truth(geom: EigerGeometry, seed: int) -> EigerTruth:
     enc[noisy] *= 2.5
     sigma_thr[noisy] *= 2.0
     noise_scale[noisy] = 30.0
+    # drawn last, so that the draws above stay those of earlier versions for a seed
+    spread_chip = 1 + OFFSET_CHIP_SPREAD * rng.standard_normal(geom.n_chips)
+    gradient_chip = -GRADIENT_DAC * (1 + GRADIENT_CHIP_SPREAD * rng.standard_normal(geom.n_chips))
+    curvature_chip = TRIM_CURVATURE + TRIM_CURVATURE_SPREAD * rng.standard_normal(geom.n_chips)
+    curvature_chip = np.clip(curvature_chip, 0.0, 0.45)       # 0.5 would make the trim DAC flat
+    # a sensor's tails: a few pixels far from their chip, feeding both trim rails
+    offset = np.where(rng.random(shape) < TAIL_FRACTION, TAIL_SCALE * offset, offset)
+    row_in_chip = (rows % 256 - 127.5) / 256.0
+    for hm in range(1, geom.n_half_modules, 2):     # bottom half modules are mounted rotated
+        row_in_chip[geom.half_module_slice(hm)] *= -1
+    base = chip_m[chip_map] + offset * spread_chip[chip_map] + gradient_chip[chip_map] * row_in_chip
     f4 = np.float32                     # per-pixel truth in float32: a 9M detector stays < 0.5 GB
     return EigerTruth(geometry=geom, base=base.astype(f4), gain_rel=gain_rel.astype(f4),
                       step_rel=step_rel.astype(f4), sigma_thr=sigma_thr.astype(f4),
                       enc=enc.astype(f4), charge_sharing=charge_sharing.astype(f4),
                       efficiency=efficiency.astype(f4), noise_scale=noise_scale.astype(f4),
-                      hot=hot, dead=dead, noisy=noisy, chip_baseline=chip_m)
+                      hot=hot, dead=dead, noisy=noisy, chip_baseline=chip_m,
+                      trim_curvature=curvature_chip[chip_map].astype(f4))
 
 
 BeamSource = Callable[[], tuple[float, float]]
@@ -553,7 +596,6 @@ class EigerSim:
             vrf = int(np.clip(round(VRF_REF + np.log(need) / GAIN_SLOPE), DAC_MIN, DAC_MAX))
             dacs = {**DAC_DEFAULTS, "vtrim": 2500, "vrpreamp": vrf, "vrshaper": 1400, "vcal": 4000}
             mu = t.inflection(energy_keV, vrf, TRIM_CENTER, 2500)
-            step = t.trim_step(2500)
             tb = np.zeros(g.shape)
             vcmps = []
             for k in range(4):
@@ -562,7 +604,7 @@ class EigerSim:
                 vcmp = int(round(mu[csl][live[csl]].mean()))
                 vcmps.append(vcmp)
                 dacs[g.chip_vcmp(chip)[1]] = vcmp
-                tb[csl] = TRIM_CENTER + (mu[csl] - vcmp) / step[csl]
+                tb[csl] = t.trimbits_for_shift(2500, mu - vcmp)[csl]
             dacs["vcp"] = int(round(np.mean(vcmps)))
             trim = np.clip(np.round(tb[sl]), 0, TRIMBIT_MAX).astype(np.int32)
             out.append(TrimFile(dacs=np.array([dacs[n] for n in DAC_NAMES], np.int32),
@@ -625,7 +667,7 @@ class EigerSim:
             if self._cache is None or self._cache["key"] != key:
                 st = self.pixel_state()
                 gain = t.gain(st["vrf"])
-                trimmed = t.base - t.trim_step(st["vtrim"]) * (st["trimbits"] - TRIM_CENTER)
+                trimmed = t.base - t.trim_shift(st["vtrim"], st["trimbits"])
                 self._cache = {
                     "key": key,
                     "gain": gain.astype(np.float32),
