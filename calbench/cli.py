@@ -80,9 +80,9 @@ def cmd_ioc_run(args) -> int:
         print(f"calbench: cannot start the IOCs: {exc}", file=sys.stderr)
         return 1
     pvs = [pv for g in groups for pv in g.pvdb]
-    print(f"serving {len(pvs)} PVs of {', '.join(names or cfg.instruments)} on "
-          f"{', '.join(cfg.interfaces)} (prefix {cfg.pv_prefix}); Ctrl-C stops", flush=True)
-    serve_forever(groups, cfg.interfaces, who=describe_this_server(str(cfg.home)), check=False)
+    serve_forever(groups, cfg.interfaces, who=describe_this_server(str(cfg.home)), check=False,
+                  announce=f"serving {len(pvs)} PVs of {', '.join(names or cfg.instruments)} on "
+                           f"{', '.join(cfg.interfaces)} (prefix {cfg.pv_prefix}); Ctrl-C stops")
     print("IOCs stopped; instruments left safe", flush=True)
     return 0
 

@@ -152,12 +152,24 @@ async def _serve(groups: list[PVGroup], interfaces: list[str], stop: asyncio.Eve
         pass
 
 
+class _Announce:
+    """Prints a line once the server is bound (what `calbench up` waits for)."""
+
+    def __init__(self, line: str):
+        self.line = line
+
+    def set(self) -> None:
+        if self.line:
+            print(self.line, flush=True)
+
+
 def serve_forever(groups: list[PVGroup], interfaces: Iterable[str] = ("127.0.0.1",), *,
-                  who: str = "", check: bool = True) -> None:
+                  who: str = "", check: bool = True, announce: str = "") -> None:
     """Run the IOCs until SIGINT or SIGTERM; on the way out every instrument is made safe.
     Raises AlreadyServed (leaving the instruments to the IOC that serves them) if another IOC
     answers for these PVs (check=False: the caller looked already, see `refuse_if_served`); `who`
-    (published on Server_RBV) tells such a second IOC how to stop this one."""
+    (published on Server_RBV) tells such a second IOC how to stop this one; `announce` is printed
+    once the server listens."""
     ca_serving_environment(interfaces)
 
     async def main():
@@ -165,7 +177,7 @@ def serve_forever(groups: list[PVGroup], interfaces: Iterable[str] = ("127.0.0.1
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await _serve(groups, list(interfaces), stop, who=who, check=check)
+        await _serve(groups, list(interfaces), stop, _Announce(announce), who=who, check=check)
 
     try:
         asyncio.run(main())

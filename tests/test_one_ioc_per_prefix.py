@@ -59,7 +59,7 @@ def test_calbench_up_from_another_lab_home_on_the_same_port_says_who_serves(tmp_
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not first.stdout.readline().startswith("serving"):
             assert first.poll() is None, "the first IOC did not start"
-        ctx = Context()         # "serving" is printed just before the server binds: wait for it
+        ctx = Context()         # the first IOC answers over CA
         ctx.get_pvs(f"{prefix}XRAY:Server_RBV", timeout=30)[0].read(timeout=30)
         ctx.disconnect()
         second = subprocess.run([sys.executable, "-m", "calbench.cli", "up", "--prefix", prefix],
