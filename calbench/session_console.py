@@ -29,10 +29,11 @@ EXPECTED_ERRORS = (
     "calbench.plans.fee:FeeCalibrationError", "calbench.plans.eiger:CalibrationStepError",
     "calbench.plans.batmet:BenchNotReady", "calbench.plans.batmet:UnsafeState",
     "calbench.plans.batmet:CalibrationRejected", "calbench.plans.qc6:Qc6Error",
-    "calbench.plans.xray:ShutterError", "calbench.analysis.trimfile:TrimFileError",
+    "calbench.plans.xray:ShutterError", "calbench.contracts.trimfile:TrimFileError",
     "calbench.analysis.timewalk:TransitFitError",
     "calbench.analysis.eiger_calibration:CalibrationError",
-    "calbench.analysis.batmet:CalibrationFileError", "calbench.analysis.qc6:Qc6FileError",
+    "calbench.analysis.eiger_files:CalibrationFileError",
+    "calbench.analysis.batmet:CalibrationFileError", "calbench.analysis.qc6_files:Qc6FileError",
 )
 
 
