@@ -80,9 +80,14 @@ def cmd_ioc_run(args) -> int:
         print(f"calbench: cannot start the IOCs: {exc}", file=sys.stderr)
         return 1
     pvs = [pv for g in groups for pv in g.pvdb]
-    serve_forever(groups, cfg.interfaces, who=describe_this_server(str(cfg.home)), check=False,
-                  announce=f"serving {len(pvs)} PVs of {', '.join(names or cfg.instruments)} on "
-                           f"{', '.join(cfg.interfaces)} (prefix {cfg.pv_prefix}); Ctrl-C stops")
+    unsafe = serve_forever(
+        groups, cfg.interfaces, who=describe_this_server(str(cfg.home)), check=False,
+        announce=f"serving {len(pvs)} PVs of {', '.join(names or cfg.instruments)} on "
+                 f"{', '.join(cfg.interfaces)} (prefix {cfg.pv_prefix}); Ctrl-C stops")
+    if unsafe:
+        print("IOCs stopped; NOT made safe: " + "; ".join(unsafe) + ". Make these instruments "
+              "safe by hand now", flush=True)
+        return 1
     print("IOCs stopped; instruments left safe", flush=True)
     return 0
 

@@ -49,7 +49,7 @@ register(InstrumentSpec(
     hardware="calbench.iocs.xraybox_client:XrayBoxClient.from_settings",
     settings={"client": "xrayClient64", "box": "BigXrayBox",
               "targets": ["In", "Ti", "Cr", "Fe", "Cu", "Ge", "Zr", "Mo", "Ag", "Sn"],
-              "warmup_s": 20.0},
+              "warmup_s": 20.0, "lease_s": 30.0},
 ))
 
 register(InstrumentSpec(
@@ -62,7 +62,7 @@ register(InstrumentSpec(
     hardware="calbench.iocs.hw.caen:from_settings",
     settings={"detector_name": "Detector1", "layer": 1, "slot": 3, "system_type": "SY5527",
               "link_type": "TCPIP", "address": "192.168.0.1", "username": "admin",
-              "password_env": "CALBENCH_CAEN_PASSWORD", "poll_period_s": 0.5},
+              "password_env": "CALBENCH_CAEN_PASSWORD", "poll_period_s": 0.5, "lease_s": 30.0},
 ))
 
 register(InstrumentSpec(
@@ -86,7 +86,8 @@ register(InstrumentSpec(
     default_prefix="PSU:",
     hardware="calbench.iocs.hw.scpi_psu:open_scpi_psu",
     settings={"resource": "", "visa_library": "", "usb_vid_pid": "", "baud_rate": 9600,
-              "timeout_s": 2.0, "idn_contains": "", "max_voltage_V": 15.0, "max_current_A": 7.0},
+              "timeout_s": 2.0, "idn_contains": "", "max_voltage_V": 15.0, "max_current_A": 7.0,
+              "lease_s": 30.0},
 ))
 
 register(InstrumentSpec(
@@ -97,7 +98,8 @@ register(InstrumentSpec(
     device="calbench.devices.bench:Batmet",
     default_prefix="BATMET:",
     hardware="calbench.iocs.hw.batmet_serial:open_batmet",
-    settings={"port": "", "usb_vid_pid": "0403:6015", "baud_rate": 115200, "timeout_s": 2.0},
+    settings={"port": "", "usb_vid_pid": "0403:6015", "baud_rate": 115200, "timeout_s": 2.0,
+              "lease_s": 30.0},
 ))
 
 register(InstrumentSpec(

@@ -71,7 +71,7 @@ def wait_for_ioc(device: Device, timeout: float = 5.0) -> None:
     try:
         device.wait_for_connection(timeout=timeout)
     except TimeoutError as exc:
-        missing = [s.pvname for s in _signals(device) if not s.connected][:3]
+        missing = unconnected_pvs(device)[:3]
         name = getattr(device, "instrument", device.name)
         raise IocNotAnswering(
             f"no IOC answers on {device.prefix!r} for {name} (unconnected: {', '.join(missing)}); "
@@ -83,6 +83,11 @@ def _signals(device: Device):
     for walk in device.walk_signals(include_lazy=True):
         if hasattr(walk.item, "pvname"):
             yield walk.item
+
+
+def unconnected_pvs(device: Device) -> list[str]:
+    """The PV names of the device's signals that are not connected (yet)."""
+    return [s.pvname for s in _signals(device) if not s.connected]
 
 
 class CheckedSignal(EpicsSignal):
@@ -167,6 +172,43 @@ def refusal_reason(exc: BaseException | None, *, also: tuple[type, ...] = ()) ->
             continue
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+class PauseSafeSignal(CheckedSignal):
+    """A setting whose instrument makes itself safe while the RunEngine pauses. The RunEngine
+    calls pause()/resume() on the objects a plan touched, which for a setting is this signal: it
+    hands them to its instrument device (whose hooks act once however many of its signals ask)."""
+
+    def pause(self):
+        self.root.pause()
+
+    def resume(self):
+        self.root.resume()
+
+
+class PauseHooks:
+    """Device mixin: `make_pause_safe()` returns what to restore on resume (None: nothing);
+    `restore_after_pause(saved)` restores it. pause()/resume() run each once per pause."""
+
+    def pause(self):
+        lock = self.__dict__.setdefault("_pause_lock", threading.Lock())
+        with lock:
+            if self.__dict__.get("_pause_saved") is not None:
+                return
+            self._pause_saved = self.make_pause_safe() or ()
+
+    def resume(self):
+        lock = self.__dict__.setdefault("_pause_lock", threading.Lock())
+        with lock:
+            saved, self._pause_saved = self.__dict__.get("_pause_saved"), None
+        if saved:
+            self.restore_after_pause(saved)
+
+    def make_pause_safe(self):
+        raise NotImplementedError
+
+    def restore_after_pause(self, saved) -> None:
+        raise NotImplementedError
 
 
 class LongStringSignal(_CharWaveformText, CheckedSignal):

@@ -11,7 +11,9 @@ from __future__ import annotations
 from ophyd import Component as Cpt
 from ophyd import EpicsSignalRO
 
-from calbench.devices.base import CheckedSignal, InstrumentDevice, LongStringSignalRO
+from calbench.devices.lease import ProcedureLease
+from calbench.devices.base import (CheckedSignal, InstrumentDevice, LongStringSignalRO,
+                                   PauseHooks, PauseSafeSignal, set_and_check)
 
 LINE_FREQUENCY_HZ = 50.0
 
@@ -63,19 +65,22 @@ class ScpiPsu(InstrumentDevice):
     over_current = Cpt(EpicsSignalRO, "OverCurrent_RBV", auto_monitor=False, kind="normal")
     update = Cpt(CheckedSignal, "Update", kind="omitted")
     reconnect_cmd = Cpt(CheckedSignal, "Reconnect", kind="omitted")
+    lease = Cpt(ProcedureLease, "Lease:", kind="omitted")
 
     def trigger(self):
         return self.update.set(1)
 
 
-class Batmet(InstrumentDevice):
-    """BatMet current sink: raw DAC code, calibrated `sink` current (A), stored csink, ADC (V)."""
+class Batmet(PauseHooks, InstrumentDevice):
+    """BatMet current sink: raw DAC code, calibrated `sink` current (A), stored csink, ADC (V).
+    A RunEngine pause (Ctrl-C) sets the DAC to 0 (no sink current) and its resume restores the code
+    it had; the supply stays as it is."""
 
     instrument = "batmet"
 
     identity = Cpt(LongStringSignalRO, "Identity_RBV", kind="config")
-    dac = Cpt(CheckedSignal, "DAC_RBV", write_pv="DAC", kind="hinted")
-    sink = Cpt(CheckedSignal, "Sink_RBV", write_pv="Sink", kind="omitted")
+    dac = Cpt(PauseSafeSignal, "DAC_RBV", write_pv="DAC", kind="hinted")
+    sink = Cpt(PauseSafeSignal, "Sink_RBV", write_pv="Sink", kind="omitted")
     cal_min = Cpt(CheckedSignal, "CalMin", kind="omitted")
     cal_max = Cpt(CheckedSignal, "CalMax", kind="omitted")
     cal_a = Cpt(CheckedSignal, "CalA", kind="omitted")
@@ -88,6 +93,17 @@ class Batmet(InstrumentDevice):
     adc_sense = Cpt(EpicsSignalRO, "AdcSense_RBV", auto_monitor=False, kind="normal")
     update = Cpt(CheckedSignal, "Update", kind="omitted")
     reconnect_cmd = Cpt(CheckedSignal, "Reconnect", kind="omitted")
+    lease = Cpt(ProcedureLease, "Lease:", kind="omitted")
 
     def trigger(self):
         return self.update.set(1)
+
+    def make_pause_safe(self):
+        """DAC 0; returns the code to restore (None when it was 0 already)."""
+        code = int(self.dac.get(use_monitor=False))
+        if code > 0:
+            set_and_check(self.dac, 0)
+        return (code,) if code > 0 else None
+
+    def restore_after_pause(self, saved) -> None:
+        set_and_check(self.dac, saved[0])

@@ -20,6 +20,7 @@ from ophyd import FormattedComponent as FCpt
 from ophyd.status import AndStatus, DeviceStatus
 
 from calbench.devices.base import CheckedSignal, InstrumentDevice, LongStringSignalRO
+from calbench.devices.lease import ProcedureLease
 
 # CAEN channel status bits
 STATUS_ON, STATUS_RUP, STATUS_RDW, STATUS_OVC = 0x1, 0x2, 0x4, 0x8
@@ -201,6 +202,7 @@ class _CrateCommon(InstrumentDevice):
     kill_cmd = Cpt(CheckedSignal, "Kill", kind="omitted")
     system_type = Cpt(LongStringSignalRO, "SystemType_RBV", kind="config")
     board = FCpt(BoardInfo, "{prefix}S{slot:02d}:", kind="config")
+    lease = Cpt(ProcedureLease, "Lease:", kind="omitted")
 
 
 class GemLayer(_CrateCommon):

@@ -17,6 +17,7 @@ at all is the IOC's `access` rule (the lab file's writers, see calbench/config.p
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from contextvars import ContextVar
@@ -171,11 +172,15 @@ class InstrumentIOC(InstrumentGroup):
     world_time = pvproperty(name="WorldTime_RBV", value=0.0, read_only=True, dtype=ChannelType.DOUBLE,
                             precision=3, doc="instrument clock, epoch seconds (accelerated in sims)")
 
-    def __init__(self, *, prefix: str, backend, clock: WorldClock | None = None, **kwargs):
+    def __init__(self, *, prefix: str, backend, clock: WorldClock | None = None,
+                 lease_s: float | None = None, **kwargs):
         super().__init__(prefix, **kwargs)
         self.backend = backend
         self.clock = clock or WorldClock()
         self.access = None       # who may write (calbench.config.WriteAccess); None: anybody
+        # the procedure lease (iocs/lease.py); served by the IOCs that have a LeasePVs subgroup
+        from calbench.iocs.lease import DEFAULT_LEASE_S, Lease   # lease.py builds on this module
+        self.procedure_lease = Lease(DEFAULT_LEASE_S if lease_s is None else lease_s)
 
     async def publish(self, instance, value, *, force: bool = False) -> None:
         """Write a readback with a world-clock timestamp (only when it changed, unless forced)."""
@@ -228,10 +233,30 @@ class InstrumentIOC(InstrumentGroup):
 
     def make_safe(self) -> None:
         """Leave the instrument safe (shutters closed, HV down, currents zero). Called at shutdown;
-        every backend implements `make_safe`."""
+        every backend implements `make_safe` and raises InstrumentFault naming what it could not
+        do."""
         make_safe = getattr(self.backend, "make_safe", None)
         if make_safe is not None:
             make_safe()
+
+    # -- the procedure lease (iocs/lease.py) ----------------------------------------------------
+    async def require_lease(self, what: str) -> None:
+        """Before a hazardous put: refused (published like any refusal) while a lapsed lease has
+        not been taken again."""
+        await self.call(self.procedure_lease.check_hazard, what)
+
+    async def lease_taken(self) -> None:
+        """Hook: a lease was taken (e.g. note what the plan then switches on)."""
+
+    async def lease_lapsed(self) -> str:
+        """The holder's renewals stopped: make the instrument safe now, off the event loop; returns
+        what was done (or what could not be), for StatusMessage_RBV and the log."""
+        try:
+            await asyncio.to_thread(self.make_safe)
+        except Exception as exc:      # reported: the operator must act
+            log.exception("%smaking the instrument safe after the lease lapsed", self.prefix)
+            return f"COULD NOT make the instrument safe: {exc}; do it by hand now"
+        return "the instrument was made safe"
 
 
 def _same(a, b) -> bool:

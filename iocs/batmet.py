@@ -11,15 +11,19 @@ PVs (after the instrument prefix, e.g. CB:BATMET:):
   Update                          1: read the ADC now
   Identity_RBV, Reconnect, StatusMessage_RBV, Refusals_RBV, Connected_RBV, WorldTime_RBV
   Sim:GarbleNext, Sim:TimeoutNext, Sim:Absent, Sim:Identity   (simulated backend only)
+  Lease:Take, Lease:Heartbeat, Lease:Release, Lease:State_RBV, ... (iocs/lease.py): when the
+                                  holder's renewals stop the IOC sets the DAC to 0; a DAC or sink
+                                  above 0 is then refused until a lease is taken again
 """
 from __future__ import annotations
 
 from caproto import ChannelType
-from caproto.server import pvproperty
+from caproto.server import SubGroup, pvproperty
 
 from calbench.iocs.base import command_pv, setting_pv, string_pv
 from calbench.iocs.bench_ioc import BenchInstrumentIOC
 from calbench.contracts.batmet import DAC_MAX
+from calbench.iocs.lease import LeasePVs
 
 POLL_PERIOD_S = 1.0
 MAX_SINK_A = 4.0            # the sink's design range (and the calibration's default CalMax)
@@ -50,6 +54,7 @@ class BatmetIOC(BenchInstrumentIOC):
     adc_sense = pvproperty(name="AdcSense_RBV", value=0.0, read_only=True,
                            dtype=ChannelType.DOUBLE, precision=4, units="V")
     update = command_pv("Update", "1: read the ADC now")
+    lease = SubGroup(LeasePVs, prefix="Lease:")
 
     async def refresh(self) -> None:
         adc = await self.run(self.backend.read_adc)
@@ -62,12 +67,16 @@ class BatmetIOC(BenchInstrumentIOC):
 
     @dac.putter
     async def dac(self, instance, value):
+        if value > 0:
+            await self.require_lease(f"DAC {value}")
         code = await self.run(self.backend.set_dac, int(value))
         await self.publish(self.dac_rbv, code)
         return code
 
     @sink.putter
     async def sink(self, instance, value):
+        if value > 0:
+            await self.require_lease(f"sink {value} A")
         code = await self.run(self.backend.sink, float(value))
         await self.publish(self.sink_rbv, float(value))
         if code >= 0:
@@ -88,6 +97,14 @@ class BatmetIOC(BenchInstrumentIOC):
         if value:
             await self.refresh()
         return 0
+
+    async def lease_lapsed(self) -> str:
+        try:
+            code = await self.run(self.backend.set_dac, 0)
+        except Exception as exc:      # reported by run(); the operator must act
+            return f"COULD NOT set the DAC to 0: {exc}; unplug the BatMet's supply now"
+        await self.publish(self.dac_rbv, code)
+        return "DAC set to 0 (no sink current)"
 
     @adc_sense.scan(period=POLL_PERIOD_S)
     async def adc_sense(self, instance, async_lib):

@@ -51,7 +51,15 @@ def build_iocs(cfg: LabConfig, names: list[str] | None = None, *, force_sim: boo
     groups = []
     for name in names:
         ioc_class = load_object(INSTRUMENTS[name].ioc)
-        ioc = ioc_class(prefix=cfg.prefix_of(name), backend=backends[name], clock=clocks[name])
+        extra = {}
+        lease_s = cfg.instruments[name].settings.get("lease_s")
+        if lease_s is not None:
+            if not lease_s > 0:
+                raise ConfigError(f"{cfg.source}: instruments.{name}.lease_s = {lease_s!r} must "
+                                  "be > 0 (wall seconds without a heartbeat; default 30)")
+            extra["lease_s"] = float(lease_s)
+        ioc = ioc_class(prefix=cfg.prefix_of(name), backend=backends[name], clock=clocks[name],
+                        **extra)
         ioc.access = cfg.instruments[name].access       # who may write (the lab file's writers)
         groups.append(ioc)
     return groups

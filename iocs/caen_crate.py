@@ -9,6 +9,10 @@ PVs (after the instrument prefix P, e.g. CB:CAEN:), for every channel cc of ever
              Sss:SerialNumber_RBV, Sss:Firmware_RBV, Sss:NumChannels_RBV
   crate commands: P ClearAlarm (put 1: clears latched trips), P Kill (put 1: every channel off now)
   common: StatusMessage_RBV, Refusals_RBV, Connected_RBV, WorldTime_RBV
+  procedure lease (iocs/lease.py): P Lease:Take, Lease:Heartbeat, Lease:Release,
+             Lease:State_RBV, ...; when the holder's renewals stop, every channel gets V0Set 0 and
+             Pw Off (the crate ramps down at RDWn) and Pw On is refused until a lease is taken
+             again. The crate's own trip protection is unchanged.
   simulated backend only: P Sim:Unreachable, Sim:SparkRateScale, Sim:DischargeChannel,
              Sim:ShortChannel (fault injection for tests and training)
 
@@ -30,6 +34,7 @@ from calbench.iocs.base import (InstrumentFault, InstrumentGroup, InstrumentIOC,
                                 setting_pv, string_pv)
 from calbench.contracts.caen import (BOARD_CHANNELS, HW_IMAX_UA, HW_VMAX_V, RAMP_LIMITS_V_PER_S,
                                      TRIP_LIMITS_S)
+from calbench.iocs.lease import LeasePVs
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +123,8 @@ class ChannelPVs(InstrumentGroup):
 
     @pw.putter
     async def pw(self, instance, value):
+        if value in ("On", 1):
+            await self.ioc.require_lease(f"S{self.slot:02d}:C{self.channel:02d} Pw On")
         await self._put("Pw", OFF_ON.index(value) if isinstance(value, str) else int(value))
         return value
 
@@ -207,6 +214,7 @@ class CaenCrateIOC(InstrumentIOC):
     kill = command_pv("Kill", "put 1: switch every channel off at once")
 
     sim = SubGroup(_SimControls, prefix="Sim:")
+    lease = SubGroup(LeasePVs, prefix="Lease:")
 
     def __init__(self, *, prefix, backend, clock=None, **kwargs):
         super().__init__(prefix=prefix, backend=backend, clock=clock, **kwargs)
@@ -252,6 +260,20 @@ class CaenCrateIOC(InstrumentIOC):
                 await self.call(self.backend.kill)
                 await self.poll_unlocked()
         return 0
+
+    async def lease_lapsed(self) -> str:
+        """Every channel to 0 V and off: the crate ramps them down at RDWn."""
+        self._last_put = time.monotonic()      # poll fast while they ramp down
+        async with self.crate_lock:
+            try:
+                self.backend.make_safe()
+            except Exception as exc:           # reported: the operator must act
+                log.exception("%smaking the crate safe after the lease lapsed", self.prefix)
+                return (f"COULD NOT switch the channels off: {exc}; switch them off at the crate "
+                        "now")
+            finally:
+                await self.poll_unlocked()
+        return "every channel set to 0 V and switched off (ramping down at RDWn)"
 
     @system_type.startup
     async def system_type(self, instance, async_lib):

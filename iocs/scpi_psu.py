@@ -10,15 +10,20 @@ PVs (after the instrument prefix, e.g. CB:PSU:):
   Update                          1: read everything now (the put completes when the readbacks are in)
   Identity_RBV, Reconnect, StatusMessage_RBV, Refusals_RBV, Connected_RBV, WorldTime_RBV
   Sim:GarbleNext, Sim:TimeoutNext, Sim:Absent, Sim:Identity   (simulated backend only)
+  Lease:Take, Lease:Heartbeat, Lease:Release, Lease:State_RBV, ... (iocs/lease.py): when the
+                                  holder's renewals stop the IOC switches the output off if it was
+                                  switched on under the lease; Output On is then refused until a
+                                  lease is taken again
 """
 from __future__ import annotations
 
 from caproto import ChannelType
-from caproto.server import pvproperty
+from caproto.server import SubGroup, pvproperty
 
 from calbench.iocs.base import command_pv, enum_pv, set_limits, setting_pv
 from calbench.iocs.bench_ioc import BenchInstrumentIOC
 from calbench.iocs.hw.scpi_psu import DEFAULT_SETTINGS
+from calbench.iocs.lease import LeasePVs
 
 OFF_ON = ["Off", "On"]
 MODES = ["Off", "CV", "CC"]
@@ -44,6 +49,8 @@ class ScpiPsuIOC(BenchInstrumentIOC):
     over_current = pvproperty(name="OverCurrent_RBV", value=0, read_only=True,
                               dtype=ChannelType.INT)
     update = command_pv("Update", "1: read the supply now; completes when the readbacks are published")
+    lease = SubGroup(LeasePVs, prefix="Lease:")
+    _on_before_lease = False
 
     def __init__(self, *, prefix, backend, clock=None, **kwargs):
         super().__init__(prefix=prefix, backend=backend, clock=clock, **kwargs)
@@ -78,6 +85,8 @@ class ScpiPsuIOC(BenchInstrumentIOC):
 
     @output.putter
     async def output(self, instance, value):
+        if value == "On":
+            await self.require_lease("Output On")
         await self.run(self.backend.set_output, value == "On")
         await self.refresh()
         return value
@@ -87,6 +96,19 @@ class ScpiPsuIOC(BenchInstrumentIOC):
         if value:
             await self.refresh()
         return 0
+
+    async def lease_taken(self) -> None:
+        self._on_before_lease = self.output_rbv.value == "On"
+
+    async def lease_lapsed(self) -> str:
+        if self._on_before_lease:
+            return "the output was on before the lease was taken and stays on"
+        try:
+            await self.run(self.backend.set_output, False)
+            await self.refresh()
+        except Exception as exc:      # reported by run(); the operator must act
+            return f"COULD NOT switch the output off: {exc}; switch it off at the supply now"
+        return "output switched off"
 
     @over_current.scan(period=POLL_PERIOD_S)
     async def over_current(self, instance, async_lib):

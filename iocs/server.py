@@ -70,12 +70,16 @@ def merged_pvdb(groups: Iterable[PVGroup]) -> dict:
     return pvdb
 
 
-def _make_safe_all(groups: Iterable[PVGroup]) -> None:
+def make_safe_all(groups: Iterable[PVGroup]) -> list[str]:
+    """Make every instrument safe; returns what could not be made safe (prefix: reason)."""
+    unsafe = []
     for group in groups:
         try:
             getattr(group, "make_safe", lambda: None)()
-        except Exception:  # one instrument failing must not keep the others unsafe
+        except Exception as exc:  # one instrument failing must not keep the others unsafe
             log.exception("could not make %s safe", group.prefix)
+            unsafe.append(f"{group.prefix} {exc}")
+    return unsafe
 
 
 class _Circuit(VirtualCircuit):
@@ -126,7 +130,8 @@ def _tune_caproto() -> None:
 
 
 async def _serve(groups: list[PVGroup], interfaces: list[str], stop: asyncio.Event,
-                 started: threading.Event | None = None, who: str = "", check: bool = True) -> None:
+                 started: threading.Event | None = None, who: str = "", check: bool = True,
+                 port: int | None = None) -> None:
     _tune_caproto()
     pvdb = merged_pvdb(groups)
     instruments = [g for g in groups if isinstance(g, InstrumentIOC)]
@@ -135,6 +140,8 @@ async def _serve(groups: list[PVGroup], interfaces: list[str], stop: asyncio.Eve
     for group in instruments:
         await group.server.write(who or describe_this_server())
     ctx = _NoDelayContext(pvdb, list(interfaces))
+    if port is not None:            # a CA port of its own instead of the environment's
+        ctx.ca_server_port = int(port)
     task = asyncio.ensure_future(ctx.run(log_pv_names=False))
     if started is not None:
         # caproto binds its sockets at the start of run(); give it a moment, then report readiness
@@ -164,8 +171,9 @@ class _Announce:
 
 
 def serve_forever(groups: list[PVGroup], interfaces: Iterable[str] = ("127.0.0.1",), *,
-                  who: str = "", check: bool = True, announce: str = "") -> None:
-    """Run the IOCs until SIGINT or SIGTERM; on the way out every instrument is made safe.
+                  who: str = "", check: bool = True, announce: str = "") -> list[str]:
+    """Run the IOCs until SIGINT or SIGTERM; on the way out every instrument is made safe, and
+    what could not be is returned (empty when all is safe).
     Raises AlreadyServed (leaving the instruments to the IOC that serves them) if another IOC
     answers for these PVs (check=False: the caller looked already, see `refuse_if_served`); `who`
     (published on Server_RBV) tells such a second IOC how to stop this one; `announce` is printed
@@ -184,9 +192,9 @@ def serve_forever(groups: list[PVGroup], interfaces: Iterable[str] = ("127.0.0.1
     except AlreadyServed:
         raise           # not ours to make safe: another IOC drives these instruments
     except BaseException:
-        _make_safe_all(groups)
+        make_safe_all(groups)
         raise
-    _make_safe_all(groups)
+    return make_safe_all(groups)
 
 
 def ca_serving_environment(interfaces: Iterable[str]) -> None:
@@ -198,9 +206,11 @@ def ca_serving_environment(interfaces: Iterable[str]) -> None:
 class IocThread:
     """The IOCs served from a daemon thread of this process (tests, demos, notebooks)."""
 
-    def __init__(self, groups: list[PVGroup], interfaces: Iterable[str] = ("127.0.0.1",)):
+    def __init__(self, groups: list[PVGroup], interfaces: Iterable[str] = ("127.0.0.1",), *,
+                 port: int | None = None):
         self.groups = list(groups)
         self.interfaces = list(interfaces)
+        self.port = port
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
@@ -218,7 +228,8 @@ class IocThread:
             self._stop = asyncio.Event()
             try:
                 self._loop.run_until_complete(
-                    _serve(self.groups, self.interfaces, self._stop, self._started))
+                    _serve(self.groups, self.interfaces, self._stop, self._started,
+                           port=self.port))
             except BaseException as exc:  # surfaced by start()/stop()
                 self.error = exc
                 self._started.set()
@@ -233,11 +244,12 @@ class IocThread:
             raise RuntimeError(f"the IOC server did not start: {self.error!r}")
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0) -> list[str]:
+        """Stop serving and make every instrument safe; returns what could not be made safe."""
         if self._loop is not None and self._stop is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stop.set)
             self._thread.join(timeout)
-        _make_safe_all(self.groups)
+        return make_safe_all(self.groups)
 
     def __enter__(self):
         return self.start()

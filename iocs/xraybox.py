@@ -7,6 +7,10 @@ PVs (after the instrument prefix, e.g. CB:XRAY:):
   Shutter:XRF, Shutter:XRF_RBV, Shutter:Direct, Shutter:Direct_RBV (Closed/Open)
   Locked_RBV, Unlock, Lock        Safe_RBV (door may be opened), DoorOpen_RBV
   StatusMessage_RBV, Connected_RBV, WorldTime_RBV
+  Lease:Take, Lease:Heartbeat, Lease:Release, Lease:State_RBV, ... (iocs/lease.py): when the
+                                  holder's renewals stop, the IOC closes both shutters and switches
+                                  the tube HV off; HV On and shutter Open are then refused until a
+                                  lease is taken again
   Sim:DoorOpen, Sim:ShutterStuck  (simulated backend only: fault injection for tests and training)
 """
 from __future__ import annotations
@@ -16,6 +20,7 @@ from caproto.server import SubGroup, pvproperty
 
 from calbench.iocs.base import (InstrumentFault, InstrumentGroup, InstrumentIOC, command_pv, enum_pv,
                                 setting_pv)
+from calbench.iocs.lease import LeasePVs
 from calbench.iocs.sim.xray import XRF_LINES_KEV, MAX_KV, MAX_MA
 
 OFF_ON = ["Off", "On"]
@@ -66,6 +71,7 @@ class XrayBoxIOC(InstrumentIOC):
     door_open = pvproperty(name="DoorOpen_RBV", value=0, read_only=True, dtype=ChannelType.INT)
 
     sim = SubGroup(_SimControls, prefix="Sim:")
+    lease = SubGroup(LeasePVs, prefix="Lease:")
 
     def __init__(self, *, prefix, backend, clock=None, **kwargs):
         super().__init__(prefix=prefix, backend=backend, clock=clock, **kwargs)
@@ -76,6 +82,8 @@ class XrayBoxIOC(InstrumentIOC):
 
     @hv.putter
     async def hv(self, instance, value):
+        if value == "On":
+            await self.require_lease("HV On")
         await self.call(self.backend.set_hv, value == "On")
         return value
 
@@ -96,11 +104,15 @@ class XrayBoxIOC(InstrumentIOC):
 
     @xrf_shutter.putter
     async def xrf_shutter(self, instance, value):
+        if value == "Open":
+            await self.require_lease("XRF shutter Open")
         await self.call(self.backend.set_shutter, "XRF", value == "Open")
         return value
 
     @direct_shutter.putter
     async def direct_shutter(self, instance, value):
+        if value == "Open":
+            await self.require_lease("Direct shutter Open")
         await self.call(self.backend.set_shutter, "Direct", value == "Open")
         return value
 
@@ -115,6 +127,22 @@ class XrayBoxIOC(InstrumentIOC):
         if value:
             await self.call(self.backend.lock)
         return 0
+
+    async def lease_lapsed(self) -> str:
+        """Shutters closed and tube HV off (each tried even if another fails)."""
+        failed = []
+        backend = self.backend
+        for what, action in (("close the XRF shutter", lambda: backend.set_shutter("XRF", False)),
+                             ("close the Direct shutter",
+                              lambda: backend.set_shutter("Direct", False)),
+                             ("switch the tube HV off", lambda: backend.set_hv(False))):
+            try:
+                action()
+            except Exception as exc:      # the others must still be done
+                failed.append(f"could not {what}: {exc}")
+        if failed:
+            return "; ".join(failed) + "; make the box safe at its panel now"
+        return "shutters closed and tube HV switched off"
 
     @hv_rbv.scan(period=POLL_PERIOD_S)
     async def hv_rbv(self, instance, async_lib):

@@ -5,7 +5,9 @@ The lab's procedure (reference/qc6_batmet.md part B, `collect.py` and `cal_sink.
 450, 460, ... 4090 (`range(450, 4100, 10)`), the meter shows `DAC-<code>`, three readings are
 averaged per point, and the scan stops once the current exceeds 3 A. On every exit (success, error,
 Ctrl-C/abort) the DAC goes back to 0, the supply output goes off if the plan switched it on, and the
-meter returns to local.
+meter returns to local. The plans hold the BatMet's and the supply's procedure leases: if the
+session dies, the IOCs do the same by themselves after the lab's `lease_s`. A pause (Ctrl-C) zeroes the
+sink and a resume restores it (devices/bench.py).
 
     RE(collect_sink_calibration(dmm, batmet, psu))      # one run: the scan
     RE(calibrate_sink(dmm, batmet, psu, write=True))    # scan, fit, store csink, verify with `sink`
@@ -27,6 +29,7 @@ from bluesky.utils import RunEngineControlException
 from calbench.contracts.batmet import DAC_MAX
 from calbench.analysis.batmet import (CSINK_RANGE_A, SinkAccuracy, SinkFit, fit_sink,
                                       setting_accuracy, sink_data_from_table)
+from calbench.plans.lease import under_lease
 from calbench.plans.toolkit import check_connected, put, reason
 
 log = logging.getLogger(__name__)
@@ -143,7 +146,11 @@ def _leave_safe(dmm, sink, psu, state: dict):
 
 
 def _safe_bench(plan, dmm, sink, psu, state: dict):
-    return (yield from finalize_wrapper(plan, _leave_safe(dmm, sink, psu, state)))
+    """The bench left safe on every exit path, under the BatMet's and the supply's procedure
+    leases (if the session dies, their IOCs zero the sink and switch off a supply the plan
+    switched on)."""
+    return (yield from under_lease([sink, psu],
+                                   finalize_wrapper(plan, _leave_safe(dmm, sink, psu, state))))
 
 
 def _current_stopped_rising(currents: list[float], stop_current_A: float) -> bool:

@@ -12,18 +12,24 @@
 string that never matched), trips are the crate's trip bits (ITRIP/ETRIP) and not any channel found
 off, and the voltage recorded for a trip is the last VMon read before it, not the one after.
 
-Safety: every test runs inside `qc6_safety`: on any exit (normal end, exception, RE.abort/stop,
-Ctrl-C, the crate becoming unreachable) every channel of the layer gets V0Set 0 and Pw Off and the
-plan waits until VMon is ~0; while the crate does not answer the plan is suspended, and it resumes
+Safety: every test holds the crate's procedure lease (plans/lease.py): if the RunEngine's process
+dies, the IOC ramps every channel down and off by itself once the session's heartbeats stop for the
+lab's `lease_s` (30 s); a pause holds the voltages (the GEM practice) and the lease keeps running.
+Every test runs inside `qc6_safety`: on any exit (normal end, exception, RE.abort/stop, Ctrl-C,
+the crate becoming unreachable) every channel of the layer gets V0Set 0 and Pw Off and the plan
+waits until VMon is ~0; while the crate does not answer the plan is suspended, and it resumes
 where it was when the crate answers again (trips latched meanwhile are then recorded).
 
 Time: durations are instrument (world) time, read from the IOC's WorldTime_RBV, never the wall
 clock; the same plan holds 15 hours in the lab and a few seconds against the accelerated simulator.
+Fault timeouts (ramp, switch-on, ClearAlarm, discharge) are world time too, and pass only after three
+crate readings past their end (plans/world_clock.py:WorldDeadline): a loaded PC cannot invent them.
 Trips are events of the stream "trips" (channel, electrode, voltage before the trip, V0Set, world
 time, incident number); result files and plots come from analysis/qc6_callbacks.py.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 import weakref
 from typing import Sequence
@@ -38,10 +44,11 @@ from ophyd import Device, Signal
 
 from calbench.analysis.qc6_callbacks import Qc6LivePlot, Qc6ResultFiles
 from calbench.analysis.qc6_files import result_path
-from calbench.devices.base import InstrumentRefused
+from calbench.devices.base import InstrumentRefused, unconnected_pvs
+from calbench.plans.lease import under_lease
 from calbench.plans.monitor_wait import MonitorWaiter
 from calbench.plans.toolkit import results_dir as toolkit_results_dir
-from calbench.plans.world_clock import InstrumentClock
+from calbench.plans.world_clock import InstrumentClock, WorldDeadline
 from calbench.devices.caen import (
     ELECTRODES, FOILS, RAMPING, STATUS_ON, TRIPPED, GemLayer, HvChannel, at_setpoint,
     describe_status)
@@ -54,10 +61,9 @@ MIN_POLL_S = 0.005           # wall seconds between two looks where no monitor t
 MAX_WAIT_WALL_S = 0.5        # wall seconds a plan waits for a monitor update before looking anyway
 PROGRESS_EVERY_S = 600.0     # world seconds between progress events of a stability hold
 RAMP_MARGIN_S = 300.0       # world seconds a ramp may take beyond 3x its nominal time
-# A fault timeout also needs this many wall seconds: at high world-clock acceleration a
-# scheduling hiccup of the host is many world seconds, and must not look like a stuck channel.
-MIN_TIMEOUT_WALL_S = 10.0
-ACK_TIMEOUT_S = 20.0         # wall seconds for the crate to acknowledge a command
+ACK_TIMEOUT_S = 20.0         # wall seconds for Channel Access to acknowledge a put
+STATE_TIMEOUT_S = 20.0       # world seconds for the crate to show a commanded state (Pw, trips)
+CONNECT_TIMEOUT_S = 30.0     # wall seconds for the layer's PVs to connect (Channel Access)
 # Status recorded for a channel found off after a ClearAlarm erased its trip bit: ITRIP
 ITRIP_CLEARED = 0x200
 
@@ -233,6 +239,11 @@ class _Session:
         seconds (plan)."""
         yield from self.watch.waiter.wait(condition, max_wall_s=max_wall_s)
 
+    def deadline(self, world_s: float) -> WorldDeadline:
+        """A fault timeout of world_s on the crate's clock (see WorldDeadline): a loaded control
+        PC cannot trip it."""
+        return WorldDeadline(self.world_now(), world_s)
+
     def world_passed(self, world_t: float):
         """A condition: the crate has published a world time after world_t."""
         return lambda: self.world_now() > world_t
@@ -318,10 +329,9 @@ def _clear_alarm(session: _Session, cleared: Sequence[HvChannel] = (),
     layer = session.layer
     t_clear = yield from session.now()
     yield from _put(layer.clear_alarm_cmd, 1)
-    deadline = time.monotonic() + ACK_TIMEOUT_S
+    deadline = session.deadline(STATE_TIMEOUT_S)
     while (yield from session.now()) <= t_clear:
-        if time.monotonic() > deadline:
-            raise Qc6Error("the crate's clock stopped after ClearAlarm; check the IOC")
+        # a crate reading taken after the ClearAlarm (an IOC that stops answering suspends)
         yield from session.wait_until(session.world_passed(t_clear))
     checked = list(cleared or layer.channels)
     while True:
@@ -333,7 +343,7 @@ def _clear_alarm(session: _Session, cleared: Sequence[HvChannel] = (),
             for ch in checked:               # their next trip bit is a new trip
                 session.watch.handled(ch.channel, t_clear)
             break
-        if time.monotonic() > deadline:
+        if deadline.passed(session.world_now()):
             raise Qc6Error(f"ClearAlarm did not clear the trip of "
                            f"{', '.join(c.label() for c in still)}; check the crate's alarms "
                            "(an external trip or interlock keeps it set)")
@@ -358,10 +368,10 @@ def _switch_on(session: _Session, channels: Sequence[HvChannel]):
     for ch in channels:
         if int((yield from bps.rd(ch.pw))) != 1:
             yield from _put(ch.pw, 1)
-    deadline = time.monotonic() + ACK_TIMEOUT_S
+    deadline = session.deadline(STATE_TIMEOUT_S)
     for ch in channels:
         while int((yield from bps.rd(ch.pw))) != 1:
-            if time.monotonic() > deadline:
+            if deadline.passed(session.world_now()):
                 raise Qc6Error(f"{ch.label()} does not show Pw On after switching it on; check "
                                "the crate (interlock, channel disabled)")
             yield from session.wait_until(lambda: int(ch.pw.get()) == 1)
@@ -382,14 +392,15 @@ def _ramp(session: _Session, setpoints: dict[HvChannel, float], watch: Sequence[
     looked_at = list(dict.fromkeys([*watch, *targets]))
     off_looks: dict[HvChannel, int] = {}
     t0 = yield from session.now()
-    wall0 = time.monotonic()
+    deadline = session.deadline(timeout_s)
     tripped_now = session.any_tripped(looked_at)
 
     def changed(now):
         # wake on a trip, on arrival, on a channel found off (then at the next crate reading, so
         # that three looks at it are three readings), and at the timeout
         def condition():
-            if tripped_now() or session.world_now() > now + timeout_s:
+            # past the timeout: each crate reading is a look that counts for the deadline
+            if tripped_now() or session.world_now() > max(now, t0 + timeout_s):
                 return True
             if all(at_setpoint(int(c.status.get()), float(c.vmon.get()), v)
                    for c, v in targets.items()):
@@ -416,7 +427,7 @@ def _ramp(session: _Session, setpoints: dict[HvChannel, float], watch: Sequence[
             raise Qc6Error(f"{', '.join(c.label() for c in off)} went off without a trip while "
                            "ramping: someone switched it off, or the crate's interlock; check the "
                            "crate before restarting")
-        if now - t0 > timeout_s and time.monotonic() - wall0 > MIN_TIMEOUT_WALL_S:
+        if deadline.passed(session.world_now()):
             raise RampTimeout(
                 f"not at the setpoint after {now - t0:.0f} s (world): " + "; ".join(
                     f"{c.label()} VMon {session.state[c][1]:.1f} V for {targets[c]:g} V, Status "
@@ -489,7 +500,7 @@ def all_off(layer: GemLayer, *, off_V: float = OFF_V, timeout_s: float | None = 
             worst = max(worst, float((yield from bps.rd(ch.vmon))) / rate)
         timeout_s = 3.0 * worst + RAMP_MARGIN_S
     t0 = yield from session.now()
-    wall0 = time.monotonic()
+    deadline = session.deadline(timeout_s)
 
     def still_high() -> list[str]:
         # as the monitors show them; VMon before Status (see HvChannel)
@@ -505,11 +516,11 @@ def all_off(layer: GemLayer, *, off_V: float = OFF_V, timeout_s: float | None = 
         if not high:
             return
         now = yield from session.now()
-        if now - t0 > timeout_s and time.monotonic() - wall0 > MIN_TIMEOUT_WALL_S:
+        if deadline.passed(session.world_now()):
             raise Qc6Error(f"the layer is switched off but still not discharged after "
                            f"{now - t0:.0f} s: {', '.join(high)}; check the crate")
         yield from session.wait_until(
-            lambda: session.world_now() > t0 + timeout_s or not still_high())
+            lambda: session.world_now() > max(now, t0 + timeout_s) or not still_high())
 
 
 def qc6_safety(layer: GemLayer, plan):
@@ -531,12 +542,29 @@ def qc6_safety(layer: GemLayer, plan):
 _results_dir = toolkit_results_dir
 
 
+def _wait_connected(layer: GemLayer, timeout_s: float = CONNECT_TIMEOUT_S):
+    """Until every PV of the layer is connected (a device built with connect=False, as the
+    profile builds `layer`, connects in the background), at most timeout_s wall seconds (plan)."""
+    async def connected():
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not layer.connected and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+
+    if not layer.connected:
+        yield Msg("wait_for", None, [connected])
+    if not layer.connected:
+        missing = unconnected_pvs(layer)
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CrateUnreachable(f"no IOC answers on {layer.prefix} (unconnected: "
+                               f"{', '.join(missing[:3])}{more}); start it with `calbench ioc run "
+                               "caen --sim` (or the hardware IOC), or check the prefix, slot and "
+                               "layer")
+
+
 def _preflight(layer: GemLayer):
     """The crate answers (else a clear error), and no trip is left latched from before (plan)."""
-    if not layer.connected:
-        missing = [s.pvname for s in (layer.connected_rbv, layer.world_time) if not s.connected]
-        raise CrateUnreachable(f"no IOC answers on {layer.prefix} ({', '.join(missing)}); start it "
-                               "with `calbench ioc run caen --sim` (or the hardware IOC)")
+    yield from _wait_connected(layer)
     if int((yield from bps.rd(layer.connected_rbv))) != 1:
         message = yield from bps.rd(layer.status_message)
         raise CrateUnreachable(f"the IOC on {layer.prefix} answers but the crate does not: "
@@ -723,9 +751,8 @@ def _last_look(session: _Session, channels: Sequence[HvChannel]):
     """After switching channels off: record a trip the crate made since the plan last looked (a
     channel that is off cannot trip any more). Returns the number of incidents recorded."""
     t_off = yield from session.now()
-    deadline = time.monotonic() + ACK_TIMEOUT_S
-    while (yield from session.now()) <= t_off and time.monotonic() < deadline:
-        # a crate reading taken after the switch-off
+    while (yield from session.now()) <= t_off:
+        # a crate reading taken after the switch-off (an IOC that stops answering suspends)
         yield from session.wait_until(session.world_passed(t_off))
     tripped = session.scan(channels)
     if not tripped:
@@ -991,7 +1018,8 @@ def _qc6_run(layer: GemLayer, test: str, params: dict, body, kinds: set[str], re
 
         return (yield from _with_callbacks(_run(run_body(), run_md), live_plot))
 
-    return (yield from qc6_safety(layer, inner()))
+    # the lease outside the safety wrapper: released only once the layer is off
+    return (yield from under_lease([layer], qc6_safety(layer, inner())))
 
 
 __all__ = ["check_connection", "megger_test", "stress_test", "iv_short_stability",

@@ -47,3 +47,29 @@ class InstrumentClock:
             if remaining <= 0:
                 return now
             yield from self.pause(0.8 * remaining)
+
+
+class WorldDeadline:
+    """A fault timeout on the instrument's clock, for conditions a plan looks at on monitors.
+
+    It has passed once the plan has looked at `readings` distinct instrument times (readings of
+    the instrument, e.g. WorldTime_RBV updates) later than start + world_s. A loaded control PC
+    delays the readings and the plan's looks alike, so it can make a fault late, never invent one;
+    the readings past the end make sure the plan's view is not a monitor still in flight.
+
+        deadline = WorldDeadline((yield from clock.now()), 30.0)
+        while not done():
+            if deadline.passed((yield from clock.now())):
+                raise TimeoutError(...)
+    """
+
+    def __init__(self, start: float, world_s: float, *, readings: int = 3):
+        self.end = float(start) + float(world_s)
+        self.readings = int(readings)
+        self._past: set[float] = set()
+
+    def passed(self, now: float) -> bool:
+        """A look at the instrument's time `now` (epoch s): True once the deadline has passed."""
+        if float(now) > self.end and len(self._past) < self.readings:
+            self._past.add(float(now))
+        return len(self._past) >= self.readings

@@ -10,24 +10,36 @@ import bluesky.plan_stubs as bps
 from bluesky.preprocessors import finalize_wrapper
 
 from calbench.devices.base import refusal_reason
+from calbench.plans.lease import under_lease
+from calbench.plans.world_clock import InstrumentClock, WorldDeadline
 
 
 class ShutterError(RuntimeError):
     """The XRF shutter did not open."""
 
 
+# Fault timeouts (warm-up, wheel, shutters) count in the box's world time (WorldTime_RBV), so a
+# loaded control PC cannot trip them.
+
+
 def tube_on(box, voltage_kV: float = 40.0, current_mA: float = 40.0, *, warmup_timeout_s=120.0):
-    """Unlock the box, switch the HV on and ramp the tube; wait for the warm-up to end."""
+    """Unlock the box, switch the HV on and ramp the tube; wait for the warm-up to end (under the
+    box's procedure lease; the HV then stays on with the shutters closed, as the lab leaves it)."""
+    return (yield from under_lease([box], _tube_on(box, voltage_kV, current_mA,
+                                                   warmup_timeout_s=warmup_timeout_s)))
+
+
+def _tube_on(box, voltage_kV: float, current_mA: float, *, warmup_timeout_s: float):
     yield from bps.mv(box.unlock_cmd, 1)
     if (yield from bps.rd(box.hv)) != "On":
         yield from bps.mv(box.hv, "On")
-    waited = 0.0
+    clock = InstrumentClock(box.world_time)
+    deadline = WorldDeadline((yield from clock.now()), warmup_timeout_s)
     while (yield from bps.rd(box.warmup_remaining)) > 0:
-        if waited > warmup_timeout_s:
+        if deadline.passed((yield from clock.now())):
             raise TimeoutError(f"the X-ray tube is still warming up after {warmup_timeout_s} s; "
                                "check the box's HV status and the WarmupRemaining_RBV PV")
         yield from bps.sleep(0.2)
-        waited += 0.2
     yield from bps.mv(box.voltage, voltage_kV, box.current, current_mA)
 
 
@@ -35,12 +47,12 @@ def select_target(box, target: str, *, timeout_s: float = 30.0):
     """Move the target wheel and wait until it stands on `target`."""
     if (yield from bps.rd(box.target)) != target:
         yield from bps.mv(box.target, target)
-    waited = 0.0
+    clock = InstrumentClock(box.world_time)
+    deadline = WorldDeadline((yield from clock.now()), timeout_s)
     while (yield from bps.rd(box.target_moving)) or (yield from bps.rd(box.target)) != target:
-        if waited > timeout_s:
+        if deadline.passed((yield from clock.now())):
             raise TimeoutError(f"the target wheel did not reach {target!r} within {timeout_s} s")
         yield from bps.sleep(0.1)
-        waited += 0.1
 
 
 def open_xrf_shutter(box, target: str, *, retries: int = 10, check_s: float = 0.3):
@@ -64,21 +76,23 @@ def close_shutters(box, *, timeout_s: float = 10.0):
     """Close both shutters and wait until both report Closed (used on every exit path)."""
     yield from bps.abs_set(box.xrf_shutter, "Closed", wait=True)
     yield from bps.abs_set(box.direct_shutter, "Closed", wait=True)
-    waited = 0.0
+    clock = InstrumentClock(box.world_time)
+    deadline = WorldDeadline((yield from clock.now()), timeout_s)
     while ((yield from bps.rd(box.xrf_shutter)) != "Closed"
            or (yield from bps.rd(box.direct_shutter)) != "Closed"):
-        if waited > timeout_s:
+        if deadline.passed((yield from clock.now())):
             raise ShutterError(f"a shutter still reports Open {timeout_s} s after closing; "
                                "close it at the box and check its status lamp")
         yield from bps.sleep(0.05)
-        waited += 0.05
 
 
 def xrf_exposure(box, target: str, plan, *, retries: int = 10, check_s: float = 0.3):
-    """Run `plan` with the XRF shutter open on `target`; the shutter is closed however it ends."""
+    """Run `plan` with the XRF shutter open on `target`; the shutter is closed however it ends.
+    The box's procedure lease is held meanwhile: if the session dies, the IOC closes the shutters
+    and switches the tube HV off by itself after the lab's `lease_s`."""
     def inner():
         yield from open_xrf_shutter(box, target, retries=retries, check_s=check_s)
         return (yield from plan)
 
-    return (yield from finalize_wrapper(inner(), close_shutters(box)))
+    return (yield from under_lease([box], finalize_wrapper(inner(), close_shutters(box))))
 

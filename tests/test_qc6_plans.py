@@ -129,3 +129,14 @@ def test_check_connection_names_an_unreachable_crate(lab, qc6, RE):
             RE(check_connection(layer))
     finally:
         sim.unreachable = False
+
+
+def test_a_plan_right_after_building_the_layer_waits_for_its_pvs(lab, qc6, RE):
+    from calbench.plans.qc6 import _wait_connected
+    crate, layer, _ = qc6
+    fresh = crate.layer(1, connect=False)     # as the profile builds `layer`
+    (uid,) = RE(check_connection(fresh))
+    assert RE.catalog[uid].metadata["start"]["crate"]["model"] == "A1515TG"
+    nowhere = type(layer)("NOWHERE:", slot=3, layer=1, name="nowhere")
+    with pytest.raises(CrateUnreachable, match=r"unconnected: NOWHERE:\S+.* and \d+ more"):
+        RE(_wait_connected(nowhere, timeout_s=1.0))

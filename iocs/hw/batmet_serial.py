@@ -130,11 +130,12 @@ class BatmetSerial:
             return self.open()
 
     def make_safe(self) -> None:
-        """No sink current: DAC 0."""
+        """No sink current: DAC 0; raises InstrumentFault when the BatMet does not take it."""
         try:
             self.set_dac(0)
         except (InstrumentFault, Refused) as exc:
-            log.warning("BatMet DAC not set to 0: %s", exc)
+            raise InstrumentFault(f"BatMet DAC not set to 0: {exc}; unplug the BatMet's "
+                                  "supply") from None
 
     # -- the line protocol --------------------------------------------------------------------------
     def _send(self, command: str) -> None:

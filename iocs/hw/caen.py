@@ -168,13 +168,18 @@ class CaenHvCrate:
 
     def make_safe(self) -> None:
         """V0Set 0 and Pw Off on every channel of every board (the crate ramps down at RDWn)."""
+        failed = []
         for board in self._map or []:
             channels = list(range(board.n_channels))
             for name in ("V0Set", "Pw"):
                 try:
                     self.device.set_ch_param(board.slot, channels, name, 0)
-                except Exception:     # keep going: the other boards must still be switched off
+                except Exception as exc:  # keep going: the other boards must still be switched off
                     log.exception("could not set %s = 0 on slot %d", name, board.slot)
+                    failed.append(f"{name} = 0 on slot {board.slot}: {exc}")
+        if failed:
+            raise InstrumentFault("could not switch the crate's channels off (" + "; ".join(failed)
+                                  + "); switch them off at the crate (front panel or GECO)")
 
     def close(self) -> None:
         try:

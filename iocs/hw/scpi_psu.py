@@ -69,11 +69,12 @@ class ScpiPsu(ScpiInstrument):
         self.link.write("SYST:LOC")
 
     def make_safe(self) -> None:
-        """Output off (the BatMet sink then draws nothing)."""
+        """Output off (the BatMet sink then draws nothing); raises InstrumentFault when it fails."""
         try:
             self.set_output(False)
         except InstrumentFault as exc:
-            log.warning("lab supply output not switched off: %s", exc)
+            raise InstrumentFault(f"lab supply output not switched off: {exc}; switch it off at "
+                                  "its front panel") from None
 
     def _set(self, command: str) -> None:
         self.ensure_open()
