@@ -85,7 +85,8 @@ def test_status_bits_clear_alarm_and_kill_over_ca(lab, qc6):
     ch.set(200).wait(10)
     sim.inject_discharge(3, ch.channel, duration_s=50.0)
     assert wait_until(lambda: ch.status.get() == ITRIP)
-    assert ch.pw.get() == 0 and ch.vmon.get() == 0.0                 # PDwn Kill
+    # PDwn Kill; VMon's monitor update may arrive just after Status's
+    assert wait_until(lambda: ch.pw.get() == 0 and ch.vmon.get() == 0.0)
     with pytest.raises(InstrumentRefused, match="ClearAlarm"):
         set_and_check(ch.pw, 1)
     set_and_check(layer.clear_alarm_cmd, 1)
