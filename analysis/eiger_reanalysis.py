@@ -40,6 +40,18 @@ class Reanalysis:
     def identical(self) -> bool:
         return not self.differences
 
+    def __repr__(self) -> str:
+        """One screen: what was recomputed and whether it matches; the numbers are in .results."""
+        verdict = ("identical to the decisions stored in its derived runs" if self.identical else
+                   f"{len(self.differences)} difference(s) from the stored decisions:\n  "
+                   + "\n  ".join(self.differences[:10]))
+        lines = [f"Reanalysis of EIGER calibration {self.calibration_id} from "
+                 f"{len(self.scan_uids)} scans: {verdict}"]
+        for key, value in self.results.summary().items():
+            text = repr(value)
+            lines.append(f"  {key}: {text if len(text) <= 90 else text[:87] + '...'}")
+        return "\n".join(lines[:24])
+
 
 def _start(run) -> dict:
     return dict(run.metadata["start"])

@@ -1,17 +1,20 @@
-"""`calbench demo` / `make demo`: every procedure once, on the simulators, into the lab's tiled.
+"""`calbench demo` / `make demo`: every procedure once, on the simulators, in a lab home of its own.
 
-The simulated IOCs run in this process under their own prefix (so a running `make run` session is
-not disturbed), with the QC6 world accelerated; runs go to the persistent embedded tiled server, so
-the uids printed at the end stay readable after the server restarts.
+The demo never touches the lab's results or catalog: its home is <lab home>/demo (results, data,
+its own embedded tiled server on the lab's port + 1, its own RunEngine metadata, so scan ids go on
+from one demo to the next). The simulated IOCs run in this process under their own prefix (a
+running `make run` session is not disturbed), with the worlds accelerated. The runs stay readable
+after the demo: `from calbench.demo import demo_catalog; cat = demo_catalog()`.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import time
 import traceback
 from dataclasses import dataclass, field, replace
 
-from calbench.config import LabConfig
+from calbench.config import LabConfig, load_config
 
 # Each step: "module:function(ctx) -> DemoResult", one per procedure, in this order.
 DEMO_STEPS: list[str] = [
@@ -74,8 +77,32 @@ def batmet_step(ctx: DemoContext) -> DemoResult:
                       f"{cal.fit.rms_error_A * 1e3:.2f} mA{accuracy})")
 
 
+def demo_config(cfg: LabConfig | None = None) -> LabConfig:
+    """The lab's configuration moved into the demo's home: <home>/demo, tiled on port + 1 (or, on
+    an external tiled server, the container 'demo'), PV prefix + 'DEMO:'."""
+    cfg = cfg or load_config()
+    saved = os.environ.get("CALBENCH_HOME")
+    os.environ["CALBENCH_HOME"] = str(cfg.home / "demo")
+    try:                  # parsed again so every directory (results, data, instruments') moves
+        moved = load_config(cfg.source)
+    finally:
+        if saved is None:
+            os.environ.pop("CALBENCH_HOME", None)
+        else:
+            os.environ["CALBENCH_HOME"] = saved
+    return replace(moved, pv_prefix=cfg.pv_prefix + "DEMO:", tiled_port=cfg.tiled_port + 1,
+                   tiled_catalog="demo" if cfg.tiled_uri else cfg.tiled_catalog)
+
+
+def demo_catalog(cfg: LabConfig | None = None):
+    """The catalog the demo's runs are in (its tiled server is started if it is not running)."""
+    from calbench.tiled_service import connect_catalog
+    return connect_catalog(demo_config(cfg))
+
+
 def run_demo(cfg: LabConfig) -> int:
     from bluesky import RunEngine
+    from bluesky.utils import PersistentDict
 
     from calbench.iocs.build import build_iocs
     from calbench.iocs.server import IocThread
@@ -92,7 +119,10 @@ def run_demo(cfg: LabConfig) -> int:
     catalog = connect_catalog(cfg)
     groups = build_iocs(cfg, force_sim=True, time_scales=DEMO_TIME_SCALES)
     server = IocThread(groups, cfg.interfaces).start()
-    RE = RunEngine({"operator": "demo", "lab": cfg.name}, call_returns_result=True)
+    cfg.home.mkdir(parents=True, exist_ok=True)
+    # metadata (scan_id included) kept in the demo's home: scan ids never restart in its catalog
+    RE = RunEngine(PersistentDict(str(cfg.home / "runengine-metadata")), call_returns_result=True)
+    RE.md.update({"operator": "demo", "lab": cfg.name})
     RE.subscribe(TiledPersister(catalog, backup_directory=cfg.home / "backup"))
     backends = {name: g.backend for name, g in zip(cfg.instruments, groups)}
     devices = {name: make_device(cfg, name, timeout=10.0) for name in cfg.instruments}
@@ -118,11 +148,19 @@ def run_demo(cfg: LabConfig) -> int:
                 print(f"   file {f}")
     finally:
         server.stop()
+    print_snippets(results, catalog)
+    if not tiled_was_running:
+        stop_embedded(cfg.home / "tiled")     # demo_catalog() starts it again when asked
+    return 1 if failed else 0
+
+
+def print_snippets(results: list[DemoResult], catalog) -> None:
+    """Lines to paste into Python to read the demo's runs back (a test runs them)."""
     print("\nRead the runs back (also after a restart of tiled):")
-    print("   from calbench.config import load_config; from calbench.tiled_service import connect_catalog")
-    print("   cat = connect_catalog(load_config())")
+    print("   from calbench.demo import demo_catalog; cat = demo_catalog()")
     for r in results:
         for uid in r.uids[:1]:
-            print(f"   cat['{uid}']['primary'].read()     # {r.title}")
+            streams = list(catalog[uid])
+            stream = "primary" if "primary" in streams else streams[0]
+            print(f"   cat['{uid}']['{stream}'].read()     # {r.title}")
     print("   from tiled.queries import Key; cat.search(Key('purpose') == 'demo')")
-    return 1 if failed else 0

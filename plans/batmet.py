@@ -205,7 +205,7 @@ def collect_sink_calibration(dmm, sink, psu=None, *, dac_start: int = DAC_START,
         if psu is not None:
             identities["psu"] = yield from bps.rd(psu.identity)
         _md = {
-            "procedure": PROCEDURE,
+            "procedure": PROCEDURE, "step": "collect",
             "plan_name": "collect_sink_calibration",
             "plan_args": {"dac_start": dac_start, "dac_stop": dac_stop, "dac_step": dac_step,
                           "readings_per_point": readings_per_point,
@@ -290,6 +290,7 @@ def verify_sink_calibration(dmm, sink, psu=None, *,
                             supply_voltage_V=supply_voltage_V,
                             supply_current_limit_A=supply_current_limit_A, state=state)
         _md = {"procedure": "batmet_sink_verification", "plan_name": "verify_sink_calibration",
+               "step": "verify",
                "plan_args": {"currents_A": currents_A, "readings_per_point": readings_per_point},
                "calibration": (yield from bps.rd(sink.calibration)),
                "hints": {"dimensions": [([sink.sink.name], "primary")]}, **(md or {})}
@@ -325,6 +326,7 @@ def record_sink_fit(fit: SinkFit, *, parent_uid: str | None, min_A: float = CSIN
               "rms_error_A": fit.rms_error_A, "lsb_A": fit.lsb_A}
     signals = [Signal(name=f"csink_{k}", value=float(v)) for k, v in values.items()]
     _md = {"procedure": "batmet_sink_fit", "analysis": "calbench.analysis.batmet:fit_sink",
+           "plan_name": "fit_sink", "plan_args": {"parent_uid": parent_uid}, "step": "fit",
            "parent_uid": parent_uid, "csink": fit.csink_line(min_A, max_A), "fit": fit.as_dict(),
            **(md or {})}
 

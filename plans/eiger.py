@@ -312,7 +312,11 @@ def _scan(det, box, cal: EigerCalibration, *, step: str, motor, points, target: 
         exptime_s=float(exptime_s), x_key=motor.name, image_key=det.image_key,
         chip_sums_key=det.chip_sums.name, target_counts=float(cal.defaults.target_counts),
         untrimmed_trimval=int(cal.defaults.trimval),
-        hints={"dimensions": [([motor.name], "primary")]})}
+        hints={"dimensions": [([motor.name], "primary")]},
+        # found by the step's name, not list_scan's (list_scan lets md override both)
+        plan_name=step, plan_args={"motor": motor.name, "points": [int(p) for p in points],
+                                   "target": target, "exptime_s": float(exptime_s),
+                                   "run_id": int(run_id)})}
     inner = bpp.subs_wrapper(list_scan([det], motor, [int(p) for p in points], md=_md),
                              callbacks)
     uid = yield from xrf_exposure(box, target, inner)
@@ -329,10 +333,11 @@ def _record(det, cal: EigerCalibration, step: str, parent_uid: str, values: dict
     base = Path(det.data_dir) if det.data_dir else cal.out_dir
     path = base / "eiger_analysis" / cal.calibration_id / f"{step}_{parent_uid[:8]}.h5"
     md = cal.run_md(step, parent_uid=parent_uid, analysis=ANALYSIS_FUNCTION, results=summary,
-                    **extra_md)
+                    plan_name="calibrate_eiger" if step == "summary" else f"{step}_analysis",
+                    plan_args={"parent_uid": parent_uid}, **extra_md)
     md["procedure"] = ANALYSIS_PROCEDURE
     uid = yield from record_results(values, arrays, path, md=md)
-    for r in reversed(cal.runs):
+    for r in reversed(cal.runs if step != "summary" else []):   # the summary is cal.summary_uid
         if r.get("uid") == parent_uid:
             r["derived_uid"] = uid
             break

@@ -98,6 +98,8 @@ def _record_fit(fit: ChannelFit | None, *, channel: int, parent_uid: str, method
                   sweep_time=sweep.start_time if sweep is not None else math.nan)
     _md = {"procedure": "fee_transit_time_fit",
            "analysis": "calbench.analysis.timewalk:fit_transit_time",
+           "plan_name": "fit_transit_time", "step": "fit",
+           "plan_args": {"parent_uid": parent_uid, "channel": channel, "method": method},
            "parent_uid": parent_uid, "channel": channel, "method": method, **md}
     uid = yield from bps.open_run(md=_md)
     if result is None:
@@ -181,6 +183,9 @@ def transit_time_calibration(fee, channel: int, start: int = SWEEP_START, stop: 
         threshold = float((yield from bps.rd(fee.channel(channel).threshold)))
         yield from bpp.run_wrapper(fly(), md={
             "plan_name": "transit_time_calibration", "procedure": "fee_transit_time",
+            "step": "sweep", "plan_args": {"channel": channel, "start": int(start),
+                                           "stop": int(stop), "step": int(step),
+                                           "method": method},
             "instrument": "fee", "channel": channel,
             "sweep": {"start": int(start), "stop": int(stop), "step": int(step)},
             "threshold_mV": threshold, "method": method, **md})

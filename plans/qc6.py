@@ -577,8 +577,14 @@ def _preflight(layer: GemLayer):
     return session
 
 
+# plan_name of each test's run: the plan the lab calls (cat.search(Key("plan_name") == "stress_test"))
+_PLAN_NAMES = {"stress": "stress_test"}
+
+
 def _base_md(layer: GemLayer, test: str, params: dict, md: dict | None) -> dict:
-    return {"procedure": "qc6", "qc6_test": test, "detector_name": layer.detector_name,
+    return {"procedure": "qc6", "qc6_test": test, "step": test,
+            "plan_name": _PLAN_NAMES.get(test, test), "plan_args": params,
+            "detector_name": layer.detector_name,
             "layer": layer.layer, "slot": layer.slot, "crate_prefix": layer.prefix,
             "channels": [ch.channel for ch in layer.channels],
             "foil_channels": [ch.channel for ch in layer.foils],
@@ -657,7 +663,10 @@ def megger_test(detector_name: str, impedance_GOhm: Sequence[float], sparks: Seq
     now = datetime.now().timestamp()
     path = result_path(_results_dir(results_dir), detector_name, "megger", now)
     record = MeggerRecord(name="megger")
-    md = {"procedure": "qc6", "qc6_test": "megger", "detector_name": detector_name,
+    md = {"procedure": "qc6", "qc6_test": "megger", "step": "megger", "plan_name": "megger_test",
+          "plan_args": {"detector_name": detector_name, "impedance_GOhm": list(impedance_GOhm),
+                        "sparks": list(sparks), "voltage_V": voltage_V},
+          "detector_name": detector_name,
           "qc6_files": {"megger": str(path)}, "megger_comments": comments,
           "megger_voltage_V": float(voltage_V), "world_start": now,
           "qc6_params": {"impedance_GOhm": impedance_GOhm, "sparks": sparks,

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from bluesky.utils import RunEngineInterrupted
 
+from calbench.run_queries import derived_runs, last_run
 from calbench.analysis.batmet import fit_sink, sink_data_from_table
 from calbench.devices.base import InstrumentRefused, set_and_check
 from calbench.iocs.sim.bench import LinkFaults
@@ -101,6 +102,10 @@ def test_calibration_recovers_the_simulated_sink(bench, RE):
 
     fit_run = RE.catalog[uids[1]]
     assert fit_run.metadata["start"]["parent_uid"] == cal.scan.uid
+    # found by the names the lab uses; the scan finds its derived runs
+    assert last_run(RE.catalog, "collect_sink_calibration").metadata["start"]["uid"] == cal.scan.uid
+    assert fit_run.metadata["start"]["plan_name"] == "fit_sink"
+    assert [r.metadata["start"]["uid"] for r in derived_runs(RE.catalog, cal.scan.uid)] == uids[1:]
     assert fit_run.metadata["start"]["csink"] == cal.csink
     assert fit_run["fit"].read()["csink_b"].values[0] == pytest.approx(fit.b)
     # the BatMet firmware holds exactly the printed line

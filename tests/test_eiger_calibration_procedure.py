@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from calbench.analysis.eiger_calibration import XRF_LINES_KEV, trimbit_statistics
+from calbench.run_queries import derived_runs, last_run
 from calbench.analysis.eiger_files import (chips_in_file_order, load_scan, read_calibration_text,
                                            trim_prefix_name)
 from calbench.analysis.eiger_reanalysis import reanalyse_calibration
@@ -277,10 +278,16 @@ def test_every_scan_is_in_tiled_with_its_metadata_and_derived_run(calibrated, ca
         assert cat[r["uid"]].metadata["stop"]["exit_status"] == "success"
         derived = cat[r["derived_uid"]].metadata["start"]
         assert derived["parent_uid"] == r["uid"] and derived["analysis"]
+        # found by the step's name (not list_scan's); the scan finds its derived run
+        assert start["plan_name"] == r["step"] and start["plan_args"]["target"] == r["target"]
+        assert derived["plan_name"] == f"{r['step']}_analysis"
+        assert r["derived_uid"] in [d.metadata["start"]["uid"] for d in derived_runs(cat, r["uid"])]
+    assert "primary" in last_run(cat, "vrf_scan")
     mu = cat[cal.runs[1]["derived_uid"]]["results"]["mu"].read()
     np.testing.assert_array_equal(np.asarray(mu)[0], cal.results.untrimmed.fit["mu"])
     summary = cat[cal.summary_uid]
     assert summary.metadata["start"]["parent_uids"] == [r["uid"] for r in cal.runs]
+    assert summary.metadata["start"]["plan_name"] == "calibrate_eiger"
 
 
 def test_reanalysis_from_tiled_gives_identical_numbers(calibrated, cat):

@@ -40,6 +40,7 @@ def test_qc6_sequence_with_lab_defaults(lab, qc6, RE, tmp_path):
     (uid,) = RE(megger_test(layer.detector_name, [14.2, 9.8, 22.0], [0, 3, 1],
                             comments="GEM 2 sparked twice", results_dir=results))
     megger = RE.catalog[uid]
+    assert megger.metadata["start"]["plan_name"] == "megger_test"
     sheet = read_megger_sheet(megger.metadata["start"]["qc6_files"]["megger"])
     assert sheet["sparks"] == [0, 3, 1] and sheet["comments"] == "GEM 2 sparked twice"
     assert list(table(megger, "primary")["megger_impedance_GOhm"]) == [14.2, 9.8, 22.0]

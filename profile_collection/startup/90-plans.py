@@ -16,3 +16,5 @@ from calbench.plans.fee import transit_time_calibration, realtime_cable_monitor 
 from calbench.plans.queue_facing import queue_facing_plans  # noqa: E402
 
 globals().update(queue_facing_plans(globals(), catalog=cat))  # noqa: F821
+# Runs by the names the lab uses: last_run(cat, "vrf_scan"), derived_runs(cat, uid).
+from calbench.run_queries import derived_runs, last_run, parent_run, runs_named  # noqa: E402,F401
