@@ -81,6 +81,25 @@ class SinkCalibration:
     accuracy: SinkAccuracy | None = None
     run_uids: list[str] = field(default_factory=list)
 
+    def as_dict(self) -> dict:
+        """JSON-able result (what the queue server reports)."""
+        return {"csink": self.csink, "written": self.written,
+                "fit_max_error_A": float(self.fit.max_error_A),
+                "fit_rms_error_A": float(self.fit.rms_error_A),
+                "verified_max_error_A": (float(self.accuracy.max_error_A) if self.accuracy
+                                         else None),
+                "run_uids": [u for u in self.run_uids if u]}
+
+    def summary(self) -> str:
+        verified = (f"; set with sink: max {self.accuracy.max_error_A * 1e3:.2f} mA, RMS "
+                    f"{self.accuracy.rms_error_A * 1e3:.2f} mA" if self.accuracy else "")
+        return (f"BatMet current sink: {self.csink}  "
+                f"({'written to the BatMet' if self.written else 'not written (write=False)'})\n"
+                f"  fit: max {self.fit.max_error_A * 1e3:.2f} mA, RMS "
+                f"{self.fit.rms_error_A * 1e3:.2f} mA over {len(self.scan.dac)} points{verified}\n"
+                f"  runs: {', '.join(u for u in self.run_uids if u)}   "
+                f"(last_run(cat, 'collect_sink_calibration'), derived_runs(cat, uid))")
+
 
 # -- helpers ------------------------------------------------------------------------------------------
 
@@ -370,6 +389,7 @@ def calibrate_sink(dmm, sink, psu=None, *, catalog=None, write: bool = False,
     result.run_uids.append((yield from record_sink_fit(fit, parent_uid=scan.uid, min_A=min_A,
                                                        max_A=max_A)))
     if not write:
+        print(result.summary())
         return result
     if fit.max_error_A > accept_max_error_A:
         raise CalibrationRejected(
@@ -383,4 +403,5 @@ def calibrate_sink(dmm, sink, psu=None, *, catalog=None, write: bool = False,
         result.accuracy = yield from verify_sink_calibration(
             dmm, sink, psu, currents_A=verify_currents_A,
             md={"parent_uid": scan.uid, **(md or {})})
+    print(result.summary())
     return result

@@ -134,6 +134,28 @@ class EigerCalibration:
             out += [u for u in (r.get("uid"), r.get("derived_uid")) if u]
         return out + ([self.summary_uid] if self.summary_uid else [])
 
+    def as_dict(self) -> dict:
+        """JSON-able result (what the queue server reports)."""
+        res = self.results
+        disp = {name: float(getattr(getattr(res, name, None), "sigma_eV", float("nan")))
+                for name in ("dispersion_untrimmed", "dispersion_trimmed")}
+        return {"calibration_id": self.calibration_id, "det_id": self.det_id, "gain": self.gain,
+                "target": self.target, "summary_uid": self.summary_uid, "uids": self.uids,
+                "files": [str(p) for p in self.files],
+                **{f"{k}_eV": v for k, v in disp.items()}}
+
+    def summary(self) -> str:
+        d = self.as_dict()
+        lines = [f"EIGER {self.det_id} {self.gain}, trimmed on {self.target}: calibration "
+                 f"{self.calibration_id[:8]}, {len(self.runs)} scans",
+                 f"  threshold dispersion: untrimmed {d['dispersion_untrimmed_eV']:.0f} eV, "
+                 f"trimmed {d['dispersion_trimmed_eV']:.0f} eV"]
+        lines += [f"  file {p}" for p in self.files[:12]]
+        if len(self.files) > 12:
+            lines.append(f"  ... and {len(self.files) - 12} more files in {self.results_dir}")
+        lines.append(f"  summary run {self.summary_uid}   (reanalyse_calibration(cat, uid))")
+        return "\n".join(lines)
+
     def run_md(self, step: str, **extra) -> dict:
         """Start-document metadata of a run of this calibration."""
         return {"procedure": PROCEDURE, "calibration_id": self.calibration_id, "step": step,
@@ -670,4 +692,5 @@ def calibrate_eiger(det, box, target: str = "Cu", gain: str | None = None, *,
     yield from load_trimbits(det, cal=cal)
     yield from verification_scurve(det, box, **sc, cal=cal, plot=plot, md=md)
     yield from global_calibration(det, box, **sc, cal=cal, plot=plot, report=report, md=md)
+    print(cal.summary())
     return cal

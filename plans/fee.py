@@ -135,6 +135,21 @@ class CableCalibration:
     def length_m(self) -> float:
         return self.result.length_m
 
+    def as_dict(self) -> dict:
+        """JSON-able result (what the queue server reports)."""
+        return {"channel": self.channel, "dt_ns": float(self.dt_ns),
+                "dt_err_ns": float(self.dt_err_ns), "length_m": float(self.length_m),
+                "length_err_m": float(self.result.length_err_m),
+                "temperature_C": float(self.temperature_C), "sweep_uid": self.sweep_uid,
+                "fit_uid": self.fit_uid}
+
+    def summary(self) -> str:
+        return (f"FEE channel {self.channel}: transit time dt = {self.dt_ns:.3f} +- "
+                f"{self.dt_err_ns:.3f} ns, cable length {self.length_m:.2f} +- "
+                f"{self.result.length_err_m:.2f} m at {self.temperature_C:.1f} degC\n"
+                f"  runs: sweep {self.sweep_uid}, fit {self.fit_uid}   "
+                f"(last_run(cat, 'fit_transit_time')['fit'].read())")
+
 
 def transit_time_calibration(fee, channel: int, start: int = SWEEP_START, stop: int = SWEEP_STOP,
                              step: int = SWEEP_STEP, *, method: str = "likelihood",
@@ -205,7 +220,9 @@ def transit_time_calibration(fee, channel: int, start: int = SWEEP_START, stop: 
         path.parent.mkdir(parents=True, exist_ok=True)
         plot_walk_fits(s.direct_q_pC, s.direct_t_ns, s.reflected_q_pC, s.reflected_t_ns,
                        fit.result, path)
-    return CableCalibration(channel, fit.result, s.start_time, s.temperature_C, sweep_uid, fit_uid)
+    result = CableCalibration(channel, fit.result, s.start_time, s.temperature_C, sweep_uid, fit_uid)
+    print(result.summary())
+    return result
 
 
 def realtime_cable_monitor(fee, channels: Iterable[int], every_s: float = MONITOR_PERIOD_S, *,

@@ -47,6 +47,7 @@ from calbench.analysis.qc6_files import result_path
 from calbench.devices.base import InstrumentRefused, unconnected_pvs
 from calbench.plans.lease import under_lease
 from calbench.plans.monitor_wait import MonitorWaiter
+from calbench.plans.progress import StepProgress
 from calbench.plans.toolkit import results_dir as toolkit_results_dir
 from calbench.plans.world_clock import InstrumentClock, WorldDeadline
 from calbench.devices.caen import (
@@ -728,6 +729,21 @@ def _stress_foil(session: _Session, foil: HvChannel, steps: list[float], *, itri
     yield from _switch_on(session, [foil])
     trips, i = 0, 0
     print(f"QC6 stress: starting {foil.label()}")
+    with StepProgress(len(steps), f"QC6 stress {foil.label()}", unit="steps") as bar:
+        trips = yield from _stress_steps(session, foil, steps, bar, itrip_uA=itrip_uA,
+                                         tripmax=tripmax, hold_s=hold_s, end_hold_s=end_hold_s,
+                                         recovery_s=recovery_s, back_steps=back_steps,
+                                         all_foils=all_foils)
+    yield from _put(foil.v0set, 0.0)
+    yield from _put(foil.pw, 0)
+    trips += yield from _last_look(session, [foil])
+    return trips
+
+
+def _stress_steps(session: _Session, foil: HvChannel, steps: list[float], bar, *, itrip_uA,
+                  tripmax, hold_s, end_hold_s, recovery_s, back_steps, all_foils):
+    """The voltage steps of one foil; returns the trips."""
+    trips, i = 0, 0
     while i < len(steps):
         svmax = float((yield from bps.rd(foil.svmax)))
         if steps[i] > svmax:                  # clamp to SVMax and make it the last step
@@ -750,9 +766,7 @@ def _stress_foil(session: _Session, foil: HvChannel, steps: list[float], *, itri
             continue
         yield from session.progress(0.0, trips, steps[i], all_foils, stream="primary")
         i += 1
-    yield from _put(foil.v0set, 0.0)
-    yield from _put(foil.pw, 0)
-    trips += yield from _last_look(session, [foil])
+        bar.update_to(i)
     return trips
 
 
@@ -857,36 +871,42 @@ def _stability_hold(session: _Session, setpoints: dict, powered: Sequence[HvChan
     def elapsed(now):
         return elapsed_before_s + (now - state["t_start"] if state["t_start"] is not None else 0.0)
 
+    bar = StepProgress(hold_s / 3600.0, "QC6 stability hold", unit="h")
+
     def on_poll(now):
+        bar.update_to(elapsed(now) / 3600.0)
         if elapsed(now) >= state["next"]:
             yield from session.progress(elapsed(now), trips, 0.0, readables)
             state["next"] = elapsed(now) + PROGRESS_EVERY_S
 
-    while True:
-        tripped = yield from _ramp(session, setpoints, powered)
-        now = yield from session.now()
-        if not tripped:
-            if state["t_start"] is None:
-                state["t_start"] = now
-            remaining = hold_s - elapsed(now)
-            if remaining <= 0:
-                break
-            tripped = yield from _hold(session, powered, remaining, on_poll=on_poll,
-                                       look_every_s=PROGRESS_EVERY_S)
+    try:
+        while True:
+            tripped = yield from _ramp(session, setpoints, powered)
+            now = yield from session.now()
             if not tripped:
-                continue
-        n, off = yield from _recover(session, tripped, powered, recovery_s)
-        trips += n
+                if state["t_start"] is None:
+                    state["t_start"] = now
+                remaining = hold_s - elapsed(now)
+                if remaining <= 0:
+                    break
+                tripped = yield from _hold(session, powered, remaining, on_poll=on_poll,
+                                           look_every_s=PROGRESS_EVERY_S)
+                if not tripped:
+                    continue
+            n, off = yield from _recover(session, tripped, powered, recovery_s)
+            trips += n
+            now = yield from session.now()
+            yield from session.progress(elapsed(now), trips, 0.0, readables)
+            if trips >= tripmax:
+                return trips, elapsed(now)
+            if state["t_start"] is not None and elapsed(now) >= hold_s:
+                break                          # the hold ran out during the recovery
+            yield from _switch_on(session, off)
         now = yield from session.now()
         yield from session.progress(elapsed(now), trips, 0.0, readables)
-        if trips >= tripmax:
-            return trips, elapsed(now)
-        if state["t_start"] is not None and elapsed(now) >= hold_s:
-            break                          # the hold ran out during the recovery
-        yield from _switch_on(session, off)
-    now = yield from session.now()
-    yield from session.progress(elapsed(now), trips, 0.0, readables)
-    return trips, elapsed(now)
+        return trips, elapsed(now)
+    finally:
+        bar.close()
 
 
 # -- long_stability and its resumption ------------------------------------------------------------

@@ -11,6 +11,7 @@ from bluesky.preprocessors import finalize_wrapper
 
 from calbench.devices.base import refusal_reason
 from calbench.plans.lease import under_lease
+from calbench.plans.progress import StepProgress
 from calbench.plans.world_clock import InstrumentClock, WorldDeadline
 
 
@@ -35,11 +36,18 @@ def _tube_on(box, voltage_kV: float, current_mA: float, *, warmup_timeout_s: flo
         yield from bps.mv(box.hv, "On")
     clock = InstrumentClock(box.world_time)
     deadline = WorldDeadline((yield from clock.now()), warmup_timeout_s)
-    while (yield from bps.rd(box.warmup_remaining)) > 0:
-        if deadline.passed((yield from clock.now())):
-            raise TimeoutError(f"the X-ray tube is still warming up after {warmup_timeout_s} s; "
-                               "check the box's HV status and the WarmupRemaining_RBV PV")
-        yield from bps.sleep(0.2)
+    remaining = float((yield from bps.rd(box.warmup_remaining)) or 0.0)
+    if remaining > 0:
+        total = remaining
+        with StepProgress(total, "X-ray tube warm-up") as progress:
+            while remaining > 0:
+                if deadline.passed((yield from clock.now())):
+                    raise TimeoutError(f"the X-ray tube is still warming up after "
+                                       f"{warmup_timeout_s} s; check the box's HV status and the "
+                                       "WarmupRemaining_RBV PV")
+                yield from bps.sleep(0.2)
+                remaining = float((yield from bps.rd(box.warmup_remaining)) or 0.0)
+                progress.update_to(total - remaining)
     yield from bps.mv(box.voltage, voltage_kV, box.current, current_mA)
 
 
