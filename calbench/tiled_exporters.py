@@ -19,3 +19,19 @@ def register_exporters(registry=None):
     registry = registry if registry is not None else default_serialization_registry
     registry.register("BlueskyRun", JSON_SEQ, json_seq_exporter)
     return registry
+
+
+def main() -> int:
+    """`python -m calbench.tiled_exporters serve catalog ...`: tiled's command line with the
+    exporters registered (tiled serve builds its app on the default registry)."""
+    import sys
+
+    from tiled.commandline.main import main as tiled_main
+
+    register_exporters()
+    sys.argv[0] = "tiled"
+    return tiled_main()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

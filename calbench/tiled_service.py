@@ -77,9 +77,10 @@ def start_embedded(directory: Path, readable: list[Path], port: int, *, timeout:
     if healthy(uri):
         return endpoint, None
     db = directory / "catalog.db"
-    tiled = Path(sys.executable).with_name("tiled")
-    cmd = [str(tiled), "serve", "catalog", str(db), "-w", str(directory / "data"),
-           "-w", f"duckdb:///{directory / 'tables.duckdb'}", "--api-key", key,
+    # tiled's own command with BlueskyRun's json-seq exporter registered (run.documents())
+    cmd = [sys.executable, "-m", "calbench.tiled_exporters", "serve", "catalog", str(db),
+           "-w", str(directory / "data"), "-w", f"duckdb:///{directory / 'tables.duckdb'}",
+           "--api-key", key,
            "--host", "127.0.0.1", "--port", str(port)]
     for r in readable:
         cmd += ["-r", str(r)]

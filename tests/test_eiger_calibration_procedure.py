@@ -426,3 +426,19 @@ def test_an_exception_mid_scan_keeps_the_settings_and_marks_the_run_failed(
     assert _shutters_closed(eiger_lab)
     stop = cat[seen[0]].metadata["stop"]
     assert stop["exit_status"] == "fail" and "disk full" in stop["reason"]
+
+
+def test_a_stored_vrf_scan_replayed_into_the_live_analysis_gives_the_same_result(calibrated, cat):
+    """run.documents() from tiled (json-seq) fed to the callback the plan ran live."""
+    from calbench.analysis.eiger_callbacks import StepAnalysis
+
+    vrf = next(r for r in calibrated.runs if r["step"] == "vrf_scan")
+    replayed = StepAnalysis()
+    names = []
+    for name, doc in cat[vrf["uid"]].documents():
+        names.append(name)
+        replayed(name, doc)
+    assert names[0] == "start" and names[-1] == "stop"
+    assert {"event", "event_page"} & set(names)
+    assert replayed.error == "", replayed.error
+    assert replayed.result.summary() == calibrated.results.vrf.summary()
