@@ -129,7 +129,7 @@ def main(argv=None) -> int:
             RE(count([det], num=2))                            # warm-up: connections, threads
             rows.append(("RE, no persistence: overhead",
                          best(lambda: timed_count(RE, det, args.frames, args.exptime))))
-            RE.subscribe(TiledPersister(runs_catalog(endpoint)))
+            RE.subscribe(TiledPersister(runs_catalog(endpoint), journal_directory=tmp / "journal"))
             for per_trigger in (False, True):
                 det.file_per_trigger = per_trigger
                 mode = "file per trigger" if per_trigger else "file per run"

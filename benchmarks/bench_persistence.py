@@ -48,7 +48,7 @@ def main(argv=None) -> int:
             RE.subscribe(TiledWriter(catalog, batch_size=1))
             rows.append(("TiledWriter(batch_size=1)", *timed(RE, args.events)))
             RE = RunEngine({})
-            RE.subscribe(TiledPersister(catalog, backup_directory=Path(tmp) / "backup"))
+            RE.subscribe(TiledPersister(catalog, journal_directory=Path(tmp) / "journal"))
             rows.append(("calbench TiledPersister", *timed(RE, args.events)))
             print(f"{'writer':<28} {'ms/event':>9} {'rows in tiled':>14}")
             for name, ms, uid in rows:

@@ -112,7 +112,8 @@ def cmd_collect(args) -> int:
     if args.output:
         write_calibration_file(args.output, scan.dac, scan.current_A)
         _note(f"wrote {len(scan.dac)} points to {args.output}")
-    where = f"tiled catalog '{cfg.tiled_catalog}'" if catalog is not None else "the JSONL backup"
+    where = (f"tiled catalog '{cfg.tiled_catalog}'" if catalog is not None else
+             f"the journal {cfg.journal_dir} (`calbench tiled replay` stores it in tiled)")
     _note(f"{len(scan.dac)} points; {scan.stop_reason}; run {scan.uid} stored in {where}")
     _note(f"next: calbench batmet fit -c {args.output or 'calibration_d_i.txt'}  "
           f"(or --run {scan.uid})")

@@ -2,7 +2,7 @@
 
     calbench ioc list [--pvs [NAME ...]]       instruments and their worlds, or their PV names
     calbench ioc run [NAME ...] [--sim] [--prefix P] [--interfaces A ...] [--time-scale X] [--list-pvs]
-    calbench tiled start|stop|status
+    calbench tiled start|stop|status|replay|serve
     calbench up | down [--force]               simulated IOCs, tiled, Redis + RE Manager in the background
     calbench queue start|stop|status|keys      the queue server alone (see calbench.queue_service)
     calbench demo                              non-interactive tour of every procedure
@@ -102,11 +102,37 @@ def cmd_tiled(args) -> int:
         print(f"tiled: {ep.uri} (catalog '{cfg.tiled_catalog}', files in {ep.directory})")
     elif args.action == "stop":
         print("stopped" if stop_embedded(cfg.home / "tiled") else "not running")
+    elif args.action == "replay":
+        return cmd_tiled_replay(cfg)
     else:
         uri = cfg.tiled_uri or f"http://127.0.0.1:{cfg.tiled_port}"
         up = healthy(uri)
         print(f"tiled at {uri}: {'up' if up else 'down'}")
         return 0 if up else 1
+    return 0
+
+
+def cmd_tiled_replay(cfg) -> int:
+    """Store the journaled runs of ended sessions in tiled, exactly once."""
+    from calbench.journal import pending
+    from calbench.session import replay_journal
+    from calbench.tiled_service import connect_catalog
+
+    waiting = len(pending(cfg.journal_dir))
+    if not waiting:
+        print(f"no run waits in the journal {cfg.journal_dir}")
+        return 0
+    results = replay_journal(connect_catalog(cfg), cfg)
+    left = len(pending(cfg.journal_dir))
+    if left:
+        print(f"{left} run(s) stay in {cfg.journal_dir} (written by a live session, or failed "
+              "above)")
+    return 1 if any(r.outcome.startswith("failed") for r in results) else 0
+
+
+def cmd_tiled_serve(args) -> int:
+    from calbench.tiled_serve import serve
+    serve(args)
     return 0
 
 
@@ -209,9 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the PV names and exit without serving (as `ioc list --pvs`)")
     p.set_defaults(func=cmd_ioc_run)
 
-    p = sub.add_parser("tiled", help="the embedded tiled server")
-    p.add_argument("action", choices=["start", "stop", "status"])
-    p.set_defaults(func=cmd_tiled)
+    tiled = sub.add_parser("tiled", help="the tiled server and the journal of runs")
+    tsub = tiled.add_subparsers(dest="action", required=True)
+    for action, text in [("start", "start the embedded server"), ("stop", "stop it"),
+                         ("status", "is the server up"),
+                         ("replay", "store the journaled runs of ended sessions in tiled")]:
+        tsub.add_parser(action, help=text).set_defaults(func=cmd_tiled)
+    from calbench.tiled_serve import build_parser as serve_parser
+    tsub.add_parser("serve", parents=[serve_parser()], add_help=False,
+                    help="serve a catalog (key from a 0600 file)").set_defaults(func=cmd_tiled_serve)
     p = sub.add_parser("up", help="start the simulated IOCs and tiled in the background")
     p.add_argument("--prefix")
     p.set_defaults(func=cmd_up)

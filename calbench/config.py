@@ -33,6 +33,14 @@ from calbench.instruments import INSTRUMENTS
 DEFAULT_CONFIG = Path(__file__).with_name("default_lab.toml")
 
 
+def private_dir(path: str | os.PathLike) -> Path:
+    """Create directory `path` (and parents) accessible to its owner only (mode 0700)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
 class ConfigError(ValueError):
     """The lab configuration is missing or invalid; the message names the key and the fix."""
 
@@ -119,6 +127,12 @@ class LabConfig:
     instruments: dict[str, InstrumentConfig]
     queue: QueueConfig = QueueConfig()
     proposal: str = ""           # lab.proposal: default of RE.md["proposal"]
+    tiled_stop_timeout_s: float = 30.0
+
+    @property
+    def journal_dir(self) -> Path:
+        """Write-ahead journal of runs (calbench.journal)."""
+        return self.home / "journal"
 
     def prefix_of(self, instrument: str) -> str:
         """Full PV prefix of an instrument (lab prefix + instrument prefix)."""
@@ -143,15 +157,28 @@ class LabConfig:
         }
 
 
+# Settings that are credentials: run metadata names them but never carries their value.
+_CREDENTIALS = ("username", "user", "login", "password", "api_key", "token", "secret")
+NOT_STORED = "(credential, not stored)"
+
+
+def is_credential(key: str) -> bool:
+    """A setting holding a login or secret (`password_env`, naming a variable, is not one)."""
+    return not key.endswith("_env") and any(c in key.lower() for c in _CREDENTIALS)
+
+
 def _jsonable(d: dict) -> dict:
-    return {k: (v if isinstance(v, (str, int, float, bool, list)) else str(v)) for k, v in d.items()}
+    return {k: (NOT_STORED if is_credential(k) else
+                v if isinstance(v, (str, int, float, bool, list)) else str(v))
+            for k, v in d.items()}
 
 
 _LAB_KEYS = {"name": str, "home": str, "data_dir": str, "results_dir": str, "pv_prefix": str,
              "interfaces": list, "time_scale": (int, float), "seed": int, "operator": str,
              "proposal": str, "write_users": list, "write_hosts": list}
 _ACCESS_KEYS = ("write_users", "write_hosts")
-_TILED_KEYS = {"uri": str, "port": int, "catalog": str, "api_key": str}
+_TILED_KEYS = {"uri": str, "port": int, "catalog": str, "api_key": str, "api_key_file": str,
+               "stop_timeout_s": (int, float)}
 _QUEUE_KEYS = {"bind": str, "redis_port": int, "control_port": int, "info_port": int}
 
 
@@ -269,8 +296,37 @@ def parse_config(raw: dict, source: Path = DEFAULT_CONFIG) -> LabConfig:
         pv_prefix=pv_prefix, interfaces=interfaces, time_scale=time_scale,
         seed=int(lab.get("seed", 0)), operator=lab.get("operator", ""),
         tiled_uri=os.environ.get("CALBENCH_TILED_URI", tiled.get("uri", "")),
-        tiled_api_key=os.environ.get("CALBENCH_TILED_API_KEY", tiled.get("api_key", "")),
+        tiled_api_key=_tiled_api_key(tiled, source),
         tiled_port=int(tiled.get("port", 8009)), tiled_catalog=tiled.get("catalog", "raw"),
         instruments=instruments, queue=QueueConfig(**raw.get("queue", {})),
         proposal=lab.get("proposal", ""),
+        tiled_stop_timeout_s=_positive(tiled, "stop_timeout_s", 30.0, source),
     )
+
+
+def _positive(table: dict, key: str, default: float, source: Path) -> float:
+    value = float(table.get(key, default))
+    if value <= 0:
+        raise ConfigError(f"{source}: tiled.{key} = {value} must be > 0 (seconds)")
+    return value
+
+
+def _tiled_api_key(tiled: dict, source: Path) -> str:
+    """The external server's key: $CALBENCH_TILED_API_KEY, else [tiled] api_key_file (a file only
+    its owner may read), else [tiled] api_key."""
+    if os.environ.get("CALBENCH_TILED_API_KEY"):
+        return os.environ["CALBENCH_TILED_API_KEY"]
+    if tiled.get("api_key_file"):
+        path = Path(tiled["api_key_file"]).expanduser()
+        if not path.is_absolute():
+            path = source.parent / path
+        try:
+            mode = path.stat().st_mode & 0o077
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: tiled.api_key_file {path} not found; create it "
+                              "(mode 0600) or set CALBENCH_TILED_API_KEY") from None
+        if mode:
+            raise ConfigError(f"{source}: tiled.api_key_file {path} is readable by other users; "
+                              f"`chmod 600 {path}`")
+        return path.read_text().strip()
+    return tiled.get("api_key", "")

@@ -14,7 +14,7 @@ import time
 import traceback
 from dataclasses import dataclass, field, replace
 
-from calbench.config import LabConfig, load_config
+from calbench.config import LabConfig, load_config, private_dir
 
 # Each step: "module:function(ctx) -> DemoResult", one per procedure, in this order.
 DEMO_STEPS: list[str] = [
@@ -102,12 +102,12 @@ def demo_catalog(cfg: LabConfig | None = None):
 
 def run_demo(cfg: LabConfig) -> int:
     from bluesky import RunEngine
-    from bluesky.utils import PersistentDict
 
     from calbench.iocs.build import build_iocs
     from calbench.iocs.server import IocThread
     from calbench.lab import make_device
     from calbench.persistence import TiledPersister
+    from calbench.run_metadata import lab_metadata
     from calbench.session import configure_ca
     from calbench.tiled_service import connect_catalog
 
@@ -119,11 +119,12 @@ def run_demo(cfg: LabConfig) -> int:
     catalog = connect_catalog(cfg)
     groups = build_iocs(cfg, force_sim=True, time_scales=DEMO_TIME_SCALES)
     server = IocThread(groups, cfg.interfaces).start()
-    cfg.home.mkdir(parents=True, exist_ok=True)
+    private_dir(cfg.home)
     # metadata (scan_id included) kept in the demo's home: scan ids never restart in its catalog
-    RE = RunEngine(PersistentDict(str(cfg.home / "runengine-metadata")), call_returns_result=True)
+    md = lab_metadata(cfg.home)
+    RE = RunEngine(md, call_returns_result=True, scan_id_source=md.next_scan_id)
     RE.md.update({"operator": "demo", "lab": cfg.name})
-    RE.subscribe(TiledPersister(catalog, backup_directory=cfg.home / "backup"))
+    RE.subscribe(TiledPersister(catalog, journal_directory=cfg.journal_dir))
     backends = {name: g.backend for name, g in zip(cfg.instruments, groups)}
     devices = {name: make_device(cfg, name, timeout=10.0) for name in cfg.instruments}
     ctx = DemoContext(cfg, RE, catalog, devices, backends)

@@ -1,17 +1,20 @@
-"""Persisting documents to tiled off the RunEngine's critical path, exactly once.
+"""Persisting documents to tiled off the RunEngine's critical path, exactly once, whatever fails.
 
-The stock TiledWriter with batch_size=1 makes one HTTP append + one SQLite commit per event (~70 ms
-here), which would pace every scan. `TiledPersister` hands documents to a worker thread instead:
+The stock TiledWriter with batch_size=1 makes one HTTP append + one SQL commit per event (~70 ms
+here), which would pace every scan. `TiledPersister` instead:
 
-* the RunEngine only enqueues (microseconds); the worker writes what has queued up in one append,
-  so under light load each event is in tiled as soon as it is emitted (batch_size=1 behaviour, runs
-  can be read live) and under heavy load the appends coalesce instead of falling behind;
-* the `stop` document blocks the RunEngine until the worker has written the whole run, so when
-  `RE(...)` returns the run is complete in tiled; a failure there raises `PersistenceError`, and the
-  run's documents are kept in a JSONL backup to replay;
-* exactly once: when an append fails with a server error or a lost response, the rows the server
-  did store are read back (by seq_num) and only the missing ones are sent again. The stock retry
-  resends the whole batch, which duplicated a row under a concurrent reader (201 rows for 200 events).
+* journals every document as it is emitted (calbench.journal: one JSONL line, written before the
+  document goes anywhere else), so a killed session, a tiled outage or a crashed server lose
+  nothing: what is not in tiled is in the journal;
+* hands the document to a worker thread that writes what has queued up in one append (runs can be
+  read live; under load the appends coalesce instead of falling behind);
+* at `stop` waits at most `stop_timeout_s` for the run to be in tiled, then checks the stored
+  seq_nums of every stream against the emitted ones. A duplicate or a gap is repaired by rewriting
+  the run from its journal; if that fails too the run is marked in tiled and the user told. A run
+  that is stored and checked leaves the journal; any other stays there for `calbench tiled replay`
+  (also run at every session start), which stores it exactly once;
+* retries a failed append only with the rows the server did not keep (read back by seq_num): the
+  stock retry resends the whole batch and duplicated rows under load.
 """
 from __future__ import annotations
 
@@ -19,23 +22,28 @@ import logging
 import queue
 import threading
 import time
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pyarrow
 import pyarrow.compute
-from bluesky_tiled_plugins import TiledWriter
-from bluesky_tiled_plugins.writing._json_writer import JSONLinesWriter
-from bluesky_tiled_plugins.writing.tiled_writer import _ConditionalBackup, _RunWriter
+from bluesky_tiled_plugins.writing.tiled_writer import RunNormalizer, _RunWriter
+
+from calbench.journal import RunJournal, pending, read_journal
 
 log = logging.getLogger(__name__)
 
 _LARGE_BATCH = 1_000_000     # the worker decides when to write; the writer never flushes on count
 _RETRIES = 6
+REPLAY_COMMAND = "calbench tiled replay"
+INTERRUPTED = "interrupted: the session ended before the run closed (killed or crashed)"
 
 
 class PersistenceError(RuntimeError):
-    """A run could not be written to tiled; its documents are in the backup directory."""
+    """A run is not (or not exactly) in tiled; its documents are kept in the journal."""
 
 
 class _ExactlyOnceRunWriter(_RunWriter):
@@ -73,13 +81,15 @@ class _ExactlyOnceRunWriter(_RunWriter):
 
     def stop(self, doc):
         # Write what is cached once, here: the stock stop() writes the cached StreamDatums without
-        # clearing them, so the worker's flush after the stop wrote them a second time (one
-        # phantom frame per cached datum in the array's advertised shape).
+        # clearing them, so a flush after the stop wrote them a second time (one phantom frame per
+        # cached datum in the array's advertised shape).
         self.flush()
         return super().stop(doc)
 
     def flush(self) -> None:
         """Write the cached event rows and stream datums now."""
+        if self.root_node is None:
+            return
         for desc_name, cache in self._internal_data_cache.items():
             if cache:
                 self._write_internal_data(cache, desc_node=self._desc_nodes[desc_name])
@@ -90,102 +100,326 @@ class _ExactlyOnceRunWriter(_RunWriter):
             self._write_external_data(doc)
 
 
-class ExactlyOnceTiledWriter(TiledWriter):
-    """TiledWriter whose appends are never duplicated and whose open runs can be flushed."""
+class RunPipe:
+    """The documents of one run into tiled: RunNormalizer -> exactly-once run writer."""
 
-    def __init__(self, client, **kwargs):
-        kwargs.setdefault("batch_size", _LARGE_BATCH)
-        super().__init__(client, **kwargs)
-        self.open_runs: dict[int, tuple[_ExactlyOnceRunWriter, object]] = {}
+    def __init__(self, catalog):
+        self.writer = _ExactlyOnceRunWriter(catalog.include_data_sources(), batch_size=_LARGE_BATCH)
+        self.normalizer = RunNormalizer()
+        self.normalizer.subscribe(self.writer)
 
-    def _factory(self, name, doc):
-        run_writer = _ExactlyOnceRunWriter(self.client, batch_size=self._batch_size,
-                                           max_array_size=self._max_array_size)
-        cb = run_writer
-        if self._normalizer:
-            cb = self._normalizer(patches=self.patches, spec_to_mimetype=self.spec_to_mimetype)
-            cb.subscribe(run_writer)
-        if self.backup_directory:
-            cb = _ConditionalBackup(cb, [JSONLinesWriter(self.backup_directory)])
-        self.open_runs[doc["uid"]] = (run_writer, cb)
-        return [cb], []
+    def __call__(self, name: str, doc: dict) -> None:
+        self.normalizer(name, doc)
 
     def flush(self) -> None:
-        for run_writer, _ in list(self.open_runs.values()):
-            if run_writer.root_node is not None:
-                run_writer.flush()
+        self.writer.flush()
 
-    def run_failed(self, start_uid: str) -> bool:
-        _, cb = self.open_runs.get(start_uid, (None, None))
-        return bool(getattr(cb, "_primary_failed", False))
+
+@dataclass
+class RunTally:
+    """What a run emitted: seq_nums per stream (event streams; stored as `seq_num` rows)."""
+    streams: dict[str, str] = field(default_factory=dict)          # descriptor uid -> stream
+    seq_nums: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, name: str, doc: dict) -> None:
+        if name == "descriptor":
+            self.streams[doc["uid"]] = doc.get("name", "primary")
+            self.seq_nums.setdefault(self.streams[doc["uid"]], [])
+        elif name == "event":
+            self.seq_nums[self.streams[doc["descriptor"]]].append(doc["seq_num"])
+        elif name == "event_page":
+            self.seq_nums[self.streams[doc["descriptor"]]].extend(doc["seq_num"])
+
+    @classmethod
+    def of(cls, docs) -> "RunTally":
+        tally = cls()
+        for name, doc in docs:
+            tally.add(name, doc)
+        return tally
+
+    @property
+    def events(self) -> int:
+        return sum(len(v) for v in self.seq_nums.values())
+
+
+@dataclass(frozen=True)
+class StoredCheck:
+    """Emitted against stored rows of one run, per stream."""
+    uid: str
+    emitted: dict[str, int]
+    stored: dict[str, int]
+    duplicated: dict[str, int]
+    lost: dict[str, int]
+    unexpected: dict[str, int]
+    has_stop: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.has_stop and not any({**self.duplicated, **self.lost, **self.unexpected}.values())
+
+    def summary(self) -> str:
+        def total(d):
+            return sum(d.values())
+        return (f"emitted {total(self.emitted)}, stored {total(self.stored)}, duplicated "
+                f"{total(self.duplicated)}, lost {total(self.lost)}, unexpected "
+                f"{total(self.unexpected)}{'' if self.has_stop else ', no stop document'}")
+
+
+def stored_seq_nums(run, stream: str) -> list[int]:
+    """seq_num of every row stored for `stream` of `run` (a tiled run container)."""
+    try:
+        node = run[stream]
+    except KeyError:
+        return []
+    node = getattr(node, "base", node)
+    if "internal" not in node:
+        return []
+    return [int(s) for s in node["internal"].read(columns=["seq_num"])["seq_num"]]
+
+
+def check_stored(catalog, uid: str, tally: RunTally) -> StoredCheck:
+    """Compare the rows tiled holds for run `uid` with what the run emitted."""
+    try:
+        run = catalog[uid]
+    except KeyError:
+        run = None
+    emitted, stored, dup, lost, unexpected = {}, {}, {}, {}, {}
+    for stream, seq in tally.seq_nums.items():
+        have = stored_seq_nums(run, stream) if run is not None else []
+        counts = Counter(have)
+        emitted[stream], stored[stream] = len(seq), len(have)
+        dup[stream] = sum(c - 1 for c in counts.values() if c > 1)
+        lost[stream] = len(set(seq) - set(counts))
+        unexpected[stream] = len(set(counts) - set(seq))
+    has_stop = run is not None and bool(run.metadata.get("stop"))
+    return StoredCheck(uid, emitted, stored, dup, lost, unexpected, has_stop)
+
+
+def write_run(catalog, docs: list[tuple[str, dict]]) -> None:
+    """Write a whole run into tiled, replacing whatever part of it is there."""
+    uid = docs[0][1]["uid"]
+    if uid in catalog:
+        catalog[uid].delete(recursive=True, external_only=False)
+    pipe = RunPipe(catalog)
+    for name, doc in docs:
+        pipe(name, doc)
+
+
+def closed(docs: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """The run's documents, with a stop document saying it was interrupted if it has none."""
+    if not docs or docs[0][0] != "start":
+        raise ValueError("a journal must begin with the run's start document")
+    if docs[-1][0] == "stop":
+        return docs
+    tally = RunTally.of(docs)
+    stop = {"run_start": docs[0][1]["uid"], "uid": str(uuid.uuid4()),
+            "time": max(d.get("time", 0) for _, d in docs), "exit_status": "abort",
+            "reason": INTERRUPTED, "num_events": {s: len(v) for s, v in tally.seq_nums.items()}}
+    return [*docs, ("stop", stop)]
+
+
+def store_exactly_once(catalog, docs: list[tuple[str, dict]]) -> StoredCheck:
+    """Make run `docs` be in tiled exactly once: keep it if tiled already holds all of it, else
+    (re)write it. Raises PersistenceError if the stored rows still differ."""
+    tally = RunTally.of(docs)
+    uid = docs[0][1]["uid"]
+    check = check_stored(catalog, uid, tally)
+    if check.ok:
+        return check
+    write_run(catalog, docs)
+    check = check_stored(catalog, uid, tally)
+    if not check.ok:
+        _mark(catalog, uid, check)
+        raise PersistenceError(f"run {uid} differs from what it emitted even after rewriting it "
+                               f"({check.summary()}); it is marked in tiled (metadata "
+                               "'calbench_integrity') and kept in the journal")
+    return check
+
+
+def _mark(catalog, uid: str, check: StoredCheck) -> None:
+    try:
+        catalog[uid].update_metadata({"calbench_integrity": {
+            "emitted": check.emitted, "stored": check.stored, "duplicated": check.duplicated,
+            "lost": check.lost, "unexpected": check.unexpected}})
+    except Exception:      # the mark is a courtesy; the journal keeps the truth
+        log.exception("could not mark run %s in tiled", uid)
+
+
+@dataclass
+class ReplayResult:
+    uid: str
+    outcome: str            # "stored", "already stored", "interrupted, stored", "failed: ..."
+    events: int
+
+
+def replay(catalog, directory: Path) -> list[ReplayResult]:
+    """Store every journaled run no live session holds into tiled, exactly once; a run without a
+    stop document (its session was killed) is closed with exit_status 'abort'."""
+    results = []
+    for path in pending(directory):
+        journal = RunJournal.adopt(path)
+        if journal is None:
+            continue                     # a live session is writing it
+        try:
+            docs = journal.documents()
+            if not docs:
+                journal.discard()
+                continue
+            full = closed(docs)
+            already = check_stored(catalog, full[0][1]["uid"], RunTally.of(full)).ok
+            check = store_exactly_once(catalog, full)
+            outcome = ("already stored" if already else
+                       "interrupted, stored" if full[-1] is not docs[-1] else "stored")
+            results.append(ReplayResult(check.uid, outcome, sum(check.emitted.values())))
+            journal.discard()
+        except Exception as exc:         # one bad run must not keep the others out of tiled
+            log.exception("replaying %s failed", path)
+            results.append(ReplayResult(path.stem, f"failed: {exc}", -1))
+            journal.close()
+    return results
+
+
+@dataclass
+class _Run:
+    uid: str
+    journal: RunJournal
+    pipe: RunPipe | None = None
+    tally: RunTally = field(default_factory=RunTally)
+    error: BaseException | None = None
+    check: StoredCheck | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+# Document name -> key holding the uid of the document it belongs to (None: the run's start).
+_PARENT = {"descriptor": "run_start", "resource": "run_start", "stream_resource": "run_start",
+           "stop": "run_start", "event": "descriptor", "event_page": "descriptor",
+           "datum": "resource", "datum_page": "resource", "stream_datum": "stream_resource"}
 
 
 class TiledPersister:
-    """RunEngine callback: documents to tiled in a worker thread; `stop` waits for the whole run.
+    """RunEngine callback: journal, then tiled in a worker thread; `stop` waits for the run.
 
-        RE.subscribe(TiledPersister(catalog, backup_directory=cfg.home / "backup"))
+        RE.subscribe(TiledPersister(catalog, journal_directory=cfg.home / "journal"))
+
+    With `catalog=None` the runs are only journaled (tiled unreachable at session start).
     """
 
-    def __init__(self, catalog, *, backup_directory: str | Path | None = None,
-                 stop_timeout_s: float = 600.0):
-        self.backup_directory = Path(backup_directory) if backup_directory else None
-        if self.backup_directory:
-            self.backup_directory.mkdir(parents=True, exist_ok=True)
-        self.writer = ExactlyOnceTiledWriter(
-            catalog, backup_directory=str(self.backup_directory) if self.backup_directory else None)
+    def __init__(self, catalog, *, journal_directory: str | Path, stop_timeout_s: float = 30.0):
+        self.catalog = catalog
+        self.journal_directory = Path(journal_directory)
         self.stop_timeout_s = stop_timeout_s
+        self.checks: dict[str, StoredCheck] = {}      # uid -> check of each run stored (latest 100)
+        self._runs: dict[str, _Run] = {}
+        self._owner: dict[str, str] = {}              # descriptor/resource uid -> start uid
         self._queue: queue.Queue = queue.Queue()
-        self._done: dict[str, threading.Event] = {}
-        self._errors: dict[str, BaseException] = {}
         self._thread = threading.Thread(target=self._work, name="calbench-tiled-writer", daemon=True)
         self._thread.start()
 
+    # -- RunEngine thread ------------------------------------------------------------------------
     def __call__(self, name: str, doc: dict) -> None:
-        if name == "stop":
-            done = self._done[doc["run_start"]] = threading.Event()
-            self._queue.put((name, doc))
-            if not done.wait(self.stop_timeout_s):
-                raise PersistenceError(
-                    f"run {doc['run_start']} was not written to tiled within {self.stop_timeout_s} s;"
-                    " is the server overloaded or down? The documents are kept in "
-                    f"{self.backup_directory or 'memory only (set a backup_directory)'}")
-            error = self._errors.pop(doc["run_start"], None)
-            self._done.pop(doc["run_start"], None)
-            if error is not None:
-                raise PersistenceError(
-                    f"run {doc['run_start']} could not be written to tiled ({error}); its documents "
-                    f"are in {self.backup_directory} (JSONL) to replay with `calbench tiled replay`")
+        if name == "start":
+            run = self._runs[doc["uid"]] = _Run(doc["uid"], RunJournal(self.journal_directory,
+                                                                      doc["uid"]))
         else:
-            self._queue.put((name, doc))
+            parent = doc.get(_PARENT.get(name, ""))
+            uid = parent if parent in self._runs else self._owner.get(parent)
+            run = self._runs.get(uid)
+            if run is None:
+                log.warning("a %s document outside any open run was not stored", name)
+                return
+            if name in ("descriptor", "resource", "stream_resource"):
+                self._owner[doc["uid"]] = run.uid
+        run.journal.append(name, doc)
+        if name != "stop":
+            if self.catalog is not None:
+                self._queue.put((run, name, doc))
+            return
+        run.journal.sync()
+        self._forget(run)
+        if self.catalog is None:
+            run.journal.close()
+            return
+        self._queue.put((run, name, doc))
+        if not run.done.wait(self.stop_timeout_s):
+            raise PersistenceError(self._not_stored(run, f"tiled did not take it within "
+                                                         f"{self.stop_timeout_s:g} s"))
+        if run.error is not None:
+            raise PersistenceError(self._not_stored(run, str(run.error)))
+
+    def _forget(self, run: _Run) -> None:
+        self._runs.pop(run.uid, None)
+        for key in [k for k, v in self._owner.items() if v == run.uid]:
+            del self._owner[key]
+
+    def _not_stored(self, run: _Run, cause: str) -> str:
+        return (f"run {run.uid} is not in tiled ({cause}); it is complete in the journal "
+                f"{run.journal.path}. `{REPLAY_COMMAND}` stores it when tiled answers (the next "
+                "session start does too)")
 
     def flush(self, timeout: float = 60.0) -> None:
         """Block until everything queued so far is in tiled."""
         marker = threading.Event()
-        self._queue.put(("_flush", marker))
+        self._queue.put((None, "_flush", marker))
         marker.wait(timeout)
 
+    # -- worker thread ---------------------------------------------------------------------------
     def _work(self) -> None:
+        active: dict[str, _Run] = {}
         while True:
-            name, doc = self._queue.get()
+            run, name, doc = self._queue.get()
+            if name == "_flush":
+                self._flush(active)
+                doc.set()
+                continue
             try:
-                if name == "_flush":
-                    self.writer.flush()
-                    doc.set()
-                    continue
-                self.writer(name, doc)
-                if self._queue.empty():
-                    self.writer.flush()
+                if run.error is None:
+                    if name == "start":
+                        run.pipe = RunPipe(self.catalog)
+                        active[run.uid] = run
+                    run.tally.add(name, doc)
+                    run.pipe(name, doc)
+                    if name == "stop":
+                        self._verify(run)
+                    elif self._queue.empty():
+                        self._flush(active)
             except Exception as exc:  # keep the worker alive: later runs must still be written
-                run = doc.get("run_start") or doc.get("uid") if isinstance(doc, dict) else None
-                log.exception("writing a %s document to tiled failed", name)
-                if run:
-                    self._errors[run] = exc
+                log.warning("run %s: writing a %s document to tiled failed (%s); the run is "
+                            "kept in the journal", run.uid, name, exc)
+                run.error = exc
             finally:
                 if name == "stop":
-                    uid = doc["run_start"]
-                    if self.writer.run_failed(uid) and uid not in self._errors:
-                        self._errors[uid] = RuntimeError("the tiled writer failed during the run")
-                    self.writer.open_runs.pop(uid, None)
-                    event = self._done.get(uid)
-                    if event is not None:
-                        event.set()
+                    active.pop(run.uid, None)
+                    if run.error is None:
+                        run.journal.discard()
+                    else:
+                        run.journal.close()
+                    run.done.set()
+
+    def _flush(self, active: dict[str, _Run]) -> None:
+        for run in list(active.values()):
+            if run.error is None:
+                try:
+                    run.pipe.flush()
+                except Exception as exc:
+                    log.warning("run %s: writing to tiled failed (%s); the run is kept in the "
+                                "journal", run.uid, exc)
+                    run.error = exc
+
+    def _verify(self, run: _Run) -> None:
+        check = check_stored(self.catalog, run.uid, run.tally)
+        if not check.ok:
+            log.warning("run %s: tiled holds other rows than were emitted (%s); rewriting it from "
+                        "the journal", run.uid, check.summary())
+            check = store_exactly_once(self.catalog, run.journal.documents())
+        self.checks[run.uid] = check
+        while len(self.checks) > 100:
+            self.checks.pop(next(iter(self.checks)))
+
+
+def journaled_runs(directory: Path) -> int:
+    """How many runs wait in the journal (for messages)."""
+    return len(pending(directory))
+
+
+__all__ = ["TiledPersister", "PersistenceError", "replay", "check_stored", "RunTally",
+           "store_exactly_once", "read_journal", "REPLAY_COMMAND"]

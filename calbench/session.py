@@ -32,21 +32,24 @@ def configure_ca(cfg: LabConfig) -> None:
 
 
 def make_run_engine(cfg: LabConfig, *, interactive: bool = True):
-    """RunEngine with persistent metadata, tiled persistence (or a JSONL fallback), progress bars and
-    the BestEffortCallback. Returns (RE, bec, catalog or None)."""
+    """RunEngine with metadata shared by the lab home's sessions, tiled persistence through the
+    write-ahead journal (journal only while tiled is unreachable), progress bars and the
+    BestEffortCallback. Journaled runs of ended sessions go to tiled first. Returns (RE, bec,
+    catalog or None)."""
     from bluesky import RunEngine
-    from bluesky.utils import PersistentDict, ProgressBarManager
+    from bluesky.utils import ProgressBarManager
 
+    from calbench.config import private_dir
     from calbench.live_feedback import SessionBestEffortCallback
-
     from calbench.persistence import TiledPersister
+    from calbench.plans.toolkit import set_results_dir
+    from calbench.run_metadata import lab_metadata
     from calbench.tiled_service import TiledUnavailable, connect_catalog
 
-    from calbench.plans.toolkit import set_results_dir
-
-    cfg.home.mkdir(parents=True, exist_ok=True)
+    private_dir(cfg.home)
     set_results_dir(cfg.results_dir)        # where procedures write their files by default
-    RE = RunEngine(PersistentDict(str(cfg.home / "runengine-metadata")))
+    md = lab_metadata(cfg.home)
+    RE = RunEngine(md, scan_id_source=md.next_scan_id)
     bootstrap_metadata(RE.md, cfg, interactive=interactive)
     RE.md["lab"] = cfg.name
     RE.md["lab_config"] = cfg.as_metadata()
@@ -60,16 +63,16 @@ def make_run_engine(cfg: LabConfig, *, interactive: bool = True):
     catalog = None
     try:
         catalog = connect_catalog(cfg)
-        RE.persister = TiledPersister(catalog, backup_directory=cfg.home / "backup")
-        RE.subscribe(RE.persister)
     except (TiledUnavailable, OSError) as exc:
-        from bluesky_tiled_plugins.writing._json_writer import JSONLinesWriter
-
-        backup = cfg.home / "backup"
-        backup.mkdir(parents=True, exist_ok=True)
-        RE.subscribe(JSONLinesWriter(str(backup)))
-        print(f"WARNING: runs are NOT going to tiled ({exc}); they are kept as JSONL in {backup}. "
-              "Start tiled with `calbench tiled start` and restart the session.")
+        print(f"WARNING: runs are NOT going to tiled ({exc}); they are kept in the journal "
+              f"{cfg.journal_dir}. Start tiled (`calbench tiled start`), then `calbench tiled "
+              "replay` or restart the session stores them.")
+    if catalog is not None:
+        replay_journal(catalog, cfg)
+        md.raise_scan_id_floor(last_scan_id(catalog))
+    RE.persister = TiledPersister(catalog, journal_directory=cfg.journal_dir,
+                                  stop_timeout_s=cfg.tiled_stop_timeout_s)
+    RE.subscribe(RE.persister)
     return RE, bec, catalog
 
 
@@ -87,6 +90,26 @@ def bootstrap_metadata(md, cfg: LabConfig, *, interactive: bool) -> None:
         if not value and key == "operator":
             value = os.environ.get("USER", "unknown")
         md[key] = value.strip()
+
+
+def replay_journal(catalog, cfg: LabConfig) -> list:
+    """Store the runs ended sessions left in the journal; one line per run."""
+    from calbench.persistence import replay
+
+    results = replay(catalog, cfg.journal_dir)
+    for r in results:
+        print(f"journal -> tiled: run {r.uid} ({r.events} events): {r.outcome}")
+    return results
+
+
+def last_scan_id(catalog) -> int:
+    """The largest scan id in the catalog (0 if none or unreadable)."""
+    try:
+        for run in catalog.sort(("start.scan_id", -1)).values().head(1):
+            return int(run.metadata["start"].get("scan_id", 0))
+    except Exception as exc:     # a floor only: the lab home's counter still holds
+        log.warning("could not read the catalog's last scan id: %s", exc)
+    return 0
 
 
 def make_lab_devices(cfg: LabConfig, *, timeout: float = 3.0) -> dict:

@@ -1,14 +1,13 @@
 """The tiled server runs are stored in: an embedded local server by default, or an external one.
 
-Embedded: `tiled serve catalog` in a background process, SQLite catalog + zarr/DuckDB storage under
-<home>/tiled, detector files readable from the lab's data directory, an API key generated once and
-kept in <home>/tiled/api_key (mode 0600). It survives restarts: the catalog is a file.
+Embedded: `calbench tiled serve` (tiled's catalog app, calbench.tiled_serve) in a background process,
+SQLite catalog + SQLite tables + zarr arrays under <home>/tiled (mode 0700, files 0600), detector
+files readable from the lab's data directory, an API key generated once and kept in
+<home>/tiled/api_key (mode 0600), read by the server from that file. It survives restarts.
 
-External: set CALBENCH_TILED_URI and CALBENCH_TILED_API_KEY (or [tiled] uri/api_key). For several
-writers use PostgreSQL for the catalog, e.g.
-    tiled catalog init postgresql://user:pw@dbhost/tiled
-    tiled serve catalog postgresql://user:pw@dbhost/tiled -w /data/tiled \
-        -w duckdb:////data/tiled/tables.duckdb -r /lab/data --api-key $KEY --host 0.0.0.0
+External: set CALBENCH_TILED_URI and CALBENCH_TILED_API_KEY (or [tiled] uri and api_key_file, a
+0600 file). For several writers run tiled on PostgreSQL (README, "PostgreSQL"; the tests use that
+recipe, tests/pg_support.py).
 """
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from calbench.config import LabConfig
+from calbench.config import LabConfig, private_dir
 
 RUNS_SPEC = ("CatalogOfBlueskyRuns", "3.0")
 
@@ -44,13 +43,18 @@ def _tiled_dir(cfg: LabConfig) -> Path:
     return cfg.home / "tiled"
 
 
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(path, 0o600)
+
+
 def _api_key(directory: Path) -> str:
     path = directory / "api_key"
     if not path.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32))
+        private_dir(directory)
+        _write_private(path, secrets.token_hex(32))
     os.chmod(path, 0o600)
     return path.read_text().strip()
 
@@ -65,42 +69,61 @@ def healthy(uri: str, timeout: float = 2.0) -> bool:
 
 def start_embedded(directory: Path, readable: list[Path], port: int, *, timeout: float = 60.0,
                    api_key: str | None = None) -> tuple[TiledEndpoint, subprocess.Popen | None]:
-    """Start (or find running) a persistent local tiled server with its files in `directory`."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "data").mkdir(exist_ok=True)
+    """Start (or find running) a persistent local tiled server with its files in `directory`.
+
+    Tables go to SQLite, not DuckDB: DuckDB (through ADBC) crashed the server under concurrent
+    appends from two sessions, and SQLite serialises writers safely (see README, "Storage")."""
+    directory = private_dir(directory)
+    private_dir(directory / "data")
     for r in readable:
         Path(r).mkdir(parents=True, exist_ok=True)
     key = api_key or _api_key(directory)
+    if api_key:
+        _write_private(directory / "api_key", api_key)
     uri = f"http://127.0.0.1:{port}"
     endpoint = TiledEndpoint(uri, key, True, directory)
     if healthy(uri):
         return endpoint, None
-    db = directory / "catalog.db"
-    # tiled's own command with BlueskyRun's json-seq exporter registered (run.documents())
-    cmd = [sys.executable, "-m", "calbench.tiled_exporters", "serve", "catalog", str(db),
-           "-w", str(directory / "data"), "-w", f"duckdb:///{directory / 'tables.duckdb'}",
-           "--api-key", key,
-           "--host", "127.0.0.1", "--port", str(port)]
+    writable = [str(directory / "data"), f"sqlite:///{directory / 'tables.sqlite'}"]
+    if (directory / "tables.duckdb").exists():       # a lab home from before SQLite tables
+        writable.append(f"duckdb:///{directory / 'tables.duckdb'}")
+    proc = spawn_server(f"sqlite:///{directory / 'catalog.db'}", writable, readable,
+                        directory / "api_key", "127.0.0.1", port, directory / "server.log",
+                        init=not (directory / "catalog.db").exists())
+    (directory / "server.pid").write_text(str(proc.pid))
+    wait_healthy(proc, uri, directory / "server.log", timeout)
+    return endpoint, proc
+
+
+def spawn_server(catalog: str, writable: list[str], readable: list[Path], key_file: Path,
+                 host: str, port: int, log_path: Path, *, init: bool = True) -> subprocess.Popen:
+    """`calbench tiled serve` in the background: key read from `key_file`, files private (umask
+    077), output appended to `log_path` (mode 0600)."""
+    cmd = [sys.executable, "-m", "calbench.tiled_serve", catalog, "--api-key-file", str(key_file),
+           "--host", host, "--port", str(port), *(["--init"] if init else [])]
+    for w in writable:
+        cmd += ["-w", str(w)]
     for r in readable:
         cmd += ["-r", str(r)]
-    if not db.exists():
-        cmd.append("--init")
-    log = open(directory / "server.log", "ab")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, env={**os.environ, "TILED_API_KEY": key})
-    (directory / "server.pid").write_text(str(proc.pid))
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.chmod(log_path, 0o600)
+    with os.fdopen(fd, "ab") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, umask=0o077)
+
+
+def wait_healthy(proc: subprocess.Popen, uri: str, log_path: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise TiledUnavailable(f"the embedded tiled server exited with code {proc.returncode}; "
-                                   f"see {directory / 'server.log'}")
+            raise TiledUnavailable(f"the tiled server exited with code {proc.returncode}; "
+                                   f"see {log_path}")
         if healthy(uri, timeout=0.5):
-            return endpoint, proc
+            return
         time.sleep(0.2)
     proc.terminate()
-    raise TiledUnavailable(f"the embedded tiled server did not answer on {uri} within {timeout} s; "
-                           f"see {directory / 'server.log'} (is port {port} taken? set [tiled] port)")
+    raise TiledUnavailable(f"the tiled server did not answer on {uri} within {timeout} s; "
+                           f"see {log_path} (is the port taken? set [tiled] port)")
 
 
 def stop_embedded(directory: Path, timeout: float = 5.0) -> bool:
@@ -149,6 +172,7 @@ def ensure_tiled(cfg: LabConfig, *, start: bool = True) -> TiledEndpoint:
 def runs_catalog(endpoint: TiledEndpoint, name: str = "raw"):
     """The CatalogOfBlueskyRuns container `name` on the server (created on first use)."""
     from tiled.client import from_uri
+    from tiled.client.utils import ClientError
     from tiled.structures.core import Spec
 
     try:
@@ -166,7 +190,11 @@ def runs_catalog(endpoint: TiledEndpoint, name: str = "raw"):
         raise TiledUnavailable(f"cannot reach tiled at {endpoint.uri}: {exc}; is the server "
                                "running (`calbench tiled status`)?") from exc
     if name not in client:
-        client.create_container(name, specs=[Spec(*RUNS_SPEC)])
+        try:
+            client.create_container(name, specs=[Spec(*RUNS_SPEC)])
+        except ClientError as exc:
+            if exc.response.status_code != 409:   # 409: another session created it just now
+                raise
     return client[name]
 
 

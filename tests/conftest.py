@@ -101,7 +101,7 @@ def RE(catalog, tmp_path, lab_config):
     from calbench.persistence import TiledPersister
     engine = RunEngine({}, call_returns_result=False)
     engine.md.update({"operator": "pytest", "lab": lab_config.name})
-    engine.persister = TiledPersister(catalog, backup_directory=tmp_path / "backup")
+    engine.persister = TiledPersister(catalog, journal_directory=tmp_path / "journal")
     engine.subscribe(engine.persister)
     engine.catalog = catalog
     yield engine

@@ -94,7 +94,7 @@ def RE(cat, tmp_path_factory, lab_config):
     from calbench.persistence import TiledPersister
     engine = RunEngine({}, call_returns_result=True)
     engine.md.update({"operator": "pytest", "lab": lab_config.name})
-    engine.subscribe(TiledPersister(cat, backup_directory=tmp_path_factory.mktemp("backup")))
+    engine.subscribe(TiledPersister(cat, journal_directory=tmp_path_factory.mktemp("journal")))
     yield engine
     if engine.state != "idle":
         engine.halt()

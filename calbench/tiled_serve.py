@@ -1,0 +1,75 @@
+"""`calbench tiled serve`: a tiled catalog server whose API key never appears on a command line.
+
+`tiled serve catalog --api-key KEY` puts the key in /proc/<pid>/cmdline, readable by every user, and
+without `--api-key` tiled prints the key (as `?api_key=` in a URL) into its log. This entry point
+reads the key from a file that must be private to its owner and builds the same app tiled's
+command builds, without printing it. The access log is off: every append would be a line.
+
+    python -m calbench.tiled_serve CATALOG_URI -w DIR -w TABLES_URI [-r DIR ...] \
+        --api-key-file FILE [--host H] [--port P] [--init]
+
+CATALOG_URI and TABLES_URI: `sqlite:///path` (embedded) or `postgresql://user@host/db`; a
+PostgreSQL password comes from PGPASSWORD or ~/.pgpass, never from the URI on the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+import sys
+from pathlib import Path
+
+
+def read_private_key(path: Path) -> str:
+    """The API key in `path`, refused (with the fix) if group or others may read the file."""
+    path = Path(path)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        raise SystemExit(f"API key file {path} not found; create it with mode 0600") from None
+    if mode & 0o077:
+        raise SystemExit(f"API key file {path} is readable by others (mode {mode:04o}); "
+                         f"`chmod 600 {path}`")
+    key = path.read_text().strip()
+    if not key.isalnum():
+        raise SystemExit(f"API key file {path} must hold one alphanumeric key")
+    return key
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="calbench tiled serve", description=__doc__.split("\n")[0])
+    p.add_argument("catalog", help="catalog database URI (sqlite:///... or postgresql://...)")
+    p.add_argument("-w", "--write", action="append", default=[], required=True,
+                   help="writable storage: a directory (arrays) and a SQL URI (tables)")
+    p.add_argument("-r", "--read", action="append", default=[], help="readable directory")
+    p.add_argument("--api-key-file", type=Path, required=True, help="file holding the key (0600)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--init", action="store_true", help="create the catalog if it does not exist")
+    return p
+
+
+def serve(args) -> None:
+    import uvicorn
+    from tiled.catalog import from_uri
+    from tiled.config import Authentication
+    from tiled.server.app import build_app
+
+    from calbench.tiled_exporters import register_exporters
+
+    key = read_private_key(args.api_key_file)
+    register_exporters()            # BlueskyRun as json-seq: run.documents() on past runs
+    os.umask(0o077)                 # catalog, tables, arrays: private to the lab user
+    tree = from_uri(args.catalog, writable_storage=args.write, readable_storage=args.read,
+                    init_if_not_exists=args.init)
+    app = build_app(tree, Authentication(single_user_api_key=key))
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="warning")
+
+
+def main(argv: list[str] | None = None) -> int:
+    serve(build_parser().parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
