@@ -58,13 +58,17 @@ class RunJournal:
 
     def __init__(self, directory: Path, start_uid: str):
         self.path = private_dir(directory) / f"{start_uid}{SUFFIX}"
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        # Created and locked under a name replay does not look at, then renamed (the lock stays
+        # with the file): a replay starting meanwhile never finds it unlocked.
+        part = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        self._fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        if self.path.exists():
             os.close(self._fd)
-            raise RuntimeError(f"run {start_uid} is journaled by another live session "
-                               f"({self.path} is locked)") from None
+            part.unlink()
+            raise RuntimeError(f"run {start_uid} is already in the journal ({self.path}); a run "
+                               "uid must be new")
+        os.rename(part, self.path)
 
     @classmethod
     def adopt(cls, path: Path) -> "RunJournal | None":
@@ -80,7 +84,11 @@ class RunJournal:
         except BlockingIOError:
             os.close(journal._fd)
             return None
-        if not journal.path.exists():    # removed between open and lock
+        try:
+            same = os.stat(journal.path).st_ino == os.fstat(journal._fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:                       # stored and removed between open and lock
             journal.close()
             return None
         return journal

@@ -9,12 +9,15 @@ command builds, without printing it. The access log is off: every append would b
         --api-key-file FILE [--host H] [--port P] [--init]
 
 CATALOG_URI and TABLES_URI: `sqlite:///path` (embedded) or `postgresql://user@host/db`; a
-PostgreSQL password comes from PGPASSWORD or ~/.pgpass, never from the URI on the command line.
+PostgreSQL password comes from the pgpass file ($PGPASSFILE or ~/.pgpass, mode 0600), never from a
+URI on the command line. (tiled's table storage connects through ADBC with the URI's password only,
+so it is added to that URI here, in memory.)
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import stat
 import sys
 from pathlib import Path
@@ -34,6 +37,38 @@ def read_private_key(path: Path) -> str:
     if not key.isalnum():
         raise SystemExit(f"API key file {path} must hold one alphanumeric key")
     return key
+
+
+def _pgpass_password(host: str, port: str, db: str, user: str) -> str | None:
+    path = Path(os.environ.get("PGPASSFILE") or Path.home() / ".pgpass")
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if not line.strip() or line.startswith("#"):
+            continue
+        fields = [re.sub(r"\\(.)", r"\1", f) for f in re.split(r"(?<!\\):", line)]
+        if len(fields) == 5 and all(f in ("*", want) for f, want in
+                                    zip(fields[:4], (host, port, db, user))):
+            return fields[4]
+    return None
+
+
+def with_pgpass(uri: str) -> str:
+    """A postgresql:// URI with the password from the pgpass file, if it has none."""
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme != "postgresql" or parts.password is not None or not parts.username:
+        return uri
+    password = _pgpass_password(parts.hostname or "localhost", str(parts.port or 5432),
+                                parts.path.lstrip("/"), parts.username)
+    if password is None:
+        return uri
+    netloc = f"{parts.username}:{quote(password, safe='')}@{parts.hostname}" + (
+        f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +95,8 @@ def serve(args) -> None:
     key = read_private_key(args.api_key_file)
     register_exporters()            # BlueskyRun as json-seq: run.documents() on past runs
     os.umask(0o077)                 # catalog, tables, arrays: private to the lab user
-    tree = from_uri(args.catalog, writable_storage=args.write, readable_storage=args.read,
+    tree = from_uri(args.catalog, writable_storage=[with_pgpass(w) for w in args.write],
+                    readable_storage=args.read,
                     init_if_not_exists=args.init)
     app = build_app(tree, Authentication(single_user_api_key=key))
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="warning")

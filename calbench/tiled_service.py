@@ -96,9 +96,10 @@ def start_embedded(directory: Path, readable: list[Path], port: int, *, timeout:
 
 
 def spawn_server(catalog: str, writable: list[str], readable: list[Path], key_file: Path,
-                 host: str, port: int, log_path: Path, *, init: bool = True) -> subprocess.Popen:
+                 host: str, port: int, log_path: Path, *, init: bool = True,
+                 env: dict | None = None) -> subprocess.Popen:
     """`calbench tiled serve` in the background: key read from `key_file`, files private (umask
-    077), output appended to `log_path` (mode 0600)."""
+    077), output appended to `log_path` (mode 0600); `env` adds variables (e.g. PGPASSFILE)."""
     cmd = [sys.executable, "-m", "calbench.tiled_serve", catalog, "--api-key-file", str(key_file),
            "--host", host, "--port", str(port), *(["--init"] if init else [])]
     for w in writable:
@@ -109,7 +110,8 @@ def spawn_server(catalog: str, writable: list[str], readable: list[Path], key_fi
     os.chmod(log_path, 0o600)
     with os.fdopen(fd, "ab") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, umask=0o077)
+                                start_new_session=True, umask=0o077,
+                                env={**os.environ, **(env or {})})
 
 
 def wait_healthy(proc: subprocess.Popen, uri: str, log_path: Path, timeout: float) -> None:
@@ -172,7 +174,6 @@ def ensure_tiled(cfg: LabConfig, *, start: bool = True) -> TiledEndpoint:
 def runs_catalog(endpoint: TiledEndpoint, name: str = "raw"):
     """The CatalogOfBlueskyRuns container `name` on the server (created on first use)."""
     from tiled.client import from_uri
-    from tiled.client.utils import ClientError
     from tiled.structures.core import Spec
 
     try:
@@ -192,8 +193,10 @@ def runs_catalog(endpoint: TiledEndpoint, name: str = "raw"):
     if name not in client:
         try:
             client.create_container(name, specs=[Spec(*RUNS_SPEC)])
-        except ClientError as exc:
-            if exc.response.status_code != 409:   # 409: another session created it just now
+        except httpx.HTTPStatusError:
+            # Another session created it just now: 409 on SQLite, a 500 (unique violation) on
+            # PostgreSQL. Only if it is still missing is this an error.
+            if name not in client:
                 raise
     return client[name]
 

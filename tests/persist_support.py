@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from calbench.tiled_service import (ensure_tiled, runs_catalog, spawn_server, st
 
 HERE = Path(__file__).resolve().parent
 RUNNER = HERE / "session_runner.py"
-STOP_TIMEOUT_S = 8
+STOP_TIMEOUT_S = 8      # the outage test's: the run ends this long after tiled died
 
 
 class LabStore:
@@ -29,8 +30,7 @@ class LabStore:
         self.home = home
         self.config = home / "lab.toml"
         self.config.write_text("[lab]\nname = \"persistence test\"\n\n[tiled]\n"
-                               + "\n".join([*tiled_lines, f"stop_timeout_s = {STOP_TIMEOUT_S}"])
-                               + "\n")
+                               + "\n".join(tiled_lines) + "\n")
         self.env = {**os.environ, "CALBENCH_HOME": str(home), "CALBENCH_CONFIG": str(self.config),
                     "PYTHONUNBUFFERED": "1"}
         for key in ("CALBENCH_TILED_URI", "CALBENCH_TILED_API_KEY"):
@@ -56,8 +56,10 @@ class LabStore:
         cfg = self.cfg
         return runs_catalog(ensure_tiled(cfg, start=False), cfg.tiled_catalog)
 
-    def session(self, events: int, delay_s: float) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, str(RUNNER), str(events), str(delay_s)],
+    def session(self, events: int, delay_s: float, stop_timeout_s: float = 0) -> subprocess.Popen:
+        """A session process running one count; stop_timeout_s 0: the lab's (default 30 s)."""
+        return subprocess.Popen([sys.executable, str(RUNNER), str(events), str(delay_s),
+                                 str(stop_timeout_s)],
                                 env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, cwd=self.home)
 
@@ -95,10 +97,11 @@ class PostgresStore(LabStore):
         fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(os.urandom(16).hex())
-        name = home.name.replace("-", "_").lower()
+        name = uuid.uuid4().hex[:12]
         self.catalog_uri = pg.create_database(f"catalog_{name}")
         self.tables_uri = pg.create_database(f"tables_{name}")
         (home / "data").mkdir()
+        self.server_env = {"PGPASSFILE": str(pg.write_pgpass(home / "pgpass"))}
         super().__init__(home, [f"uri = \"http://127.0.0.1:{self.port}\"",
                                 f"api_key_file = \"{self.key_file}\""])
         self.proc = None
@@ -106,7 +109,7 @@ class PostgresStore(LabStore):
     def start_server(self):
         self.proc = spawn_server(self.catalog_uri, [str(self.home / "data"), self.tables_uri],
                                  [], self.key_file, "127.0.0.1", self.port,
-                                 self.home / "server.log", init=True)
+                                 self.home / "server.log", init=True, env=self.server_env)
         wait_healthy(self.proc, f"http://127.0.0.1:{self.port}", self.home / "server.log", 120)
 
     def kill_server(self):

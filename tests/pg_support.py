@@ -1,11 +1,13 @@
 """A throw-away PostgreSQL server for tests: initdb + pg_ctl in a temporary directory, on a free
-loopback port, trust authentication on loopback only. PostgreSQL refuses to run as root, so as root
+loopback port. As the README's recipe: tiled connects over TCP as role `tiled`, whose password
+is in a pgpass file (scram-sha-256), never in a URI; the superuser works through the socket only. PostgreSQL refuses to run as root, so as root
 the cluster belongs to the `postgres` user (`runuser`). The binaries come from the system's
 PostgreSQL package (.ci/run and `make postgres` install it with apt-get when missing)."""
 from __future__ import annotations
 
 import glob
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -15,9 +17,9 @@ from calbench.iocs.server import free_port
 
 
 def postgres_bin() -> Path | None:
-    found = shutil.which("initdb") or next(iter(sorted(glob.glob(
-        "/usr/lib/postgresql/*/bin/initdb"), reverse=True)), None)
-    return Path(found).parent if found else None
+    found = next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)),
+                 None) or shutil.which("initdb")
+    return Path(found).resolve().parent if found else None     # createdb, pg_ctl sit beside it
 
 
 class Postgres:
@@ -42,19 +44,29 @@ class Postgres:
 
     def __enter__(self) -> "Postgres":
         self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres",
-                  "--auth=trust", "-E", "UTF8")
+                  "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8")
         options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options,
                   "-l", str(self.root / "postgres.log"), "-w", "-t", "120", "start")
+        self.password = secrets.token_hex(16)
+        self._run(str(self.bin / "psql"), "-h", str(self.root), "-p", str(self.port), "-U",
+                  "postgres", "-c", f"CREATE ROLE tiled LOGIN PASSWORD '{self.password}'")
         return self
 
     def create_database(self, name: str) -> str:
-        self._run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port),
-                  "-U", "postgres", name)
+        self._run(str(self.bin / "createdb"), "-h", str(self.root), "-p", str(self.port),
+                  "-U", "postgres", "-O", "tiled", name)
         return self.uri(name)
 
     def uri(self, database: str) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://tiled@127.0.0.1:{self.port}/{database}"
+
+    def write_pgpass(self, path: Path) -> Path:
+        """The role's password in a pgpass file (mode 0600), for PGPASSFILE."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"127.0.0.1:{self.port}:*:tiled:{self.password}\n")
+        return path
 
     def __exit__(self, *exc) -> None:
         try:

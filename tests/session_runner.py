@@ -3,7 +3,7 @@ profile does (calbench.session.make_run_engine: shared metadata, journal, tiled)
 of a simulated detector, printing a line per emitted event (after the journal took it) so a test
 can kill it at a known point.
 
-    python tests/session_runner.py EVENTS DELAY_S      (CALBENCH_HOME, CALBENCH_CONFIG set)
+    python tests/session_runner.py EVENTS DELAY_S [STOP_TIMEOUT_S]   (CALBENCH_HOME, CALBENCH_CONFIG)
 
 Output: `EMITTED <seq_num>` per event, then `RUN <uid> <scan_id>`; `NOT_STORED <message>` and exit
 code 3 when the run is not in tiled at stop.
@@ -18,8 +18,11 @@ from calbench.persistence import PersistenceError
 from calbench.session import make_run_engine
 
 
-def main(events: int, delay_s: float) -> int:
-    RE, bec, catalog = make_run_engine(load_config(), interactive=False)
+def main(events: int, delay_s: float, stop_timeout_s: float | None = None) -> int:
+    cfg = load_config()
+    if stop_timeout_s:
+        cfg = cfg.with_overrides(tiled_stop_timeout_s=stop_timeout_s)
+    RE, bec, catalog = make_run_engine(cfg, interactive=False)
     bec.disable_table()
     value = iter(range(1, 10 ** 9))
     det = SynSignal(func=lambda: float(next(value)), name="det")
@@ -36,4 +39,4 @@ def main(events: int, delay_s: float) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(int(sys.argv[1]), float(sys.argv[2])))
+    sys.exit(main(int(sys.argv[1]), float(sys.argv[2]), *map(float, sys.argv[3:4])))

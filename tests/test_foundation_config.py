@@ -46,3 +46,26 @@ def test_environment_overrides_home_and_tiled(tmp_path, monkeypatch):
     cfg = load_config(DEFAULT_CONFIG)
     assert cfg.home == tmp_path and cfg.data_dir == tmp_path / "data"
     assert cfg.tiled_uri == "http://tiled.example:8000"
+
+
+def test_run_metadata_names_credentials_without_their_value(tmp_path):
+    path = tmp_path / "lab.toml"
+    path.write_text("[instruments.caen]\nbackend = 'hardware'\nusername = 'labadmin'\n")
+    meta = load_config(path).as_metadata()
+    caen = meta["instruments"]["caen"]
+    assert caen["username"] == "(credential, not stored)"
+    assert caen["password_env"] == "CALBENCH_CAEN_PASSWORD"       # a variable's name, not a secret
+    assert "labadmin" not in repr(meta)
+
+
+def test_tiled_api_key_file_must_be_private(tmp_path, monkeypatch):
+    monkeypatch.delenv("CALBENCH_TILED_API_KEY", raising=False)
+    key = tmp_path / "key"
+    key.write_text("abc123\n")
+    key.chmod(0o644)
+    path = tmp_path / "lab.toml"
+    path.write_text(f"[tiled]\nuri = 'http://h:8000'\napi_key_file = '{key}'\n")
+    with pytest.raises(ConfigError, match="readable by other users; `chmod 600"):
+        load_config(path)
+    key.chmod(0o600)
+    assert load_config(path).tiled_api_key == "abc123"
