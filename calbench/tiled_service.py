@@ -67,7 +67,7 @@ def healthy(uri: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def start_embedded(directory: Path, readable: list[Path], port: int, *, timeout: float = 60.0,
+def start_embedded(directory: Path, readable: list[Path], port: int, *, timeout: float = 180.0,
                    api_key: str | None = None) -> tuple[TiledEndpoint, subprocess.Popen | None]:
     """Start (or find running) a persistent local tiled server with its files in `directory`.
 
