@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from calbench.config import ConfigError, load_config
+from calbench.config import ConfigError, load_config, private_dir
 from calbench.instruments import INSTRUMENTS
 
 # Modules contributing procedure subcommands: each defines add_cli(subparsers).
@@ -154,8 +154,9 @@ def start_iocs_background(cfg, *, wait_s: float = 30.0) -> None:
     pidfile = _pidfile(cfg)
     if _alive(pidfile):
         return
-    cfg.home.mkdir(parents=True, exist_ok=True)
-    log = open(cfg.home / "iocs.log", "ab")
+    private_dir(cfg.home)
+    log = os.fdopen(os.open(cfg.home / "iocs.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
+                    "ab")
     cmd = [sys.executable, "-m", "calbench.cli", "--config", str(cfg.source), "ioc", "run",
            "--prefix", cfg.pv_prefix]
     env = {**os.environ, "CALBENCH_HOME": str(cfg.home)}

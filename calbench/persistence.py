@@ -155,7 +155,8 @@ class StoredCheck:
 
     @property
     def ok(self) -> bool:
-        return self.has_stop and not any({**self.duplicated, **self.lost, **self.unexpected}.values())
+        return self.has_stop and not any(n for counts in (self.duplicated, self.lost,
+                                                          self.unexpected) for n in counts.values())
 
     def summary(self) -> str:
         def total(d):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import stat
 
+import pyarrow
+
 import pytest
 from bluesky import RunEngine
 from bluesky.plans import count
@@ -56,3 +58,31 @@ def test_a_dead_server_is_reported_at_stop_and_the_run_kept_in_the_journal(tmp_p
     docs = read_journal(journal)
     assert [name for name, _ in docs] == ["start", "descriptor", "event", "event", "stop"]
     assert docs[0][1]["limits"] == b"\x00\xff"
+
+
+def test_a_row_stored_twice_is_found_at_stop_and_the_run_rewritten_from_the_journal(
+        RE, tiled_server, caplog):
+    """A second client appends a copy of a stored row mid-run (as a retried append the server had
+    already taken would): the check at stop sees it and rewrites the run from its journal."""
+    other = runs_catalog(tiled_server, RE.catalog.item["id"])
+    det = SynSignal(func=lambda: 7.0, name="det")
+    started = {}
+
+    def duplicate_a_row(name, doc):
+        if doc["seq_num"] == 3:
+            RE.persister.flush()                  # rows 1..3 are in tiled now
+            table = other[started["uid"]]["primary"].base["internal"]
+            row = pyarrow.Table.from_pandas(table.read().iloc[:1], preserve_index=False)
+            table.append_partition(0, row.cast(table.structure().arrow_schema_decoded))
+
+    RE.subscribe(lambda name, doc: started.update(doc), "start")
+    RE.subscribe(duplicate_a_row, "event")
+    with caplog.at_level("WARNING", logger="calbench.persistence"):
+        (uid,) = RE(count([det], num=6))
+    assert "duplicated 1" in caplog.text and "rewriting it from the journal" in caplog.text
+    check = RE.persister.checks[uid]
+    assert (check.stored, check.duplicated, check.lost) == ({"primary": 6}, {"primary": 0},
+                                                           {"primary": 0})
+    rows = RE.catalog[uid]["primary"].base["internal"].read()
+    assert sorted(rows["seq_num"]) == [1, 2, 3, 4, 5, 6]
+    assert RE.catalog[uid].metadata["stop"]["exit_status"] == "success"
