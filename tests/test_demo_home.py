@@ -40,7 +40,7 @@ def test_printed_snippets_run_as_printed(lab_config, tmp_path, monkeypatch):
     cat = demo_catalog(cfg)                          # the demo's own server, started on demand
     try:
         RE = RunEngine({})
-        RE.subscribe(TiledPersister(cat, backup_directory=tmp_path / "backup"))
+        RE.subscribe(TiledPersister(cat, journal_directory=tmp_path / "journal"))
         (uid,) = RE(_sweep_only())
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
