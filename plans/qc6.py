@@ -833,6 +833,25 @@ def iv_short_stability(layer: GemLayer, *, vstart_V: float = 200.0, vstep_V: flo
                                 results_dir, live_plot, md))
 
 
+def _summary(test: str, layer: GemLayer, result, files: dict) -> str:
+    """One screen at the end of a QC6 test: verdict, trips and the result files."""
+    lines = [f"QC6 {_PLAN_NAMES.get(test, test)} on {layer.detector_name} layer {layer.layer}: "
+             + (("passed" if result.get("passed", True) else "FAILED")
+                + f", {_trips(result)} trips"
+                + (f", held {result['held_s'] / 3600:.2f} h" if result.get("held_s") else "")
+                if isinstance(result, dict) else "done")]
+    lines += [f"  {kind} file {path}" for kind, path in sorted(files.items())]
+    lines.append(f"  runs: last_run(cat, {_PLAN_NAMES.get(test, test)!r})")
+    return "\n".join(lines)
+
+
+def _trips(result: dict) -> int:
+    """Trips of a test's result (the stress test counts them per foil)."""
+    if "foils" in result:
+        return sum(int(v.get("trips", 0)) for v in result["foils"].values())
+    return int(result.get("trips", 0))
+
+
 def _verdict(trips: int, tripmax: int, phase: str, elapsed_s: float) -> dict:
     passed = trips < tripmax
     if not passed:
@@ -1045,7 +1064,9 @@ def _qc6_run(layer: GemLayer, test: str, params: dict, body, kinds: set[str], re
                                   result.get("phase", ""), result.get("held_s", 0.0))
             return result
 
-        return (yield from _with_callbacks(_run(run_body(), run_md), live_plot))
+        result = yield from _with_callbacks(_run(run_body(), run_md), live_plot)
+        print(_summary(test, layer, result, names))
+        return result
 
     # the lease outside the safety wrapper: released only once the layer is off
     return (yield from under_lease([layer], qc6_safety(layer, inner())))
