@@ -365,17 +365,24 @@ def _clear_alarm(session: _Session, cleared: Sequence[HvChannel] = (),
 
 
 def _switch_on(session: _Session, channels: Sequence[HvChannel]):
-    """Pw On, and wait until the monitored Pw says so (monitors may trail the put's answer)."""
+    """Pw On, and wait until the monitored Pw says so (monitors may trail the put's answer). A
+    channel that trips as soon as it is on (the crate switches it off again, with its trip bit)
+    was switched on: the caller's next look records the trip."""
     for ch in channels:
         if int((yield from bps.rd(ch.pw))) != 1:
             yield from _put(ch.pw, 1)
     deadline = session.deadline(STATE_TIMEOUT_S)
+
+    def on_or_tripped(ch) -> bool:
+        return int(ch.pw.get()) == 1 or bool(int(ch.status.get()) & TRIPPED)
+
     for ch in channels:
-        while int((yield from bps.rd(ch.pw))) != 1:
+        while not (int((yield from bps.rd(ch.pw))) == 1
+                   or int((yield from bps.rd(ch.status))) & TRIPPED):
             if deadline.passed(session.world_now()):
                 raise Qc6Error(f"{ch.label()} does not show Pw On after switching it on; check "
                                "the crate (interlock, channel disabled)")
-            yield from session.wait_until(lambda: int(ch.pw.get()) == 1)
+            yield from session.wait_until(lambda: on_or_tripped(ch))
 
 
 def _ramp(session: _Session, setpoints: dict[HvChannel, float], watch: Sequence[HvChannel]):

@@ -54,7 +54,7 @@ def test_qc6_sequence_with_lab_defaults(lab, qc6, RE, tmp_path):
     assert_layer_safe(layer, sim)
     truth = truth_trips(sim, layer, t0, sim.clock.now())
     trips = table(run, "trips") if "trips" in run else None
-    assert_trips_match(trips, truth, max_step_V=10.0)
+    assert_trips_match(trips, truth, max_step_V=10.0, sim=sim)
     steps = table(run, "primary")
     for foil in layer.foils:               # each foil reached the top step unless it failed
         at = steps[f"{foil.name}_vmon"].to_numpy()
@@ -103,7 +103,7 @@ def test_qc6_sequence_with_lab_defaults(lab, qc6, RE, tmp_path):
     assert_layer_safe(layer, sim)
     truth = truth_trips(sim, layer, t0, t1)
     assert {r.channel for r in truth} <= {5, 3, 1}           # only the foils were powered
-    assert_trips_match(table(run, "trips") if "trips" in run else None, truth)
+    assert_trips_match(table(run, "trips") if "trips" in run else None, truth, sim=sim)
     progress = table(run, "progress")
     assert progress["qc6_elapsed_s"].max() >= 15 * 3600
     # the last progress event counts every trip but those recorded after it, as the layer went off

@@ -156,7 +156,8 @@ def test_unreachable_crate_suspends_then_the_plan_resumes_and_records_what_happe
     trips = table(run, "trips")
     truth = [r for r in sim.trip_log if r.channel in layer_channels(layer) and r.time >= t0]
     # the outage lasts 1 wall second: thousands of world seconds
-    assert_trips_match(trips, truth, latency_s=POLL_LATENCY_S + 1.5 * TEST_TIME_SCALES["qc6"])
+    assert_trips_match(trips, truth, latency_s=POLL_LATENCY_S + 1.5 * TEST_TIME_SCALES["qc6"],
+                       sim=sim)
     assert layer.g2t.channel in list(trips["trip_channel"])
     assert table(run, "progress")["qc6_elapsed_s"].max() >= 3600
     assert_layer_safe(layer, sim)
@@ -223,7 +224,7 @@ def test_crashed_long_stability_resumes_from_tiled_with_elapsed_time_and_trips(q
     recorded = [table(run, "trips") for run in (first, second) if "trips" in run]
     # once, across the crash; a trip made while the crashed run ramped down is seen at its end
     assert_trips_match(pd.concat(recorded) if recorded else None, truth,
-                      latency_s=max(3600.0, POLL_LATENCY_S))
+                      latency_s=max(3600.0, POLL_LATENCY_S), sim=sim)
     channels = [c for t in recorded for c in t["trip_channel"]]
     if "trips" in second:                                 # incidents (a poll's trips) count on
         assert table(second, "trips")["trip_incident"].min() == state["trips_before"] + 1

@@ -22,8 +22,10 @@ every trip the crate made is in `CaenCrateSim.trip_log`, so tests can check what
 """
 from __future__ import annotations
 
+import bisect
 import math
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -302,6 +304,7 @@ class CaenCrateSim:
         # the IOC polls fast enough to follow an accelerated clock, gently at real time
         self.poll_period_s = 0.01 if clock.time_scale >= 100 else 0.1
         self._lock = threading.RLock()
+        self._reads: deque[float] = deque(maxlen=200_000)   # world times of read_board, in order
         root = np.random.default_rng(seed)
         self._noise = np.random.default_rng(root.integers(2**63))
         now = clock.now()
@@ -347,6 +350,7 @@ class CaenCrateSim:
             self._check_link()
             self._channel(slot, 0)
             now = self._advance()
+            self._reads.append(now)
             out: dict[str, list] = {p: [] for p in READ_PARAMS}
             for ch in self._channels:
                 vmon = ch.v + (self._noise.normal(0.0, self.vmon_noise_V) if ch.v > 0 else 0.0)
@@ -455,6 +459,16 @@ class CaenCrateSim:
         with self._lock:
             self._advance()
             return sorted((r for ch in self._channels for r in ch.trips), key=lambda r: r.time)
+
+    def readings_around(self, world_t: float) -> tuple[float, float]:
+        """(first, next): the world times of the first board reading at or after world_t and of
+        the reading after it (inf if none yet). A trip at world_t is published between the two,
+        however late a loaded host made the readings."""
+        with self._lock:
+            reads = list(self._reads)
+        i = bisect.bisect_left(reads, world_t)
+        first = reads[i] if i < len(reads) else math.inf
+        return first, reads[i + 1] if i + 1 < len(reads) else math.inf
 
     def sparks(self, slot: int, channel: int) -> int:
         """Discharges counted on a channel so far."""
