@@ -8,7 +8,8 @@ command builds, without printing it. The access log is off: every append would b
     python -m calbench.tiled_serve CATALOG_URI -w DIR -w TABLES_URI [-r DIR ...] \
         --api-key-file FILE [--host H] [--port P] [--init]
 
-CATALOG_URI and TABLES_URI: `sqlite:///path` (embedded) or `postgresql://user@host/db`; a
+CATALOG_URI: `sqlite:///path` (embedded) or `postgresql://user@host/db`; TABLES_URI:
+`duckdb:///path` (embedded) or the PostgreSQL URI; a
 PostgreSQL password comes from the pgpass file ($PGPASSFILE or ~/.pgpass, mode 0600), never from a
 URI on the command line. (tiled's table storage connects through ADBC with the URI's password only,
 so it is added to that URI here, in memory.)
@@ -16,6 +17,7 @@ so it is added to that URI here, in memory.)
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import re
 import stat
@@ -99,7 +101,20 @@ def serve(args) -> None:
                     readable_storage=args.read,
                     init_if_not_exists=args.init)
     app = build_app(tree, Authentication(single_user_api_key=key))
-    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="warning")
+    config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False,
+                            log_level="warning")
+    asyncio.run(_serve(uvicorn.Server(config),
+                       one_at_a_time=any(w.startswith("duckdb:") for w in args.write)))
+
+
+async def _serve(server, *, one_at_a_time: bool) -> None:
+    """Serve; with DuckDB tables, run the storage calls (which tiled runs in anyio's worker threads)
+    one at a time: DuckDB's ADBC connection is not safe for concurrent requests (two sessions
+    appending at once crashed the server after "No active transaction, cannot commit")."""
+    if one_at_a_time:
+        import anyio.to_thread
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 1
+    await server.serve()
 
 
 def main(argv: list[str] | None = None) -> int:

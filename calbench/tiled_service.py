@@ -1,7 +1,7 @@
 """The tiled server runs are stored in: an embedded local server by default, or an external one.
 
 Embedded: `calbench tiled serve` (tiled's catalog app, calbench.tiled_serve) in a background process,
-SQLite catalog + SQLite tables + zarr arrays under <home>/tiled (mode 0700, files 0600), detector
+SQLite catalog + DuckDB tables + zarr arrays under <home>/tiled (mode 0700, files 0600), detector
 files readable from the lab's data directory, an API key generated once and kept in
 <home>/tiled/api_key (mode 0600), read by the server from that file. It survives restarts.
 
@@ -71,8 +71,9 @@ def start_embedded(directory: Path, readable: list[Path], port: int, *, timeout:
                    api_key: str | None = None) -> tuple[TiledEndpoint, subprocess.Popen | None]:
     """Start (or find running) a persistent local tiled server with its files in `directory`.
 
-    Tables go to SQLite, not DuckDB: DuckDB (through ADBC) crashed the server under concurrent
-    appends from two sessions, and SQLite serialises writers safely (see README, "Storage")."""
+    Tables go to DuckDB, whose list columns hold array-valued event fields (SQLite tables cannot);
+    the server runs its storage calls one at a time, since DuckDB's ADBC connection is not safe for
+    concurrent requests (see README, "Storage")."""
     directory = private_dir(directory)
     private_dir(directory / "data")
     for r in readable:
@@ -84,9 +85,9 @@ def start_embedded(directory: Path, readable: list[Path], port: int, *, timeout:
     endpoint = TiledEndpoint(uri, key, True, directory)
     if healthy(uri):
         return endpoint, None
-    writable = [str(directory / "data"), f"sqlite:///{directory / 'tables.sqlite'}"]
-    if (directory / "tables.duckdb").exists():       # a lab home from before SQLite tables
-        writable.append(f"duckdb:///{directory / 'tables.duckdb'}")
+    writable = [str(directory / "data"), f"duckdb:///{directory / 'tables.duckdb'}"]
+    if (directory / "tables.sqlite").exists():       # a lab home that had SQLite tables
+        writable.append(f"sqlite:///{directory / 'tables.sqlite'}")
     proc = spawn_server(f"sqlite:///{directory / 'catalog.db'}", writable, readable,
                         directory / "api_key", "127.0.0.1", port, directory / "server.log",
                         init=not (directory / "catalog.db").exists())

@@ -27,7 +27,7 @@ def test_runs_survive_a_server_restart(tmp_path):
         (uid,) = RE(count([det], num=3), sample="restart")
     finally:
         assert stop_embedded(directory)
-    for name in ("api_key", "catalog.db", "tables.sqlite", "server.log"):
+    for name in ("api_key", "catalog.db", "tables.duckdb", "server.log"):
         assert stat.S_IMODE((directory / name).stat().st_mode) == 0o600, name
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     assert endpoint.api_key not in (directory / "server.log").read_text()
