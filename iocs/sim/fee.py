@@ -189,10 +189,11 @@ class Environment:
 @dataclass
 class _Sweep:
     registers: np.ndarray
-    t_start: float
+    t_start: float                  # world time the sequencer started (busy/done bookkeeping)
     period_s: float
     temperature_C: float
     results: dict[int, PulseResults]
+    pulses_start: float             # world time of the first pulse the physics was computed for
     stopped_at: int | None = None
 
     def done_pulses(self, now: float) -> int:
@@ -424,7 +425,9 @@ class FeeBoardSim:
         times = now + np.arange(len(registers)) * period
         results = {c: self.pulses(c, registers, times) for c in self.enabled_channels()}
         # The sweep's world duration runs from here: computing it is not part of the board's time.
-        self._sweep = _Sweep(registers, self.clock.now(), period, self.temperature_C(now), results)
+        # The pulses themselves (times, temperature) are those of `now`, whatever the computing took.
+        self._sweep = _Sweep(registers, self.clock.now(), period, self.temperature_C(now), results,
+                             pulses_start=now)
         return len(registers)
 
     def stop_sweep(self) -> None:
@@ -447,7 +450,7 @@ class FeeBoardSim:
         n = sweep.done_pulses(self.clock.now())
         channels = {c: PulseResults(*(getattr(r, f)[:n] for f in PulseResults.__dataclass_fields__))
                     for c, r in sweep.results.items()}
-        return SweepResult(sweep.registers[:n], sweep.t_start + np.arange(n) * sweep.period_s,
+        return SweepResult(sweep.registers[:n], sweep.pulses_start + np.arange(n) * sweep.period_s,
                            sweep.period_s, sweep.temperature_C, channels, n == len(sweep.registers))
 
     def fire(self) -> dict[int, tuple[float, float, float, float]]:
