@@ -273,10 +273,21 @@ def open_environment(cfg: LabConfig, *, wait_s: float | None = None) -> None:
             if wait_s:
                 RM.wait_for_idle(timeout=wait_s)
                 if not RM.status()["worker_environment_exists"]:
-                    raise QueueServiceError("the worker environment did not open (the profile "
-                                            f"failed?); see {queue_dir(cfg) / 'manager.log'}")
+                    raise QueueServiceError(f"the worker environment did not open: "
+                                            f"{_last_error(cfg) or 'no error logged'}; see "
+                                            f"{queue_dir(cfg) / 'manager.log'}")
     finally:
         RM.close()
+
+
+def _last_error(cfg: LabConfig) -> str | None:
+    """The manager log's last error line (why the environment did not open)."""
+    try:
+        lines = (queue_dir(cfg) / "manager.log").read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return None
+    errors = [line for line in lines if line.startswith("[E ")]
+    return errors[-1].split("] ", 1)[-1] if errors else None
 
 
 def stop_manager(cfg: LabConfig, *, force: bool = False) -> bool:

@@ -35,8 +35,14 @@ class MissingSessionObject(RuntimeError):
 
 
 def _is_device_class(t) -> bool:
+    from bluesky import protocols
     from ophyd import Device, Signal
-    return isinstance(t, type) and issubclass(t, (Device, Signal))
+    return isinstance(t, type) and (issubclass(t, (Device, Signal)) or (
+        getattr(t, "__module__", "") == protocols.__name__ and getattr(t, "_is_protocol", False)))
+
+
+def _mentions_device(t) -> bool:
+    return _is_device_class(t) or any(_mentions_device(a) for a in typing.get_args(t))
 
 
 def _members(t) -> tuple:
@@ -62,9 +68,9 @@ def _queue_annotation(hint):
     'internal' (hidden)."""
     if hint is inspect.Parameter.empty:
         return "device", inspect.Parameter.empty
-    members = _members(hint)
-    if any(_is_device_class(m) for m in members):
+    if _mentions_device(hint):
         return "device", inspect.Parameter.empty
+    members = _members(hint)
     if any(isinstance(m, type) and issubclass(m, PurePath) for m in members):
         rest = [m for m in members if not (isinstance(m, type) and issubclass(m, PurePath))]
         hint = functools.reduce(lambda a, b: a | b, {str, *rest})
@@ -81,28 +87,37 @@ def _resolved_hints(plan) -> dict:
         return {}
 
 
-def queue_facing(plan, **session_objects):
+def _device_classes(hint) -> tuple:
+    return tuple(m for m in _members(hint) if _is_device_class(m))
+
+
+def queue_facing(plan, devices: dict | None = None, **session_objects):
     """`plan` under its own name with a signature of JSON values and devices (see the module's
-    docstring). `session_objects` fill parameters of that name (e.g. catalog=cat) when not given."""
+    docstring). `session_objects` fill parameters of that name (e.g. catalog=cat) when not given.
+    `devices` (name -> device) lists, for a parameter annotated with a device class, the devices
+    of that class the queue accepts: another name is refused at submission, naming the parameter."""
     sig = inspect.signature(plan)
     hints = _resolved_hints(plan)
-    params, hidden = [], []
+    params, custom = [], {}
     for p in sig.parameters.values():
-        if p.name.startswith("_"):
-            hidden.append(p.name)
-            continue
-        if p.name in session_objects:
-            hidden.append(p.name)
+        if p.name.startswith("_") or p.name in session_objects:
             continue
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             params.append(p.replace(annotation=inspect.Parameter.empty))
             continue
-        kind, annotation = _queue_annotation(hints.get(p.name, inspect.Parameter.empty))
+        hint = hints.get(p.name, inspect.Parameter.empty)
+        kind, annotation = _queue_annotation(hint)
+        if kind == "device" and devices and _device_classes(hint):
+            names = sorted(n for n, d in devices.items() if isinstance(d, _device_classes(hint)))
+            if names:
+                enum = f"{p.name}_devices"
+                optional = type(None) in _members(hint)
+                custom[p.name] = {"annotation": f"typing.Optional[{enum}]" if optional else enum,
+                                  "devices": {enum: names}}
         if kind == "internal":
             if p.default is inspect.Parameter.empty:
                 raise TypeError(f"{plan.__name__}: parameter '{p.name}' ({hints.get(p.name)}) has no "
                                 "JSON form and no default; pass it as a session object")
-            hidden.append(p.name)
             continue
         params.append(p.replace(annotation=annotation))
     queue_sig = sig.replace(parameters=params, return_annotation=inspect.Signature.empty)
@@ -122,26 +137,28 @@ def queue_facing(plan, **session_objects):
         return (yield from plan(*bound.args, **bound.kwargs))
 
     wrapper.__signature__ = queue_sig
+    if custom:        # read by bluesky-queueserver, as set by its parameter_annotation_decorator
+        wrapper._custom_parameter_annotation_ = {"parameters": custom}
     wrapper.__wrapped_plan__ = plan
     del wrapper.__wrapped__          # inspect.signature must not look through to the plan's own
     wrapper.__annotations__ = {p.name: p.annotation for p in params
                                if p.annotation is not inspect.Parameter.empty}
-    if hidden:
-        wrapper.__doc__ = (plan.__doc__ or "") + (
-            "\n\n(Queue: " + ", ".join(hidden) + " built inside the plan or taken from the session.)")
     return wrapper
 
 
 def queue_facing_plans(namespace: dict, modules: tuple[str, ...] = ("calbench.plans",),
-                       **session_objects) -> dict:
-    """Queue-facing versions of every plan in `namespace` defined in `modules` (bluesky's own plans
-    are already queue-friendly), under the same names."""
+                       names: tuple[str, ...] = ("list_scan",), **session_objects) -> dict:
+    """Queue-facing versions of every plan in `namespace` defined in `modules`, and of the plans
+    `names` (bluesky's list_scan: the server cannot validate its `*args` annotation), under the
+    same names. bluesky's other plans are queue-friendly as they are."""
+    from ophyd import Device
+    devices = {n: d for n, d in namespace.items() if isinstance(d, Device) and not n.startswith("_")}
     out = {}
     for name, obj in namespace.items():
         if (callable(obj) and inspect.isgeneratorfunction(obj) and not name.startswith("_")
-                and getattr(obj, "__module__", "").startswith(modules)
+                and (getattr(obj, "__module__", "").startswith(modules) or name in names)
                 and not hasattr(obj, "__wrapped_plan__")):
             wanted = {k: v for k, v in session_objects.items()
                       if k in inspect.signature(obj).parameters}
-            out[name] = queue_facing(obj, **wanted)
+            out[name] = queue_facing(obj, devices, **wanted)
     return out
