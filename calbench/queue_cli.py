@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import httpx
+
 from calbench.config import load_config
 
 
@@ -25,9 +27,12 @@ def _progress_line(cfg, running: dict) -> str | None:
     run = runs.values().last()
     if "progress" not in run:
         return f"  run {run.metadata['start']['uid'][:8]}: no progress event yet"
-    table = run["progress"].base["internal"].read()
+    try:
+        table = run["progress"].base["internal"].read()
+    except (KeyError, LookupError, ValueError, OSError, httpx.HTTPError):   # table not stored yet
+        table = ()
     if not len(table):
-        return None
+        return f"  run {run.metadata['start']['uid'][:8]}: no progress event yet"
     hold_h = run.metadata["start"].get("qc6_params", {}).get("hold_h")
     elapsed_h = float(table["qc6_elapsed_s"].iloc[-1]) / 3600
     of = f" of {hold_h:g} h" if hold_h else " h"

@@ -99,9 +99,22 @@ def queue_facing(plan, devices: dict | None = None, **session_objects):
     sig = inspect.signature(plan)
     hints = _resolved_hints(plan)
     params, custom = [], {}
+    # after a hidden positional parameter the queue must pass the rest by keyword: positions
+    # in the queue's signature would otherwise land in the plan's hidden slot
+    by_keyword = False
+
+    def hide(p):
+        nonlocal by_keyword
+        by_keyword = by_keyword or p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+
     for p in sig.parameters.values():
         if p.name.startswith("_") or p.name in session_objects:
+            hide(p)
             continue
+        if by_keyword and p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL):
+            raise TypeError(f"{plan.__name__}: '{p.name}' follows a hidden positional parameter")
+        if by_keyword and p.kind == p.POSITIONAL_OR_KEYWORD:
+            p = p.replace(kind=p.KEYWORD_ONLY)
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             params.append(p.replace(annotation=inspect.Parameter.empty))
             continue
@@ -118,6 +131,7 @@ def queue_facing(plan, devices: dict | None = None, **session_objects):
             if p.default is inspect.Parameter.empty:
                 raise TypeError(f"{plan.__name__}: parameter '{p.name}' ({hints.get(p.name)}) has no "
                                 "JSON form and no default; pass it as a session object")
+            hide(p)
             continue
         params.append(p.replace(annotation=annotation))
     queue_sig = sig.replace(parameters=params, return_annotation=inspect.Signature.empty)
