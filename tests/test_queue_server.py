@@ -8,6 +8,7 @@ import re
 import signal
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -353,7 +354,6 @@ def test_messages_when_redis_or_the_manager_is_down(tmp_path, capsys):
 def test_queue_facing_signature_hides_internal_objects_and_keeps_positions():
     """The queue binds by the published signature; the plan receives what it always did."""
     import inspect
-    from pathlib import Path
 
     from calbench.plans.queue_facing import queue_facing
 
