@@ -266,7 +266,8 @@ def test_stopping_a_running_qc6_test_leaves_the_layer_off(qlab, crate):
     layer, sim = crate
     qlab.add(BPlan("long_stability", "layer", hold_h=15.0, live_plot=False))
     qlab.RM.queue_start()
-    _wait(lambda: _powered_high(layer, sim), 120, "the layer at high voltage")
+    # a cap, not a duration: a loaded host starts the worker's plan slowly
+    _wait(lambda: _powered_high(layer, sim), 600, "the layer at high voltage")
     qlab.RM.re_pause(option="immediate")
     qlab.RM.wait_for_idle_or_paused(timeout=60)
     qlab.RM.re_stop()
