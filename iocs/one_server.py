@@ -86,7 +86,8 @@ def _who(prefix: str, host: str) -> str:
     saved = {key: os.environ.get(key) for key in patch}
     os.environ.update(patch)
     try:
-        data = read(prefix + "Server_RBV", timeout=2.0).data
+        # no repeater: caproto would spawn one that keeps this process's stdout open for good
+        data = read(prefix + "Server_RBV", timeout=2.0, repeater=False).data
     except Exception:       # an older or foreign IOC: its address is all we know
         return "an IOC that does not say who runs it"
     finally:

@@ -68,12 +68,14 @@ def test_caproto_client_and_command_line_report_the_refusal(voltage):
     finally:
         ctx.disconnect()
     env = {**os.environ, **loopback_ca_environment()}
-    plain = subprocess.run([sys.executable, "-m", "caproto.commandline.put", pv.pvname, "1e9"],
-                           capture_output=True, text=True, timeout=120, env=env)
+    # --no-repeater: caproto-put would spawn a repeater daemon that holds the captured output open
+    put = [sys.executable, "-m", "caproto.commandline.put", "--no-repeater"]
+    plain = subprocess.run(put + [pv.pvname, "1e9"], capture_output=True, text=True, timeout=120,
+                           env=env)
     assert f"refused: {pv.pvname} = 1000000000 is outside 0..60 kV" in plain.stdout, plain
     assert plain.returncode == 0           # caproto-put's exit code does not tell
-    notify = subprocess.run([sys.executable, "-m", "caproto.commandline.put", "-c", pv.pvname,
-                             "1e9"], capture_output=True, text=True, timeout=120, env=env)
+    notify = subprocess.run(put + ["-c", pv.pvname, "1e9"], capture_output=True, text=True,
+                            timeout=120, env=env)
     old_line, new_line = notify.stdout.splitlines()[-2:]
     assert old_line.split()[-1] == new_line.split()[-1], notify
     assert _alarm(pv) == (WRITE, MAJOR)

@@ -73,7 +73,7 @@ def test_another_user_reads_but_cannot_write(xray, guest):
     user, python = guest
     pv = xray + "Current"
     # caproto-put sends the put whatever the access rights: the IOC refuses it
-    put = _as(user, python, "-m", "caproto.commandline.put", "-c", pv, "7.5")
+    put = _as(user, python, "-m", "caproto.commandline.put", "--no-repeater", "-c", pv, "7.5")
     assert "cannot write" in put.stdout + put.stderr, put
     assert _current(xray) == 0.0
     # pyepics (libca) sees read-only access and refuses to send
@@ -85,8 +85,8 @@ def test_another_user_reads_but_cannot_write(xray, guest):
     assert epics_put.returncode != 0 and "Write access denied" in epics_put.stderr, epics_put
     assert _current(xray) == 0.0
     # the lab's own user writes (the same command as root)
-    mine = subprocess.run([sys.executable, "-m", "caproto.commandline.put", "-c", pv, "7.5"],
-                          capture_output=True,
+    mine = subprocess.run([sys.executable, "-m", "caproto.commandline.put", "--no-repeater", "-c",
+                           pv, "7.5"], capture_output=True,
                           text=True, timeout=120, env={**os.environ, **loopback_ca_environment()})
     assert "cannot write" not in mine.stdout + mine.stderr, mine
     assert _current(xray) == 7.5
