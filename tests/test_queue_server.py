@@ -278,17 +278,18 @@ def test_stopping_a_running_qc6_test_leaves_the_layer_off(qlab, crate):
 
 
 def _worker_pid(qlab) -> int:
+    """The RE Worker running the plan: the process whose token holds the crate's lease (the
+    watchdog `start-re-manager` has two children, the RE Manager and the RE Worker)."""
     import psutil
     from calbench.queue_service import queue_dir
-    manager = psutil.Process(int((queue_dir(qlab.cfg) / "manager.pid").read_text()))
-    workers = manager.children(recursive=True)
-    assert workers, "the RE Manager has no worker process"
-    return workers[0].pid
+    holder = qlab.lab.ioc("caen").procedure_lease.holder        # user@host:pid:tag
+    pid = int(holder.split(":")[1])
+    watchdog = psutil.Process(int((queue_dir(qlab.cfg) / "manager.pid").read_text()))
+    assert pid in [p.pid for p in watchdog.children(recursive=True)], \
+        f"the lease holder {holder!r} is not a process of the queue server"
+    return pid
 
 
-@pytest.mark.xfail(reason="since the procedure lease landed, the resume after the killed worker "
-                   "fails on its Lease:Take put (under investigation); passed before it",
-                   strict=False)
 def test_long_stability_survives_clients_then_a_worker_crash_resumes_from_the_queue(qlab, crate):
     """Started from the queue, the hold goes on with no client connected and reports progress in
     tiled and `calbench queue status`; the worker killed mid-hold (a crash) leaves the layer to
@@ -322,8 +323,7 @@ def test_long_stability_survives_clients_then_a_worker_crash_resumes_from_the_qu
     assert "hold" in (_progress_line(reader, running) or "")
 
     os.kill(_worker_pid(qlab), signal.SIGKILL)        # the worker crashes mid-hold
-    if hasattr(qlab.lab.ioc("caen"), "procedure_lease"):
-        _wait(lambda: not _powered_high(layer, sim), 120, "the IOC's lease to switch the layer off")
+    _wait(lambda: not _powered_high(layer, sim), 120, "the IOC's lease to switch the layer off")
     uid = first.metadata["start"]["uid"]
 
     stop_manager(qlab.cfg, force=True)                # a manager restart
