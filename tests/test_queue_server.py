@@ -323,7 +323,11 @@ def test_long_stability_survives_clients_then_a_worker_crash_resumes_from_the_qu
     assert "hold" in (_progress_line(reader, running) or "")
 
     os.kill(_worker_pid(qlab), signal.SIGKILL)        # the worker crashes mid-hold
-    _wait(lambda: not _powered_high(layer, sim), 120, "the IOC's lease to switch the layer off")
+    lease = qlab.lab.ioc("caen").procedure_lease      # its renewals stop: the IOC acts alone
+    _wait(lambda: lease.state == "Lapsed", 120, "the crate's lease to lapse")
+    _wait(lambda: not any(sim.powered(sim.slot)), 60, "the crate to switch the layer off")
+    _wait(lambda: "lapsed" in str(qlab.lab.ioc("caen").status_message.value), 60,
+          "the crate to say why")
     uid = first.metadata["start"]["uid"]
 
     stop_manager(qlab.cfg, force=True)                # a manager restart
