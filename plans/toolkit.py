@@ -35,8 +35,8 @@ def put(signal, value, what: str, error: type[Exception], *, also: tuple[type, .
 
 def check_connected(device, what: str, error: type[Exception]):
     """Plan: raise `error` naming the device and the IOC's status message when its backend does not
-    answer (Connected_RBV 0)."""
-    if not int((yield from bps.rd(device.connected_rbv))):
+    answer (Connected_RBV 0). A dry run (summarize_plan answers reads with nothing) passes."""
+    if not int((yield from bps.rd(device.connected_rbv, default_value=1))):
         message = yield from bps.rd(device.status_message)
         raise error(f"the {what} ({device.prefix}) does not answer: "
                     f"{message or 'no reason given'}")

@@ -24,10 +24,13 @@ print("MD", run.metadata["start"]["operator"], run.metadata["start"]["proposal"]
 
 
 def run_profile(lab, tiled_server, home: Path, script: str, timeout: float = 300):
+    """Run `script` in the profile, in lab home `home`; detector files go to the session lab's
+    data folder, the one its tiled server may read (as in one lab home)."""
     lab_file = home / "lab.toml"
     lab_file.write_text(DEFAULT_CONFIG.read_text()
                         .replace('operator = ""', 'operator = "ada"')
-                        .replace('proposal = ""', 'proposal = "P-123"'))
+                        .replace('proposal = ""', 'proposal = "P-123"')
+                        .replace('data_dir = "data"', f'data_dir = "{lab.cfg.data_dir}"', 1))
     (home / "session.ipy").write_text(script)
     env = {**os.environ, **loopback_ca_environment(), "CALBENCH_HOME": str(home),
            "CALBENCH_CONFIG": str(lab_file), "CALBENCH_PV_PREFIX": lab.cfg.pv_prefix,
