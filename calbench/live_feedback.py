@@ -5,6 +5,10 @@ bluesky's BestEffortCallback sets `_cleanup_motor_heuristic` in start() when a r
 hints and clears it only on a 'primary' descriptor. Our derived runs (fits, reports) have no primary
 stream, so the flag survived into the next run, whose primary descriptor then looked hinted field
 names up as object names: KeyError, and no live table for the rest of the session.
+
+Without a display, a live plot's `draw_idle` renders the whole figure synchronously on every event
+(Agg has no idle loop): a QC6 stress test, seven channels of VMon and IMon, spent ~25 s drawing per
+10 V step, longer than the step. There the figures are drawn once, when they are saved.
 """
 from __future__ import annotations
 
@@ -37,6 +41,12 @@ class SessionBestEffortCallback(BestEffortCallback):
         self.saved = []
         super().start(doc)
 
+    def descriptor(self, doc):
+        super().descriptor(doc)
+        if not has_display():
+            for fig in self._run_figures():
+                fig.canvas.draw_idle = _nothing        # drawn by savefig at the end of the run
+
     def stop(self, doc):
         start = self._start_doc
         figures = self._run_figures()
@@ -56,6 +66,10 @@ class SessionBestEffortCallback(BestEffortCallback):
                     if fig not in figures:
                         figures.append(fig)
         return figures
+
+
+def _nothing(*args, **kwargs) -> None:
+    pass
 
 
 def save_figures(figures: list, directory: Path, start: dict) -> list[Path]:
