@@ -42,6 +42,7 @@ def test_the_readme_interactive_block_works_as_written(lab, tiled_server, tmp_pa
     # tiled's download progress bars are not output to judge
     out = "\n".join(line for line in (done.stdout + done.stderr).splitlines()
                     if "\x1b" not in line and "Retrying" not in line)
+    print(out)                   # `pytest -s` shows the session as the user saw it
     assert done.returncode == 0, out[-6000:]
     assert "Traceback" not in out, out[-6000:]
     finished = re.findall(r"^DONE (\d+)(?: (\w+) (\d+))?$", out, re.M)
