@@ -14,11 +14,12 @@ event per pulse would cost 11,501 database writes per calibration through the ti
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 from ophyd import Component as Cpt
 from ophyd import Device, EpicsSignalRO
-from ophyd.status import Status
+from ophyd.status import DeviceStatus, Status
 
 from calbench.devices.base import CheckedSignal, InstrumentDevice
 
@@ -63,7 +64,7 @@ class Fee(InstrumentDevice):
     seq_step = Cpt(CheckedSignal, "Seq:Step", kind="config")
     seq_acquire = Cpt(CheckedSignal, "Seq:Acquire", string=True, kind="omitted")
     seq_busy = Cpt(EpicsSignalRO, "Seq:Busy_RBV", kind="omitted", auto_monitor=True)
-    seq_progress = Cpt(EpicsSignalRO, "Seq:Progress_RBV", kind="omitted")
+    seq_progress = Cpt(EpicsSignalRO, "Seq:Progress_RBV", kind="omitted", auto_monitor=True)
     seq_num_pulses = Cpt(EpicsSignalRO, "Seq:NumPulses_RBV", kind="omitted")
     seq_count = Cpt(EpicsSignalRO, "Seq:Count_RBV", kind="omitted", auto_monitor=True)
     seq_start_time = Cpt(EpicsSignalRO, "Seq:StartTime_RBV", kind="omitted")
@@ -100,12 +101,14 @@ class Fee(InstrumentDevice):
         self._count_at_kickoff = int(self.seq_count.get(use_monitor=False))
         return self.seq_acquire.set("Acquire")
 
-    def complete(self) -> Status:
-        """Finishes when the sweep's results are published (Seq:Count_RBV increments)."""
+    def complete(self) -> DeviceStatus:
+        """Finishes when the sweep's results are published (Seq:Count_RBV increments); reports the
+        pulses done to progress bars (bluesky's ProgressBarManager) meanwhile."""
         if self._count_at_kickoff is None:
             raise RuntimeError("complete() before kickoff(): start a sweep with kickoff() first")
         start = self._count_at_kickoff
-        status = Status(self, timeout=self.complete_timeout_s)
+        status = SweepStatus(self, int(self.seq_num_pulses.get(use_monitor=False)),
+                             timeout=self.complete_timeout_s)
         lock = threading.Lock()
 
         def check(value, **_):
@@ -113,8 +116,11 @@ class Fee(InstrumentDevice):
                 if status.done or value is None or int(value) <= start:
                     return
                 self.seq_count.clear_sub(check)
+                self.seq_progress.clear_sub(status.pulses_done)
+                status.pulses_done(status.total)       # the bar ends full, however fast
                 status.set_finished()
 
+        self.seq_progress.subscribe(status.pulses_done, run=False)
         self.seq_count.subscribe(check, run=True)
         return status
 
@@ -161,3 +167,32 @@ class Fee(InstrumentDevice):
                 self.seq_acquire.put("Done")
         finally:
             super().stop(success=success)
+
+
+class SweepStatus(DeviceStatus):
+    """The status of a sequencer sweep: its watchers (progress bars) see the pulses done."""
+
+    def __init__(self, fee: Fee, total_pulses: int, **kwargs):
+        super().__init__(fee, call_stop_on_failure=False, **kwargs)
+        self.total = max(int(total_pulses), 1)
+        self.started = time.monotonic()
+
+    def watch(self, func) -> None:
+        """As DeviceStatus.watch; a watcher added after the sweep ended sees it complete."""
+        super().watch(func)
+        if self.done and self.success:
+            func(name=self.device.name, current=self.total, initial=0, target=self.total,
+                 unit="pulses", precision=0, fraction=0.0,
+                 time_elapsed=time.monotonic() - self.started, time_remaining=0.0)
+
+    def pulses_done(self, value=None, **_) -> None:
+        if value is None or self.done:
+            return
+        done = min(int(value), self.total)
+        elapsed = time.monotonic() - self.started
+        left = elapsed * (self.total - done) / done if done else None
+        for watcher in list(self._watchers):
+            watcher(name=self.device.name, current=done, initial=0, target=self.total,
+                    unit="pulses", precision=0, fraction=1.0 - done / self.total,
+                    time_elapsed=elapsed, time_remaining=left)
+

@@ -30,6 +30,7 @@ from calbench.contracts.batmet import DAC_MAX
 from calbench.analysis.batmet import (CSINK_RANGE_A, SinkAccuracy, SinkFit, fit_sink,
                                       setting_accuracy, sink_data_from_table)
 from calbench.plans.lease import under_lease
+from calbench.plans.progress import point_progress
 from calbench.plans.toolkit import check_connected, put, reason
 
 log = logging.getLogger(__name__)
@@ -274,7 +275,9 @@ def collect_sink_calibration(dmm, sink, psu=None, *, dac_start: int = DAC_START,
         state["completed"] = True
         return SinkScan(uid, np.array(dacs), np.array(currents), np.array(limited, bool), reason)
 
-    return (yield from _safe_bench(body(), dmm, sink, psu, state))
+    # the total is the last code: the scan usually ends earlier, at the stop current
+    scan = point_progress(body(), len(codes), f"BatMet DAC scan (ends above {stop_current_A:g} A)")
+    return (yield from _safe_bench(scan, dmm, sink, psu, state))
 
 
 def write_sink_calibration(sink, a: float, b: float, c: float, *,

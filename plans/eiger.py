@@ -60,6 +60,7 @@ from calbench.contracts.eiger_geometry import geometry as eiger_geometry
 from calbench.analysis.eiger_report import write_calibration_report
 from calbench.contracts.trimfile import DAC_NAMES, serial_from_hostname
 from calbench.plans.eiger_derived import record_results
+from calbench.plans.progress import point_progress
 from calbench.plans.toolkit import put, reason
 from calbench.plans.toolkit import results_dir as toolkit_results_dir
 from calbench.plans.xray import ShutterError, xrf_exposure
@@ -339,8 +340,9 @@ def _scan(det, box, cal: EigerCalibration, *, step: str, motor, points, target: 
         plan_name=step, plan_args={"motor": motor.name, "points": [int(p) for p in points],
                                    "target": target, "exptime_s": float(exptime_s),
                                    "run_id": int(run_id)})}
-    inner = bpp.subs_wrapper(list_scan([det], motor, [int(p) for p in points], md=_md),
-                             callbacks)
+    inner = point_progress(
+        bpp.subs_wrapper(list_scan([det], motor, [int(p) for p in points], md=_md), callbacks),
+        len(points), f"EIGER {step} on {target}")
     uid = yield from xrf_exposure(box, target, inner)
     cal.runs.append({"step": step, "run_id": int(run_id), "target": target, "uid": uid})
     if analysis.result is None:

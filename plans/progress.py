@@ -1,6 +1,7 @@
-"""Progress with an ETA for long plan steps (tube warm-up, QC6 ramps and holds): a tqdm bar in the
-step's own units (seconds of instrument time, volts, steps). bluesky's ProgressBarManager covers
-waits on statuses; these steps are loops of reads and sleeps, which it does not see."""
+"""Progress with an ETA for long plan steps (tube warm-up, QC6 ramps and holds, scans): a tqdm bar
+in the step's own units (seconds of instrument time, volts, steps, points). bluesky's
+ProgressBarManager covers waits on statuses; these steps are loops of reads and sleeps, or scans of
+many short points, which it does not see."""
 from __future__ import annotations
 
 from tqdm.auto import tqdm
@@ -27,3 +28,28 @@ class StepProgress:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def point_progress(plan, total: int, desc: str):
+    """Plan wrapper: a bar that advances with each event of `plan`'s primary stream (its points),
+    with an ETA; closed however the plan ends."""
+    from bluesky import preprocessors as bpp
+
+    state = {"stream": None, "done": 0, "bar": None}
+
+    def count(msg):
+        if msg.command == "open_run" and state["bar"] is None:
+            state["bar"] = StepProgress(total, desc, unit="points")
+        elif msg.command == "create":
+            state["stream"] = msg.kwargs.get("name")
+        elif msg.command == "save" and state["stream"] == "primary" and state["bar"] is not None:
+            state["done"] += 1
+            state["bar"].update_to(state["done"])
+        return msg
+
+    def close():
+        if state["bar"] is not None:
+            state["bar"].close()
+        yield from ()
+
+    return (yield from bpp.finalize_wrapper(bpp.msg_mutator(plan, count), close()))
