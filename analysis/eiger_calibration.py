@@ -29,11 +29,12 @@ Pure numpy/scipy: no ophyd, bluesky RunEngine or caproto.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy.optimize import curve_fit
+from scipy.optimize import OptimizeWarning, curve_fit
 
 from calbench.contracts.xray import XRF_LINES_KEV  # PSI's rounded lines, kept as the lab has them
 from calbench.contracts.eiger_geometry import EigerGeometry
@@ -165,7 +166,11 @@ def fit_vrf_edge(x: ArrayLike, y: ArrayLike) -> tuple[NDArray[np.float64], tuple
     xs, ys = xa[lo:hi + 1], g[lo:hi + 1]
     step = float(np.median(np.diff(xa)))
     try:
-        par, _ = curve_fit(gauss, xs, ys, p0=(g[c], xa[c], 2.0 * step), maxfev=10000)
+        # only the parameters are used (checked below); without a covariance scipy warns on the
+        # operator's terminal about what changes nothing
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OptimizeWarning)
+            par, _ = curve_fit(gauss, xs, ys, p0=(g[c], xa[c], 2.0 * step), maxfev=10000)
     except (RuntimeError, ValueError) as exc:
         raise CalibrationError(f"the Gaussian fit of the vrf edge near {xa[c]:g} failed ({exc}); "
                                "repeat the scan with a longer exposure") from None
