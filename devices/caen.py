@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import logging
 import threading
 
 from ophyd import Component as Cpt
@@ -21,6 +22,8 @@ from ophyd.status import AndStatus, DeviceStatus
 
 from calbench.devices.base import CheckedSignal, InstrumentDevice, LongStringSignalRO
 from calbench.devices.lease import ProcedureLease
+
+log = logging.getLogger(__name__)
 
 # CAEN channel status bits
 STATUS_ON, STATUS_RUP, STATUS_RDW, STATUS_OVC = 0x1, 0x2, 0x4, 0x8
@@ -77,6 +80,15 @@ def at_setpoint(bits: int, vmon_V: float, target_V: float) -> bool:
     """A channel has arrived: not ramping (Status bits 1-2 clear) and |VMon - target| <= 1 V."""
     return not bits & RAMPING and abs(vmon_V - target_V) <= TOLERANCE_V
 
+
+
+RECHECK_S = 1.0       # wall s between fresh looks while a channel moves (monitors do the work)
+
+
+def _later(delay_s: float, func) -> None:
+    timer = threading.Timer(delay_s, func)
+    timer.daemon = True
+    timer.start()
 
 
 class HvChannel(Device):
@@ -151,13 +163,30 @@ class HvChannel(Device):
                 else:
                     status.set_exception(exc)
 
-        def check(*args, **kwargs):
-            bits = int(self.status.get())
+        def judge(bits: int, vmon: float, svmax: float) -> None:
             if bits & TRIPPED:
                 finish(ChannelTripped(f"{self.label()} tripped on the way to {value:g} V "
-                                      f"(Status {describe_status(bits)}, VMon {self.position:.1f} V)"))
-            elif at_setpoint(bits, self.position, min(value, float(self.svmax.get()))):
-                finish()     # SVMax read each time: its monitor may trail a recent change
+                                      f"(Status {describe_status(bits)}, VMon {vmon:.1f} V)"))
+            elif at_setpoint(bits, vmon, min(value, svmax)):
+                finish()
+
+        def check(*args, **kwargs):
+            # SVMax read each time: its monitor may trail a recent change
+            judge(int(self.status.get()), self.position, float(self.svmax.get()))
+
+        def recheck():
+            """A fresh look every RECHECK_S: a monitor update lost or late on a loaded machine
+            must not leave the move hanging."""
+            if status.done:
+                return
+            try:
+                judge(int(self.status.get(use_monitor=False)),
+                      float(self.vmon.get(use_monitor=False)),
+                      float(self.svmax.get(use_monitor=False)))
+            except Exception as exc:       # the next monitor update or look decides
+                log.debug("%s: fresh look failed: %r", self.name, exc)
+            if not status.done:
+                _later(RECHECK_S, recheck)
 
         def put_done(st):
             if not st.success:
@@ -169,6 +198,7 @@ class HvChannel(Device):
                 for sig in (self.vmon, self.status, self.svmax):
                     tokens.append((sig, sig.subscribe(check, run=False)))
             check()
+            _later(RECHECK_S, recheck)
 
         self.v0set.set(value).add_callback(put_done)
         return status

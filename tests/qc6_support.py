@@ -36,9 +36,23 @@ def qc6(lab):
     if key not in _LAYERS:                # one device for the session: 84 PVs to connect
         _LAYERS[key] = crate.layer(1, timeout=30.0)
     layer = _LAYERS[key]
-    time.sleep(0.1)                       # let the monitors show the reset state
+    _wait_for_reset_state(layer)
     yield crate, layer, sim
     reset_crate(sim)
+
+
+def _shows_reset_state(ch) -> bool:
+    return (int(ch.pw.get()) == 0 and float(ch.vmon.get()) == 0.0 and int(ch.status.get()) == 0
+            and float(ch.v0set.get()) == 0.0 and float(ch.svmax.get()) == HW_VMAX_V
+            and float(ch.rup.get()) == 10.0)
+
+
+def _wait_for_reset_state(layer, cap_s: float = 120.0) -> None:
+    """Until the device's monitors show the factory state (the IOC publishes it on its poll)."""
+    deadline = time.monotonic() + cap_s
+    while not all(_shows_reset_state(ch) for ch in layer.channels):
+        assert time.monotonic() < deadline, "the layer's PVs never showed the reset crate"
+        time.sleep(0.02)
 
 
 def layer_channels(layer) -> list[int]:
