@@ -1,3 +1,4 @@
+# Long by design: every decision of PSI's trimming procedure as a pure function, in the procedure's order.
 """EIGER trimming and energy calibration: the decisions of PSI's procedure as pure functions.
 
 The procedure (sls_detector_tools ``calibration.py``; reference/eiger.md section 1) in the order it

@@ -1,3 +1,4 @@
+# Long by design: the tiled writer, its journal hand-off and every failure path of one document stream.
 """Persisting documents to tiled off the RunEngine's critical path, exactly once, whatever fails.
 
 The stock TiledWriter with batch_size=1 makes one HTTP append + one SQL commit per event (~70 ms

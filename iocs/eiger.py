@@ -1,3 +1,4 @@
+# To be split (issue 15): the EIGER IOC's hand-written putters (to a setting table) and its HDF5 writer.
 """EigerIOC: the PSI EIGER detector as EPICS PVs (slsdet names for DACs, areaDetector for acquisition).
 
 PVs after the instrument prefix (e.g. CB:EIGER:). Setpoints have an _RBV readback; DAC setpoints

@@ -1,3 +1,4 @@
+# Long by design: the BatMet plans (collect, write, verify, calibrate) share one bench preparation and safe exit.
 """BatMet current-sink calibration as Bluesky plans: collect, fit, write `csink`, verify.
 
 The lab's procedure (reference/qc6_batmet.md part B, `collect.py` and `cal_sink.py`): a lab supply at

@@ -1,3 +1,4 @@
+# Long by design: the steps of PSI's trimming share one calibration state (EigerCalibration) and its records.
 """EIGER trimming and energy calibration in the X-ray box as Bluesky plans (PSI's procedure).
 
 Step by step at the prompt (the profile's ``det`` and ``box``), in the order of

@@ -1,3 +1,4 @@
+# To be split (issue 15): QC6 steps, safety, watch, procedures and resume, one room each.
 """GEM QC6 high-voltage tests on a CAEN crate, as Bluesky plans with the lab's defaults.
 
     RE(check_connection(layer))

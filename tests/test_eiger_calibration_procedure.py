@@ -1,3 +1,4 @@
+# Long by design: the whole EIGER procedure end to end, step by step, with its failure paths.
 """The EIGER trimming and energy calibration end to end against the simulator (250k geometry):
 X-ray box + EIGER IOCs on loopback -> ophyd -> plans -> HDF5 frames + tiled -> live analysis ->
 derived runs, PSI files, report; then the re-analysis from tiled; then faults.

@@ -1,3 +1,4 @@
+# Long by design: every slsdet call of the hardware backend, each against the fake with slsdet's interface.
 """The slsdet hardware backend against a fake object with slsdet's Eiger interface (slsdet itself,
 and a detector, are not needed). The fake writes slsReceiver raw files and PSI trim files with
 struct, independently of calbench's readers."""

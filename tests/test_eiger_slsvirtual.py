@@ -1,3 +1,4 @@
+# Long by design: every operation of the IOC against PSI's virtual servers, compared with slsdet's own answer.
 """The EIGER IOC on its slsdet backend against PSI's own software: two virtual half-module servers
 (eigerDetectorServer_virtual) and two slsReceivers from a slsDetectorPackage build, on loopback,
 configured with slsdet, driven through Channel Access.

@@ -1,3 +1,4 @@
+# Long by design: the S-curve and trimbit fits against PSI's model, one test per fit status and edge case.
 """Per-pixel S-curve and trimbit fitting (calbench.analysis.scurve).
 
 The tests simulate EIGER scans with known truth and Poisson noise and check that the fit

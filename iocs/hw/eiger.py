@@ -1,3 +1,4 @@
+# Long by design: one slsdet driver for both half modules: DACs, trimbits, thresholds, acquisition, files.
 """Hardware backend of the PSI EIGER: slsDetectorPackage's Python API (``from slsdet import Eiger``).
 
 slsdet is imported only when a detector is opened (`open_eiger`), so the simulator runs without it.

@@ -1,3 +1,4 @@
+# To be split (issue 15): circuit physics, SCPI/serial emulation and fault injection of the BatMet bench.
 """The bench world: lab supply -> BatMet current sink -> HP/Agilent 34401A multimeter, in series.
 
 The circuit the lab wires for the BatMet current-sink calibration (reference/qc6_batmet.md part B): a

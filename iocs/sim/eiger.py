@@ -1,3 +1,4 @@
+# To be split (issue 15): pixel physics and the detector server's state of the EIGER simulator.
 """Simulated PSI EIGER: single-photon counting pixels lit by the X-ray box's fluorescence line.
 
 Physics (all parameters seeded; the truth is hidden from analysis and returned by `EigerSim.truth()`)

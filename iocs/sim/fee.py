@@ -1,3 +1,4 @@
+# Long by design: FEE pulse physics (walk, reflections, dispersion) and the sequencer that drives it, on one clock.
 """The FEE world: a Daya Bay front-end board whose calibration pulses travel down RG58 cables.
 
 What is modelled (reference/fee.md), all in physical units:

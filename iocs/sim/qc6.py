@@ -1,3 +1,4 @@
+# Long by design: crate channels and GEM-foil physics (ramps, leakage, discharges, trips) on one world clock.
 """The QC6 world: a CAEN SY5527 crate whose 14-channel floating board powers two triple-GEM layers.
 
 Each channel drives one electrode gap of a layer, in the QC6 channel order (reference/qc6_batmet.md
