@@ -117,3 +117,21 @@ def test_the_rules_catch_a_forbidden_import(tmp_path):
 def test_imports_follow_the_layers():
     found = violations()
     assert not found, "imports that break DESIGN.md's layers:\n" + "\n".join(found.values())
+
+
+LONG_FILE_LINES = 400
+LONG_FILE_REASONS = ("# Long by design: ", "# To be split (issue 15): ")
+
+
+def test_a_long_file_says_why_on_its_first_line():
+    """Small rooms: a source or test file over 400 lines starts with a one-line reason."""
+    unexplained = []
+    for path in sorted(ROOT.rglob("*.py")):
+        if any(part.startswith(".") or part in ("build", "var") for part in
+               path.relative_to(ROOT).parts):
+            continue
+        lines = path.read_text().splitlines()
+        if len(lines) > LONG_FILE_LINES and not lines[0].startswith(LONG_FILE_REASONS):
+            unexplained.append(f"{path.relative_to(ROOT)} ({len(lines)} lines)")
+    assert not unexplained, ("files over 400 lines without a reason on their first line "
+                             f"({' or '.join(LONG_FILE_REASONS)}...):\n" + "\n".join(unexplained))
