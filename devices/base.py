@@ -18,6 +18,12 @@ DEFAULT_PUT_TIMEOUT_S = 10.0
 class InstrumentRefused(RuntimeError):
     """The IOC refused a put; the message is the instrument's reason and remedy."""
 
+    @property
+    def fault(self) -> bool:
+        """The instrument could not be reached or failed (the IOC says "fault: ..."): the value
+        itself was not refused, and the same put may pass once the instrument answers again."""
+        return str(self).startswith("fault:")
+
 
 class IocNotAnswering(ConnectionError):
     """No IOC answers on a prefix."""

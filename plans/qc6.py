@@ -301,7 +301,8 @@ class _Session:
 
 # -- elementary steps ---------------------------------------------------------------------------
 def _put(signal, value, *, retries: int = 3):
-    """Put and wait for the crate's acknowledgement; a refusal raises, a lost answer is retried."""
+    """Put and wait for the crate's acknowledgement; a refusal raises; a lost answer, or a crate
+    that did not answer (a fault: the plan is suspended meanwhile), is retried."""
     for attempt in range(retries + 1):
         group = f"qc6-put-{id(signal)}-{attempt}-{time.monotonic_ns()}"
         status = yield from bps.abs_set(signal, value, group=group)
@@ -316,7 +317,7 @@ def _put(signal, value, *, retries: int = 3):
         if status.done and status.success:
             return
         exc = status.exception() if status.done else TimeoutError("no acknowledgement")
-        if isinstance(exc, InstrumentRefused) or attempt == retries:
+        if (isinstance(exc, InstrumentRefused) and not exc.fault) or attempt == retries:
             raise Qc6Error(f"{signal.name} = {value!r} failed: {exc}") from exc
         yield from bps.sleep(1.0)
 
