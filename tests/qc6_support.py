@@ -103,5 +103,10 @@ def assert_trips_match(recorded, truth, *, max_step_V: float = 0.0,
             # (looks are many world seconds apart at high acceleration); a look at the held
             # voltage agrees with the crate within one step
             seen_held = abs(row.trip_voltage - row.trip_v0set) <= 1.0
+            if row.trip_v0set < row.trip_voltage - 1.0:
+                # seen ramping down (V0Set below VMon): the trip came between that look and V0Set
+                assert row.trip_v0set - 1.0 <= t.voltage_V <= row.trip_voltage + 1.0, \
+                    (channel, row, t)
+                continue
             low = t.voltage_V - max_step_V - 1.0 if seen_held else 0.0
             assert low <= row.trip_voltage <= t.voltage_V + 1.0, (channel, row, t)
