@@ -16,13 +16,14 @@ DEFAULT_PUT_TIMEOUT_S = 10.0
 
 
 class InstrumentRefused(RuntimeError):
-    """The IOC refused a put; the message is the instrument's reason and remedy."""
+    """The IOC refused a put; the message is the instrument's reason and remedy.
 
-    @property
-    def fault(self) -> bool:
-        """The instrument could not be reached or failed (the IOC says "fault: ..."): the value
-        itself was not refused, and the same put may pass once the instrument answers again."""
-        return str(self).startswith("fault:")
+    `fault`: the instrument could not be reached or failed (the IOC said "fault: ..."), so the
+    value itself was not refused and the same put may pass once the instrument answers again."""
+
+    def __init__(self, message: str, *, fault: bool | None = None):
+        super().__init__(message)
+        self.fault = str(message).startswith("fault:") if fault is None else bool(fault)
 
 
 class IocNotAnswering(ConnectionError):
@@ -135,9 +136,10 @@ class CheckedSignal(EpicsSignal):
             def on_refusal(value, **_):
                 if value != start_count:
                     message = owner.status_message.get(use_monitor=False)
+                    fault = message.startswith("fault:")
                     if self.setpoint_pvname not in message:     # the IOC names PV and value
                         message = f"{self.setpoint_pvname} = {request!r}: {message}"
-                    finish(InstrumentRefused(message))
+                    finish(InstrumentRefused(message, fault=fault))
 
             tokens.append((owner.refusals, owner.refusals.subscribe(on_refusal, run=False)))
 

@@ -247,18 +247,21 @@ def test_a_put_the_crate_could_not_answer_is_retried_not_a_failed_test(lab, qc6,
     from calbench.plans.qc6 import _put
     _, layer, sim = qc6
     ioc = lab.ioc("caen")
+    put_fault = f"{layer.g3t.pw.setpoint_pvname} = 1: the SY5527 crate does not answer"
+    counted = ioc.refusals.value           # an earlier test may have left the same message
     sim.unreachable = True
     faults: list[str] = []
 
     def restore_after_the_fault():
+        # this put's own fault: counted after the start, naming the PV (the poll reports the
+        # lost link too, without a PV)
         deadline = time.monotonic() + 120
-        # the put's own fault (the poll reports the lost link too, without a PV)
-        while "Pw = 1: the SY5527" not in str(ioc.status_message.value) and \
-                time.monotonic() < deadline:
+        while not (ioc.refusals.value > counted and put_fault in str(ioc.status_message.value)) \
+                and time.monotonic() < deadline:
             time.sleep(0.01)
         faults.append(str(ioc.status_message.value))
         sim.unreachable = False
     threading.Thread(target=restore_after_the_fault, daemon=True).start()
     RE(_put(layer.g3t.pw, 1))
-    assert "Pw = 1: the SY5527 crate does not answer" in faults[0]
+    assert put_fault in faults[0]
     assert sim.powered(sim.slot)[layer.g3t.channel]
