@@ -21,9 +21,15 @@ class InstrumentRefused(RuntimeError):
     `fault`: the instrument could not be reached or failed (the IOC said "fault: ..."), so the
     value itself was not refused and the same put may pass once the instrument answers again."""
 
-    def __init__(self, message: str, *, fault: bool | None = None):
+    def __init__(self, message: str, *, fault: bool = False):
         super().__init__(message)
-        self.fault = str(message).startswith("fault:") if fault is None else bool(fault)
+        self.fault = fault
+
+
+def reports_fault(status_message: str) -> bool:
+    """The IOC's StatusMessage_RBV tells of a fault (instrument unreachable or failing), not of a
+    refused value (iocs/base.py writes "fault: ..." and "refused: ...")."""
+    return status_message.startswith("fault:")
 
 
 class IocNotAnswering(ConnectionError):
@@ -136,7 +142,7 @@ class CheckedSignal(EpicsSignal):
             def on_refusal(value, **_):
                 if value != start_count:
                     message = owner.status_message.get(use_monitor=False)
-                    fault = message.startswith("fault:")
+                    fault = reports_fault(message)
                     if self.setpoint_pvname not in message:     # the IOC names PV and value
                         message = f"{self.setpoint_pvname} = {request!r}: {message}"
                     finish(InstrumentRefused(message, fault=fault))

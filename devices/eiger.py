@@ -37,7 +37,8 @@ from ophyd.status import DeviceStatus
 from calbench.contracts.eiger_geometry import frame_dtype
 from calbench.contracts.trimfile import DAC_NAMES
 from calbench.devices.base import (CheckedSignal, InstrumentDevice, InstrumentRefused,
-                                   LongStringSignal, LongStringSignalRO, set_and_check)
+                                   LongStringSignal, LongStringSignalRO, reports_fault,
+                                   set_and_check)
 
 DATASET = "/entry/data/data"
 IMAGE_KEY_SUFFIX = "_image"
@@ -243,7 +244,7 @@ class Eiger(InstrumentDevice):
         if refusals != refusals_before or counter == counter_before:
             message = self.status_message.get(use_monitor=False)
             state = self.detector_state.get(use_monitor=False)
-            if refusals != refusals_before and not message.startswith("fault:"):
+            if refusals != refusals_before and not reports_fault(message):
                 raise InstrumentRefused(f"{self.prefix}Acquire: {message}")
             raise EigerError(f"{self.prefix}Acquire produced no frame (state {state}): "
                              f"{message or 'no message'}; check the detector and retry")

@@ -181,17 +181,17 @@ class SweepStatus(DeviceStatus):
         """As DeviceStatus.watch; a watcher added after the sweep ended sees it complete."""
         super().watch(func)
         if self.done and self.success:
-            func(name=self.device.name, current=self.total, initial=0, target=self.total,
-                 unit="pulses", precision=0, fraction=0.0,
-                 time_elapsed=time.monotonic() - self.started, time_remaining=0.0)
+            self._report([func], self.total)
 
     def pulses_done(self, value=None, **_) -> None:
-        if value is None or self.done:
-            return
-        done = min(int(value), self.total)
+        if value is not None and not self.done:
+            self._report(list(self._watchers), min(int(value), self.total))
+
+    def _report(self, watchers, done: int) -> None:
+        """What bluesky's progress bars read (as ophyd's MoveStatus reports it)."""
         elapsed = time.monotonic() - self.started
         left = elapsed * (self.total - done) / done if done else None
-        for watcher in list(self._watchers):
+        for watcher in watchers:
             watcher(name=self.device.name, current=done, initial=0, target=self.total,
                     unit="pulses", precision=0, fraction=1.0 - done / self.total,
                     time_elapsed=elapsed, time_remaining=left)

@@ -120,8 +120,9 @@ def queue_facing(plan, devices: dict | None = None, **session_objects):
             continue
         hint = hints.get(p.name, inspect.Parameter.empty)
         kind, annotation = _queue_annotation(hint)
-        if kind == "device" and devices and _device_classes(hint):
-            names = sorted(n for n, d in devices.items() if isinstance(d, _device_classes(hint)))
+        classes = _device_classes(hint) if kind == "device" and devices else ()
+        if classes:
+            names = sorted(n for n, d in devices.items() if isinstance(d, classes))
             if names:
                 enum = f"{p.name}_devices"
                 optional = type(None) in _members(hint)
