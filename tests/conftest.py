@@ -52,6 +52,19 @@ class Lab:
         return self._devices[name]
 
 
+def own_ca_port(monkeypatch) -> None:
+    """IOCs started and CA clients made from here on use a port of their own: the session lab's
+    server would otherwise answer their searches (and they its)."""
+    port = str(free_port())
+    monkeypatch.setenv("EPICS_CA_SERVER_PORT", port)
+    monkeypatch.setenv("EPICS_CAS_SERVER_PORT", port)
+
+
+def own_prefix(cfg, letter: str):
+    """The lab configuration with a PV prefix of its own, for a test's own set of IOCs."""
+    return replace(cfg, pv_prefix=f"{letter}{uuid.uuid4().hex[:6]}:")
+
+
 @pytest.fixture(scope="session")
 def lab_config(tmp_path_factory):
     home = tmp_path_factory.mktemp("labhome")

@@ -3,7 +3,6 @@ as on a loaded control PC), arrives whole once the IOC reads again, and the circ
 answering (calbench/devices/ca_whole_sends.py; caproto's own send breaks the circuit part-way)."""
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import termios
 import threading
@@ -15,7 +14,8 @@ from caproto.server import PVGroup, pvproperty
 from caproto.threading.client import Context
 
 from calbench.devices.ca_whole_sends import install
-from calbench.iocs.server import IocThread, free_port
+from calbench.iocs.server import IocThread
+from conftest import own_ca_port
 
 N = 2_000_000           # 16 MB of doubles: more than the client's send and the IOC's receive buffers
 
@@ -38,9 +38,7 @@ def _wait(condition, what: str, cap_s: float = 120.0) -> None:
 
 @pytest.fixture
 def big_ioc(monkeypatch):
-    port = str(free_port())
-    monkeypatch.setenv("EPICS_CA_SERVER_PORT", port)
-    monkeypatch.setenv("EPICS_CAS_SERVER_PORT", port)
+    own_ca_port(monkeypatch)
     group = BigWaveform("BIG:")
     server = IocThread([group]).start()
     ctx = Context()

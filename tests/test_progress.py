@@ -2,16 +2,14 @@
 BatMet DAC scan) and the FEE sequencer's pulses (through bluesky's progress-bar hook)."""
 from __future__ import annotations
 
-import uuid
-from dataclasses import replace
-
 import bluesky.plans as bp
 import pytest
 
 from calbench.iocs.build import build_iocs
-from calbench.iocs.server import IocThread, free_port
+from calbench.iocs.server import IocThread
 from calbench.lab import make_device
 from calbench.plans.progress import point_progress
+from conftest import own_ca_port, own_prefix
 
 
 def test_a_scan_shows_its_points_with_an_eta(lab, RE, capsys):
@@ -32,10 +30,8 @@ def test_a_failing_scan_closes_its_bar(lab, RE, capsys):
 @pytest.fixture
 def realtime_fee(lab_config, monkeypatch):
     """A FEE IOC of its own whose world runs in real time (its own prefix and CA port)."""
-    port = str(free_port())
-    monkeypatch.setenv("EPICS_CA_SERVER_PORT", port)
-    monkeypatch.setenv("EPICS_CAS_SERVER_PORT", port)
-    cfg = replace(lab_config, pv_prefix=f"P{uuid.uuid4().hex[:6]}:")
+    own_ca_port(monkeypatch)
+    cfg = own_prefix(lab_config, "P")
     with IocThread(build_iocs(cfg, ["fee"], force_sim=True, time_scales={"fee": 1.0})):
         yield make_device(cfg, "fee", timeout=30)
 

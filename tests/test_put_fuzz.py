@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import uuid
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -24,7 +22,8 @@ from caproto.threading.client import Context
 from calbench.devices.ca_whole_sends import install as send_whole_messages
 from calbench.iocs.base import InstrumentIOC
 from calbench.iocs.build import build_iocs
-from calbench.iocs.server import IocThread, free_port
+from calbench.iocs.server import IocThread
+from conftest import own_ca_port, own_prefix
 
 D, L, S, C = ChannelType.DOUBLE, ChannelType.LONG, ChannelType.STRING, ChannelType.CHAR
 NUMBERS = [(D, v) for v in (math.nan, math.inf, -math.inf, 1e308, -1e308, 0.5, -1.0, 65537.0,
@@ -41,10 +40,8 @@ ALWAYS_INVALID_TEXT = ("\x1b", "\n", "\x7f", "\u0085", "\t")
 
 @pytest.fixture(scope="module")
 def fuzz_lab(lab_config, monkeypatch_module):
-    port = str(free_port())
-    monkeypatch_module.setenv("EPICS_CA_SERVER_PORT", port)
-    monkeypatch_module.setenv("EPICS_CAS_SERVER_PORT", port)
-    cfg = replace(lab_config, pv_prefix=f"F{uuid.uuid4().hex[:6]}:")
+    own_ca_port(monkeypatch_module)
+    cfg = own_prefix(lab_config, "F")
     groups = build_iocs(cfg, time_scales={"qc6": 100.0, "xray": 5.0, "bench": 50.0, "fee": 100.0})
     server = IocThread(groups).start()
     send_whole_messages()   # the 4 MB trimbit puts, as ophyd sends them in calbench

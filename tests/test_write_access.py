@@ -11,15 +11,14 @@ import shutil
 import site
 import subprocess
 import sys
-import uuid
-from dataclasses import replace
 
 import pytest
 from caproto.threading.client import Context
 
 from calbench.config import WriteAccess, parse_config
 from calbench.iocs.build import build_iocs
-from calbench.iocs.server import IocThread, free_port, loopback_ca_environment
+from calbench.iocs.server import IocThread, loopback_ca_environment
+from conftest import own_ca_port, own_prefix
 
 GUEST = "calbench-guest"
 # the clients' packages, for an interpreter the second user may run (this one may sit in /root)
@@ -44,10 +43,8 @@ def guest():
 
 @pytest.fixture
 def xray(lab_config, monkeypatch):
-    port = str(free_port())
-    monkeypatch.setenv("EPICS_CA_SERVER_PORT", port)
-    monkeypatch.setenv("EPICS_CAS_SERVER_PORT", port)
-    cfg = replace(lab_config, pv_prefix=f"W{uuid.uuid4().hex[:6]}:")
+    own_ca_port(monkeypatch)
+    cfg = own_prefix(lab_config, "W")
     server = IocThread(build_iocs(cfg, ["xraybox"])).start()
     yield cfg.prefix_of("xraybox")
     server.stop()
