@@ -1,4 +1,4 @@
-# To be split (issue 15): the EIGER IOC's hand-written putters (to a setting table) and its HDF5 writer.
+# To be split (issue 15): the EIGER IOC's hand-written putters (to a setting table).
 """EigerIOC: the PSI EIGER detector as EPICS PVs (slsdet names for DACs, areaDetector for acquisition).
 
 PVs after the instrument prefix (e.g. CB:EIGER:). Setpoints have an _RBV readback; DAC setpoints
@@ -30,8 +30,9 @@ write every half module and their _RBV reads -1 when the half modules differ.
   FileWriteMode(_RBV), FullFileName_RBV, NumCaptured_RBV
                                            HDF5 files {FilePath}/{FileName}_{FileNumber:06d}.h5,
                                            dataset /entry/data/data [frames, rows, cols] in the dr
-                                           dtype (SWMR). FileWriteMode Single: with Capture = On,
-                                           each acquisition writes one file (as slsReceiver does).
+                                           dtype (SWMR), written by iocs/eiger_hdf5.py.
+                                           FileWriteMode Single: with Capture = On, each
+                                           acquisition writes one file (as slsReceiver does).
                                            Stream: Capture = On opens one file, every acquisition
                                            appends its frames, Capture = Off closes it (one file,
                                            one tiled asset per run: what the ophyd device uses)
@@ -53,7 +54,6 @@ import logging
 import os
 from pathlib import Path
 
-import h5py
 import numpy as np
 from caproto import ChannelType
 from caproto._constants import (MAX_SUBSCRIPTION_BACKLOG,
@@ -65,6 +65,7 @@ from calbench.contracts.eiger_geometry import EigerGeometry, frame_dtype
 from calbench.contracts.trimfile import DAC_NAMES, SETTINGS_NAMES, serial_from_hostname
 from calbench.iocs.base import (InstrumentFault, InstrumentGroup, InstrumentIOC, Refused, command_pv,
                                 enum_pv, setting_pv, string_pv)
+from calbench.iocs.eiger_hdf5 import FrameFile, acquire_to_file
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +251,7 @@ class EigerIOC(InstrumentIOC):
         super().__init__(prefix=prefix, backend=backend, clock=clock, **kwargs)
         self._busy = False
         self._backend_lock = asyncio.Lock()
-        self._stream_file: _FrameFile | None = None
+        self._stream_file: FrameFile | None = None
         if not hasattr(backend, "truth"):             # hardware: no fault-injection PVs
             for name in list(self.pvdb):
                 if name.startswith(prefix + "Sim:"):
@@ -562,7 +563,7 @@ class EigerIOC(InstrumentIOC):
         if value == "On" and stream:               # Stream: one file for every acquisition
             path = await self.call(self._next_file)
             try:
-                self._stream_file = _FrameFile(path, self.geometry, self.backend)
+                self._stream_file = FrameFile(path, self.geometry, self.backend)
             except OSError as exc:
                 await self.call(_raise, Refused(f"cannot create {path}: {exc}; check FilePath "
                                                 "and its permissions"))
@@ -655,7 +656,8 @@ class EigerIOC(InstrumentIOC):
             await self.publish(self.images_counter, 0)
             try:
                 async with self._backend_lock:      # other puts are refused meanwhile
-                    frames, starts, aborted = await asyncio.to_thread(self._acquire_to_file, path)
+                    frames, starts, aborted = await asyncio.to_thread(
+                        acquire_to_file, self.backend, self.geometry, path, self._stream_file)
             except OSError as exc:
                 await call(_raise, Refused(f"writing {path or self._stream_file.path} failed: "
                                            f"{exc}; check FilePath, free space and permissions"))
@@ -693,93 +695,12 @@ class EigerIOC(InstrumentIOC):
         elif self._stream_file is not None:
             await self.publish(self.num_captured, self._stream_file.n_frames)
 
-    def _acquire_to_file(self, path: Path | None):
-        """Worker thread: run the acquisition, streaming its frames into the HDF5 file (a new one
-        at ``path`` in Single mode, the open one in Stream mode, none without Capture)."""
-        writer = _FrameFile(path, self.geometry, self.backend) if path else self._stream_file
-        if writer is not None:
-            writer.begin_acquisition(self.backend)
-        try:
-            result = self.backend.acquire(writer.append if writer else None)
-        except BaseException:
-            if writer is not None and path is not None:
-                writer.discard()
-            raise
-        if writer is not None:
-            writer.end_acquisition(result.start_times)
-            if path is not None:
-                writer.close()
-        return result.frames, result.start_times, result.aborted
-
     def make_safe(self) -> None:
         """Abort any acquisition, stop test pulses (backend.make_safe), close an open file."""
         super().make_safe()
         if self._stream_file is not None:
             self._stream_file.close()
             self._stream_file = None
-
-
-class _FrameFile:
-    """An HDF5 file of EIGER frames: /entry/data/data [frames, rows, cols] in the dr dtype, one
-    chunk per frame, SWMR (readers such as tiled see each frame once it is flushed). Per frame,
-    /entry/instrument/detector holds start_time (world epoch s), count_time (s) and vthreshold
-    (DAC, -1 when the chips differ), so a threshold scan's file describes itself."""
-
-    def __init__(self, path: Path, geometry: EigerGeometry, backend):
-        self.path = path
-        rows, cols = geometry.shape
-        self.dtype = frame_dtype(int(backend.dr))
-        self.n_frames = 0
-        self._first = 0
-        self.file = h5py.File(path, "w", libver="latest")
-        entry = self.file.create_group("entry")
-        entry.attrs["NX_class"] = "NXentry"
-        data = entry.create_group("data")
-        data.attrs.update(NX_class="NXdata", signal="data")
-        self.dataset = data.create_dataset(
-            "data", shape=(0, rows, cols), maxshape=(None, rows, cols), chunks=(1, rows, cols),
-            dtype=self.dtype)
-        det = entry.create_group("instrument").create_group("detector")
-        det.attrs.update(NX_class="NXdetector", description="PSI EIGER", geometry=geometry.name,
-                         hostnames="+".join(backend.hostnames),
-                         dynamic_range_bits=int(backend.dr))
-        self.per_frame = {name: det.create_dataset(name, shape=(0,), maxshape=(None,),
-                                                   chunks=(256,), dtype=dtype)
-                          for name, dtype in (("start_time", "f8"), ("count_time", "f8"),
-                                              ("vthreshold", "i4"))}
-        self.file.swmr_mode = True
-        self._settings = {}
-
-    def begin_acquisition(self, backend) -> None:
-        self._first = self.n_frames
-        self._settings = {"count_time": float(backend.exptime),
-                          "vthreshold": int(backend.vthreshold())}
-
-    def append(self, index: int, frame: np.ndarray) -> None:
-        n = self._first + index + 1
-        self.dataset.resize(n, axis=0)
-        self.dataset[n - 1] = frame
-        self.dataset.flush()
-        self.n_frames = n
-
-    def end_acquisition(self, start_times: np.ndarray) -> None:
-        n = self.n_frames
-        values = {"start_time": np.asarray(start_times, float)[: n - self._first],
-                  "count_time": self._settings["count_time"],
-                  "vthreshold": self._settings["vthreshold"]}
-        for name, ds in self.per_frame.items():
-            ds.resize(n, axis=0)
-            ds[self._first:n] = values[name]
-            ds.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-    def discard(self) -> None:
-        try:
-            self.file.close()
-        finally:
-            self.path.unlink(missing_ok=True)
 
 
 def _raise(exc: BaseException):

@@ -1,0 +1,98 @@
+"""The EIGER IOC's HDF5 writer: frames streamed into files as slsReceiver writes them.
+
+One file holds /entry/data/data [frames, rows, cols] in the dynamic range's dtype plus per-frame
+metadata; iocs/eiger.py decides which file an acquisition writes (Single or Stream mode) and calls
+`acquire_to_file` in a worker thread.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from calbench.contracts.eiger_geometry import EigerGeometry, frame_dtype
+
+
+def acquire_to_file(backend, geometry: EigerGeometry, path: Path | None,
+                    stream_file: "FrameFile | None"):
+    """Worker thread: run the acquisition, streaming its frames into the HDF5 file (a new one
+    at ``path`` in Single mode, the open ``stream_file`` in Stream mode, none without Capture).
+    Returns (frames, start_times, aborted); a new file is removed if the acquisition fails."""
+    writer = FrameFile(path, geometry, backend) if path else stream_file
+    if writer is not None:
+        writer.begin_acquisition(backend)
+    try:
+        result = backend.acquire(writer.append if writer else None)
+    except BaseException:
+        if writer is not None and path is not None:
+            writer.discard()
+        raise
+    if writer is not None:
+        writer.end_acquisition(result.start_times)
+        if path is not None:
+            writer.close()
+    return result.frames, result.start_times, result.aborted
+
+
+class FrameFile:
+    """An HDF5 file of EIGER frames: /entry/data/data [frames, rows, cols] in the dr dtype, one
+    chunk per frame, SWMR (readers such as tiled see each frame once it is flushed). Per frame,
+    /entry/instrument/detector holds start_time (world epoch s), count_time (s) and vthreshold
+    (DAC, -1 when the chips differ), so a threshold scan's file describes itself."""
+
+    def __init__(self, path: Path, geometry: EigerGeometry, backend):
+        self.path = path
+        rows, cols = geometry.shape
+        self.dtype = frame_dtype(int(backend.dr))
+        self.n_frames = 0
+        self._first = 0
+        self.file = h5py.File(path, "w", libver="latest")
+        entry = self.file.create_group("entry")
+        entry.attrs["NX_class"] = "NXentry"
+        data = entry.create_group("data")
+        data.attrs.update(NX_class="NXdata", signal="data")
+        self.dataset = data.create_dataset(
+            "data", shape=(0, rows, cols), maxshape=(None, rows, cols), chunks=(1, rows, cols),
+            dtype=self.dtype)
+        det = entry.create_group("instrument").create_group("detector")
+        det.attrs.update(NX_class="NXdetector", description="PSI EIGER", geometry=geometry.name,
+                         hostnames="+".join(backend.hostnames),
+                         dynamic_range_bits=int(backend.dr))
+        self.per_frame = {name: det.create_dataset(name, shape=(0,), maxshape=(None,),
+                                                   chunks=(256,), dtype=dtype)
+                          for name, dtype in (("start_time", "f8"), ("count_time", "f8"),
+                                              ("vthreshold", "i4"))}
+        self.file.swmr_mode = True
+        self._settings = {}
+
+    def begin_acquisition(self, backend) -> None:
+        self._first = self.n_frames
+        self._settings = {"count_time": float(backend.exptime),
+                          "vthreshold": int(backend.vthreshold())}
+
+    def append(self, index: int, frame: np.ndarray) -> None:
+        n = self._first + index + 1
+        self.dataset.resize(n, axis=0)
+        self.dataset[n - 1] = frame
+        self.dataset.flush()
+        self.n_frames = n
+
+    def end_acquisition(self, start_times: np.ndarray) -> None:
+        n = self.n_frames
+        values = {"start_time": np.asarray(start_times, float)[: n - self._first],
+                  "count_time": self._settings["count_time"],
+                  "vthreshold": self._settings["vthreshold"]}
+        for name, ds in self.per_frame.items():
+            ds.resize(n, axis=0)
+            ds[self._first:n] = values[name]
+            ds.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+    def discard(self) -> None:
+        try:
+            self.file.close()
+        finally:
+            self.path.unlink(missing_ok=True)
