@@ -12,12 +12,16 @@ states, text. A refused put leaves the state unchanged, publishes "refused: <PV>
 <reason>" on StatusMessage_RBV, counts in Refusals_RBV, answers the client with an error (ECA_PUTFAIL
 in the put-callback reply; an error message for a put without callback) and raises the PV's own
 alarm (WRITE, MAJOR) until its next good put. Setting PVs declare their range and units with
-`setting_pv` (published as control and display limits); command PVs with `command_pv`. Who may write
-at all is the IOC's `access` rule (the lab file's writers, see calbench/config.py).
+`setting_pv` (published as control and display limits), or in a table (iocs/settings_table.py);
+command PVs with `command_pv`. Who may write at all is the IOC's `access` rule (the lab file's
+writers, see calbench/config.py).
+
+Backend calls (`call`) run on the instrument's own worker thread (iocs/backend_worker.py), never on
+the event loop: an instrument that answers slowly holds up only its own calls. Checks that talk to
+no instrument (a range, the lease) run on the loop (`check`, `refuse`).
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from contextvars import ContextVar
@@ -27,8 +31,9 @@ from caproto import AccessRights, AlarmSeverity, AlarmStatus, CAStatus, ChannelA
 from caproto.server import PVGroup, pvproperty
 from caproto.server.server import pvspec_type_map
 
-from calbench.iocs.errors import InstrumentFault, Refused
 from calbench.contracts.clock import WorldClock
+from calbench.iocs.backend_worker import BackendWorker
+from calbench.iocs.errors import InstrumentFault, Refused
 from calbench.iocs.put_check import Sent, check
 
 __all__ = ["InstrumentIOC", "InstrumentGroup", "Refused", "InstrumentFault", "string_pv", "enum_pv",
@@ -114,6 +119,11 @@ class InstrumentGroup(PVGroup):
 
     type_map = {dtype: _checked_class(cls) for dtype, cls in pvspec_type_map.items()}
 
+    async def apply_setting(self, setting, value):
+        """Apply a put to a setting PV declared in a table (iocs/settings_table.py); returns the
+        value the PV stores (None: the one sent). A subgroup's go to its IOC."""
+        return await instrument_of(self).apply_setting(setting, value)
+
 
 def instrument_of(group):
     """The InstrumentIOC a (sub)group belongs to, or None."""
@@ -177,6 +187,7 @@ class InstrumentIOC(InstrumentGroup):
         super().__init__(prefix, **kwargs)
         self.backend = backend
         self.clock = clock or WorldClock()
+        self.worker = BackendWorker(f"{prefix}backend")
         self.access = None       # who may write (calbench.config.WriteAccess); None: anybody
         # the procedure lease (iocs/lease.py); served by the IOCs that have a LeasePVs subgroup
         from calbench.iocs.lease import DEFAULT_LEASE_S, Lease   # lease.py builds on this module
@@ -208,13 +219,33 @@ class InstrumentIOC(InstrumentGroup):
         await self.refusals.write(self.refusals.value + 1, timestamp=self.clock.now())
 
     async def call(self, func, *args):
-        """Call a backend method on behalf of a put; a refusal is published (StatusMessage_RBV,
-        Refusals_RBV), then re-raised so the put fails and the old value stays. A fault inside a
-        put fails the put the same way (and drops Connected_RBV)."""
+        """Call a backend method on behalf of a put (or a poll) on the instrument's worker thread;
+        a refusal is published (StatusMessage_RBV, Refusals_RBV), then re-raised so the put fails
+        and the old value stays. A fault inside a put fails the put the same way (and drops
+        Connected_RBV); outside a put it is reported and re-raised."""
+        return await self._answer(self.worker.run(func, *args))
+
+    async def apply_setting(self, setting, value):
+        """A table-declared setting: ``backend.<call>(*args, value)`` on the worker thread, after
+        the lease check of a hazardous value."""
+        if setting.hazard and value == setting.hazard[0]:
+            await self.require_lease(setting.hazard[1])
+        await self.call(getattr(self.backend, setting.call), *setting.args,
+                        setting.argument(value))
+
+    async def check(self, func, *args):
+        """Like `call`, but on the event loop: for checks that talk to no instrument."""
+        return await self._answer(_on_loop(func, args))
+
+    async def refuse(self, reason: str):
+        """Refuse the put being served: published and counted like a backend's refusal."""
+        await self.check(_raise, Refused(reason))
+
+    async def _answer(self, answer):
         put = _PUT.get()
         where = f"{put.where}: " if put is not None else ""
         try:
-            result = func(*args)
+            return await answer
         except Refused as exc:
             await self.count_refusal(f"refused: {where}{exc}")
             raise
@@ -225,7 +256,6 @@ class InstrumentIOC(InstrumentGroup):
                 await self.report(f"fault: {exc}")
             await self.publish(self.connected, 0)
             raise
-        return result
 
     async def heartbeat(self, ok: bool) -> None:
         await self.publish(self.connected, int(ok))
@@ -243,7 +273,7 @@ class InstrumentIOC(InstrumentGroup):
     async def require_lease(self, what: str) -> None:
         """Before a hazardous put: refused (published like any refusal) while a lapsed lease has
         not been taken again."""
-        await self.call(self.procedure_lease.check_hazard, what)
+        await self.check(self.procedure_lease.check_hazard, what)
 
     async def lease_taken(self) -> None:
         """Hook: a lease was taken (e.g. note what the plan then switches on)."""
@@ -252,11 +282,19 @@ class InstrumentIOC(InstrumentGroup):
         """The holder's renewals stopped: make the instrument safe now, off the event loop; returns
         what was done (or what could not be), for StatusMessage_RBV and the log."""
         try:
-            await asyncio.to_thread(self.make_safe)
+            await self.worker.run(self.make_safe)
         except Exception as exc:      # reported: the operator must act
             log.exception("%smaking the instrument safe after the lease lapsed", self.prefix)
             return f"COULD NOT make the instrument safe: {exc}; do it by hand now"
         return "the instrument was made safe"
+
+
+async def _on_loop(func, args):
+    return func(*args)
+
+
+def _raise(exc: BaseException):
+    raise exc
 
 
 def _same(a, b) -> bool:

@@ -3,8 +3,8 @@ faults reported like refusals, reconnection, and the simulated links' fault-inje
 
 The bench backends are the hardware drivers of iocs/hw/ (on the simulated bench they talk to the
 in-process fakes of iocs/sim/bench.py). A driver call blocks for the instrument's answer (a 34401A
-reading integrates for 10 power-line cycles), so it runs in a worker thread: the one CA server
-keeps serving every other instrument meanwhile.
+reading integrates for 10 power-line cycles), so it runs on the instrument's worker thread
+(InstrumentIOC.call): the one CA server keeps serving every other instrument meanwhile.
 
 A put whose driver call fails with `InstrumentFault` (no answer, garbled reply, wrong instrument)
 fails like a refused one: the reason goes to StatusMessage_RBV, Refusals_RBV counts it (so ophyd's
@@ -16,7 +16,6 @@ Sim:Absent (nothing answers), Sim:Identity (the identity the instrument reports;
 """
 from __future__ import annotations
 
-import asyncio
 import time
 
 from caproto import ChannelType
@@ -26,21 +25,6 @@ from calbench.iocs.base import InstrumentGroup, InstrumentIOC, command_pv, setti
 
 RECONNECT_PERIOD_S = 3.0
 MAX_INJECTED_FAULTS = 1000
-
-
-class _Outcome:
-    """A worker thread's result or exception, re-raised on the event loop's side."""
-
-    def __init__(self, func, args):
-        try:
-            self.value, self.error = func(*args), None
-        except Exception as exc:  # re-raised by get() inside InstrumentIOC.call
-            self.value, self.error = None, exc
-
-    def get(self):
-        if self.error is not None:
-            raise self.error
-        return self.value
 
 
 class LinkFaultPVs(InstrumentGroup):
@@ -95,12 +79,17 @@ class BenchInstrumentIOC(InstrumentIOC):
         self._last_attempt = 0.0
 
     async def run(self, func, *args):
-        """Call a driver method in a worker thread. Refusals and faults are published as by
-        InstrumentIOC.call (a fault fails and counts only a put it happens in, not a poll)."""
-        outcome = await asyncio.to_thread(_Outcome, func, args)
-        result = await self.call(outcome.get)
+        """Call a driver method on the instrument's worker thread (InstrumentIOC.call: refusals
+        and faults published; a fault fails and counts only a put it happens in, not a poll),
+        then show the link as up."""
+        result = await self.call(func, *args)
         await self._connected_now()
         return result
+
+    async def apply_setting(self, setting, value):
+        """A table-declared setting (iocs/settings_table.py), then the link shown up (as `run`)."""
+        await super().apply_setting(setting, value)
+        await self._connected_now()
 
     async def _connected_now(self) -> None:
         if getattr(self.backend, "is_open", False):

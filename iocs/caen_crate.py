@@ -30,11 +30,12 @@ import time
 from caproto import ChannelType
 from caproto.server import SubGroup, pvproperty
 
-from calbench.iocs.base import (InstrumentFault, InstrumentGroup, InstrumentIOC, command_pv, enum_pv,
+from calbench.iocs.base import (InstrumentFault, InstrumentGroup, InstrumentIOC, command_pv,
                                 setting_pv, string_pv)
 from calbench.contracts.caen import (BOARD_CHANNELS, HW_IMAX_UA, HW_VMAX_V, RAMP_LIMITS_V_PER_S,
                                      TRIP_LIMITS_S)
 from calbench.iocs.lease import LeasePVs
+from calbench.iocs.settings_table import DOUBLE, ENUM, Setting, settings_group
 
 log = logging.getLogger(__name__)
 
@@ -54,23 +55,38 @@ def _double(name: str, units: str, precision: int, *, read_only: bool = False, d
                       precision=precision, read_only=read_only, doc=doc)
 
 
-def _setting(name: str, units: str, precision: int, low: float, high: float, doc: str):
-    return setting_pv(name, low=low, high=high, units=units, precision=precision, doc=doc)
+def _param(name: str, units: str, precision: int, low: float, high: float, doc: str, *,
+           attr: str) -> Setting:
+    """A numeric channel parameter (backend.set_param(slot, channel, name, value))."""
+    return Setting(name, "set_param", DOUBLE, low=low, high=high, units=units,
+                   precision=precision, args=(name,), attr=attr, doc=doc)
 
 
-class ChannelPVs(InstrumentGroup):
+def _index_in(states: list[str]):
+    def index(value) -> int:
+        return states.index(value) if isinstance(value, str) else int(value)
+    return index
+
+
+CHANNEL_SETTINGS = (
+    _param("V0Set", "V", 1, 0.0, HW_VMAX_V, "voltage setpoint (clamped to SVMax by the crate)",
+           attr="v0set"),
+    _param("I0Set", "uA", 3, 0.0, HW_IMAX_UA, "current limit: above it for Trip s, the channel "
+           "trips", attr="i0set"),
+    _param("RUp", "V/s", 1, *RAMP_LIMITS_V_PER_S, "ramp-up rate", attr="rup"),
+    _param("RDWn", "V/s", 1, *RAMP_LIMITS_V_PER_S, "ramp-down rate", attr="rdwn"),
+    _param("Trip", "s", 1, *TRIP_LIMITS_S, "time above I0Set before a trip", attr="trip"),
+    _param("SVMax", "V", 1, 0.0, HW_VMAX_V, "software voltage limit", attr="svmax"),
+    Setting("Pw", "set_param", ENUM, states=tuple(OFF_ON), args=("Pw",), convert=_index_in(OFF_ON),
+            hazard=("On", "Pw On"), doc="power; the crate switches it Off on a trip"),
+    Setting("PDwn", "set_param", ENUM, states=tuple(KILL_RAMP), args=("PDwn",),
+            convert=_index_in(KILL_RAMP), doc="after a trip: Kill (at once) or Ramp (at RDWn)"),
+)
+
+
+class ChannelPVs(settings_group("ChannelSettings", CHANNEL_SETTINGS)):
     """The PVs of one crate channel; puts go to the crate through the IOC's backend."""
 
-    v0set = _setting("V0Set", "V", 1, 0.0, HW_VMAX_V,
-                     "voltage setpoint (clamped to SVMax by the crate)")
-    i0set = _setting("I0Set", "uA", 3, 0.0, HW_IMAX_UA,
-                     "current limit: above it for Trip s, the channel trips")
-    rup = _setting("RUp", "V/s", 1, *RAMP_LIMITS_V_PER_S, "ramp-up rate")
-    rdwn = _setting("RDWn", "V/s", 1, *RAMP_LIMITS_V_PER_S, "ramp-down rate")
-    trip = _setting("Trip", "s", 1, *TRIP_LIMITS_S, "time above I0Set before a trip")
-    svmax = _setting("SVMax", "V", 1, 0.0, HW_VMAX_V, "software voltage limit")
-    pw = enum_pv("Pw", OFF_ON, doc="power; the crate switches it Off on a trip")
-    pdwn = enum_pv("PDwn", KILL_RAMP, doc="after a trip: Kill (at once) or Ramp (at RDWn)")
     ch_name = pvproperty(name="ChName", value="", dtype=ChannelType.STRING,
                          max_chars=CHANNEL_NAME_CHARS, doc="channel name")
     vmon = _double("VMon", "V", 2, read_only=True, doc="monitored voltage")
@@ -97,41 +113,13 @@ class ChannelPVs(InstrumentGroup):
                                   f"clamped to SVMax = {held:g} V")
         return held
 
-    @v0set.putter
-    async def v0set(self, instance, value):
-        return float(await self._put("V0Set", float(value)))
-
-    @i0set.putter
-    async def i0set(self, instance, value):
-        return float(await self._put("I0Set", float(value)))
-
-    @rup.putter
-    async def rup(self, instance, value):
-        return float(await self._put("RUp", float(value)))
-
-    @rdwn.putter
-    async def rdwn(self, instance, value):
-        return float(await self._put("RDWn", float(value)))
-
-    @trip.putter
-    async def trip(self, instance, value):
-        return float(await self._put("Trip", float(value)))
-
-    @svmax.putter
-    async def svmax(self, instance, value):
-        return float(await self._put("SVMax", float(value)))
-
-    @pw.putter
-    async def pw(self, instance, value):
-        if value in ("On", 1):
-            await self.ioc.require_lease(f"S{self.slot:02d}:C{self.channel:02d} Pw On")
-        await self._put("Pw", OFF_ON.index(value) if isinstance(value, str) else int(value))
-        return value
-
-    @pdwn.putter
-    async def pdwn(self, instance, value):
-        await self._put("PDwn", KILL_RAMP.index(value) if isinstance(value, str) else int(value))
-        return value
+    async def apply_setting(self, setting, value):
+        """A channel parameter of the table: numbers store what the crate holds (V0Set clamped
+        at SVMax), states the state sent."""
+        if setting.hazard and value == setting.hazard[0]:
+            await self.ioc.require_lease(f"S{self.slot:02d}:C{self.channel:02d} {setting.hazard[1]}")
+        held = await self._put(setting.args[0], setting.argument(value))
+        return None if setting.dtype == ENUM else float(held)
 
     @ch_name.putter
     async def ch_name(self, instance, value):
@@ -266,7 +254,7 @@ class CaenCrateIOC(InstrumentIOC):
         self._last_put = time.monotonic()      # poll fast while they ramp down
         async with self.crate_lock:
             try:
-                self.backend.make_safe()
+                await self.worker.run(self.backend.make_safe)
             except Exception as exc:           # reported: the operator must act
                 log.exception("%smaking the crate safe after the lease lapsed", self.prefix)
                 return (f"COULD NOT switch the channels off: {exc}; switch them off at the crate "
@@ -319,9 +307,12 @@ class CaenCrateIOC(InstrumentIOC):
         async with self.crate_lock:
             await self.poll_unlocked()
 
+    def _read_boards(self) -> dict[int, dict[str, list]]:
+        return {slot: self.backend.read_board(slot) for slot in self.channel_pvs}
+
     async def poll_unlocked(self) -> None:
-        try:
-            readings = {slot: self.backend.read_board(slot) for slot in self.channel_pvs}
+        try:       # on the crate's worker thread: a slow crate holds up only its own PVs
+            readings = await self.worker.run(self._read_boards)
         except Exception as exc:     # a fault (or a driver bug) must not stop the IOC
             if not isinstance(exc, InstrumentFault):
                 log.exception("reading the crate failed")

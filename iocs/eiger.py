@@ -49,7 +49,6 @@ StatusMessage_RBV (Connected_RBV = 0) and the IOC keeps serving.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from pathlib import Path
@@ -60,12 +59,14 @@ from caproto._constants import (MAX_SUBSCRIPTION_BACKLOG,
                                 SUBSCRIPTION_BACKLOG_WARN_THRESHOLD_ELEMENTS)
 from caproto.server import SubGroup, pvproperty
 
-from calbench.contracts.eiger import DAC_MAX, DAC_MIN, TRIMBIT_MAX
 from calbench.contracts.eiger_geometry import EigerGeometry, frame_dtype
-from calbench.contracts.trimfile import DAC_NAMES, SETTINGS_NAMES, serial_from_hostname
+from calbench.contracts.trimfile import SETTINGS_NAMES, serial_from_hostname
 from calbench.iocs.base import (InstrumentFault, InstrumentGroup, InstrumentIOC, Refused, command_pv,
                                 enum_pv, setting_pv, string_pv)
 from calbench.iocs.eiger_hdf5 import FrameFile, acquire_to_file
+from calbench.iocs.eiger_settings import (ALL_DACS, EIGER_SETTINGS, MAX_TRIM_ENERGIES, TRIMBIT_CALLS,
+                                          EigerDacs)
+from calbench.iocs.settings_table import settings_group
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +78,7 @@ NO_YES = ["No", "Yes"]
 FILE_WRITE_MODES = ["Single", "Stream"]
 LIVE_BINNING = 4
 POLL_PERIOD_S = 1.0
-MAX_TRIM_ENERGIES = 32
-ALL_DACS = tuple(DAC_NAMES) + ("iodelay",)
-
-
 MAX_COUNTER = 2 ** 31 - 1
-MAX_ENERGY_EV = 100_000
-MAX_FRAMES = 100_000
-MAX_TIME_S = 3600.0
 
 
 def _int_pv(name, value=0, *, read_only=False, low=None, high=None, units="", doc=""):
@@ -115,25 +109,6 @@ def _array_pv(name, dtype, *, read_only=False, low=None, high=None, doc=""):
                       **limits)
 
 
-def _dac_group() -> type[InstrumentGroup]:
-    """PVGroup with `<dac>` and `<dac>_RBV` for the 16 DACs and iodelay (slsdet names)."""
-
-    def make_putter(dac: str):
-        async def putter(group, instance, value):
-            ioc = group.parent
-            await ioc._setting(ioc.backend.set_dac, dac, int(value))
-            return value
-        return putter
-
-    attrs = {}
-    for dac in ALL_DACS:
-        attrs[dac] = setting_pv(dac, ChannelType.LONG, low=DAC_MIN, high=DAC_MAX,
-                                put=make_putter(dac), doc=f"{dac} of every half module, DAC units")
-        attrs[f"{dac}_rbv"] = pvproperty(name=f"{dac}_RBV", value=0, dtype=ChannelType.LONG,
-                                         read_only=True, doc=f"{dac}; -1 if half modules differ")
-    return type("EigerDacs", (InstrumentGroup,), attrs)
-
-
 class _SimControls(InstrumentGroup):
     unresponsive = command_pv("Unresponsive", "simulation: 1 makes the detector stop answering")
 
@@ -151,7 +126,7 @@ class _LiveImage(InstrumentGroup):
     binning = _int_pv("Binning_RBV", LIVE_BINNING, read_only=True)
 
 
-class EigerIOC(InstrumentIOC):
+class EigerIOC(settings_group("EigerSettings", EIGER_SETTINGS, InstrumentIOC)):
     """PVs of an EIGER detector over a backend (iocs/sim/eiger.py:EigerSim or iocs/hw/eiger.py)."""
 
     geometry_name = string_pv("Geometry_RBV")
@@ -163,55 +138,32 @@ class EigerIOC(InstrumentIOC):
     serials = string_pv("Serials_RBV", doc="trim-file serials (.snNNN) of the half modules")
     det_id = string_pv("DetId_RBV")
 
-    dacs = SubGroup(_dac_group(), prefix="")
-    dac_table = _array_pv("DacTable", ChannelType.LONG, low=DAC_MIN, high=DAC_MAX,
-                          doc="[17 x half modules] DACs + iodelay")
+    dacs = SubGroup(EigerDacs, prefix="")
     dac_table_rbv = _array_pv("DacTable_RBV", ChannelType.LONG, read_only=True)
-    vthreshold = _int_pv("Vthreshold", low=DAC_MIN, high=DAC_MAX,
-                         doc="vcmp_ll/lr/rl/rr and vcp of every half module")
     vthreshold_rbv = _int_pv("Vthreshold_RBV", read_only=True, doc="-1 if they differ")
-    vcmp = _array_pv("Vcmp", ChannelType.LONG, low=DAC_MIN, high=DAC_MAX,
-                     doc="per-chip vcmp (slsdet order)")
     vcmp_rbv = _array_pv("Vcmp_RBV", ChannelType.LONG, read_only=True)
 
-    trimbits = _array_pv("Trimbits", ChannelType.INT, low=0, high=TRIMBIT_MAX,
-                         doc="rows x cols trimbits")
     trimbits_rbv = _array_pv("Trimbits_RBV", ChannelType.INT, read_only=True)
-    trimval = _int_pv("Trimval", 32, low=0, high=TRIMBIT_MAX, doc="set every trimbit to this value")
     trimval_rbv = _int_pv("Trimval_RBV", read_only=True, doc="-1 if trimbits differ")
     load_trimbits = string_pv("LoadTrimbits", read_only=False,
                               doc="path prefix of trim files to load (.snXXX appended)")
     save_trimbits = string_pv("SaveTrimbits", read_only=False,
                               doc="path prefix to save the trim files to (.snXXX appended)")
 
-    dynamic_range = _int_pv("DynamicRange", 16, low=4, high=32, units="bit",
-                            doc="bits: 4, 8, 12, 16 or 32")
     dynamic_range_rbv = _int_pv("DynamicRange_RBV", 16, read_only=True)
-    acquire_time = _float_pv("AcquireTime", 1.0, low=0.0, high=MAX_TIME_S, units="s")
     acquire_time_rbv = _float_pv("AcquireTime_RBV", 1.0, units="s", read_only=True)
-    acquire_period = _float_pv("AcquirePeriod", 0.0, low=0.0, high=MAX_TIME_S, units="s")
     acquire_period_rbv = _float_pv("AcquirePeriod_RBV", 0.0, units="s", read_only=True)
-    num_images = _int_pv("NumImages", 1, low=1, high=MAX_FRAMES)
     num_images_rbv = _int_pv("NumImages_RBV", 1, read_only=True)
 
-    threshold_energy = _int_pv("ThresholdEnergy", -1, low=1, high=MAX_ENERGY_EV, units="eV",
-                               doc="loads/interpolates trim files")
     threshold_energy_rbv = _int_pv("ThresholdEnergy_RBV", -1, read_only=True,
                                    doc="eV; -1 when DACs or trimbits were set directly")
-    trim_energies = setting_pv("TrimEnergies", ChannelType.LONG, low=1, high=MAX_ENERGY_EV,
-                               value=[4500, 5400, 6400], units="eV", max_length=MAX_TRIM_ENERGIES,
-                               length="up to", doc="energies for which trim files exist")
     trim_energies_rbv = pvproperty(name="TrimEnergies_RBV", value=[4500, 5400, 6400],
                                    dtype=ChannelType.LONG, max_length=MAX_TRIM_ENERGIES,
                                    read_only=True)
-    settings = enum_pv("Settings", list(SETTINGS_NAMES), "standard")
     settings_rbv = enum_pv("Settings_RBV", list(SETTINGS_NAMES) + ["undefined"], "undefined",
                            read_only=True)
-    settings_dir = string_pv("SettingsDir", read_only=False, max_length=1024)
     settings_dir_rbv = string_pv("SettingsDir_RBV", max_length=1024)
-    rate_corr_tau = _float_pv("RateCorrTau", 0.0, low=0.0, high=10_000.0, units="ns", precision=1)
     rate_corr_tau_rbv = _float_pv("RateCorrTau_RBV", 0.0, units="ns", precision=1, read_only=True)
-    test_pulses = _int_pv("TestPulses", 0, low=0, high=65535, doc="test pulses per frame; 0 = off")
     test_pulses_rbv = _int_pv("TestPulses_RBV", 0, read_only=True)
     temperature = _float_pv("Temperature_RBV", 0.0, units="degC", precision=2, read_only=True)
 
@@ -250,7 +202,6 @@ class EigerIOC(InstrumentIOC):
         self.geometry: EigerGeometry = backend.geometry
         super().__init__(prefix=prefix, backend=backend, clock=clock, **kwargs)
         self._busy = False
-        self._backend_lock = asyncio.Lock()
         self._stream_file: FrameFile | None = None
         if not hasattr(backend, "truth"):             # hardware: no fault-injection PVs
             for name in list(self.pvdb):
@@ -291,9 +242,8 @@ class EigerIOC(InstrumentIOC):
         """Refuse a put during an acquisition (the detector server does too): reported, counted,
         raised."""
         if self._busy:       # answered at once: the acquisition holds the backend
-            await InstrumentIOC.call(self, _raise, Refused(
-                "the detector is acquiring; wait for DetectorState_RBV = Idle or put Acquire = 0 "
-                "to abort"))
+            await self.refuse("the detector is acquiring; wait for DetectorState_RBV = Idle or "
+                              "put Acquire = 0 to abort")
 
     def _serials(self) -> list[str]:
         """Trim-file serials: the detector's module ids (hardware), else from the hostnames."""
@@ -302,15 +252,9 @@ class EigerIOC(InstrumentIOC):
                                               for h in self.backend.hostnames]
 
     async def call(self, func, *args):
-        """A backend call on behalf of a put, in a worker thread (a detector that answers slowly
-        must not hold up Channel Access) and one at a time. Refusals and faults are published and
-        re-raised (InstrumentIOC.call); any other exception becomes a fault: no error of a
-        backend may take the IOC down."""
-        try:
-            async with self._backend_lock:
-                return await asyncio.to_thread(_guarded, func, *args)
-        except (Refused, InstrumentFault) as exc:
-            return await super().call(_raise, exc)
+        """A backend call on the detector's worker thread (InstrumentIOC.call). Any exception but
+        a refusal or a fault becomes a fault: no error of a backend may take the IOC down."""
+        return await super().call(_guarded, func, *args)
 
     def _read_settings(self, trimbits: bool) -> dict:
         """Every settings readback from the backend (worker thread)."""
@@ -374,6 +318,11 @@ class EigerIOC(InstrumentIOC):
             await setpoint.write(rbv.value, verify_value=False)
         await self.settings_dir.write(self.settings_dir_rbv.value, verify_value=False)
 
+    async def apply_setting(self, setting, value):
+        """A setting PV of the table (iocs/eiger_settings.py): its backend call, as `_setting`."""
+        await self._setting(getattr(self.backend, setting.call), *setting.args,
+                            setting.argument(value), trimbits=setting.call in TRIMBIT_CALLS)
+
     async def _setting(self, func, *args, trimbits: bool = False):
         """A settings put: refused while acquiring, then the backend call, then the readbacks,
         also after a refusal (a detector may refuse half way: the readbacks show what it holds)."""
@@ -415,8 +364,7 @@ class EigerIOC(InstrumentIOC):
             await self.heartbeat(True)
             return
         try:
-            async with self._backend_lock:
-                t = await asyncio.to_thread(_guarded, self.backend.temperature)
+            t = await self.worker.run(_guarded, self.backend.temperature)
         except (Refused, InstrumentFault) as exc:
             await self.report(f"fault: {exc}")
             await self.heartbeat(False)
@@ -427,33 +375,7 @@ class EigerIOC(InstrumentIOC):
         if self.detector_state.value == "Disconnected":
             await self.publish(self.detector_state, "Idle")
 
-    # -- DACs, vthreshold, vcmp ---------------------------------------------------------------------
-    @dac_table.putter
-    async def dac_table(self, instance, value):
-        await self._setting(self.backend.set_dac_table, np.asarray(value))
-        return value
-
-    @vthreshold.putter
-    async def vthreshold(self, instance, value):
-        await self._setting(self.backend.set_vthreshold, int(value))
-        return value
-
-    @vcmp.putter
-    async def vcmp(self, instance, value):
-        await self._setting(self.backend.set_vcmp, np.asarray(value))
-        return value
-
-    # -- trimbits -----------------------------------------------------------------------------------
-    @trimbits.putter
-    async def trimbits(self, instance, value):
-        await self._setting(self.backend.set_trimbits, np.asarray(value), trimbits=True)
-        return value
-
-    @trimval.putter
-    async def trimval(self, instance, value):
-        await self._setting(self.backend.set_trimval, int(value), trimbits=True)
-        return value
-
+    # -- trimbit files (the other settings are the table's, iocs/eiger_settings.py) ---------------
     @load_trimbits.putter
     async def load_trimbits(self, instance, value):
         if value:
@@ -472,58 +394,7 @@ class EigerIOC(InstrumentIOC):
     async def _refuse_relative(self, pv: str, path: str) -> None:
         """A relative path would land in whatever directory the IOC was started from."""
         if not os.path.isabs(path):
-            await self.call(_raise, Refused(f"{pv} {path!r} must be an absolute path prefix"))
-
-    # -- acquisition settings -----------------------------------------------------------------------
-    @dynamic_range.putter
-    async def dynamic_range(self, instance, value):
-        await self._setting(self.backend.set_dynamic_range, int(value))
-        return value
-
-    @acquire_time.putter
-    async def acquire_time(self, instance, value):
-        await self._setting(self.backend.set_exptime, float(value))
-        return value
-
-    @acquire_period.putter
-    async def acquire_period(self, instance, value):
-        await self._setting(self.backend.set_period, float(value))
-        return value
-
-    @num_images.putter
-    async def num_images(self, instance, value):
-        await self._setting(self.backend.set_frames, int(value))
-        return value
-
-    @threshold_energy.putter
-    async def threshold_energy(self, instance, value):
-        await self._setting(self.backend.set_threshold_energy, int(value), trimbits=True)
-        return value
-
-    @trim_energies.putter
-    async def trim_energies(self, instance, value):
-        await self._setting(self.backend.set_trim_energies, list(np.atleast_1d(value)))
-        return value
-
-    @settings.putter
-    async def settings(self, instance, value):
-        await self._setting(self.backend.set_settings, str(value))
-        return value
-
-    @settings_dir.putter
-    async def settings_dir(self, instance, value):
-        await self._setting(self.backend.set_settings_dir, str(value))
-        return value
-
-    @rate_corr_tau.putter
-    async def rate_corr_tau(self, instance, value):
-        await self._setting(self.backend.set_rate_correction, float(value))
-        return value
-
-    @test_pulses.putter
-    async def test_pulses(self, instance, value):
-        await self._setting(self.backend.set_test_pulses, int(value))
-        return value
+            await self.refuse(f"{pv} {path!r} must be an absolute path prefix")
 
     # -- file writing -------------------------------------------------------------------------------
     @file_path.putter
@@ -531,7 +402,7 @@ class EigerIOC(InstrumentIOC):
         await self.refuse_if_busy()
         path = str(value)
         if path and not os.path.isabs(path):
-            await self.call(_raise, Refused(f"FilePath {path!r} must be an absolute directory"))
+            await self.refuse(f"FilePath {path!r} must be an absolute directory")
         await self.publish(self.file_path_rbv, path)
         await self.publish(self.file_path_exists, NO_YES[int(bool(path) and os.path.isdir(path))])
         return value
@@ -541,8 +412,8 @@ class EigerIOC(InstrumentIOC):
         await self.refuse_if_busy()
         name = str(value)
         if not name or "/" in name or name.startswith("."):
-            await self.call(_raise, Refused(f"FileName {name!r}: use a plain, non-empty name "
-                                            "without '/' (the directory is FilePath)"))
+            await self.refuse(f"FileName {name!r}: use a plain, non-empty name without '/' "
+                              "(the directory is FilePath)")
         await self.publish(self.file_name_rbv, name)
         return value
 
@@ -550,7 +421,7 @@ class EigerIOC(InstrumentIOC):
     async def file_number(self, instance, value):
         await self.refuse_if_busy()
         if int(value) < 0:
-            await self.call(_raise, Refused(f"FileNumber {value} must be >= 0"))
+            await self.refuse(f"FileNumber {value} must be >= 0")
         await self.publish(self.file_number_rbv, int(value))
         return value
 
@@ -565,8 +436,8 @@ class EigerIOC(InstrumentIOC):
             try:
                 self._stream_file = FrameFile(path, self.geometry, self.backend)
             except OSError as exc:
-                await self.call(_raise, Refused(f"cannot create {path}: {exc}; check FilePath "
-                                                "and its permissions"))
+                await self.refuse(f"cannot create {path}: {exc}; check FilePath and its "
+                                  "permissions")
             await self.publish(self.full_file_name, str(path))
             await self.publish(self.num_captured, 0)
         elif value == "Off" and self._stream_file is not None:
@@ -580,8 +451,8 @@ class EigerIOC(InstrumentIOC):
     async def file_write_mode(self, instance, value):
         await self.refuse_if_busy()
         if self.capture_rbv.value == "On":
-            await self.call(_raise, Refused("FileWriteMode cannot change while capturing; put "
-                                            "Capture = Off first"))
+            await self.refuse("FileWriteMode cannot change while capturing; put Capture = Off "
+                              "first")
         await self.publish(self.file_write_mode_rbv, value)
         return value
 
@@ -644,9 +515,9 @@ class EigerIOC(InstrumentIOC):
         call = self.call
         dr = await call(lambda: int(self.backend.dr))
         if self._stream_file is not None and self._stream_file.dtype != frame_dtype(dr):
-            await call(_raise, Refused(
+            await self.refuse(
                 f"the open file {self._stream_file.path.name} holds {self._stream_file.dtype} "
-                "frames but DynamicRange changed; put Capture = Off and On to start a new file"))
+                "frames but DynamicRange changed; put Capture = Off and On to start a new file")
         single = self.capture_rbv.value == "On" and self._stream_file is None
         path = await call(self._next_file) if single else None
         self._busy = True
@@ -655,12 +526,12 @@ class EigerIOC(InstrumentIOC):
             await self.publish(self.detector_state, "Acquire")
             await self.publish(self.images_counter, 0)
             try:
-                async with self._backend_lock:      # other puts are refused meanwhile
-                    frames, starts, aborted = await asyncio.to_thread(
-                        acquire_to_file, self.backend, self.geometry, path, self._stream_file)
+                # on the worker thread; other puts are refused meanwhile
+                frames, starts, aborted = await self.worker.run(
+                    acquire_to_file, self.backend, self.geometry, path, self._stream_file)
             except OSError as exc:
-                await call(_raise, Refused(f"writing {path or self._stream_file.path} failed: "
-                                           f"{exc}; check FilePath, free space and permissions"))
+                await self.refuse(f"writing {path or self._stream_file.path} failed: {exc}; "
+                                  "check FilePath, free space and permissions")
             except (Refused, InstrumentFault) as exc:
                 await call(_raise, exc)
             except Exception as exc:                # never a crash: a fault, the IOC serves on

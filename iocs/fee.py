@@ -39,6 +39,7 @@ from calbench.contracts.fee import (ADC_FINE_LSB_PC, DAC_FULL_SCALE_PC, DAC_MAX,
                                     N_CHANNELS, TDC_LSB_NS, THRESHOLD_RANGE_MV)
 from calbench.iocs.base import (InstrumentFault, InstrumentGroup, InstrumentIOC, command_pv, enum_pv,
                                 setting_pv)
+from calbench.iocs.settings_table import DOUBLE, Setting, settings_group
 
 POLL_PERIOD_S = 0.05
 MAX_CABLE_M = 2000.0
@@ -62,9 +63,14 @@ class _ChannelSweep(InstrumentGroup):
     reflected_time = _waveform("ReflectedTime_RBV", "reflected-pulse TDC time of each pulse, ns")
 
 
-class _Channel(InstrumentGroup):
-    threshold = setting_pv("Threshold", low=THRESHOLD_RANGE_MV[0], high=THRESHOLD_RANGE_MV[1],
-                           units="mV", precision=3, doc="leading-edge discriminator threshold")
+CHANNEL_SETTINGS = (
+    Setting("Threshold", "set_threshold", DOUBLE, low=THRESHOLD_RANGE_MV[0],
+            high=THRESHOLD_RANGE_MV[1], units="mV", precision=3,
+            doc="leading-edge discriminator threshold"),
+)
+
+
+class _Channel(settings_group("FeeChannelSettings", CHANNEL_SETTINGS)):
     direct_charge = _scalar_rbv("DirectCharge_RBV", "pC", "last single pulse")
     direct_time = _scalar_rbv("DirectTime_RBV", "ns")
     reflected_charge = _scalar_rbv("ReflectedCharge_RBV", "pC")
@@ -75,11 +81,10 @@ class _Channel(InstrumentGroup):
     def channel(self) -> int:
         return int(self.prefix.rstrip(":").rsplit("Ch", 1)[1])
 
-    @threshold.putter
-    async def threshold(self, instance, value):
+    async def apply_setting(self, setting, value):
+        """backend.<call>(channel, value) for this channel."""
         ioc = self.parent
-        await ioc.call(ioc.backend.set_threshold, self.channel, float(value))
-        return value
+        await ioc.call(getattr(ioc.backend, setting.call), self.channel, setting.argument(value))
 
 
 class _SimControls(InstrumentGroup):
@@ -237,9 +242,8 @@ class FeeIOC(InstrumentIOC):
     # -- poll: progress, end of sweep, temperature, heartbeat --------------------------------------
     @seq_busy.scan(period=POLL_PERIOD_S)
     async def seq_busy(self, instance, async_lib):
-        try:
-            busy, done, total = self.backend.sweep_status()
-            temperature = self.backend.temperature_C()
+        try:       # on the board's worker thread, as every backend call
+            (busy, done, total), temperature = await self.worker.run(self._status)
         except InstrumentFault as exc:
             await self.report(f"fault: {exc}")
             await self.heartbeat(False)
@@ -254,8 +258,11 @@ class FeeIOC(InstrumentIOC):
             await self.publish(instance, 0)
             await self.seq_count.write(self.seq_count.value + 1, timestamp=self.clock.now())
 
+    def _status(self):
+        return self.backend.sweep_status(), self.backend.temperature_C()
+
     async def _publish_sweep(self) -> None:
-        result = self.backend.sweep_result()
+        result = await self.worker.run(self.backend.sweep_result)
         if result is None:
             return
         ts = float(result.pulse_times[0]) if len(result.pulse_times) else self.clock.now()

@@ -126,7 +126,7 @@ class LeasePVs(InstrumentGroup):
     @take.putter
     async def take(self, instance, value):
         renewal = self.lease.state == HELD and self.lease.holder == value
-        await self.parent.call(self.lease.take, value)
+        await self.parent.check(self.lease.take, value)
         if not renewal:
             await self.parent.lease_taken()
         await self._show()
@@ -143,7 +143,7 @@ class LeasePVs(InstrumentGroup):
 
     @release.putter
     async def release(self, instance, value):
-        await self.parent.call(self.lease.release, value)
+        await self.parent.check(self.lease.release, value)
         await self._show()
         return value
 

@@ -91,7 +91,7 @@ class Multimeter34401aIOC(BenchInstrumentIOC):
 
     @samples.putter
     async def samples(self, instance, value):
-        await self.call(_check_samples, int(value))
+        await self.check(_check_samples, int(value))
         return int(value)
 
     @measure.putter

@@ -20,10 +20,11 @@ from __future__ import annotations
 from caproto import ChannelType
 from caproto.server import SubGroup, pvproperty
 
-from calbench.iocs.base import command_pv, enum_pv, set_limits, setting_pv
+from calbench.iocs.base import command_pv, enum_pv, set_limits
 from calbench.iocs.bench_ioc import BenchInstrumentIOC
 from calbench.iocs.hw.scpi_psu import DEFAULT_SETTINGS
 from calbench.iocs.lease import LeasePVs
+from calbench.iocs.settings_table import DOUBLE, ENUM, Setting, settings_group
 
 OFF_ON = ["Off", "On"]
 MODES = ["Off", "CV", "CC"]
@@ -32,14 +33,26 @@ DEFAULT_MAX_V = DEFAULT_SETTINGS["max_voltage_V"]
 DEFAULT_MAX_A = DEFAULT_SETTINGS["max_current_A"]
 
 
-class ScpiPsuIOC(BenchInstrumentIOC):
-    voltage = setting_pv("Voltage", low=0.0, high=DEFAULT_MAX_V, units="V", precision=4)
+def _on(value) -> bool:
+    return value == "On"
+
+
+# the lab file narrows Voltage and CurrentLimit to this supply's maxima (ScpiPsuIOC.__init__)
+PSU_SETTINGS = (
+    Setting("Voltage", "set_voltage", DOUBLE, low=0.0, high=DEFAULT_MAX_V, units="V",
+            precision=4),
+    Setting("CurrentLimit", "set_current_limit", DOUBLE, low=0.0, high=DEFAULT_MAX_A, units="A",
+            precision=4),
+    Setting("Output", "set_output", ENUM, states=tuple(OFF_ON), convert=_on,
+            hazard=("On", "Output On")),
+)
+
+
+class ScpiPsuIOC(settings_group("PsuSettings", PSU_SETTINGS, BenchInstrumentIOC)):
     voltage_rbv = pvproperty(name="Voltage_RBV", value=0.0, read_only=True,
                              dtype=ChannelType.DOUBLE, precision=4, units="V")
-    current_limit = setting_pv("CurrentLimit", low=0.0, high=DEFAULT_MAX_A, units="A", precision=4)
     current_limit_rbv = pvproperty(name="CurrentLimit_RBV", value=0.0, read_only=True,
                                    dtype=ChannelType.DOUBLE, precision=4, units="A")
-    output = enum_pv("Output", OFF_ON)
     output_rbv = enum_pv("Output_RBV", OFF_ON, read_only=True)
     voltage_meas = pvproperty(name="VoltageMeas_RBV", value=0.0, read_only=True,
                               dtype=ChannelType.DOUBLE, precision=4, units="V")
@@ -71,25 +84,10 @@ class ScpiPsuIOC(BenchInstrumentIOC):
     async def after_connect(self) -> None:
         await self.refresh()
 
-    @voltage.putter
-    async def voltage(self, instance, value):
-        await self.run(self.backend.set_voltage, float(value))
+    async def apply_setting(self, setting, value):
+        """A setting of the table, then every readback (the supply may clamp or trip)."""
+        await super().apply_setting(setting, value)
         await self.refresh()
-        return value
-
-    @current_limit.putter
-    async def current_limit(self, instance, value):
-        await self.run(self.backend.set_current_limit, float(value))
-        await self.refresh()
-        return value
-
-    @output.putter
-    async def output(self, instance, value):
-        if value == "On":
-            await self.require_lease("Output On")
-        await self.run(self.backend.set_output, value == "On")
-        await self.refresh()
-        return value
 
     @update.putter
     async def update(self, instance, value):

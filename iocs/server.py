@@ -157,6 +157,9 @@ async def _serve(groups: list[PVGroup], interfaces: list[str], stop: asyncio.Eve
         await task
     except asyncio.CancelledError:
         pass
+    finally:
+        for group in instruments:      # their worker threads end once idle
+            group.worker.close()
 
 
 class _Announce:

@@ -18,14 +18,34 @@ from __future__ import annotations
 from caproto import ChannelType
 from caproto.server import SubGroup, pvproperty
 
-from calbench.iocs.base import (InstrumentFault, InstrumentGroup, InstrumentIOC, command_pv, enum_pv,
-                                setting_pv)
+from calbench.iocs.base import InstrumentFault, InstrumentGroup, InstrumentIOC, command_pv, enum_pv
 from calbench.iocs.lease import LeasePVs
+from calbench.iocs.settings_table import DOUBLE, ENUM, Setting, settings_group
 from calbench.iocs.sim.xray import XRF_LINES_KEV, MAX_KV, MAX_MA
 
 OFF_ON = ["Off", "On"]
 CLOSED_OPEN = ["Closed", "Open"]
 POLL_PERIOD_S = 0.1
+
+
+def _on(value) -> bool:
+    return value == "On"
+
+
+def _open(value) -> bool:
+    return value == "Open"
+
+
+XRAYBOX_SETTINGS = (
+    Setting("HV", "set_hv", ENUM, states=tuple(OFF_ON), convert=_on, hazard=("On", "HV On")),
+    Setting("Voltage", "set_voltage", DOUBLE, low=0.0, high=MAX_KV, units="kV", precision=2),
+    Setting("Current", "set_current", DOUBLE, low=0.0, high=MAX_MA, units="mA", precision=2),
+    Setting("Target", "set_target", ENUM, states=tuple(XRF_LINES_KEV), value="Cu"),
+    Setting("Shutter:XRF", "set_shutter", ENUM, states=tuple(CLOSED_OPEN), args=("XRF",),
+            convert=_open, hazard=("Open", "XRF shutter Open"), attr="xrf_shutter"),
+    Setting("Shutter:Direct", "set_shutter", ENUM, states=tuple(CLOSED_OPEN), args=("Direct",),
+            convert=_open, hazard=("Open", "Direct shutter Open"), attr="direct_shutter"),
+)
 
 
 class _SimControls(InstrumentGroup):
@@ -43,25 +63,19 @@ class _SimControls(InstrumentGroup):
         return int(bool(value))
 
 
-class XrayBoxIOC(InstrumentIOC):
-    hv = enum_pv("HV", OFF_ON)
+class XrayBoxIOC(settings_group("XrayBoxSettings", XRAYBOX_SETTINGS, InstrumentIOC)):
     hv_rbv = enum_pv("HV_RBV", OFF_ON, read_only=True)
     warmup_remaining = pvproperty(name="WarmupRemaining_RBV", value=0.0, read_only=True,
                                   dtype=ChannelType.DOUBLE, precision=1, units="s")
-    voltage = setting_pv("Voltage", low=0.0, high=MAX_KV, units="kV", precision=2)
     voltage_rbv = pvproperty(name="Voltage_RBV", value=0.0, read_only=True, dtype=ChannelType.DOUBLE,
                              precision=2, units="kV")
-    current = setting_pv("Current", low=0.0, high=MAX_MA, units="mA", precision=2)
     current_rbv = pvproperty(name="Current_RBV", value=0.0, read_only=True, dtype=ChannelType.DOUBLE,
                              precision=2, units="mA")
-    target = enum_pv("Target", list(XRF_LINES_KEV), "Cu")
     target_rbv = enum_pv("Target_RBV", list(XRF_LINES_KEV), "Cu", read_only=True)
     target_energy = pvproperty(name="TargetEnergy_RBV", value=XRF_LINES_KEV["Cu"], read_only=True,
                                dtype=ChannelType.DOUBLE, precision=3, units="keV")
     target_moving = pvproperty(name="TargetMoving_RBV", value=0, read_only=True, dtype=ChannelType.INT)
-    xrf_shutter = enum_pv("Shutter:XRF", CLOSED_OPEN)
     xrf_shutter_rbv = enum_pv("Shutter:XRF_RBV", CLOSED_OPEN, read_only=True)
-    direct_shutter = enum_pv("Shutter:Direct", CLOSED_OPEN)
     direct_shutter_rbv = enum_pv("Shutter:Direct_RBV", CLOSED_OPEN, read_only=True)
     locked = pvproperty(name="Locked_RBV", value=0, read_only=True, dtype=ChannelType.INT)
     unlock = command_pv("Unlock", "1: take the box for this IOC (the box's client lock)")
@@ -79,42 +93,6 @@ class XrayBoxIOC(InstrumentIOC):
             for name in list(self.pvdb):
                 if name.startswith(prefix + "Sim:"):
                     del self.pvdb[name]
-
-    @hv.putter
-    async def hv(self, instance, value):
-        if value == "On":
-            await self.require_lease("HV On")
-        await self.call(self.backend.set_hv, value == "On")
-        return value
-
-    @voltage.putter
-    async def voltage(self, instance, value):
-        await self.call(self.backend.set_voltage, float(value))
-        return value
-
-    @current.putter
-    async def current(self, instance, value):
-        await self.call(self.backend.set_current, float(value))
-        return value
-
-    @target.putter
-    async def target(self, instance, value):
-        await self.call(self.backend.set_target, value)
-        return value
-
-    @xrf_shutter.putter
-    async def xrf_shutter(self, instance, value):
-        if value == "Open":
-            await self.require_lease("XRF shutter Open")
-        await self.call(self.backend.set_shutter, "XRF", value == "Open")
-        return value
-
-    @direct_shutter.putter
-    async def direct_shutter(self, instance, value):
-        if value == "Open":
-            await self.require_lease("Direct shutter Open")
-        await self.call(self.backend.set_shutter, "Direct", value == "Open")
-        return value
 
     @unlock.putter
     async def unlock(self, instance, value):
@@ -137,7 +115,7 @@ class XrayBoxIOC(InstrumentIOC):
                               lambda: backend.set_shutter("Direct", False)),
                              ("switch the tube HV off", lambda: backend.set_hv(False))):
             try:
-                action()
+                await self.worker.run(action)
             except Exception as exc:      # the others must still be done
                 failed.append(f"could not {what}: {exc}")
         if failed:
@@ -147,7 +125,7 @@ class XrayBoxIOC(InstrumentIOC):
     @hv_rbv.scan(period=POLL_PERIOD_S)
     async def hv_rbv(self, instance, async_lib):
         try:
-            s = self.backend.read()
+            s = await self.worker.run(self.backend.read)
         except InstrumentFault as exc:
             await self.report(f"fault: {exc}")
             await self.heartbeat(False)

@@ -11,6 +11,7 @@ Other instruments of the world (the EIGER simulator) ask `xrf_beam()` what they 
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 from calbench.iocs.errors import Refused
@@ -69,6 +70,10 @@ class XrayBoxSim:
     locked: bool = False
     door_open: bool = False
     shutter_stuck: bool = False       # fault injection: the XRF shutter motor does not move
+    # fault injection: a box that answers slowly. While `answer_gate` is an Event, each command
+    # waits for it to be set; `waiting` is set while a command waits there.
+    answer_gate: threading.Event | None = None
+    waiting: threading.Event = field(default_factory=threading.Event)
     _hv_on: bool = False
     _hv_since: float = 0.0
     _shutter_requested: dict = field(default_factory=lambda: {s: (False, 0.0) for s in SHUTTERS})
@@ -114,7 +119,17 @@ class XrayBoxSim:
         )
 
     # -- commands --------------------------------------------------------------------------------
+    def _answer(self) -> None:
+        gate = self.answer_gate
+        if gate is not None:
+            self.waiting.set()
+            try:
+                gate.wait()
+            finally:
+                self.waiting.clear()
+
     def _check_unlocked(self):
+        self._answer()
         if self.locked:
             raise Refused("the box is locked by another client; unlock it first (Unlock = 1)")
 
