@@ -42,7 +42,7 @@ the paper notes may stand in for Q.
 On the simulated board (iocs/sim/fee.py, 20 m of RG58, the paper's 500..12000 sweep) the spread of
 repeated calibrations is 0.047 ns with "likelihood" and 0.11 ns with "binned" (the lab's seed; other
 simulated boards give 0.04..0.06 and 0.11..0.14 ns); a plain average of TDC times at one amplitude
-is off by up to 0.4 ns in the paper's incremental table (calbench.fee_paper).
+is off by up to 0.4 ns in the paper's incremental table (calbench.procedures.fee_paper).
 
 Nothing here imports ophyd, bluesky's RunEngine or caproto: arrays in, numbers and figures out.
 """

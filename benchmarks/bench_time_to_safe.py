@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from calbench.kill_drill import main
+from calbench.procedures.kill_drill import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

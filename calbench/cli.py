@@ -6,7 +6,9 @@
     calbench up | down [--force]               simulated IOCs, tiled, Redis + RE Manager in the background
     calbench queue start|stop|status|keys      the queue server alone (see calbench.queue_service)
     calbench demo                              non-interactive tour of every procedure
-    calbench <procedure> ...                   procedure tools (batmet, qc6, fee, ...)
+    calbench <procedure> ...                   procedure tools (batmet, qc6, fee, eiger)
+
+The core's commands are here; each procedure's live with it in calbench.procedures, registered below.
 """
 from __future__ import annotations
 
@@ -23,12 +25,15 @@ from pathlib import Path
 from calbench.config import ConfigError, load_config, private_dir
 from calbench.instruments import INSTRUMENTS
 
-# Modules contributing procedure subcommands: each defines add_cli(subparsers).
-PROCEDURE_CLIS: list[str] = ["calbench.batmet_cli", "calbench.qc6_cli", "calbench.fee_paper",
-                             "calbench.eiger_cli", "calbench.queue_cli"]
+# Modules contributing subcommands: each defines add_cli(subparsers). The procedures' own, then the
+# queue server's (a core service).
+PROCEDURE_CLIS: list[str] = ["calbench.procedures.batmet", "calbench.procedures.qc6",
+                             "calbench.procedures.fee", "calbench.procedures.eiger",
+                             "calbench.queue_cli"]
 
 
-def _cfg(args):
+def config_from_args(args):
+    """The lab configuration of a command: --config, with --prefix (where the command has it)."""
     cfg = load_config(args.config)
     if getattr(args, "prefix", None):
         cfg = cfg.with_overrides(pv_prefix=args.prefix)
@@ -37,7 +42,7 @@ def _cfg(args):
 
 # -- ioc ----------------------------------------------------------------------------------------
 def cmd_ioc_list(args) -> int:
-    cfg = _cfg(args)
+    cfg = config_from_args(args)
     if args.pvs:
         return _print_pvs(cfg, args.names or None)
     for name, spec in INSTRUMENTS.items():
@@ -61,7 +66,7 @@ def cmd_ioc_run(args) -> int:
     from calbench.iocs.one_server import AlreadyServed, describe_this_server, refuse_if_served
     from calbench.iocs.server import ca_serving_environment, serve_forever
 
-    cfg = _cfg(args)
+    cfg = config_from_args(args)
     if args.interfaces:
         cfg = cfg.with_overrides(interfaces=tuple(args.interfaces))
     names = args.names or None
@@ -96,7 +101,7 @@ def cmd_ioc_run(args) -> int:
 def cmd_tiled(args) -> int:
     from calbench.tiled_service import ensure_tiled, healthy, stop_embedded
 
-    cfg = _cfg(args)
+    cfg = config_from_args(args)
     if args.action == "start":
         ep = ensure_tiled(cfg)
         print(f"tiled: {ep.uri} (catalog '{cfg.tiled_catalog}', files in {ep.directory})")
@@ -179,7 +184,7 @@ def start_iocs_background(cfg, *, wait_s: float = 30.0) -> None:
 def cmd_up(args) -> int:
     from calbench.tiled_service import ensure_tiled
 
-    cfg = _cfg(args)
+    cfg = config_from_args(args)
     from calbench.queue_service import start_queue
 
     start_iocs_background(cfg)
@@ -194,7 +199,7 @@ def cmd_down(args) -> int:
 
     from calbench.queue_service import stop_queue
 
-    cfg = _cfg(args)
+    cfg = config_from_args(args)
     for name in stop_queue(cfg, force=args.force):      # before the IOCs its plans talk to
         print(f"{name} stopped")
     pidfile = _pidfile(cfg)
@@ -208,8 +213,8 @@ def cmd_down(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from calbench.demo import run_demo
-    return run_demo(_cfg(args))
+    from calbench.procedures.demo import run_demo
+    return run_demo(config_from_args(args))
 
 
 def build_parser() -> argparse.ArgumentParser:

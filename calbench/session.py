@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 
-from calbench.config import LabConfig, load_config
+from calbench.config import LabConfig
 from calbench.iocs.server import loopback_ca_environment
 
 log = logging.getLogger(__name__)
@@ -166,20 +166,3 @@ def configure_ipython(ip, cfg: LabConfig, RE) -> None:
     install_error_display(ip, log_path)
     history = log_path.with_name(log_path.name.replace("session-", "ipython-"))
     ip.run_line_magic("logstart", f"-o -t -q {history} append")
-
-
-def start_session(user_ns: dict, *, interactive: bool | None = None) -> LabConfig:
-    """Fill a namespace (IPython's user_ns, or the queue server's) with RE, cat, bec, cfg, devices."""
-    try:
-        from bluesky_queueserver import is_re_worker_active
-        in_queue_server = is_re_worker_active()
-    except ImportError:
-        in_queue_server = False
-    if interactive is None:
-        interactive = not in_queue_server
-    cfg = load_config()
-    configure_ca(cfg)
-    RE, bec, catalog = make_run_engine(cfg, interactive=interactive)
-    user_ns.update(RE=RE, bec=bec, cat=catalog, cfg=cfg, peaks=bec.peaks)
-    user_ns.update(make_lab_devices(cfg))
-    return cfg

@@ -9,7 +9,7 @@ import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
 from ophyd import Signal
 
-from calbench.demo import DemoResult, demo_catalog, demo_config, print_snippets
+from calbench.procedures.demo import DemoResult, demo_catalog, demo_config, print_snippets
 from calbench.iocs.server import free_port
 from calbench.tiled_service import stop_embedded
 

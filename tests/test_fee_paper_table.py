@@ -1,4 +1,4 @@
-"""The paper's table of incremental transit times, reproduced on the simulator (calbench.fee_paper).
+"""The paper's table of incremental transit times, reproduced on the simulator (calbench.procedures.fee_paper).
 
 Short cables of 27.5..137.5 mm are added to 20 m of simulated RG58 read by a 1.5625 ns TDC. The
 walk-model estimators must reproduce 2 dL / v within their combined (statistical + systematic)
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from calbench.fee_paper import PAPER_ADDED_MM, format_paper_table, reproduce_paper_table
+from calbench.procedures.fee_paper import PAPER_ADDED_MM, format_paper_table, reproduce_paper_table
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 from ophyd import EpicsSignal
 
 from calbench.analysis.fee_callbacks import refit_run
-from calbench.fee_paper import walk_model_bias
+from calbench.procedures.fee_paper import walk_model_bias
 from calbench.plans.fee import FeeCalibrationError, realtime_cable_monitor, transit_time_calibration
 
 REGISTERS = np.arange(500, 12001)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from calbench.analysis.timewalk import (TDC_LSB_NS, TransitFitError, fit_transit_time, fit_velocity,
                                         fit_walk, plot_monitor_history, plot_walk_fits, walk_model)
-from calbench.fee_paper import walk_model_bias
+from calbench.procedures.fee_paper import walk_model_bias
 from calbench.contracts.clock import WorldClock
 from calbench.iocs.sim.fee import FeeBoardSim
 

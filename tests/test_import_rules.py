@@ -21,6 +21,7 @@ class Rule:
     source: str                    # a package (its submodules included)
     forbidden: tuple[str, ...]     # packages or modules it must not import
     why: str
+    allowed: tuple[str, ...] = ()  # modules or packages of `source` the rule does not hold for
 
 
 RULES = [
@@ -38,8 +39,11 @@ RULES = [
                                "calbench.session", "ophyd", "caproto", "bluesky.run_engine",
                                "bluesky.plans", "bluesky.plan_stubs"),
          "analysis is pure: arrays and documents in, numbers, files and figures out"),
-    Rule("calbench.plans", ("calbench.iocs", "calbench.demo", "caproto"),
+    Rule("calbench.plans", ("calbench.iocs", "caproto"),
          "plans drive devices over Channel Access, never the IOCs themselves"),
+    Rule("calbench", ("calbench.procedures",),
+         "procedures sit on top of every layer and of the core; only the CLI dispatches to them",
+         allowed=("calbench.cli", "calbench.procedures")),
 ]
 
 def package_dirs() -> dict[str, Path]:
@@ -85,25 +89,36 @@ def _known_module(name: str, known: dict[str, Path]) -> str:
     return name if name in known or not name.startswith("calbench") else name.rpartition(".")[0]
 
 
+def broken_rule(module: str, target: str) -> Rule | None:
+    """The first rule `module` importing `target` breaks. Within its own source package an import
+    is free, unless the rule forbids a part of that package by name (the core and procedures)."""
+    for rule in RULES:
+        if not within(module, rule.source) or any(within(module, a) for a in rule.allowed):
+            continue
+        if any(within(target, f) and (within(f, rule.source) or not within(target, rule.source))
+               for f in rule.forbidden):
+            return rule
+    return None
+
+
 def violations():
     known = modules()
     found: dict[tuple[str, str], str] = {}
     for module, path in sorted(known.items()):
         for line, name in imports_of(module, path):
             target = _known_module(name, known)
-            for rule in RULES:
-                if within(module, rule.source) and any(within(target, f) for f in rule.forbidden) \
-                        and not within(target, rule.source):
-                    found.setdefault((module, target),
-                                     f"{path.relative_to(ROOT)}:{line}: {module} imports {target} "
-                                     f"({rule.source} must not: {rule.why})")
+            rule = broken_rule(module, target)
+            if rule is not None:
+                found.setdefault((module, target),
+                                 f"{path.relative_to(ROOT)}:{line}: {module} imports {target} "
+                                 f"({rule.source} must not: {rule.why})")
     return found
 
 
 def test_every_package_folder_is_read():
     found = modules()
     assert {"calbench.iocs.base", "calbench.devices.base", "calbench.analysis.scurve",
-            "calbench.plans.xray", "calbench.session"} <= set(found)
+            "calbench.plans.xray", "calbench.session", "calbench.procedures.demo"} <= set(found)
 
 
 def test_the_rules_catch_a_forbidden_import(tmp_path):
@@ -112,6 +127,18 @@ def test_the_rules_catch_a_forbidden_import(tmp_path):
     path.write_text("def f():\n    from ..hw import eiger\n")
     names = [name for _, name in imports_of("calbench.iocs.sim.probe", path)]
     assert "calbench.iocs.hw.eiger" in names
+
+
+def test_only_the_cli_dispatch_imports_the_procedures():
+    """Procedures are on top: a plan, a device, the session or the IOCs importing one breaks the
+    rule; the CLI's dispatch and the procedures themselves may."""
+    for lower in ("calbench.plans.qc6", "calbench.devices.caen", "calbench.analysis.batmet",
+                  "calbench.iocs.build", "calbench.session", "calbench.queue_cli"):
+        assert broken_rule(lower, "calbench.procedures.fee_paper") is not None, lower
+    assert broken_rule("calbench.cli", "calbench.procedures.qc6") is None
+    assert broken_rule("calbench.procedures.fee", "calbench.procedures.fee_paper") is None
+    assert broken_rule("calbench.procedures.demo", "calbench.iocs.build") is None
+    assert broken_rule("calbench.session", "calbench.config") is None
 
 
 def test_imports_follow_the_layers():

@@ -11,7 +11,7 @@ from calbench.devices.base import InstrumentRefused, set_and_check
 from calbench.devices.lease import RENEWER
 from calbench.iocs.errors import Refused
 from calbench.iocs.lease import FREE, HELD, LAPSED, Lease
-from calbench.kill_drill import drill
+from calbench.procedures.kill_drill import drill
 
 DRILL_LEASE_S = 2.5
 

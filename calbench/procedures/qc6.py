@@ -104,14 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def demo_step(ctx):
     """`calbench demo`: the whole QC6 sequence with the lab's defaults on the simulated crate (the
     15 h long stability included: the demo's world clock runs 5000 times faster than the wall)."""
-    from calbench.demo import DemoResult
+    from calbench.procedures.demo import DemoResult
     from calbench.plans import qc6
 
     layer = ctx.devices["caen"].layer()
@@ -132,3 +128,7 @@ def demo_step(ctx):
     return DemoResult("GEM QC6 on the CAEN crate (the lab's sequence, 17 h of world time)", uids,
                       sorted(files), f"{len(trips)} trips, every one recorded in its run's "
                       "'trips' stream; plots in each result directory's Plots/")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

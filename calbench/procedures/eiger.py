@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from calbench.cli import _cfg
+from calbench.cli import config_from_args
 
 
 def add_cli(subparsers) -> None:
@@ -47,7 +47,7 @@ def cmd_reanalyse(args) -> int:
     from calbench.analysis.eiger_report import write_calibration_report
     from calbench.tiled_service import connect_catalog
 
-    catalog = connect_catalog(_cfg(args), start=False)
+    catalog = connect_catalog(config_from_args(args), start=False)
     print(f"re-analysing from {catalog.uri} ...", file=sys.stderr, flush=True)
     again = reanalyse_calibration(catalog, args.uid)
     r = again.results
@@ -103,7 +103,7 @@ def demo_step(ctx):
     the lab script's 2500..3700), results in the lab's results directory."""
     import numpy as np
 
-    from calbench.demo import DemoResult
+    from calbench.procedures.demo import DemoResult
     from calbench.plans.eiger import calibrate_eiger
     from calbench.plans.xray import tube_on
 

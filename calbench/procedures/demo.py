@@ -4,7 +4,10 @@ The demo never touches the lab's results or catalog: its home is <lab home>/demo
 its own embedded tiled server on the lab's port + 1, its own RunEngine metadata, so scan ids go on
 from one demo to the next). The simulated IOCs run in this process under their own prefix (a
 running `make run` session is not disturbed), with the worlds accelerated. The runs stay readable
-after the demo: `from calbench.demo import demo_catalog; cat = demo_catalog()`.
+after the demo: `from calbench.procedures.demo import demo_catalog; cat = demo_catalog()`.
+
+The steps are the procedures' own (`demo_step(ctx) -> DemoResult` in each procedure's module); this
+module only lists them, in the order they run, and provides their context.
 """
 from __future__ import annotations
 
@@ -18,11 +21,11 @@ from calbench.config import LabConfig, load_config, private_dir
 
 # Each step: "module:function(ctx) -> DemoResult", one per procedure, in this order.
 DEMO_STEPS: list[str] = [
-    "calbench.demo:xray_box_step",
-    "calbench.demo:batmet_step",
-    "calbench.fee_paper:demo_step",
-    "calbench.qc6_cli:demo_step",
-    "calbench.eiger_cli:demo_step",
+    "calbench.procedures.xray:demo_step",
+    "calbench.procedures.batmet:demo_step",
+    "calbench.procedures.fee:demo_step",
+    "calbench.procedures.qc6:demo_step",
+    "calbench.procedures.eiger:demo_step",
 ]
 DEMO_TIME_SCALES = {"qc6": 5000.0, "xray": 5.0, "bench": 50.0, "fee": 2000.0}
 
@@ -42,39 +45,6 @@ class DemoContext:
     catalog: object
     devices: dict
     backends: dict
-
-
-def xray_box_step(ctx: DemoContext) -> DemoResult:
-    """Tube on, then a scan of the tube current read back through Channel Access."""
-    from bluesky.plans import scan
-
-    from calbench.plans.xray import tube_on
-
-    box = ctx.devices["xraybox"]
-    ctx.RE(tube_on(box, 40.0, 10.0))
-    result = ctx.RE(scan([box.voltage], box.current, 10.0, 40.0, 4), purpose="demo")
-    return DemoResult("X-ray box: tube current scan", list(result.run_start_uids),
-                      summary=f"current set 10..40 mA, read back {box.current.get():.2f} mA")
-
-
-def batmet_step(ctx: DemoContext) -> DemoResult:
-    """BatMet current-sink calibration: scan, fit from tiled, csink written and verified."""
-    from calbench.analysis.batmet import plot_sink_fit, write_calibration_file
-    from calbench.plans.batmet import calibrate_sink
-
-    out = ctx.cfg.results_dir / "batmet"
-    out.mkdir(parents=True, exist_ok=True)
-    cal = ctx.RE(calibrate_sink(ctx.devices["dmm"], ctx.devices["batmet"], ctx.devices["psu"],
-                                catalog=ctx.catalog, write=True, md={"purpose": "demo"})).plan_result
-    table = write_calibration_file(out / "calibration_d_i.txt", cal.scan.dac, cal.scan.current_A)
-    plot = out / "calibration_d_i_fit.png"
-    plot_sink_fit(cal.fit, cal.scan.dac, cal.scan.current_A, path=plot)
-    accuracy = (f"; set with sink: max {cal.accuracy.max_error_A * 1e3:.2f} mA"
-                if cal.accuracy else "")
-    return DemoResult("BatMet current-sink calibration", [u for u in cal.run_uids if u],
-                      [str(table), str(plot)],
-                      f"{cal.csink}  (fit max {cal.fit.max_error_A * 1e3:.2f} mA, RMS "
-                      f"{cal.fit.rms_error_A * 1e3:.2f} mA{accuracy})")
 
 
 def demo_config(cfg: LabConfig | None = None) -> LabConfig:
@@ -100,7 +70,10 @@ def demo_catalog(cfg: LabConfig | None = None):
     return connect_catalog(demo_config(cfg))
 
 
-def run_demo(cfg: LabConfig) -> int:
+def run_demo(lab: LabConfig) -> int:
+    """Every procedure's demo step, in the demo's home (demo_config) on in-process simulated IOCs;
+    0 if every step succeeded. The demo's tiled server is stopped at the end unless it was running
+    before (demo_catalog() starts it again when asked)."""
     from bluesky import RunEngine
 
     from calbench.iocs.build import build_iocs
@@ -109,11 +82,12 @@ def run_demo(cfg: LabConfig) -> int:
     from calbench.persistence import TiledPersister
     from calbench.run_metadata import lab_metadata
     from calbench.session import configure_ca
-    from calbench.tiled_service import connect_catalog
+    from calbench.tiled_service import connect_catalog, healthy, stop_embedded
 
     from calbench.plans.toolkit import set_results_dir
 
-    cfg = replace(cfg, pv_prefix=cfg.pv_prefix + "DEMO:")
+    cfg = demo_config(lab)
+    tiled_was_running = bool(cfg.tiled_uri) or healthy(f"http://127.0.0.1:{cfg.tiled_port}")
     configure_ca(cfg)
     set_results_dir(cfg.results_dir)
     catalog = connect_catalog(cfg)
@@ -158,7 +132,7 @@ def run_demo(cfg: LabConfig) -> int:
 def print_snippets(results: list[DemoResult], catalog) -> None:
     """Lines to paste into Python to read the demo's runs back (a test runs them)."""
     print("\nRead the runs back (also after a restart of tiled):")
-    print("   from calbench.demo import demo_catalog; cat = demo_catalog()")
+    print("   from calbench.procedures.demo import demo_catalog; cat = demo_catalog()")
     for r in results:
         for uid in r.uids[:1]:
             streams = list(catalog[uid])

@@ -15,7 +15,7 @@ import contextlib
 import sys
 from pathlib import Path
 
-from calbench.cli import _cfg
+from calbench.cli import config_from_args
 
 
 def add_cli(subparsers) -> None:
@@ -68,7 +68,7 @@ def cmd_collect(args) -> int:
     from calbench.plans.batmet import PROCEDURE, collect_sink_calibration
     from calbench.session import configure_ca, make_run_engine
 
-    cfg = _cfg(args)
+    cfg = config_from_args(args)
     configure_ca(cfg)
     dmm = make_device(cfg, "dmm", timeout=args.timeout)
     batmet = make_device(cfg, "batmet", timeout=args.timeout)
@@ -127,7 +127,7 @@ def cmd_fit(args) -> int:
         from calbench.plans.batmet import fit_stored_scan
         from calbench.tiled_service import connect_catalog
 
-        cfg = _cfg(args)
+        cfg = config_from_args(args)
         fit = fit_stored_scan(connect_catalog(cfg, start=False), args.run)
         if args.min_current != 1e-4:
             fit = fit_sink(fit.dac, fit.current_A, min_current_A=args.min_current)
@@ -147,3 +147,25 @@ def cmd_fit(args) -> int:
     plot_sink_fit(fit, dac, current, path=plot, title=title)
     _note(f"plot saved to {plot}")
     return 0
+
+
+def demo_step(ctx):
+    """`calbench demo`: the sink calibration (scan, fit from tiled, csink written and verified),
+    with the lab's table and plot written next to it."""
+    from calbench.analysis.batmet import plot_sink_fit, write_calibration_file
+    from calbench.plans.batmet import calibrate_sink
+    from calbench.procedures.demo import DemoResult
+
+    out = ctx.cfg.results_dir / "batmet"
+    out.mkdir(parents=True, exist_ok=True)
+    cal = ctx.RE(calibrate_sink(ctx.devices["dmm"], ctx.devices["batmet"], ctx.devices["psu"],
+                                catalog=ctx.catalog, write=True, md={"purpose": "demo"})).plan_result
+    table = write_calibration_file(out / "calibration_d_i.txt", cal.scan.dac, cal.scan.current_A)
+    plot = out / "calibration_d_i_fit.png"
+    plot_sink_fit(cal.fit, cal.scan.dac, cal.scan.current_A, path=plot)
+    accuracy = (f"; set with sink: max {cal.accuracy.max_error_A * 1e3:.2f} mA"
+                if cal.accuracy else "")
+    return DemoResult("BatMet current-sink calibration", [u for u in cal.run_uids if u],
+                      [str(table), str(plot)],
+                      f"{cal.csink}  (fit max {cal.fit.max_error_A * 1e3:.2f} mA, RMS "
+                      f"{cal.fit.rms_error_A * 1e3:.2f} mA{accuracy})")

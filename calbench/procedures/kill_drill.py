@@ -1,7 +1,7 @@
 """Kill drill: a procedure's RunEngine killed (kill -9) in its hazardous phase, and the time until
 the instrument's IOC has made it safe by itself (the procedure lease, iocs/lease.py).
 
-    python -m calbench.kill_drill [qc6 batmet xray] [--lease-s 3]
+    python -m calbench.procedures.kill_drill [qc6 batmet xray] [--lease-s 3]
 
 For each procedure the drill serves the instrument's simulated IOCs in this process (a prefix of
 their own, the given lease), runs the procedure's plan in a child process as a lab session would,
@@ -129,7 +129,7 @@ def drill(procedure: str, *, lease_s: float = 3.0, cfg: LabConfig | None = None,
         env = {**os.environ, "CALBENCH_PV_PREFIX": cfg.pv_prefix, "CALBENCH_HOME": tmp,
                "EPICS_CA_SERVER_PORT": str(port), "EPICS_CAS_SERVER_PORT": str(port)}
         child = subprocess.Popen(
-            [sys.executable, "-m", "calbench.kill_drill", "--child", procedure, str(cfg.source)],
+            [sys.executable, "-m", "calbench.procedures.kill_drill", "--child", procedure, str(cfg.source)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             _wait(hazardous, cap_s, f"hazardous phase of {procedure}", child)
