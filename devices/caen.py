@@ -1,13 +1,17 @@
 """ophyd devices of the CAEN HV crate (PVs of iocs/caen_crate.py): channels, GEM layers, the crate.
 
-* `HvChannel` is a positioner: `set(V)` writes V0Set and completes when the channel is not ramping
-  (Status bits 1-2 clear) and |VMon - V0Set| <= 1 V; it fails at once with `ChannelTripped` if the
-  crate trips the channel on the way (or had tripped it), and with `ChannelOff` if the channel is
-  switched off.
+* `HvChannel` is a positioner and owns the arrival rule (`held_setpoint`, `at_setpoint`): `set(V)`
+  writes V0Set and completes when the channel is not ramping (Status bits 1-2 clear) and
+  |VMon - V0Set| <= 1 V, V0Set as the crate holds it (capped at SVMax); it fails with
+  `ChannelTripped` if the crate trips the channel on the way (or had tripped it), and with
+  `ChannelOff` if the channel is (or is switched) off. Plans move channels with `bps.mv` and never
+  judge arrival themselves.
 * `GemLayer` groups the 7 channels of a triple-GEM layer in the QC6 order (Drift, G1T, G1B, G2T,
   G2B, G3T, G3B = channels 6..0, or 13..7 for layer 2) and emulates the ceramic divider the QC6
   procedure is written for: `layer.set(4600)` puts each electrode at its share of 4600 V
-  (`divider_setpoints`), capped at the channel's SVMax.
+  (`divider_setpoints`), capped at the channel's SVMax; `layer.set({"g1t": 550, ...})` moves the
+  named channels. Either is one move with one status: done when all arrived, failed at the first
+  trip.
 * `CaenCrate` is the instrument in the lab table: crate map, ClearAlarm, Kill, and `layer(n)`.
 """
 from __future__ import annotations
@@ -18,7 +22,7 @@ import threading
 from ophyd import Component as Cpt
 from ophyd import Device, EpicsSignal, EpicsSignalRO
 from ophyd import FormattedComponent as FCpt
-from ophyd.status import AndStatus, DeviceStatus
+from ophyd.status import DeviceStatus
 
 from calbench.devices.base import CheckedSignal, InstrumentDevice, LongStringSignalRO
 from calbench.devices.lease import ProcedureLease
@@ -45,11 +49,21 @@ TOLERANCE_V = 1.0
 
 
 class ChannelTripped(RuntimeError):
-    """The crate tripped a channel (over-current longer than Trip)."""
+    """The crate tripped a channel (over-current longer than Trip): `channel` (the HvChannel) and
+    `bits` (its Status then)."""
+
+    def __init__(self, message: str, *, channel=None, bits: int = 0):
+        super().__init__(message)
+        self.channel, self.bits = channel, int(bits)
 
 
 class ChannelOff(RuntimeError):
-    """A voltage was requested on a channel that is switched off."""
+    """A voltage was requested on a channel that is switched off, or it was switched off (without a
+    trip) on the way: `channel` is the HvChannel."""
+
+    def __init__(self, message: str, *, channel=None):
+        super().__init__(message)
+        self.channel = channel
 
 
 def describe_status(bits: int) -> str:
@@ -71,9 +85,14 @@ def divider_setpoints(v_divider: float, svmax: dict[str, float] | None = None) -
     for electrode, r in DIVIDER_MOHM.items():
         v = i_eq_uA * r
         if svmax is not None and electrode in svmax:
-            v = min(v, float(svmax[electrode]))
+            v = held_setpoint(v, svmax[electrode])
         out[electrode] = v
     return out
+
+
+def held_setpoint(requested_V: float, svmax_V: float) -> float:
+    """The V0Set the crate holds for a request (V): capped at the channel's SVMax."""
+    return min(float(requested_V), float(svmax_V))
 
 
 def at_setpoint(bits: int, vmon_V: float, target_V: float) -> bool:
@@ -81,8 +100,8 @@ def at_setpoint(bits: int, vmon_V: float, target_V: float) -> bool:
     return not bits & RAMPING and abs(vmon_V - target_V) <= TOLERANCE_V
 
 
-
 RECHECK_S = 1.0       # wall s between fresh looks while a channel moves (monitors do the work)
+OFF_LOOKS = 2         # fresh looks in a row that show a moving channel off before the move fails
 
 
 def _later(delay_s: float, func) -> None:
@@ -132,24 +151,28 @@ class HvChannel(Device):
     def set(self, value, *, timeout: float | None = None, settle_time: float | None = None):
         """Write V0Set; done when not ramping and |VMon - V0Set| <= 1 V (V0Set as held by the
         crate, i.e. capped at SVMax). Fails with ChannelTripped if the crate trips the channel on
-        the way, ChannelOff if it is not on, InstrumentRefused if the crate refuses the value."""
+        the way, ChannelOff if it is off (or is switched off without a trip on the way: seen off in
+        OFF_LOOKS fresh looks in a row), InstrumentRefused if the crate refuses the value. A new
+        set() or stop() ends the move before (its status completes: nobody waits on it any more)."""
         value = float(value)
         status = DeviceStatus(self, timeout=timeout, settle_time=settle_time)
+        self._withdraw()
         if int(self.pw.get(use_monitor=False)) != 1:
             bits = int(self.status.get(use_monitor=False))
             if bits & TRIPPED:                # the crate switched it off: say why
                 status.set_exception(ChannelTripped(
                     f"{self.label()} has tripped (Status {describe_status(bits)}) and is off: "
                     "clear the alarm (the crate's ClearAlarm) and switch it on before setting "
-                    f"{value:g} V"))
+                    f"{value:g} V", channel=self, bits=bits))
                 return status
             status.set_exception(ChannelOff(
                 f"{self.label()} is switched off (Pw = Off): switch it on first "
                 f"({self.pw.pvname} = On, e.g. RE(bps.mv(<device>.{self.pw.dotted_name}, 1))), "
-                "then set the voltage"))
+                "then set the voltage", channel=self))
             return status
         lock = threading.Lock()
         tokens: list = []
+        off_looks = [0]
 
         def finish(exc: Exception | None = None):
             with lock:
@@ -166,8 +189,9 @@ class HvChannel(Device):
         def judge(bits: int, vmon: float, svmax: float) -> None:
             if bits & TRIPPED:
                 finish(ChannelTripped(f"{self.label()} tripped on the way to {value:g} V "
-                                      f"(Status {describe_status(bits)}, VMon {vmon:.1f} V)"))
-            elif at_setpoint(bits, vmon, min(value, svmax)):
+                                      f"(Status {describe_status(bits)}, VMon {vmon:.1f} V)",
+                                      channel=self, bits=bits))
+            elif at_setpoint(bits, vmon, held_setpoint(value, svmax)):
                 finish()
 
         def check(*args, **kwargs):
@@ -176,13 +200,20 @@ class HvChannel(Device):
 
         def recheck():
             """A fresh look every RECHECK_S: a monitor update lost or late on a loaded machine
-            must not leave the move hanging."""
+            must not leave the move hanging; a channel off in OFF_LOOKS fresh looks in a row (not
+            a trip: the trip bit comes with it) was switched off by someone or an interlock."""
             if status.done:
                 return
             try:
-                judge(int(self.status.get(use_monitor=False)),
-                      float(self.vmon.get(use_monitor=False)),
+                bits = int(self.status.get(use_monitor=False))
+                judge(bits, float(self.vmon.get(use_monitor=False)),
                       float(self.svmax.get(use_monitor=False)))
+                off = not status.done and int(self.pw.get(use_monitor=False)) != 1
+                off_looks[0] = off_looks[0] + 1 if off else 0
+                if off_looks[0] >= OFF_LOOKS and not bits & TRIPPED:
+                    finish(ChannelOff(f"{self.label()} went off without a trip on the way to "
+                                      f"{value:g} V: someone switched it off, or the crate's "
+                                      "interlock; check the crate before going on", channel=self))
             except Exception as exc:       # the next monitor update or look decides
                 log.debug("%s: fresh look failed: %r", self.name, exc)
             if not status.done:
@@ -200,12 +231,26 @@ class HvChannel(Device):
             check()
             _later(RECHECK_S, recheck)
 
+        self._move = (status, finish)
         self.v0set.set(value).add_callback(put_done)
         return status
 
+    def _withdraw(self, only=None) -> None:
+        """End the pending move (if `only` is given: if it is that move's status): its status
+        completes (the crate is told nothing; the channel goes on to its V0Set as HV channels do)."""
+        status, finish = getattr(self, "_move", (None, None))
+        if status is None or (only is not None and status is not only):
+            return
+        self._move = (None, None)
+        if not status.done:
+            finish()
+
     def stop(self, *, success: bool = False) -> None:
-        """A pause does not move the high voltage: the channel holds its setpoint (an abort ramps
-        the layer down through the plans' safety wrapper)."""
+        """A pause (the RunEngine's stop(success=True)) does not touch the high voltage: the channel
+        holds its setpoint and a pending move goes on. A plan's own `bps.stop` withdraws the pending
+        move (see `_withdraw`): it stops waiting, e.g. before switching the layer off."""
+        if not success:
+            self._withdraw()
 
 
 def _channel_cpt(electrode: str, kind: str):
@@ -282,15 +327,39 @@ class GemLayer(_CrateCommon):
         return divider_setpoints(v_divider, svmax)
 
     def set(self, value, **kwargs):
-        """Every electrode to its divider share of `value` (V); done when all channels are."""
-        statuses = [getattr(self, e).set(v, **kwargs) for e, v in self.setpoints(value).items()]
-        status = statuses[0]
-        for st in statuses[1:]:
-            status = AndStatus(status, st)
+        """Every electrode to its divider share of `value` (V), or the channels named in a mapping
+        {electrode: V} to their voltages; one status, done when all arrived, failed at the first
+        channel that fails (the others' moves are then withdrawn: the plan looks at them)."""
+        if isinstance(value, dict):
+            targets = {getattr(self, e) if isinstance(e, str) else e: v for e, v in value.items()}
+        else:
+            targets = {getattr(self, e): v for e, v in self.setpoints(value).items()}
+        status = DeviceStatus(self)
+        lock = threading.RLock()      # withdrawing a move calls back here
+        moves: dict = {}
+
+        def one_done(st):
+            with lock:
+                if status.done:
+                    return
+                if not st.success:
+                    status.set_exception(st.exception())     # the channel's own reason
+                    for ch, own in moves.items():            # nobody waits on the others now
+                        ch._withdraw(only=own)
+                elif all(m.done and m.success for m in moves.values()):
+                    status.set_finished()
+
+        for ch, v in targets.items():
+            moves[ch] = ch.set(v, **kwargs)
+        for st in list(moves.values()):
+            st.add_callback(one_done)
         return status
 
     def stop(self, *, success: bool = False) -> None:
-        """See HvChannel.stop: a pause leaves the voltages as they are."""
+        """See HvChannel.stop: a pause leaves the voltages as they are; a plan's `bps.stop`
+        withdraws the channels' pending moves."""
+        for ch in self.channels:
+            ch.stop(success=success)
 
 
 class CaenCrate(_CrateCommon):

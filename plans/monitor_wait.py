@@ -8,6 +8,8 @@ plan still reaches its checkpoints and fault timeouts.
 
     waiter = MonitorWaiter([ch.status, ch.vmon, layer.world_time])
     yield from waiter.wait(lambda: ch.vmon.get() > 100, max_wall_s=0.5)
+
+`wait_status` waits the same way on a Status (a move), looking at the Status itself.
 """
 from __future__ import annotations
 
@@ -47,11 +49,12 @@ class MonitorWaiter:
             if _holds(condition):
                 loop.call_soon_threadsafe(wake)
 
-    def wait(self, condition: Callable[[], bool], *, max_wall_s: float):
+    def wait(self, condition: Callable[[], bool], *, max_wall_s: float, look_first: bool = True):
         """Plan: return when condition() holds (checked at once and at every update of the
-        signals) or after max_wall_s wall seconds, whichever comes first."""
+        signals) or after max_wall_s wall seconds, whichever comes first. look_first=False looks
+        only inside the RunEngine's wait_for, never in the plan's body (a dry run reads nothing)."""
         self.subscribe()
-        if _holds(condition):
+        if look_first and _holds(condition):
             return
         yield Msg("wait_for", None, [lambda: self._until(condition, max_wall_s)])
 
@@ -79,3 +82,24 @@ def _holds(condition) -> bool:
         return bool(condition())
     except Exception:          # a value not there (signal disconnected): wait for an update
         return False
+
+
+def wait_status(status, *, max_wall_s: float):
+    """Plan: wait until a Status (from bps.abs_set) is done, at most max_wall_s wall seconds; returns
+    whether it is done. The Status is looked at, not a wait on its group: a pause or suspension ends
+    a wait early. A dry run (no Status) counts as done."""
+    if status is None or status.done:
+        return True
+    yield Msg("wait_for", None, [lambda: _until_done(status, max_wall_s)])
+    return status.done
+
+
+async def _until_done(status, max_wall_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def wake(_status):
+        loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+    status.add_callback(wake)
+    await asyncio.wait([done], timeout=max_wall_s)

@@ -26,6 +26,14 @@ Fault timeouts (ramp, switch-on, ClearAlarm, discharge) are world time too, and 
 crate readings past their end (plans/world_clock.py:WorldDeadline): a loaded PC cannot invent them.
 Trips are events of the stream "trips" (channel, electrode, voltage before the trip, V0Set, world
 time, incident number); result files and plots come from analysis/qc6_callbacks.py.
+
+Channels move with their own move (devices/caen.py: arrival and the SVMax cap are the device's
+rule); the plans read the crate only through RunEngine messages, so `summarize_plan(stress_test(
+layer))` prints the procedure's outline without touching the crate.
+
+The rooms: plans/qc6_watch.py (monitor bookkeeping, the session), qc6_steps.py (put, ClearAlarm,
+switch on, move, hold, recover), qc6_safety.py (suspender, all_off, qc6_safety, preflight),
+qc6_run.py (the run around a test), qc6_resume.py; the record devices are devices/qc6_records.py.
 """
 from __future__ import annotations
 from typing import Sequence
@@ -34,7 +42,9 @@ import bluesky.plan_stubs as bps
 import numpy as np
 
 from calbench.analysis.qc6_files import result_path
-from calbench.devices.caen import ELECTRODES, FOILS, GemLayer, HvChannel
+from calbench.contracts.caen import BOARD_CHANNELS, HW_VMAX_V
+from calbench.devices.caen import (ELECTRODES, FOILS, GemLayer, HvChannel, divider_setpoints,
+                                   held_setpoint)
 from calbench.devices.qc6_records import MeggerRecord, Qc6Record, TripRecord, fill
 from calbench.plans.progress import StepProgress
 from calbench.plans.qc6_resume import long_stability_state, resume_long_stability
@@ -60,8 +70,10 @@ def check_connection(layer: GemLayer, *, md: dict | None = None):
     yield from _preflight(layer)
     board = {}
     for key in ("model", "description", "serial_number", "firmware", "n_channels"):
-        board[key] = yield from bps.rd(getattr(layer.board, key))
-    system = yield from bps.rd(layer.system_type)
+        # a dry run reads a board of the crate's kind
+        board[key] = yield from bps.rd(getattr(layer.board, key),
+                                       default_value=BOARD_CHANNELS if key == "n_channels" else "?")
+    system = yield from bps.rd(layer.system_type, default_value="?")
     if int(board["n_channels"]) < max(ch.channel for ch in layer.channels) + 1:
         raise Qc6Error(f"slot {layer.slot} holds a {board['model']} with {board['n_channels']} "
                        f"channels; layer {layer.layer} needs channels "
@@ -180,12 +192,12 @@ def _stress_steps(session: _Session, foil: HvChannel, steps: list[float], bar, *
     """The voltage steps of one foil; returns the trips."""
     trips, i = 0, 0
     while i < len(steps):
-        svmax = float((yield from bps.rd(foil.svmax)))
-        if steps[i] > svmax:                  # clamp to SVMax and make it the last step
+        held = held_setpoint(steps[i], (yield from bps.rd(foil.svmax, default_value=HW_VMAX_V)))
+        if held < steps[i]:                   # capped at SVMax: the last step
             i = len(steps) - 1
-            steps[i] = svmax
+            steps[i] = held
         last = i == len(steps) - 1
-        tripped = yield from _ramp(session, {foil: steps[i]}, [foil])
+        tripped = yield from _ramp(session, {foil: steps[i]})
         if not tripped:
             tripped = yield from _hold(session, [foil], end_hold_s if last else hold_s)
         if tripped:
@@ -196,7 +208,7 @@ def _stress_steps(session: _Session, foil: HvChannel, steps: list[float], bar, *
                 break
             # the lower voltage first: switching on would otherwise ramp back to the one that tripped
             i = max(0, i - back_steps)
-            yield from _put(foil.v0set, min(steps[i], float((yield from bps.rd(foil.svmax)))))
+            yield from _put(foil.v0set, steps[i])
             yield from _switch_on(session, [foil])
             continue
         yield from session.progress(0.0, trips, steps[i], all_foils, stream="primary")
@@ -236,15 +248,12 @@ def iv_short_stability(layer: GemLayer, *, vstart_V: float = 200.0, vstep_V: flo
         yield from _switch_on(session, channels)
         trips = 0
         for v in steps:
-            setpoints = {getattr(layer, e): s for e, s in layer.setpoints(v).items()}
-            trips, ok = yield from _settle(session, setpoints, channels, stable_s, recovery_s,
-                                           trips, tripmax)
+            trips, ok = yield from _settle(session, _divider(layer, v), channels, stable_s,
+                                           recovery_s, trips, tripmax)
             if not ok:
                 return _verdict(trips, tripmax, "IV scan", 0.0)
             yield from session.progress(0.0, trips, v, channels, stream="primary")
-        final = {getattr(layer, e): s for e, s in layer.setpoints(vmax_V).items()}
-        for foil in layer.foils:
-            final[foil] = min(float(foil_V), float((yield from bps.rd(foil.svmax))))
+        final = {**_divider(layer, vmax_V), **{foil: float(foil_V) for foil in layer.foils}}
         print(f"QC6: short stability, foils at {foil_V:g} V for {hold_h:g} h")
         trips, elapsed = yield from _stability_hold(session, final, channels, hold_h * 3600.0,
                                                     recovery_s, trips, tripmax)
@@ -255,12 +264,18 @@ def iv_short_stability(layer: GemLayer, *, vstart_V: float = 200.0, vstep_V: flo
 
 
 
+def _divider(layer: GemLayer, v_divider: float) -> dict[HvChannel, float]:
+    """The divider emulation's voltage per channel at v_divider (V); the channels cap their own
+    requests at SVMax (HvChannel.set)."""
+    return {getattr(layer, e): v for e, v in divider_setpoints(v_divider).items()}
+
+
 def _settle(session: _Session, setpoints: dict, powered: Sequence[HvChannel], stable_s: float,
             recovery_s: float, trips: int, tripmax: int):
     """Ramp to the setpoints and hold stable_s (world) without a trip; a trip is recovered from
     and restarts the hold. Returns (trips, False when tripmax was reached)."""
     while True:
-        tripped = yield from _ramp(session, setpoints, powered)
+        tripped = yield from _ramp(session, setpoints)
         if not tripped:
             tripped = yield from _hold(session, powered, stable_s)
         if not tripped:
@@ -295,7 +310,7 @@ def _stability_hold(session: _Session, setpoints: dict, powered: Sequence[HvChan
 
     try:
         while True:
-            tripped = yield from _ramp(session, setpoints, powered)
+            tripped = yield from _ramp(session, setpoints)
             now = yield from session.now()
             if not tripped:
                 if state["t_start"] is None:
@@ -351,18 +366,15 @@ def long_stability(layer: GemLayer, *, vstart_V: float = 200.0, vstep_V: float =
         session.incidents = trips
         yield from _switch_on(session, channels)
         for v in steps:
-            setpoints = {getattr(layer, e): s for e, s in layer.setpoints(v).items()}
-            trips, ok = yield from _settle(session, setpoints, channels, stable_s, recovery_s,
-                                           trips, tripmax)
+            trips, ok = yield from _settle(session, _divider(layer, v), channels, stable_s,
+                                           recovery_s, trips, tripmax)
             if not ok:
                 return _verdict(trips, tripmax, "ramp", float(resume.get("elapsed_before_s", 0)))
         others = [ch for ch in channels if ch not in foils]
         for ch in others:                 # only the foils stay powered for the long hold
             yield from _put(ch.v0set, 0.0)
             yield from _put(ch.pw, 0)
-        final = {}
-        for f in foils:
-            final[f] = min(float(foil_V), float((yield from bps.rd(f.svmax))))
+        final = {f: float(foil_V) for f in foils}
         print(f"QC6: long stability, foils at {foil_V:g} V for {hold_h:g} h")
         trips, elapsed = yield from _stability_hold(
             session, final, foils, hold_h * 3600.0, recovery_s, trips, tripmax,

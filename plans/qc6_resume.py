@@ -1,4 +1,4 @@
-"""Resuming an interrupted long_stability test from its runs in tiled: elapsed hold and trips so far."""
+"""Resuming an interrupted long_stability test from its runs in tiled: elapsed hold, trips so far."""
 from __future__ import annotations
 
 from calbench.devices.caen import GemLayer

@@ -7,13 +7,15 @@ import asyncio
 import bluesky.plan_stubs as bps
 from bluesky.preprocessors import finalize_wrapper, suspend_wrapper
 from bluesky.suspenders import SuspenderBase
-from bluesky.utils import Msg
+from bluesky.utils import Msg, RunEngineControlException
 
 from calbench.devices.base import unconnected_pvs
 from calbench.devices.caen import RAMPING, TRIPPED, GemLayer
 from calbench.plans.qc6_steps import (RAMP_MARGIN_S, CrateUnreachable, Qc6Error, _clear_alarm,
                                       _put)
 from calbench.plans.qc6_watch import _Session
+from calbench.plans.toolkit import check_connected
+from calbench.plans.world_clock import WorldDeadline
 
 OFF_V = 2.0                  # a channel below this (V) counts as ramped down
 CONNECT_TIMEOUT_S = 30.0     # wall seconds for the layer's PVs to connect (Channel Access)
@@ -72,14 +74,20 @@ class SuspendWhenCrateUnreachable(SuspenderBase):
 # -- safety ---------------------------------------------------------------------------------------
 def all_off(layer: GemLayer, *, off_V: float = OFF_V, timeout_s: float | None = None):
     """V0Set 0 and Pw Off on every channel of the layer, then wait (world time) until every VMon is
-    below off_V. Keeps going past a failing channel and raises at the end naming what failed."""
-    errors = []
+    below off_V. Keeps going past a failing channel and raises at the end naming what failed (an
+    abort or stop meanwhile: that, once every channel was told)."""
+    yield from bps.stop(layer)            # a move still pending is not waited on any more
+    errors, control = [], None
     for ch in layer.channels:
         for sig, value in ((ch.v0set, 0.0), (ch.pw, 0)):
             try:
                 yield from _put(sig, value, retries=1)
+            except RunEngineControlException as exc:   # the other channels first, then it
+                control = control or exc
             except Exception as exc:      # the other channels must still be switched off
                 errors.append(f"{sig.name}: {exc}")
+    if control is not None:
+        raise control
     if errors:
         raise Qc6Error("could not switch the layer off: " + "; ".join(errors) + ". Switch the "
                        "channels off at the crate (front panel or GECO) before touching the detector")
@@ -91,25 +99,25 @@ def all_off(layer: GemLayer, *, off_V: float = OFF_V, timeout_s: float | None = 
             worst = max(worst, float((yield from bps.rd(ch.vmon))) / rate)
         timeout_s = 3.0 * worst + RAMP_MARGIN_S
     t0 = yield from session.now()
-    deadline = session.deadline(timeout_s)
+    deadline = WorldDeadline(t0, timeout_s)
 
-    def still_high() -> list[str]:
-        # as the monitors show them; VMon before Status (see HvChannel)
-        high = []
-        for ch in layer.channels:
-            vmon = float(ch.vmon.get())
-            if vmon > off_V or int(ch.status.get()) & RAMPING:
-                high.append(f"{ch.label()} {vmon:.1f} V")
-        return high
+    def high(vmon: float, bits: int) -> bool:
+        return vmon > off_V or bool(bits & RAMPING)
+
+    def still_high() -> bool:
+        # a wake-up condition on the monitors (inside the RunEngine's wait_for)
+        return any(high(float(ch.vmon.get()), int(ch.status.get())) for ch in layer.channels)
 
     while True:
-        high = still_high()
-        if not high:
+        yield from session.scan(layer.channels)            # into session.state
+        left = [f"{ch.label()} {vmon:.1f} V" for ch, (bits, vmon) in session.state.items()
+                if high(vmon, bits)]
+        if not left:
             return
         now = yield from session.now()
-        if deadline.passed(session.world_now()):
+        if deadline.passed(now):
             raise Qc6Error(f"the layer is switched off but still not discharged after "
-                           f"{now - t0:.0f} s: {', '.join(high)}; check the crate")
+                           f"{now - t0:.0f} s: {', '.join(left)}; check the crate")
         yield from session.wait_until(
             lambda: session.world_now() > max(now, t0 + timeout_s) or not still_high())
 
@@ -132,16 +140,21 @@ def qc6_safety(layer: GemLayer, plan):
 
 def _wait_connected(layer: GemLayer, timeout_s: float = CONNECT_TIMEOUT_S):
     """Until every PV of the layer is connected (a device built with connect=False, as the
-    profile builds `layer`, connects in the background), at most timeout_s wall seconds (plan)."""
+    profile builds `layer`, connects in the background), at most timeout_s wall seconds (plan).
+    In a dry run nothing waits and nothing is checked."""
+    waited = []
+
     async def connected():
+        waited.append(True)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while not layer.connected and loop.time() < deadline:
             await asyncio.sleep(0.05)
 
-    if not layer.connected:
-        yield Msg("wait_for", None, [connected])
-    if not layer.connected:
+    if layer.connected:
+        return
+    yield Msg("wait_for", None, [connected])
+    if waited and not layer.connected:
         missing = unconnected_pvs(layer)
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise CrateUnreachable(f"no IOC answers on {layer.prefix} (unconnected: "
@@ -153,15 +166,11 @@ def _wait_connected(layer: GemLayer, timeout_s: float = CONNECT_TIMEOUT_S):
 def _preflight(layer: GemLayer):
     """The crate answers (else a clear error), and no trip is left latched from before (plan)."""
     yield from _wait_connected(layer)
-    if int((yield from bps.rd(layer.connected_rbv))) != 1:
-        message = yield from bps.rd(layer.status_message)
-        raise CrateUnreachable(f"the IOC on {layer.prefix} answers but the crate does not: "
-                               f"{message}; check the crate's network link and power")
+    yield from check_connected(layer, "CAEN crate behind the IOC", CrateUnreachable,
+                               remedy="check the crate's network link and power")
     session = _Session(layer)
     for ch in layer.channels:
         if int((yield from bps.rd(ch.status))) & TRIPPED:
             yield from _clear_alarm(session)
             break
     return session
-
-

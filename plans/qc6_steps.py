@@ -1,20 +1,31 @@
 """The elementary steps of the QC6 procedures, each a plan on a session (plans/qc6_watch.py): a put
-the crate acknowledges, ClearAlarm, switching on, ramping, holding, recovering from a trip."""
+the crate acknowledges, ClearAlarm, switching on, moving channels, holding, recovering from a trip.
+
+Channels move with their own move (`bps.abs_set` on an HvChannel, or on the GemLayer for several at
+once): the device decides arrival and the SVMax cap (devices/caen.py), and fails the move with
+ChannelTripped at a trip, which the step records as now. The step only keeps the ramp's budget in
+world time. Every instrument value is read with bps.rd; a dry run reads its defaults: no trip,
+channels on (see plans/qc6_watch.py)."""
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Sequence
 
 import bluesky.plan_stubs as bps
 from bluesky.utils import FailedStatus
 
 from calbench.devices.base import InstrumentRefused
-from calbench.devices.caen import TRIPPED, HvChannel, at_setpoint, describe_status
-from calbench.plans.qc6_watch import ACK_TIMEOUT_S, ITRIP_CLEARED, _Session
+from calbench.devices.caen import TRIPPED, ChannelOff, ChannelTripped, HvChannel, describe_status
+from calbench.plans.monitor_wait import wait_status
+from calbench.plans.qc6_watch import ACK_TIMEOUT_S, ITRIP_CLEARED, MAX_WAIT_WALL_S, _Session
+from calbench.plans.toolkit import reason
+from calbench.plans.world_clock import WorldDeadline
 
 MIN_POLL_S = 0.005           # wall seconds between two looks where no monitor tells the change
-RAMP_MARGIN_S = 300.0       # world seconds a ramp may take beyond 3x its nominal time
+RAMP_MARGIN_S = 300.0        # world seconds a ramp may take beyond 3x its nominal time
 STATE_TIMEOUT_S = 20.0       # world seconds for the crate to show a commanded state (Pw, trips)
+FAULT_RETRIES = 3            # a put the crate could not answer (a fault) is tried again this often
 
 
 class Qc6Error(RuntimeError):
@@ -29,26 +40,36 @@ class RampTimeout(Qc6Error):
     """A channel did not reach its voltage in the time its ramp rate allows."""
 
 
+def _group(what: str) -> str:
+    return f"qc6-{what}-{uuid.uuid4().hex[:8]}"
 
-def _put(signal, value, *, retries: int = 3):
-    """Put and wait for the crate's acknowledgement; a refusal raises; a lost answer, or a crate
-    that did not answer (a fault: the plan is suspended meanwhile), is retried."""
+
+def _retry_after(exc: BaseException | None, attempt: int, retries: int) -> bool:
+    """A failure worth another try: the crate did not answer (a fault) or the answer was lost;
+    not a refused value, and not past the retries."""
+    return attempt < retries and not (isinstance(exc, InstrumentRefused) and not exc.fault)
+
+
+def _put(signal, value, *, retries: int = FAULT_RETRIES):
+    """Put and wait for the crate's acknowledgement (plan); a refusal raises; a lost answer, or a
+    crate that did not answer (a fault: the plan is suspended meanwhile), is retried."""
     for attempt in range(retries + 1):
-        group = f"qc6-put-{id(signal)}-{attempt}-{time.monotonic_ns()}"
-        status = yield from bps.abs_set(signal, value, group=group)
-        deadline = time.monotonic() + ACK_TIMEOUT_S
+        status = None
         try:
-            yield from bps.wait(group=group, timeout=ACK_TIMEOUT_S, error_on_timeout=False)
-            # a pause or suspension may end the wait early: look at the status itself
-            while not status.done and time.monotonic() < deadline:
-                yield from bps.sleep(MIN_POLL_S)
-        except FailedStatus:           # the RunEngine reports the failed put; handled below
-            pass
-        if status.done and status.success:
+            status = yield from bps.abs_set(signal, value, group=_group("put"))
+            give_up = time.monotonic() + ACK_TIMEOUT_S
+            # the Status itself, not a wait on its group: a pause or suspension ends a wait early
+            while not (yield from wait_status(status, max_wall_s=MAX_WAIT_WALL_S)):
+                if time.monotonic() > give_up:
+                    break
+        except FailedStatus as failed:     # the RunEngine reports the failed put; handled below
+            status = failed.args[0] if failed.args else status
+        if status is None or (status.done and status.success):     # None: a dry run
             return
         exc = status.exception() if status.done else TimeoutError("no acknowledgement")
-        if (isinstance(exc, InstrumentRefused) and not exc.fault) or attempt == retries:
-            raise Qc6Error(f"{signal.name} = {value!r} failed: {exc}") from exc
+        if not _retry_after(exc, attempt, retries):
+            raise Qc6Error(f"{signal.name} = {value!r} failed: {reason(exc, also=(TimeoutError,))}"
+                           ) from exc
         yield from bps.sleep(1.0)
 
 
@@ -62,10 +83,8 @@ def _clear_alarm(session: _Session, cleared: Sequence[HvChannel] = (),
     layer = session.layer
     t_clear = yield from session.now()
     yield from _put(layer.clear_alarm_cmd, 1)
-    deadline = session.deadline(STATE_TIMEOUT_S)
-    while (yield from session.now()) <= t_clear:
-        # a crate reading taken after the ClearAlarm (an IOC that stops answering suspends)
-        yield from session.wait_until(session.world_passed(t_clear))
+    now = yield from session.next_reading(t_clear)
+    deadline = WorldDeadline(t_clear, STATE_TIMEOUT_S)
     checked = list(cleared or layer.channels)
     while True:
         still = []
@@ -76,104 +95,115 @@ def _clear_alarm(session: _Session, cleared: Sequence[HvChannel] = (),
             for ch in checked:               # their next trip bit is a new trip
                 session.watch.handled(ch.channel, t_clear)
             break
-        if deadline.passed(session.world_now()):
+        if deadline.passed(now):
             raise Qc6Error(f"ClearAlarm did not clear the trip of "
                            f"{', '.join(c.label() for c in still)}; check the crate's alarms "
                            "(an external trip or interlock keeps it set)")
         tripped = session.any_tripped(still)
         yield from session.wait_until(lambda: not tripped())
+        now = yield from session.now()
     missed = list(expected_on)
     for _ in range(3):                      # off in three looks: not a monitor in flight
         off = []
         for ch in missed:
             bits = int((yield from bps.rd(ch.status)))
-            if int((yield from bps.rd(ch.pw))) != 1 and not bits & TRIPPED:
+            if int((yield from bps.rd(ch.pw, default_value=1))) != 1 and not bits & TRIPPED:
                 off.append(ch)
         missed = off
         if not missed:
             break
-        yield from session.wait_until(session.world_passed(session.world_now()))
+        yield from session.next_reading((yield from session.now()))
     return missed
 
 
 def _switch_on(session: _Session, channels: Sequence[HvChannel]):
     """Pw On, and wait until the monitored Pw says so (monitors may trail the put's answer). A
     channel that trips as soon as it is on (the crate switches it off again, with its trip bit)
-    was switched on: the caller's next look records the trip."""
+    was switched on: the caller's next look records the trip. (A dry run reads Pw Off before and
+    On after.)"""
     for ch in channels:
-        if int((yield from bps.rd(ch.pw))) != 1:
+        if int((yield from bps.rd(ch.pw, default_value=0))) != 1:
             yield from _put(ch.pw, 1)
-    deadline = session.deadline(STATE_TIMEOUT_S)
+    deadline = WorldDeadline((yield from session.now()), STATE_TIMEOUT_S)
 
     def on_or_tripped(ch) -> bool:
         return int(ch.pw.get()) == 1 or bool(int(ch.status.get()) & TRIPPED)
 
     for ch in channels:
-        while not (int((yield from bps.rd(ch.pw))) == 1
+        while not (int((yield from bps.rd(ch.pw, default_value=1))) == 1
                    or int((yield from bps.rd(ch.status))) & TRIPPED):
-            if deadline.passed(session.world_now()):
+            if deadline.passed((yield from session.now())):
                 raise Qc6Error(f"{ch.label()} does not show Pw On after switching it on; check "
                                "the crate (interlock, channel disabled)")
             yield from session.wait_until(lambda: on_or_tripped(ch))
 
 
-def _ramp(session: _Session, setpoints: dict[HvChannel, float], watch: Sequence[HvChannel]):
-    """Write the channels' V0Set and wait, in world time, until each has arrived (not ramping,
-    |VMon - V0Set| <= 1 V, V0Set as held by the crate, i.e. capped at SVMax). Returns the tripped
-    channels as soon as one of them or of `watch` trips ([] when all arrived)."""
-    targets, slowest_s = {}, 0.0
+def _ramp(session: _Session, setpoints: dict[HvChannel, float]):
+    """Move the channels to their voltages (V) with the devices' own move, and wait for it within
+    the ramp's budget in world time (3x the nominal ramp + RAMP_MARGIN_S). Returns the tripped
+    channels [(channel, Status)] at the first trip ([] when all arrived)."""
+    slowest_s = 0.0
     for ch, v in setpoints.items():
-        targets[ch] = min(float(v), float((yield from bps.rd(ch.svmax))))
-        yield from _put(ch.v0set, float(v))
         vmon = float((yield from bps.rd(ch.vmon)))
-        rate = max(min(float((yield from bps.rd(ch.rup))), float((yield from bps.rd(ch.rdwn)))), 0.1)
-        slowest_s = max(slowest_s, abs(targets[ch] - vmon) / rate)
-    timeout_s = 3.0 * slowest_s + RAMP_MARGIN_S
-    looked_at = list(dict.fromkeys([*watch, *targets]))
-    off_looks: dict[HvChannel, int] = {}
-    t0 = yield from session.now()
-    deadline = session.deadline(timeout_s)
-    tripped_now = session.any_tripped(looked_at)
-
-    def changed(now):
-        # wake on a trip, on arrival, on a channel found off (then at the next crate reading, so
-        # that three looks at it are three readings), and at the timeout
-        def condition():
-            # past the timeout: each crate reading is a look that counts for the deadline
-            if tripped_now() or session.world_now() > max(now, t0 + timeout_s):
-                return True
-            if all(at_setpoint(int(c.status.get()), float(c.vmon.get()), v)
-                   for c, v in targets.items()):
-                return True
-            return bool(off_looks) and session.world_now() > now
-        return condition
-
-    while True:
-        yield from bps.checkpoint()
-        tripped = session.scan(looked_at)
-        if tripped:
+        rate = max(min(float((yield from bps.rd(ch.rup, default_value=1.0))),
+                       float((yield from bps.rd(ch.rdwn, default_value=1.0)))), 0.1)
+        slowest_s = max(slowest_s, abs(float(v) - vmon) / rate)   # SVMax can only shorten it
+    budget_s = 3.0 * slowest_s + RAMP_MARGIN_S
+    if len(setpoints) == 1:                                       # bps.mv(channel, volts)
+        ((mover, target),) = setpoints.items()
+        target = float(target)
+    else:                                                         # one move of the layer
+        mover = session.layer
+        target = {ch.electrode: float(v) for ch, v in setpoints.items()}
+    for attempt in range(FAULT_RETRIES + 1):
+        t0 = yield from session.now()
+        deadline = WorldDeadline(t0, budget_s)
+        status = None
+        try:
+            status = yield from bps.abs_set(mover, target, group=_group("move"))
+            while not (yield from wait_status(status, max_wall_s=MAX_WAIT_WALL_S)):
+                yield from bps.checkpoint()
+                now = yield from session.now()
+                if deadline.passed(now):
+                    raise RampTimeout((yield from _late(setpoints, now - t0)))
+            if status is None or status.success:                  # None: a dry run
+                return []
+            yield from bps.null()        # the RunEngine reports the failed move here
+            failure = status.exception()
+        except FailedStatus as failed:
+            status = failed.args[0] if failed.args else status
+            failure = status.exception() if status is not None else failed
+        except GeneratorExit:
+            raise
+        except BaseException:
+            # a timeout, an abort or stop, a failing plan: nobody waits on the move any more
+            if status is not None and not status.done:
+                yield from bps.stop(mover)
+            raise
+        if isinstance(failure, ChannelTripped):
+            # the incident: every channel of the move that shows a trip bit now, and this one
+            tripped = yield from session.scan(list(setpoints))
+            if failure.channel is not None and all(ch is not failure.channel for ch, _ in tripped):
+                tripped.append((failure.channel, failure.bits or ITRIP_CLEARED))
             return tripped
-        now = yield from session.now()
-        late = [ch for ch, v in targets.items() if not at_setpoint(*session.state[ch][:2], v)]
-        if not late:
-            return []
-        # Pw, not the ON bit (Status follows at the crate's next poll); seen off in three crate
-        # readings in a row, so that a monitor still in flight after switching on is not taken
-        for ch in late:
-            off_looks[ch] = off_looks.get(ch, 0) + 1 if not session.state[ch][2] else 0
-        off_looks = {ch: n for ch, n in off_looks.items() if n}
-        off = [ch for ch in late if off_looks.get(ch, 0) >= 3]
-        if off:
-            raise Qc6Error(f"{', '.join(c.label() for c in off)} went off without a trip while "
-                           "ramping: someone switched it off, or the crate's interlock; check the "
-                           "crate before restarting")
-        if deadline.passed(session.world_now()):
-            raise RampTimeout(
-                f"not at the setpoint after {now - t0:.0f} s (world): " + "; ".join(
-                    f"{c.label()} VMon {session.state[c][1]:.1f} V for {targets[c]:g} V, Status "
-                    f"{describe_status(session.state[c][0])}" for c in late)
-                + "; check RUp/RDWn and the channels")
-        yield from session.wait_until(changed(now))
+        if isinstance(failure, ChannelOff):
+            raise Qc6Error(f"{failure}") from failure
+        if not _retry_after(failure, attempt, FAULT_RETRIES):
+            raise Qc6Error(f"moving {', '.join(ch.label() for ch in setpoints)} failed: "
+                           f"{reason(failure, also=(Exception,))}") from failure
+        yield from bps.sleep(1.0)
+
+
+def _late(setpoints: dict[HvChannel, float], took_s: float):
+    """The RampTimeout message: where each channel is (plan)."""
+    parts = []
+    for ch, v in setpoints.items():
+        vmon = float((yield from bps.rd(ch.vmon)))
+        bits = int((yield from bps.rd(ch.status)))
+        parts.append(f"{ch.label()} VMon {vmon:.1f} V for {float(v):g} V, Status "
+                     f"{describe_status(bits)}")
+    return (f"not at the setpoint after {took_s:.0f} s (world): " + "; ".join(parts)
+            + "; check RUp/RDWn and the channels")
 
 
 def _hold(session: _Session, watch: Sequence[HvChannel], hold_s: float, *, on_poll=None,
@@ -186,7 +216,7 @@ def _hold(session: _Session, watch: Sequence[HvChannel], hold_s: float, *, on_po
     tripped_now = session.any_tripped(watch)
     while True:
         yield from bps.checkpoint()
-        tripped = session.scan(watch)
+        tripped = yield from session.scan(watch)
         if tripped:
             return tripped
         now = yield from session.now()
@@ -197,8 +227,8 @@ def _hold(session: _Session, watch: Sequence[HvChannel], hold_s: float, *, on_po
         wake_at = t0 + hold_s
         if look_every_s is not None:
             wake_at = min(wake_at, now + look_every_s)
-        yield from session.wait_until(
-            lambda: tripped_now() or session.world_now() >= wake_at)
+        yield from session.wait_until(lambda: tripped_now() or session.world_now() >= wake_at,
+                                      until=wake_at)
 
 
 def _recover(session: _Session, tripped, watch: Sequence[HvChannel], recovery_s: float):
@@ -218,19 +248,13 @@ def _recover(session: _Session, tripped, watch: Sequence[HvChannel], recovery_s:
     return incidents, off
 
 
-
 def _last_look(session: _Session, channels: Sequence[HvChannel]):
     """After switching channels off: record a trip the crate made since the plan last looked (a
     channel that is off cannot trip any more). Returns the number of incidents recorded."""
-    t_off = yield from session.now()
-    while (yield from session.now()) <= t_off:
-        # a crate reading taken after the switch-off (an IOC that stops answering suspends)
-        yield from session.wait_until(session.world_passed(t_off))
-    tripped = session.scan(channels)
+    yield from session.next_reading((yield from session.now()))
+    tripped = yield from session.scan(channels)
     if not tripped:
         return 0
     yield from session.record_trips(tripped)
     yield from _clear_alarm(session, [ch for ch, _ in tripped])
     return 1
-
-

@@ -1,8 +1,15 @@
 """What a QC6 plan knows of its layer between looks: the crate's monitors kept per layer (when each
 trip bit appeared, each channel's last voltage before a trip) and the session of one test (world
-time, waits woken by monitor updates, the trips and progress it records)."""
+time, waits woken by monitor updates, the trips and progress it records).
+
+The plan reads the instruments only through RunEngine messages (bps.rd); the monitors' callbacks
+and the wake-up conditions run inside the RunEngine's `wait_for`. A dry run (summarize_plan, which
+answers every read with nothing) therefore reads nothing: the session then keeps a world clock of its
+own that jumps to whatever time the plan waits for, and every read gives its quiet default (no trip,
+channels on and arrived), so the outline walks the whole procedure."""
 from __future__ import annotations
 
+import time
 import weakref
 from typing import Sequence
 
@@ -11,7 +18,6 @@ import bluesky.plan_stubs as bps
 from calbench.devices.caen import STATUS_ON, TRIPPED, GemLayer, HvChannel, describe_status
 from calbench.devices.qc6_records import Qc6Record, TripRecord, fill
 from calbench.plans.monitor_wait import MonitorWaiter
-from calbench.plans.world_clock import InstrumentClock, WorldDeadline
 
 MAX_WAIT_WALL_S = 0.5        # wall seconds a plan waits for a monitor update before looking anyway
 ACK_TIMEOUT_S = 20.0         # wall seconds for Channel Access to acknowledge a put
@@ -77,28 +83,46 @@ class _Session:
         self.trip = TripRecord(name="trip")
         self.record = Qc6Record(name="qc6")
         self.incidents = 0
-        self.watch = _watch_of(layer)
-        self.state: dict[HvChannel, tuple[int, float, int]] = {}   # last (Status, VMon, Pw)
-        self.clock = InstrumentClock(layer.world_time)
+        self.state: dict[HvChannel, tuple[int, float]] = {}   # last (Status, VMon) seen
+        self.dry: bool | None = None      # decided by the first read of the world clock
+        self._dry_t = time.time()         # a dry run's world clock
+        self._watch: _LayerWatch | None = None
+
+    @property
+    def watch(self) -> _LayerWatch:
+        """The layer's monitor bookkeeping (subscribed on first use, never in a dry run)."""
+        if self._watch is None:
+            self._watch = _watch_of(self.layer)
+        return self._watch
 
     def now(self):
-        """World time (epoch s) of the crate (plan)."""
-        return (yield from self.clock.now())
+        """World time (epoch s) of the crate (plan): its WorldTime_RBV, or in a dry run the
+        session's own clock."""
+        while True:
+            t = yield from bps.rd(self.layer.world_time, default_value=None)
+            if t is not None:
+                self.dry = False
+                return float(t)
+            if self.dry is not False:         # nothing answers the first read: a dry run
+                self.dry = True
+                return self._dry_t
+            # a read a pause interrupted answers nothing: look again
 
     def world_now(self) -> float:
-        """The crate's world time as last published (its monitor; not a plan step)."""
+        """The crate's world time as last published (its monitor): for wake-up conditions, which
+        run inside the RunEngine's wait_for, never in the plan's body."""
         return float(self.layer.world_time.get())
 
-    def wait_until(self, condition, *, max_wall_s: float = MAX_WAIT_WALL_S):
-        """Until condition() holds (checked at once, then at each world time the IOC publishes,
-        i.e. after each reading of the crate, and at link changes), at most max_wall_s wall
-        seconds (plan)."""
-        yield from self.watch.waiter.wait(condition, max_wall_s=max_wall_s)
-
-    def deadline(self, world_s: float) -> WorldDeadline:
-        """A fault timeout of world_s on the crate's clock (see WorldDeadline): a loaded control
-        PC cannot trip it."""
-        return WorldDeadline(self.world_now(), world_s)
+    def wait_until(self, condition, *, until: float | None = None,
+                   max_wall_s: float = MAX_WAIT_WALL_S):
+        """Until condition() holds (looked at inside the RunEngine: at each world time the IOC
+        publishes, i.e. after each reading of the crate, and at link changes), at most max_wall_s
+        wall seconds (plan). In a dry run the session's clock moves on to `until` (world s)."""
+        if self.dry:
+            if until is not None:
+                self._dry_t = max(self._dry_t, float(until))
+            return
+        yield from self.watch.waiter.wait(condition, max_wall_s=max_wall_s, look_first=False)
 
     def world_passed(self, world_t: float):
         """A condition: the crate has published a world time after world_t."""
@@ -108,14 +132,21 @@ class _Session:
         """A condition: one of the channels shows a trip bit."""
         return lambda: any(int(ch.status.get()) & TRIPPED for ch in channels)
 
+    def next_reading(self, after: float):
+        """Until the crate has published a world time after `after` (a crate reading taken after
+        it; an IOC that stops answering suspends the plan meanwhile); returns it (plan)."""
+        while (now := (yield from self.now())) <= after:
+            yield from self.wait_until(self.world_passed(after), until=after + 1.0)
+        return now
+
     def scan(self, channels: Sequence[HvChannel]):
-        """A look at the channels as their monitors show them (Status, VMon, Pw into self.state,
-        VMon before Status: see HvChannel): the ones with trip bits set, with their Status."""
+        """A look at the channels (plan): Status and VMon into self.state, VMon before Status (see
+        HvChannel). Returns the ones with trip bits set, with their Status."""
         tripped = []
         for ch in channels:
-            vmon = float(ch.vmon.get())
-            bits = int(ch.status.get())
-            self.state[ch] = (bits, vmon, int(ch.pw.get()))
+            vmon = float((yield from bps.rd(ch.vmon)))
+            bits = int((yield from bps.rd(ch.status)))
+            self.state[ch] = (bits, vmon)
             if bits & TRIPPED:
                 tripped.append((ch, bits))
         return tripped
@@ -137,8 +168,7 @@ class _Session:
             seen = self.watch.trip_time.get(ch.channel, t)
             self.watch.handled(ch.channel, seen)
             fill(self.trip, channel=ch.channel, electrode=ch.electrode,
-                  voltage=round(voltage, 2), v0set=v0set, time=seen,
-                  incident=self.incidents)
+                 voltage=round(voltage, 2), v0set=v0set, time=seen, incident=self.incidents)
             yield from bps.create("trips")
             yield from bps.read(self.trip)
             yield from bps.save()

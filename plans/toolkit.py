@@ -33,13 +33,14 @@ def put(signal, value, what: str, error: type[Exception], *, also: tuple[type, .
         raise error(f"{what} failed: {reason(exc, also=also)}") from exc
 
 
-def check_connected(device, what: str, error: type[Exception]):
-    """Plan: raise `error` naming the device and the IOC's status message when its backend does not
-    answer (Connected_RBV 0). A dry run (summarize_plan answers reads with nothing) passes."""
+def check_connected(device, what: str, error: type[Exception], *, remedy: str = ""):
+    """Plan: raise `error` naming the device, the IOC's status message and the remedy when its
+    backend does not answer (Connected_RBV 0). A dry run (summarize_plan answers reads with
+    nothing) passes."""
     if not int((yield from bps.rd(device.connected_rbv, default_value=1))):
         message = yield from bps.rd(device.status_message)
         raise error(f"the {what} ({device.prefix}) does not answer: "
-                    f"{message or 'no reason given'}")
+                    f"{message or 'no reason given'}" + (f"; {remedy}" if remedy else ""))
 
 
 def set_results_dir(path: str | Path) -> None:

@@ -126,7 +126,8 @@ def test_check_connection_names_an_unreachable_crate(lab, qc6, RE):
         deadline = time.monotonic() + 5
         while layer.connected_rbv.get() != 0 and time.monotonic() < deadline:
             time.sleep(0.02)
-        with pytest.raises(CrateUnreachable, match="answers but the crate does not.*check"):
+        with pytest.raises(CrateUnreachable,
+                           match="CAEN crate behind the IOC .* does not answer.*check the crate"):
             RE(check_connection(layer))
     finally:
         sim.unreachable = False

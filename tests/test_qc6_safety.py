@@ -65,7 +65,7 @@ def test_exception_inside_the_plan_ramps_the_layer_down(qc6, RE, tmp_path):
     broken, fired = Broken(name="broken"), []
 
     def at_600V(msg):                  # a failing read just before the foil goes to 600 V
-        if msg.command == "set" and msg.obj is layer.g1t.v0set and msg.args[0] >= 600 \
+        if msg.command == "set" and msg.obj is layer.g1t and msg.args[0] >= 600 \
                 and not fired:
             fired.append(msg)
 
