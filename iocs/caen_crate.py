@@ -117,7 +117,8 @@ class ChannelPVs(settings_group("ChannelSettings", CHANNEL_SETTINGS)):
         """A channel parameter of the table: numbers store what the crate holds (V0Set clamped
         at SVMax), states the state sent."""
         if setting.hazard and value == setting.hazard[0]:
-            await self.ioc.require_lease(f"S{self.slot:02d}:C{self.channel:02d} {setting.hazard[1]}")
+            await self.ioc.require_lease(
+                f"S{self.slot:02d}:C{self.channel:02d} {setting.hazard[1]}")
         held = await self._put(setting.args[0], setting.argument(value))
         return None if setting.dtype == ENUM else float(held)
 

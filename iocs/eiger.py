@@ -1,4 +1,3 @@
-# To be split (issue 15): the EIGER IOC's hand-written putters (to a setting table).
 """EigerIOC: the PSI EIGER detector as EPICS PVs (slsdet names for DACs, areaDetector for acquisition).
 
 PVs after the instrument prefix (e.g. CB:EIGER:). Setpoints have an _RBV readback; DAC setpoints
@@ -26,16 +25,8 @@ write every half module and their _RBV reads -1 when the half modules differ.
   Temperature_RBV                          FPGA temperature, degC
   Acquire (Done/Acquire; the put completes when the frames are written), Acquire_RBV,
   DetectorState_RBV, ArrayCounter, ArrayCounter_RBV, NumImagesCounter_RBV, AcquireStartTime_RBV
-  FilePath, FileName, FileNumber (+ _RBV), FilePathExists_RBV, AutoIncrement, Capture, Capture_RBV,
-  FileWriteMode(_RBV), FullFileName_RBV, NumCaptured_RBV
-                                           HDF5 files {FilePath}/{FileName}_{FileNumber:06d}.h5,
-                                           dataset /entry/data/data [frames, rows, cols] in the dr
-                                           dtype (SWMR), written by iocs/eiger_hdf5.py.
-                                           FileWriteMode Single: with Capture = On, each
-                                           acquisition writes one file (as slsReceiver does).
-                                           Stream: Capture = On opens one file, every acquisition
-                                           appends its frames, Capture = Off closes it (one file,
-                                           one tiled asset per run: what the ophyd device uses)
+  FilePath, FileName, FileNumber, Capture, FileWriteMode, ... (+ _RBV)   HDF5 file writing,
+                                           see iocs/eiger_files.py
   ChipSums_RBV, TotalCounts_RBV            counts per chip / in total of the last acquisition
   Image:ArrayData, Image:ArraySizeX_RBV, Image:ArraySizeY_RBV, Image:Binning_RBV
                                            live view: last frame summed in 4 x 4 bins (float32)
@@ -43,9 +34,10 @@ write every half module and their _RBV reads -1 when the half modules differ.
   Sim:Unresponsive                         simulated backend only: 1 = the detector stops answering
 
 Settings puts are refused while an acquisition runs ("detector is acquiring"), as the real
-detector server does. Backend calls run in a worker thread, one at a time, so a slow detector never
-holds up Channel Access; an error of the backend nobody expected becomes a fault on
-StatusMessage_RBV (Connected_RBV = 0) and the IOC keeps serving.
+detector server does. The setting PVs are declared in a table (iocs/eiger_pvs.py). Backend calls
+run on the detector's worker thread, one at a time, so a slow detector never holds up Channel
+Access; an error of the backend nobody expected becomes a fault on StatusMessage_RBV
+(Connected_RBV = 0) and the IOC keeps serving.
 """
 from __future__ import annotations
 
@@ -55,17 +47,16 @@ from pathlib import Path
 
 import numpy as np
 from caproto import ChannelType
-from caproto._constants import (MAX_SUBSCRIPTION_BACKLOG,
-                                SUBSCRIPTION_BACKLOG_WARN_THRESHOLD_ELEMENTS)
 from caproto.server import SubGroup, pvproperty
 
 from calbench.contracts.eiger_geometry import EigerGeometry, frame_dtype
 from calbench.contracts.trimfile import SETTINGS_NAMES, serial_from_hostname
-from calbench.iocs.base import (InstrumentFault, InstrumentGroup, InstrumentIOC, Refused, command_pv,
-                                enum_pv, setting_pv, string_pv)
-from calbench.iocs.eiger_hdf5 import FrameFile, acquire_to_file
-from calbench.iocs.eiger_settings import (ALL_DACS, EIGER_SETTINGS, MAX_TRIM_ENERGIES, TRIMBIT_CALLS,
-                                          EigerDacs)
+from calbench.iocs.base import InstrumentFault, Refused, enum_pv, string_pv
+from calbench.iocs.eiger_files import MAX_COUNTER, EigerFilePVs
+from calbench.iocs.eiger_hdf5 import acquire_to_file
+from calbench.iocs.eiger_pvs import (ALL_DACS, EIGER_SETTINGS, LIVE_BINNING, MAX_TRIM_ENERGIES,
+                                     TRIMBIT_CALLS, EigerDacs, LiveImage, SimControls, array_pv,
+                                     float_pv, int_pv, size_waveforms)
 from calbench.iocs.settings_table import settings_group
 
 log = logging.getLogger(__name__)
@@ -73,89 +64,39 @@ log = logging.getLogger(__name__)
 DETECTOR_STATES = ["Idle", "Acquire", "Readout", "Correct", "Saving", "Aborting", "Error",
                    "Waiting", "Initializing", "Disconnected", "Aborted"]
 ACQUIRE = ["Done", "Acquire"]
-OFF_ON = ["Off", "On"]
-NO_YES = ["No", "Yes"]
-FILE_WRITE_MODES = ["Single", "Stream"]
-LIVE_BINNING = 4
 POLL_PERIOD_S = 1.0
-MAX_COUNTER = 2 ** 31 - 1
 
 
-def _int_pv(name, value=0, *, read_only=False, low=None, high=None, units="", doc=""):
-    if not read_only:           # a setting: its range is declared (and published)
-        return setting_pv(name, ChannelType.LONG, low=low, high=high, value=value, units=units,
-                          doc=doc)
-    return pvproperty(name=name, value=value, dtype=ChannelType.LONG, read_only=True, units=units,
-                      doc=doc)
-
-
-def _float_pv(name, value=0.0, *, read_only=False, low=None, high=None, units="", precision=4,
-              doc=""):
-    if not read_only:
-        return setting_pv(name, low=low, high=high, value=value, units=units, precision=precision,
-                          doc=doc)
-    return pvproperty(name=name, value=value, dtype=ChannelType.DOUBLE, read_only=True, units=units,
-                      precision=precision, doc=doc)
-
-
-def _array_pv(name, dtype, *, read_only=False, low=None, high=None, doc=""):
-    """A waveform sized for the detector when the IOC is built (see EigerIOC._create_pvdb); a
-    writable one takes exactly that many values in low..high."""
-    zero = np.zeros(2, dtype={ChannelType.LONG: np.int32, ChannelType.INT: np.int16,
-                              ChannelType.DOUBLE: np.float64, ChannelType.FLOAT: np.float32}[dtype])
-    limits = {} if read_only else dict(lower_ctrl_limit=low, upper_ctrl_limit=high,
-                                       lower_disp_limit=low, upper_disp_limit=high)
-    return pvproperty(name=name, value=zero, dtype=dtype, max_length=2, read_only=read_only, doc=doc,
-                      **limits)
-
-
-class _SimControls(InstrumentGroup):
-    unresponsive = command_pv("Unresponsive", "simulation: 1 makes the detector stop answering")
-
-    @unresponsive.putter
-    async def unresponsive(self, instance, value):
-        self.parent.backend.unresponsive = bool(value)
-        return int(bool(value))
-
-
-class _LiveImage(InstrumentGroup):
-    array_data = _array_pv("ArrayData", ChannelType.FLOAT, read_only=True,
-                           doc="last frame, summed in Binning x Binning bins, row-major")
-    size_x = _int_pv("ArraySizeX_RBV", read_only=True)
-    size_y = _int_pv("ArraySizeY_RBV", read_only=True)
-    binning = _int_pv("Binning_RBV", LIVE_BINNING, read_only=True)
-
-
-class EigerIOC(settings_group("EigerSettings", EIGER_SETTINGS, InstrumentIOC)):
+class EigerIOC(settings_group("EigerSettings", EIGER_SETTINGS, EigerFilePVs)):
     """PVs of an EIGER detector over a backend (iocs/sim/eiger.py:EigerSim or iocs/hw/eiger.py)."""
 
     geometry_name = string_pv("Geometry_RBV")
-    size_y = _int_pv("ArraySizeY_RBV", read_only=True, doc="rows")
-    size_x = _int_pv("ArraySizeX_RBV", read_only=True, doc="columns")
-    n_half_modules = _int_pv("NumHalfModules_RBV", read_only=True)
-    n_chips = _int_pv("NumChips_RBV", read_only=True)
+    size_y = int_pv("ArraySizeY_RBV", read_only=True, doc="rows")
+    size_x = int_pv("ArraySizeX_RBV", read_only=True, doc="columns")
+    n_half_modules = int_pv("NumHalfModules_RBV", read_only=True)
+    n_chips = int_pv("NumChips_RBV", read_only=True)
     hostnames = string_pv("Hostnames_RBV")
     serials = string_pv("Serials_RBV", doc="trim-file serials (.snNNN) of the half modules")
     det_id = string_pv("DetId_RBV")
 
     dacs = SubGroup(EigerDacs, prefix="")
-    dac_table_rbv = _array_pv("DacTable_RBV", ChannelType.LONG, read_only=True)
-    vthreshold_rbv = _int_pv("Vthreshold_RBV", read_only=True, doc="-1 if they differ")
-    vcmp_rbv = _array_pv("Vcmp_RBV", ChannelType.LONG, read_only=True)
+    dac_table_rbv = array_pv("DacTable_RBV", ChannelType.LONG, read_only=True)
+    vthreshold_rbv = int_pv("Vthreshold_RBV", read_only=True, doc="-1 if they differ")
+    vcmp_rbv = array_pv("Vcmp_RBV", ChannelType.LONG, read_only=True)
 
-    trimbits_rbv = _array_pv("Trimbits_RBV", ChannelType.INT, read_only=True)
-    trimval_rbv = _int_pv("Trimval_RBV", read_only=True, doc="-1 if trimbits differ")
+    trimbits_rbv = array_pv("Trimbits_RBV", ChannelType.INT, read_only=True)
+    trimval_rbv = int_pv("Trimval_RBV", read_only=True, doc="-1 if trimbits differ")
     load_trimbits = string_pv("LoadTrimbits", read_only=False,
                               doc="path prefix of trim files to load (.snXXX appended)")
     save_trimbits = string_pv("SaveTrimbits", read_only=False,
                               doc="path prefix to save the trim files to (.snXXX appended)")
 
-    dynamic_range_rbv = _int_pv("DynamicRange_RBV", 16, read_only=True)
-    acquire_time_rbv = _float_pv("AcquireTime_RBV", 1.0, units="s", read_only=True)
-    acquire_period_rbv = _float_pv("AcquirePeriod_RBV", 0.0, units="s", read_only=True)
-    num_images_rbv = _int_pv("NumImages_RBV", 1, read_only=True)
+    dynamic_range_rbv = int_pv("DynamicRange_RBV", 16, read_only=True)
+    acquire_time_rbv = float_pv("AcquireTime_RBV", 1.0, units="s", read_only=True)
+    acquire_period_rbv = float_pv("AcquirePeriod_RBV", 0.0, units="s", read_only=True)
+    num_images_rbv = int_pv("NumImages_RBV", 1, read_only=True)
 
-    threshold_energy_rbv = _int_pv("ThresholdEnergy_RBV", -1, read_only=True,
+    threshold_energy_rbv = int_pv("ThresholdEnergy_RBV", -1, read_only=True,
                                    doc="eV; -1 when DACs or trimbits were set directly")
     trim_energies_rbv = pvproperty(name="TrimEnergies_RBV", value=[4500, 5400, 6400],
                                    dtype=ChannelType.LONG, max_length=MAX_TRIM_ENERGIES,
@@ -163,46 +104,29 @@ class EigerIOC(settings_group("EigerSettings", EIGER_SETTINGS, InstrumentIOC)):
     settings_rbv = enum_pv("Settings_RBV", list(SETTINGS_NAMES) + ["undefined"], "undefined",
                            read_only=True)
     settings_dir_rbv = string_pv("SettingsDir_RBV", max_length=1024)
-    rate_corr_tau_rbv = _float_pv("RateCorrTau_RBV", 0.0, units="ns", precision=1, read_only=True)
-    test_pulses_rbv = _int_pv("TestPulses_RBV", 0, read_only=True)
-    temperature = _float_pv("Temperature_RBV", 0.0, units="degC", precision=2, read_only=True)
+    rate_corr_tau_rbv = float_pv("RateCorrTau_RBV", 0.0, units="ns", precision=1, read_only=True)
+    test_pulses_rbv = int_pv("TestPulses_RBV", 0, read_only=True)
+    temperature = float_pv("Temperature_RBV", 0.0, units="degC", precision=2, read_only=True)
 
     acquire = enum_pv("Acquire", ACQUIRE)
     acquire_rbv = enum_pv("Acquire_RBV", ACQUIRE, read_only=True)
     detector_state = enum_pv("DetectorState_RBV", DETECTOR_STATES, read_only=True)
-    array_counter = _int_pv("ArrayCounter", low=0, high=MAX_COUNTER)
-    array_counter_rbv = _int_pv("ArrayCounter_RBV", read_only=True)
-    images_counter = _int_pv("NumImagesCounter_RBV", read_only=True)
-    acquire_start = _float_pv("AcquireStartTime_RBV", 0.0, units="s", precision=3, read_only=True,
+    array_counter = int_pv("ArrayCounter", low=0, high=MAX_COUNTER)
+    array_counter_rbv = int_pv("ArrayCounter_RBV", read_only=True)
+    images_counter = int_pv("NumImagesCounter_RBV", read_only=True)
+    acquire_start = float_pv("AcquireStartTime_RBV", 0.0, units="s", precision=3, read_only=True,
                               doc="world time (epoch s) of the last acquisition's first exposure")
 
-    file_path = string_pv("FilePath", read_only=False, max_length=1024)
-    file_path_rbv = string_pv("FilePath_RBV", max_length=1024)
-    file_path_exists = enum_pv("FilePathExists_RBV", NO_YES, read_only=True)
-    file_name = string_pv("FileName", "eiger", read_only=False)
-    file_name_rbv = string_pv("FileName_RBV", "eiger")
-    file_number = _int_pv("FileNumber", 0, low=0, high=MAX_COUNTER)
-    file_number_rbv = _int_pv("FileNumber_RBV", 0, read_only=True)
-    auto_increment = enum_pv("AutoIncrement", NO_YES, "Yes")
-    file_write_mode = enum_pv("FileWriteMode", FILE_WRITE_MODES)
-    file_write_mode_rbv = enum_pv("FileWriteMode_RBV", FILE_WRITE_MODES, read_only=True)
-    capture = enum_pv("Capture", OFF_ON)
-    capture_rbv = enum_pv("Capture_RBV", OFF_ON, read_only=True)
-    num_captured = _int_pv("NumCaptured_RBV", read_only=True, doc="frames in the current file")
-    full_file_name = string_pv("FullFileName_RBV", max_length=1024)
-
-    chip_sums = _array_pv("ChipSums_RBV", ChannelType.DOUBLE, read_only=True,
+    chip_sums = array_pv("ChipSums_RBV", ChannelType.DOUBLE, read_only=True,
                           doc="counts per chip in the last acquisition (all frames)")
-    total_counts = _float_pv("TotalCounts_RBV", 0.0, precision=0, read_only=True)
+    total_counts = float_pv("TotalCounts_RBV", 0.0, precision=0, read_only=True)
 
-    image = SubGroup(_LiveImage, prefix="Image:")
-    sim = SubGroup(_SimControls, prefix="Sim:")
+    image = SubGroup(LiveImage, prefix="Image:")
+    sim = SubGroup(SimControls, prefix="Sim:")
 
     def __init__(self, *, prefix, backend, clock=None, **kwargs):
         self.geometry: EigerGeometry = backend.geometry
         super().__init__(prefix=prefix, backend=backend, clock=clock, **kwargs)
-        self._busy = False
-        self._stream_file: FrameFile | None = None
         if not hasattr(backend, "truth"):             # hardware: no fault-injection PVs
             for name in list(self.pvdb):
                 if name.startswith(prefix + "Sim:"):
@@ -218,33 +142,9 @@ class EigerIOC(settings_group("EigerSettings", EIGER_SETTINGS, InstrumentIOC)):
 
     def _create_pvdb(self):
         super()._create_pvdb()
-        # caproto sizes waveforms per class; re-create ours with this detector's length
-        for attr, n in self._sized_lengths().items():
-            if "." in attr:
-                group_attr, sub = attr.split(".")
-                group = self.groups[group_attr]
-            else:
-                group, sub = self, attr
-            old = group.attr_pvdb[sub]
-            cls, kwargs = old.pvspec.get_instantiation_info(group)
-            # a subscription backlog that keeps a slow client's queue under caproto's memory limit
-            backlog = max(1, (SUBSCRIPTION_BACKLOG_WARN_THRESHOLD_ELEMENTS - 1) // n)
-            kwargs.update(value=np.zeros(n, dtype=np.asarray(old.value).dtype), max_length=n,
-                          max_subscription_backlog=min(backlog, MAX_SUBSCRIPTION_BACKLOG))
-            new = cls(**kwargs)
-            for g in {group, self}:
-                key = sub if g is group else attr
-                g.attr_pvdb[key] = new
-                g.pvdb[old.pvname] = new
+        size_waveforms(self, self._sized_lengths())
 
     # -- helpers --------------------------------------------------------------------------------
-    async def refuse_if_busy(self) -> None:
-        """Refuse a put during an acquisition (the detector server does too): reported, counted,
-        raised."""
-        if self._busy:       # answered at once: the acquisition holds the backend
-            await self.refuse("the detector is acquiring; wait for DetectorState_RBV = Idle or "
-                              "put Acquire = 0 to abort")
-
     def _serials(self) -> list[str]:
         """Trim-file serials: the detector's module ids (hardware), else from the hostnames."""
         serials = getattr(self.backend, "serials", None)
@@ -319,7 +219,7 @@ class EigerIOC(settings_group("EigerSettings", EIGER_SETTINGS, InstrumentIOC)):
         await self.settings_dir.write(self.settings_dir_rbv.value, verify_value=False)
 
     async def apply_setting(self, setting, value):
-        """A setting PV of the table (iocs/eiger_settings.py): its backend call, as `_setting`."""
+        """A setting PV of the table (iocs/eiger_pvs.py): its backend call, as `_setting`."""
         await self._setting(getattr(self.backend, setting.call), *setting.args,
                             setting.argument(value), trimbits=setting.call in TRIMBIT_CALLS)
 
@@ -375,7 +275,7 @@ class EigerIOC(settings_group("EigerSettings", EIGER_SETTINGS, InstrumentIOC)):
         if self.detector_state.value == "Disconnected":
             await self.publish(self.detector_state, "Idle")
 
-    # -- trimbit files (the other settings are the table's, iocs/eiger_settings.py) ---------------
+    # -- trimbit files (the other settings are the table's, iocs/eiger_pvs.py) --------------------
     @load_trimbits.putter
     async def load_trimbits(self, instance, value):
         if value:
@@ -396,93 +296,10 @@ class EigerIOC(settings_group("EigerSettings", EIGER_SETTINGS, InstrumentIOC)):
         if not os.path.isabs(path):
             await self.refuse(f"{pv} {path!r} must be an absolute path prefix")
 
-    # -- file writing -------------------------------------------------------------------------------
-    @file_path.putter
-    async def file_path(self, instance, value):
-        await self.refuse_if_busy()
-        path = str(value)
-        if path and not os.path.isabs(path):
-            await self.refuse(f"FilePath {path!r} must be an absolute directory")
-        await self.publish(self.file_path_rbv, path)
-        await self.publish(self.file_path_exists, NO_YES[int(bool(path) and os.path.isdir(path))])
-        return value
-
-    @file_name.putter
-    async def file_name(self, instance, value):
-        await self.refuse_if_busy()
-        name = str(value)
-        if not name or "/" in name or name.startswith("."):
-            await self.refuse(f"FileName {name!r}: use a plain, non-empty name without '/' "
-                              "(the directory is FilePath)")
-        await self.publish(self.file_name_rbv, name)
-        return value
-
-    @file_number.putter
-    async def file_number(self, instance, value):
-        await self.refuse_if_busy()
-        if int(value) < 0:
-            await self.refuse(f"FileNumber {value} must be >= 0")
-        await self.publish(self.file_number_rbv, int(value))
-        return value
-
-    @capture.putter
-    async def capture(self, instance, value):
-        await self.refuse_if_busy()
-        if value == self.capture_rbv.value:
-            return value
-        stream = self.file_write_mode_rbv.value == "Stream"
-        if value == "On" and stream:               # Stream: one file for every acquisition
-            path = await self.call(self._next_file)
-            try:
-                self._stream_file = FrameFile(path, self.geometry, self.backend)
-            except OSError as exc:
-                await self.refuse(f"cannot create {path}: {exc}; check FilePath and its "
-                                  "permissions")
-            await self.publish(self.full_file_name, str(path))
-            await self.publish(self.num_captured, 0)
-        elif value == "Off" and self._stream_file is not None:
-            self._stream_file.close()
-            self._stream_file = None
-            await self._advance_file_number()
-        await self.publish(self.capture_rbv, value)
-        return value
-
-    @file_write_mode.putter
-    async def file_write_mode(self, instance, value):
-        await self.refuse_if_busy()
-        if self.capture_rbv.value == "On":
-            await self.refuse("FileWriteMode cannot change while capturing; put Capture = Off "
-                              "first")
-        await self.publish(self.file_write_mode_rbv, value)
-        return value
-
     @array_counter.putter
     async def array_counter(self, instance, value):
         await self.publish(self.array_counter_rbv, int(value))
         return value
-
-    async def _advance_file_number(self) -> None:
-        if self.auto_increment.value == "Yes":
-            await self.file_number.write(int(self.file_number_rbv.value) + 1)
-
-    def _next_file(self) -> Path:
-        """The HDF5 file the next acquisition (Single) or capture (Stream) writes; Refused if it
-        cannot be written."""
-        directory = self.file_path_rbv.value
-        if not directory:
-            raise Refused("Capture is On but FilePath is empty; set FilePath to a directory the "
-                          "tiled server can read (the lab's data directory)")
-        name = f"{self.file_name_rbv.value}_{int(self.file_number_rbv.value):06d}.h5"
-        path = Path(directory) / name
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise Refused(f"cannot create FilePath {directory}: {exc.strerror}; choose a writable "
-                          "directory") from None
-        if path.exists():
-            raise Refused(f"{path} exists already; increase FileNumber or change FileName "
-                          "(frames are never overwritten)")
-        return path
 
     # -- acquisition ----------------------------------------------------------------------------------
     @acquire.putter
@@ -565,14 +382,6 @@ class EigerIOC(settings_group("EigerSettings", EIGER_SETTINGS, InstrumentIOC)):
             await self.publish(self.num_captured, len(frames))
         elif self._stream_file is not None:
             await self.publish(self.num_captured, self._stream_file.n_frames)
-
-    def make_safe(self) -> None:
-        """Abort any acquisition, stop test pulses (backend.make_safe), close an open file."""
-        super().make_safe()
-        if self._stream_file is not None:
-            self._stream_file.close()
-            self._stream_file = None
-
 
 def _raise(exc: BaseException):
     raise exc
