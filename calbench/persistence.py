@@ -38,7 +38,8 @@ from calbench.journal import RunJournal, pending, read_journal
 
 log = logging.getLogger(__name__)
 
-# Requests at stop that need not wait for each other: the read-back check, the stream closes.
+# Requests that need not wait for each other: the read-back check beside the stop document, the
+# stream closes after the run is stored.
 _CHECKS = ThreadPoolExecutor(1, thread_name_prefix="calbench-tiled-check")
 _CLOSES = ThreadPoolExecutor(1, thread_name_prefix="calbench-tiled-close")
 
@@ -111,8 +112,14 @@ class _ExactlyOnceRunWriter(_RunWriter):
 
     def _close_stream_tree(self) -> None:
         # Closing tells live subscribers that the run ended: one request per node, none of which
-        # the stored run needs, so it is done in the background, off the wait at stop.
-        _CLOSES.submit(self._close_streams)
+        # the stored run needs. The server takes one storage request at a time, so they are sent
+        # once the run is stored and checked (close_streams_later), not beside the wait at stop.
+        self._closes_due = True
+
+    def close_streams_later(self) -> None:
+        if getattr(self, "_closes_due", False):
+            self._closes_due = False
+            _CLOSES.submit(self._close_streams)
 
     def _close_streams(self) -> None:
         try:
@@ -246,6 +253,7 @@ def write_run(catalog, docs: list[tuple[str, dict]]) -> None:
     pipe = RunPipe(catalog.include_data_sources())
     for name, doc in docs:
         pipe(name, doc)
+    pipe.writer.close_streams_later()
 
 
 def closed(docs: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
@@ -454,6 +462,8 @@ class TiledPersister:
                     else:
                         run.journal.close()
                     run.done.set()
+                    if run.pipe is not None:
+                        run.pipe.writer.close_streams_later()
 
     def _flush(self, active: dict[str, _Run]) -> None:
         for run in list(active.values()):
