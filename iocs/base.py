@@ -230,8 +230,7 @@ class InstrumentIOC(InstrumentGroup):
         the lease check of a hazardous value."""
         if setting.hazard and value == setting.hazard[0]:
             await self.require_lease(setting.hazard[1])
-        await self.call(getattr(self.backend, setting.call), *setting.args,
-                        setting.argument(value))
+        await self.call(setting.bind(self.backend, value))
 
     async def check(self, func, *args):
         """Like `call`, but on the event loop: for checks that talk to no instrument."""

@@ -220,8 +220,8 @@ class EigerIOC(settings_group("EigerSettings", EIGER_SETTINGS, EigerFilePVs)):
 
     async def apply_setting(self, setting, value):
         """A setting PV of the table (iocs/eiger_pvs.py): its backend call, as `_setting`."""
-        await self._setting(getattr(self.backend, setting.call), *setting.args,
-                            setting.argument(value), trimbits=setting.call in TRIMBIT_CALLS)
+        await self._setting(setting.bind(self.backend, value),
+                            trimbits=setting.call in TRIMBIT_CALLS)
 
     async def _setting(self, func, *args, trimbits: bool = False):
         """A settings put: refused while acquiring, then the backend call, then the readbacks,

@@ -84,7 +84,7 @@ class _Channel(settings_group("FeeChannelSettings", CHANNEL_SETTINGS)):
     async def apply_setting(self, setting, value):
         """backend.<call>(channel, value) for this channel."""
         ioc = self.parent
-        await ioc.call(getattr(ioc.backend, setting.call), self.channel, setting.argument(value))
+        await ioc.call(setting.bind(ioc.backend, value, self.channel))
 
 
 class _SimControls(InstrumentGroup):

@@ -24,10 +24,22 @@ from caproto.server import pvproperty
 from calbench.iocs.base import Refused, command_pv, enum_pv, setting_pv, string_pv
 from calbench.iocs.bench_ioc import BenchInstrumentIOC
 from calbench.iocs.hw.agilent34401a import DISPLAY_CHARS, MAX_SAMPLES, NPLC_VALUES, VOLTAGE_RANGES_V
+from calbench.iocs.settings_table import DOUBLE, ENUM, Setting, settings_group
 
 FUNCTIONS = ["CURR:DC", "VOLT:DC"]
 LOCAL_REMOTE = ["Local", "Remote"]
 POLL_PERIOD_S = 0.5
+
+
+# the meter's configuration, each through configure(function=, range_=, nplc=)
+DMM_SETTINGS = (
+    Setting("Function", "configure", ENUM, states=tuple(FUNCTIONS), keyword="function"),
+    Setting("Range", "configure", DOUBLE, low=0.0, high=max(VOLTAGE_RANGES_V), precision=3,
+            keyword="range_", attr="range_setpoint", doc="requested range, A or V; 0 = autorange"),
+    Setting("NPLC", "configure", DOUBLE, low=min(NPLC_VALUES), high=max(NPLC_VALUES), value=10.0,
+            precision=2, keyword="nplc",
+            doc=f"power-line cycles per reading: {', '.join(f'{n:g}' for n in NPLC_VALUES)}"),
+)
 
 
 def _check_samples(count: int) -> int:
@@ -36,15 +48,13 @@ def _check_samples(count: int) -> int:
     return count
 
 
-class Multimeter34401aIOC(BenchInstrumentIOC):
-    function = enum_pv("Function", FUNCTIONS)
+_MultimeterSettings = settings_group("MultimeterSettings", DMM_SETTINGS, BenchInstrumentIOC)
+
+
+class Multimeter34401aIOC(_MultimeterSettings):
     function_rbv = enum_pv("Function_RBV", FUNCTIONS, read_only=True)
-    range_setpoint = setting_pv("Range", low=0.0, high=max(VOLTAGE_RANGES_V), precision=3,
-                                doc="requested range, A or V; 0 = autorange")
     range_rbv = pvproperty(name="Range_RBV", value=0.0, read_only=True, dtype=ChannelType.DOUBLE,
                            precision=3, doc="range in use at the last reading")
-    nplc = setting_pv("NPLC", low=min(NPLC_VALUES), high=max(NPLC_VALUES), value=10.0, precision=2,
-                      doc=f"power-line cycles per reading: {', '.join(f'{n:g}' for n in NPLC_VALUES)}")
     nplc_rbv = pvproperty(name="NPLC_RBV", value=10.0, read_only=True, dtype=ChannelType.DOUBLE,
                           precision=2)
     samples = setting_pv("Samples", ChannelType.LONG, low=1, high=MAX_SAMPLES, value=1,
@@ -69,25 +79,11 @@ class Multimeter34401aIOC(BenchInstrumentIOC):
         await self.publish(self.nplc_rbv, float(self.backend.nplc))
         await self.publish(self.remote_rbv, "Remote")
 
-    async def _configure(self, function=None, range_=None, nplc=None) -> None:
-        await self.run(self.backend.configure, function, range_, nplc)
+    async def apply_setting(self, setting, value):
+        """Function, Range or NPLC through configure, then what the meter now uses."""
+        await super().apply_setting(setting, value)
         await self.publish(self.function_rbv, self.backend.function)
         await self.publish(self.nplc_rbv, float(self.backend.nplc))
-
-    @function.putter
-    async def function(self, instance, value):
-        await self._configure(function=value)
-        return value
-
-    @range_setpoint.putter
-    async def range_setpoint(self, instance, value):
-        await self._configure(range_=float(value))
-        return value
-
-    @nplc.putter
-    async def nplc(self, instance, value):
-        await self._configure(nplc=float(value))
-        return value
 
     @samples.putter
     async def samples(self, instance, value):

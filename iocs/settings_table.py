@@ -6,8 +6,8 @@ One `Setting` row gives a setting PV everything it needs:
 - the put check, from that declaration (iocs/put_check.py, run by every InstrumentGroup): a put
   outside it is refused with the typed value and the reason, before any conversion;
 - the putter: the group's `apply_setting(setting, value)`, which by default calls
-  ``backend.<call>(*args, value)`` on the instrument's worker thread (InstrumentIOC.call), off
-  the event loop. An IOC overrides `apply_setting` for what its instrument adds around the call
+  ``backend.<call>(*args, value)`` (`Setting.bind`) on the instrument's worker thread
+  (InstrumentIOC.call), off the event loop. An IOC overrides `apply_setting` for what its instrument adds around the call
   (the EIGER refuses while acquiring and re-reads its readbacks; the crate names slot and channel).
 
     TABLE = (Setting("AcquireTime", "set_exptime", low=0.0, high=3600.0, units="s", value=1.0),
@@ -21,6 +21,7 @@ names one.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -41,7 +42,8 @@ class Setting:
     """One setting PV. `call` names the backend method that applies it; `args` go before the
     value. Numbers: `low`..`high` in `units`; an array takes `max_length` values ("exact" or "up
     to" that many, see `length`). ENUM: `states`. TEXT: up to `max_length` - 1 characters.
-    `convert` turns the stored value into the backend's argument (default: by type). `hazard`:
+    `convert` turns the stored value into the backend's argument (default: by type); `keyword`
+    passes it by that name instead of after `args`. `hazard`:
     (value, what) when putting that value needs the procedure lease (iocs/lease.py)."""
     name: str
     call: str
@@ -56,6 +58,7 @@ class Setting:
     length: str = "exact"
     args: tuple = ()
     convert: Callable[[Any], Any] | None = None
+    keyword: str = ""
     hazard: tuple[Any, str] = ()
     attr: str = ""
     doc: str = ""
@@ -73,6 +76,13 @@ class Setting:
         if self.dtype in (ENUM, TEXT):
             return str(value)
         return float(value) if self.dtype in (DOUBLE, ChannelType.FLOAT) else int(value)
+
+    def bind(self, backend, value, *leading) -> functools.partial:
+        """The backend call that applies ``value``: ``backend.<call>(*leading, *args, value)``."""
+        func = getattr(backend, self.call)
+        if self.keyword:
+            return functools.partial(func, *leading, *self.args, **{self.keyword: self.argument(value)})
+        return functools.partial(func, *leading, *self.args, self.argument(value))
 
     def pvproperty(self):
         """The PV, its putter applying the value through the group's `apply_setting`."""

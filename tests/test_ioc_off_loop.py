@@ -61,3 +61,40 @@ def test_a_held_put_leaves_the_other_pvs_answering(box):
     assert "reply" in done
     assert voltage.read(timeout=ANSWER_S).data[0] == pytest.approx(30.0)
     assert backend.read().voltage_setpoint_kV == pytest.approx(30.0)
+
+
+def test_one_worker_per_instrument_keeps_its_calls_in_order():
+    """An instrument's calls run one at a time in the order made, on its own thread; another
+    instrument's worker answers meanwhile."""
+    import asyncio
+
+    from calbench.iocs.backend_worker import BackendWorker
+
+    async def scenario():
+        slow, other = BackendWorker("slow-instrument"), BackendWorker("other-instrument")
+        gate, entered, order = threading.Event(), threading.Event(), []
+
+        def held():
+            entered.set()
+            gate.wait()
+            order.append(("held", threading.current_thread().name))
+
+        def quick(name):
+            order.append((name, threading.current_thread().name))
+            return name
+
+        first = asyncio.ensure_future(slow.run(held))
+        await asyncio.to_thread(entered.wait, ANSWER_S)
+        queued = [asyncio.ensure_future(slow.run(quick, f"call {i}")) for i in range(3)]
+        assert await asyncio.wait_for(other.run(quick, "other"), ANSWER_S) == "other"
+        assert not any(q.done() for q in queued)      # behind the held call, not beside it
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(first, *queued), ANSWER_S)
+        slow.close()
+        other.close()
+        return order
+
+    order = asyncio.run(scenario())
+    assert order[0] == ("other", "other-instrument")
+    assert order[1:] == [("held", "slow-instrument")] + [
+        (f"call {i}", "slow-instrument") for i in range(3)]
