@@ -110,6 +110,8 @@ def _qc6_run(layer: GemLayer, test: str, params: dict, body, kinds: set[str], re
                 try:
                     yield from all_off(layer)
                     yield from _last_look(session, layer.channels)
+                except RunEngineControlException:     # an abort or stop meanwhile: that wins
+                    raise
                 except Exception as exc:
                     print(f"QC6: switching off inside the run failed ({exc}); trying again")
                 raise
@@ -122,7 +124,11 @@ def _qc6_run(layer: GemLayer, test: str, params: dict, body, kinds: set[str], re
             return result
 
         result = yield from _with_callbacks(_run(run_body(), run_md), live_plot)
-        print(_summary(test, layer, result, names))
+        if session.dry:
+            print(f"QC6 {_PLAN_NAMES.get(test, test)} on {layer.detector_name} layer "
+                  f"{layer.layer}: dry run (outline above; nothing moved, no file written)")
+        else:
+            print(_summary(test, layer, result, names))
         return result
 
     # the lease outside the safety wrapper: released only once the layer is off
