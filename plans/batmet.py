@@ -15,6 +15,11 @@ sink and a resume restores it (devices/bench.py).
 
 Without a supply device (`psu=None`) the supply is the operator's, set by hand as in the lab's
 instructions; the scan then also stops when the current stops rising (the supply's limit).
+
+The plans read the instruments only through RunEngine messages: ``summarize_plan(calibrate_sink(dmm,
+batmet, psu, write=True))`` prints every move and run. In such a dry run (reads answered by nothing)
+the meter "measures" the nominal sink, the lab's own `csink` line of the reference, so the scan
+stops at the nominal stop current and the fit, the write and the verification follow from it.
 """
 from __future__ import annotations
 
@@ -28,11 +33,11 @@ from bluesky.preprocessors import finalize_wrapper
 from bluesky.utils import RunEngineControlException
 
 from calbench.contracts.batmet import DAC_MAX
-from calbench.analysis.batmet import (CSINK_RANGE_A, SinkAccuracy, SinkFit, fit_sink,
+from calbench.analysis.batmet import (CSINK_RANGE_A, SinkAccuracy, SinkFit, csink_line, fit_sink,
                                       setting_accuracy, sink_data_from_table)
 from calbench.plans.lease import under_lease
 from calbench.plans.progress import point_progress
-from calbench.plans.toolkit import check_connected, put, reason
+from calbench.plans.toolkit import check_connected, put, read_or_nominal, reading_value, reason
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,9 @@ SUPPLY_CURRENT_LIMIT_A = 3.0
 METER_NPLC = 10.0               # the 34401A's default integration time
 VERIFY_CURRENTS_A = tuple(float(x) for x in np.round(np.arange(0.1, 3.0, 0.2), 3))   # 0.1 .. 2.9 A
 ACCEPT_MAX_ERROR_A = 0.005      # a fit worse than this is not written to the BatMet
+# What a dry run's meter reads: the lab's own line `csink 0 4 0.209938 762.136354 522.857571`
+# (reference/qc6_batmet.md; 3 A at DAC 2811), DAC = a*I^2 + b*I + c.
+NOMINAL_SINK = (0.209938, 762.136354, 522.857571)
 
 
 class BenchNotReady(RuntimeError):
@@ -132,7 +140,7 @@ def _prepare(dmm, sink, psu, *, readings_per_point: int, nplc: float, supply_vol
         yield from _put(psu.voltage, supply_voltage_V, f"setting the supply to {supply_voltage_V} V")
         yield from _put(psu.current_limit, supply_current_limit_A,
                         f"setting the supply's current limit to {supply_current_limit_A} A")
-        if (yield from bps.rd(psu.output)) != "On":
+        if (yield from read_or_nominal(psu.output, "Off")) != "On":
             state["turned_on"] = True
             yield from _put(psu.output, "On", "switching the supply output on")
 
@@ -172,6 +180,14 @@ def _safe_bench(plan, dmm, sink, psu, state: dict):
     switched on)."""
     return (yield from under_lease([sink, psu],
                                    finalize_wrapper(plan, _leave_safe(dmm, sink, psu, state))))
+
+
+def nominal_current_A(code: int) -> float:
+    """The current (A) the nominal sink draws at a DAC code (0 in the dead zone below c)."""
+    a, b, c = NOMINAL_SINK
+    if code <= c:
+        return 0.0
+    return float((-b + np.sqrt(b * b - 4 * a * (c - code))) / (2 * a))
 
 
 def _current_stopped_rising(currents: list[float], stop_current_A: float) -> bool:
@@ -256,8 +272,10 @@ def collect_sink_calibration(dmm, sink, psu=None, *, dac_start: int = DAC_START,
                 raise
             except Exception as exc:
                 raise BenchNotReady(f"the scan stopped at DAC {code}: {_why(exc)}") from exc
-            current = float(reading[dmm.reading.name]["value"])
-            clamped = psu is not None and bool(reading[psu.over_current.name]["value"])
+            # a dry run reads nothing: the nominal sink's current, never clamped
+            current = float(reading_value(reading, dmm.reading.name, nominal_current_A(code)))
+            clamped = psu is not None and bool(reading_value(reading, psu.over_current.name,
+                                                             False))
             dacs.append(code)
             currents.append(current)
             limited.append(clamped)
@@ -291,7 +309,7 @@ def write_sink_calibration(sink, a: float, b: float, c: float, *,
                                 (sink.cal_a, a, "a"), (sink.cal_b, b, "b"), (sink.cal_c, c, "c")):
         yield from _put(signal, float(value), f"staging csink {name} = {value}")
     yield from _put(sink.cal_write, 1, "storing the csink calibration")
-    return (yield from bps.rd(sink.calibration))
+    return (yield from read_or_nominal(sink.calibration, csink_line(a, b, c, min_A, max_A)))
 
 
 def verify_sink_calibration(dmm, sink, psu=None, *,
@@ -330,7 +348,7 @@ def verify_sink_calibration(dmm, sink, psu=None, *,
             except Exception as exc:
                 raise BenchNotReady(f"verification stopped at {target:g} A: {_why(exc)}") \
                     from exc
-            measured.append(float(reading[dmm.reading.name]["value"]))
+            measured.append(float(reading_value(reading, dmm.reading.name, target)))
         yield from bps.close_run()
         state["completed"] = True
         return setting_accuracy(currents_A, measured)

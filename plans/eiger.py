@@ -31,13 +31,20 @@ remedy (`CalibrationStepError`).
 
 Between steps the state lives in an `EigerCalibration` (``current_calibration(det)``), PSI's
 ``cfg.calibration`` plus what the steps decided.
+
+Every plan reads the instruments through RunEngine messages, so ``summarize_plan(calibrate_eiger(det,
+box))`` prints the whole procedure: in a dry run (reads answered by nothing) the calibration is a
+nominal one (one 500k module, not made current) and each step takes the nominal decision (the
+detector server's default vrf, vcmp and vcp, PSI's S-curve exposure); nothing is measured and no
+file is written.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import uuid
 from functools import partial
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import bluesky.plan_stubs as bps
@@ -59,10 +66,11 @@ from calbench.analysis.eiger_files import (fit_name, install_settings, report_na
 from calbench.contracts.eiger_geometry import EigerGeometry
 from calbench.contracts.eiger_geometry import geometry as eiger_geometry
 from calbench.analysis.eiger_report import write_calibration_report
-from calbench.contracts.trimfile import DAC_NAMES, serial_from_hostname
+from calbench.contracts.trimfile import (DAC_DEFAULTS, DAC_NAMES, IODELAY_DEFAULT,
+                                         serial_from_hostname)
 from calbench.plans.eiger_derived import record_results
 from calbench.plans.progress import point_progress
-from calbench.plans.toolkit import put, reason
+from calbench.plans.toolkit import is_dry_run, put, read_or_nominal, reason
 from calbench.plans.toolkit import results_dir as toolkit_results_dir
 from calbench.plans.xray import ShutterError, xrf_exposure
 
@@ -77,6 +85,9 @@ PROCEDURE = "eiger_calibration"
 ANALYSIS_PROCEDURE = "eiger_calibration_analysis"
 ANALYSIS_FUNCTION = "calbench.analysis.eiger_callbacks:analyse_step"
 N_DAC_ROWS = len(DAC_NAMES) + 1          # 16 DACs + iodelay per half module
+# The detector a dry run pretends to talk to (its reads are answered by nothing): one module.
+DRY_RUN_GEOMETRY = "500k"
+DRY_RUN_HOSTNAMES = "dryrun0+dryrun1"
 
 
 class CalibrationStepError(RuntimeError):
@@ -112,6 +123,7 @@ class EigerCalibration:
     files: list[Path] = field(default_factory=list)
     trim_prefix: Path | None = None
     summary_uid: str | None = None
+    dry_run: bool = False       # simulated (summarize_plan): nominal decisions, no files
 
     def __post_init__(self):
         self.results_dir = Path(self.results_dir)
@@ -147,6 +159,10 @@ class EigerCalibration:
                 **{f"{k}_eV": v for k, v in disp.items()}}
 
     def summary(self) -> str:
+        if self.dry_run:
+            return (f"EIGER {self.det_id} {self.gain}, trimmed on {self.target}: dry run of "
+                    f"calibration {self.calibration_id[:8]} (nominal decisions; nothing measured, "
+                    "no file written)")
         d = self.as_dict()
         lines = [f"EIGER {self.det_id} {self.gain}, trimmed on {self.target}: calibration "
                  f"{self.calibration_id[:8]}, {len(self.runs)} scans",
@@ -188,16 +204,20 @@ def new_calibration(det, *, target: str = "Cu", gain: str | None = None,
     gain = gain or default_gain(target)
     defaults = defaults or DEFAULTS
     results_dir = toolkit_results_dir(results_dir)
-    det_id = str((yield from bps.rd(det.det_id)) or "")
-    geometry_name = str((yield from bps.rd(det.geometry)) or "")
-    hostnames = [h for h in str((yield from bps.rd(det.hostnames)) or "").split("+") if h]
+    raw_id = yield from read_or_nominal(det.det_id, None)
+    dry = raw_id is None            # a dry run: a nominal detector, never the current calibration
+    det_id = det.name if dry else str(raw_id or "")
+    geometry_name = str((yield from read_or_nominal(det.geometry, DRY_RUN_GEOMETRY)) or "")
+    hostnames = [h for h in str((yield from read_or_nominal(det.hostnames, DRY_RUN_HOSTNAMES))
+                                or "").split("+") if h]
     if not det_id or not geometry_name or not hostnames:
         raise CalibrationStepError(
             f"{det.prefix}: the detector does not report its id, geometry or hostnames "
             f"(DetId_RBV {det_id!r}, Geometry_RBV {geometry_name!r}, Hostnames_RBV "
             f"{'+'.join(hostnames)!r}); check that the EIGER IOC is running and connected")
     # the detector's module ids name the files (hostnames of virtual servers carry no serial)
-    serials = [s for s in str((yield from bps.rd(det.serials)) or "").split("+") if s]
+    serials = [s for s in str((yield from read_or_nominal(det.serials, "")) or "").split("+")
+               if s]
     geometry = eiger_geometry(geometry_name)
     if len(hostnames) != geometry.n_half_modules:
         raise CalibrationStepError(f"a {geometry.name} has {geometry.n_half_modules} half modules "
@@ -212,8 +232,9 @@ def new_calibration(det, *, target: str = "Cu", gain: str | None = None,
                            results_dir=Path(results_dir),
                            settings_dir=Path(settings_dir) if settings_dir else None,
                            defaults=defaults, vthreshold=vthreshold_for_gain(gain, defaults),
-                           exptime_s=defaults.exptime_s)
-    _CALIBRATIONS[det.name] = cal
+                           exptime_s=defaults.exptime_s, dry_run=dry)
+    if not dry:
+        _CALIBRATIONS[det.name] = cal
     return cal
 
 
@@ -231,7 +252,9 @@ _put = partial(put, error=CalibrationStepError, also=(ShutterError, CalibrationS
 
 
 def _read_dac_table(det, n_hm: int):
-    table = np.asarray((yield from bps.rd(det.dac_table)), dtype=np.int64)
+    # a dry run: the detector server's defaults
+    nominal = [[DAC_DEFAULTS[name]] * n_hm for name in DAC_NAMES] + [[IODELAY_DEFAULT] * n_hm]
+    table = np.asarray((yield from read_or_nominal(det.dac_table, nominal)), dtype=np.int64)
     if table.size != N_DAC_ROWS * n_hm:
         raise CalibrationStepError(f"{det.prefix}DacTable_RBV has {table.size} values, expected "
                                    f"{N_DAC_ROWS} x {n_hm}; is this the EIGER the calibration "
@@ -261,11 +284,15 @@ class _Snapshot:
 
 
 def _snapshot(det, cal: EigerCalibration, *, trimbits: bool):
+    d = cal.defaults
     table = yield from _read_dac_table(det, cal.geometry.n_half_modules)
-    dr = int((yield from bps.rd(det.dynamic_range)))
-    exptime = float((yield from bps.rd(det.exptime)))
-    frames = int((yield from bps.rd(det.frames)))
-    tb = np.asarray((yield from bps.rd(det.trimbits))).copy() if trimbits else None
+    dr = int((yield from read_or_nominal(det.dynamic_range, d.dynamic_range)))
+    exptime = float((yield from read_or_nominal(det.exptime, cal.exptime_s)))
+    frames = int((yield from read_or_nominal(det.frames, d.nframes)))
+    tb = None
+    if trimbits:
+        nominal = np.full(cal.geometry.shape, d.trimval, dtype=np.int32)
+        tb = np.asarray((yield from read_or_nominal(det.trimbits, nominal))).copy()
     return _Snapshot(table, dr, exptime, frames, tb)
 
 
@@ -312,12 +339,12 @@ def _step(det, cal: EigerCalibration, step: str, body, *, trimbits: bool = False
 
 def _check_box(box, target: str):
     """Refuse to start an exposure step with the tube off or warming up (before any change)."""
-    hv = yield from bps.rd(box.hv)
+    hv = yield from read_or_nominal(box.hv, "On")
     if hv != "On":
         raise CalibrationStepError(
             f"the X-ray tube's high voltage is {hv!r}: no {target} fluorescence would reach the "
             "detector. Switch it on with RE(tube_on(box)) and repeat the step")
-    warmup = float((yield from bps.rd(box.warmup_remaining)))
+    warmup = float((yield from read_or_nominal(box.warmup_remaining, 0.0)))
     if warmup > 0:
         raise CalibrationStepError(f"the X-ray tube is still warming up ({warmup:.0f} s left); "
                                    "wait for it (RE(tube_on(box)) waits) and repeat the step")
@@ -345,6 +372,8 @@ def _scan(det, box, cal: EigerCalibration, *, step: str, motor, points, target: 
         bpp.subs_wrapper(list_scan([det], motor, [int(p) for p in points], md=_md), callbacks),
         len(points), f"EIGER {step} on {target}")
     uid = yield from xrf_exposure(box, target, inner)
+    if uid is None:           # a dry run: no run, no analysis; the step takes nominal decisions
+        return None, None
     cal.runs.append({"step": step, "run_id": int(run_id), "target": target, "uid": uid})
     if analysis.result is None:
         raise CalibrationStepError(f"the {step} on {target} (run {uid}) gave no result: "
@@ -356,7 +385,7 @@ def _record(det, cal: EigerCalibration, step: str, parent_uid: str, values: dict
             summary: dict, **extra_md):
     """Derived run of a step's analysis; its uid is noted next to the scan's."""
     base = Path(det.data_dir) if det.data_dir else cal.out_dir
-    path = base / "eiger_analysis" / cal.calibration_id / f"{step}_{parent_uid[:8]}.h5"
+    path = base / "eiger_analysis" / cal.calibration_id / f"{step}_{(parent_uid or 'dry')[:8]}.h5"
     md = cal.run_md(step, parent_uid=parent_uid, analysis=ANALYSIS_FUNCTION, results=summary,
                     plan_name="calibrate_eiger" if step == "summary" else f"{step}_analysis",
                     plan_args={"parent_uid": parent_uid}, **extra_md)
@@ -369,6 +398,19 @@ def _record(det, cal: EigerCalibration, step: str, parent_uid: str, values: dict
     return uid
 
 
+def _record_nominal(det, cal: EigerCalibration, step: str, parent_uid: str | None,
+                    decisions: dict, **extra_md):
+    """The derived run of a step a dry run took nominal decisions for (no arrays, no files)."""
+    return (yield from _record(det, cal, step, parent_uid, values=decisions, arrays={},
+                               summary={**decisions, "dry_run": True}, **extra_md))
+
+
+def _nominal_vcmp_vcp(cal: EigerCalibration) -> tuple[list[int], list[int]]:
+    """A dry run's vcmp per chip and vcp per half module: the detector server's defaults."""
+    return ([DAC_DEFAULTS["vcmp_ll"]] * cal.geometry.n_chips,
+            [DAC_DEFAULTS["vcp"]] * cal.geometry.n_half_modules)
+
+
 def _calibration_for(det, cal: EigerCalibration | None):
     """The calibration a step works on: the one given, the current one, or a new one set up with
     PSI's defaults (so that RE(vrf_scan(det, box)) works on its own)."""
@@ -376,6 +418,9 @@ def _calibration_for(det, cal: EigerCalibration | None):
         return cal
     current = current_calibration(det)
     if current is not None:
+        if (yield from is_dry_run(det.det_id)):    # a dry run leaves the lab's calibration as is
+            return replace(current, dry_run=True, runs=list(current.runs),
+                           files=list(current.files), results=copy.copy(current.results))
         return current
     return (yield from setup_detector(det))
 
@@ -428,10 +473,17 @@ def vrf_scan(det, box, *, start: int = DEFAULTS.vrf_scan[0], stop: int = DEFAULT
                                  md={**(md or {}), "vthreshold": cal.vthreshold}))
 
     uid, analysis = yield from _step(det, cal, "vrf scan", body())
-    result: VrfScanResult = analysis.result
-    yield from _set_dacs(det, cal, {"vrpreamp": result.vrf}, what="setting vrf per half module")
-    yield from _put(det.exptime, result.exptime_s, "setting the S-curve exposure")
-    cal.exptime_s = result.exptime_s
+    result: VrfScanResult | None = analysis.result if analysis else None
+    # a dry run: the detector server's vrf and PSI's S-curve exposure
+    vrf = result.vrf if result else [DAC_DEFAULTS["vrpreamp"]] * cal.geometry.n_half_modules
+    exptime_s = result.exptime_s if result else cal.exptime_s
+    yield from _set_dacs(det, cal, {"vrpreamp": vrf}, what="setting vrf per half module")
+    yield from _put(det.exptime, exptime_s, "setting the S-curve exposure")
+    cal.exptime_s = exptime_s
+    if result is None:
+        yield from _record_nominal(det, cal, "vrf_scan", uid, {"vrf": vrf, "exptime_s": exptime_s},
+                                   target=cal.target, run_id=d.run_untrimmed)
+        return None
     cal.results.vrf = result
     data = analysis.data_used
     cal.add_file(save_scan(cal.out_dir / vrf_scan_name(cal.det_id, cal.target, d.run_untrimmed),
@@ -467,6 +519,11 @@ def scurve(det, box, *, start: int = DEFAULTS.scurve[0], stop: int = DEFAULTS.sc
                                  plot=ChipCurvesPlot if plot else None, md=md))
 
     uid, analysis = yield from _step(det, cal, f"S-curve (run {run_id})", body())
+    if analysis is None:            # a dry run: no fit; the trimbit scan takes nominal vcmp, vcp
+        vcmp, vcp = _nominal_vcmp_vcp(cal)
+        yield from _record_nominal(det, cal, "scurve", uid, {"vcmp": vcmp, "vcp": vcp},
+                                   target=cal.target, run_id=int(run_id))
+        return None
     result, chips = analysis.result
     if run_id == d.run_untrimmed:
         cal.results.untrimmed = result
@@ -512,14 +569,15 @@ def trimbit_scan(det, box, *, step: int = DEFAULTS.trimbit_step, tau_ns: int = D
     cal = yield from _calibration_for(det, cal)
     d = cal.defaults
     untrimmed = cal.results.untrimmed
-    if untrimmed is None:
+    if untrimmed is None and not cal.dry_run:
         raise CalibrationStepError("the trimbit scan needs the untrimmed S-curve's fit: run "
                                    "RE(scurve(det, box)) first")
     yield from _check_box(box, cal.target)
     x = np.arange(0, 64, step)
+    vcmp, vcp = (untrimmed.vcmp, untrimmed.vcp) if untrimmed else _nominal_vcmp_vcp(cal)
 
     def body():
-        yield from _set_dacs(det, cal, {"vcp": untrimmed.vcp}, chip_vcmp=list(untrimmed.vcmp),
+        yield from _set_dacs(det, cal, {"vcp": vcp}, chip_vcmp=list(vcmp),
                              what="setting vcmp per chip and vcp")
         table = yield from _read_dac_table(det, cal.geometry.n_half_modules)
         yield from _put(det.dynamic_range, d.dynamic_range, "setting the dynamic range")
@@ -528,12 +586,17 @@ def trimbit_scan(det, box, *, step: int = DEFAULTS.trimbit_step, tau_ns: int = D
             det, box, cal, step="trimbit_scan", motor=det.trimval, points=x, target=cal.target,
             run_id=d.run_untrimmed, exptime_s=cal.exptime_s, untrimmed=untrimmed,
             plot=ChipCurvesPlot if plot else None,
-            md={**(md or {}), "vcmp": [int(v) for v in untrimmed.vcmp],
-                "vcp": [int(v) for v in untrimmed.vcp]})
+            md={**(md or {}), "vcmp": [int(v) for v in vcmp], "vcp": [int(v) for v in vcp]})
         return uid, analysis, table
 
     # the detector gets its previous trimbits and DACs back; the trim files carry the new ones
     uid, analysis, table = yield from _step(det, cal, "trimbit scan", body(), trimbits=True)
+    if analysis is None:      # a dry run: no trimbits, no files; load_trimbits names these
+        cal.trim_prefix = cal.out_dir / trim_prefix_name(cal.det_id, cal.target, cal.gain)
+        yield from _record_nominal(det, cal, "trimbit_scan", uid, {
+            "vcmp": vcmp, "vcp": vcp, "tau_ns": int(tau_ns), "trim_prefix": str(cal.trim_prefix)},
+            target=cal.target, run_id=d.run_untrimmed)
+        return None
     result: TrimbitResult = analysis.result
     cal.results.trimbits = result
     data = analysis.data_used
@@ -567,7 +630,7 @@ def load_trimbits(det, prefix: str | Path | None = None, *, cal: EigerCalibratio
         prefix = cal.trim_prefix
     prefix = Path(prefix)
     serials = cal.serials if cal is not None else None
-    if serials:
+    if serials and not cal.dry_run:
         missing = [f"{prefix}.sn{s}" for s in serials if not Path(f"{prefix}.sn{s}").is_file()]
         if missing:
             raise CalibrationStepError(f"trim file(s) {', '.join(missing)} not found; run the "
@@ -589,7 +652,7 @@ def global_calibration(det, box, *, start: int = DEFAULTS.scurve[0],
     noise.snNNN and the PDF report, and records a summary run. Returns the EnergyCalibration."""
     cal = yield from _calibration_for(det, cal)
     d = cal.defaults
-    if cal.target not in (cal.results.lines or {}):
+    if cal.target not in (cal.results.lines or {}) and not cal.dry_run:
         raise CalibrationStepError("the energy calibration starts from the trimmed detector's "
                                    "S-curve on the trim target: run RE(load_trimbits(det)) and "
                                    "RE(verification_scurve(det, box)) first")
@@ -612,6 +675,10 @@ def global_calibration(det, box, *, start: int = DEFAULTS.scurve[0],
                                      plot=ChipCurvesPlot if plot else None, md=md))
 
         uid, analysis = yield from _step(det, cal, f"threshold scan on {target}", body())
+        if analysis is None:        # a dry run: no inflections
+            yield from _record_nominal(det, cal, "line_scan", uid, {"energy_keV": line_energy(
+                target)}, target=target, run_id=d.run_trimmed)
+            continue
         point: ChipInflections = analysis.result
         cal.results.add_line(point)
         data = analysis.data_used
@@ -629,6 +696,10 @@ def global_calibration(det, box, *, start: int = DEFAULTS.scurve[0],
 
 def _finish(det, cal: EigerCalibration, *, report: bool):
     """Energy calibration, PSI's files, the report and the summary run of a calibration."""
+    if cal.dry_run:           # nothing measured: no calibration, no files; the summary run opens
+        cal.summary_uid = yield from _record_nominal(det, cal, "summary", None, {},
+                                                     target=cal.target)
+        return cal.summary_uid
     try:
         calibration = cal.results.finish()
     except ValueError as exc:

@@ -14,6 +14,11 @@ The monitor repeats the calibration for each channel every `every_s` seconds of 
 temperature. A channel that cannot be calibrated (no cable, too few TDC bins, a refused setting)
 is reported, its derived run closed with exit_status "fail" and the reason, and the monitor goes on
 with the others. The board is left safe (sequencer stopped, DAC at 0) on every exit path.
+
+The plans read the board only through RunEngine messages, so ``summarize_plan`` outlines them: in
+such a dry run (reads answered by nothing) the sweep is the nominal one asked for, its fit run is
+opened with nothing to fit, the calibration returns None, and a monitor without `cycles` outlines
+one round.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from bluesky.preprocessors import finalize_wrapper
 from calbench.analysis.fee_callbacks import ChannelFit, TransitTimeFitter
 from calbench.analysis.timewalk import (RG58_VELOCITY_M_PER_NS, TransitTimeResult,
                                         plot_monitor_history, plot_walk_fits)
-from calbench.plans.toolkit import check_connected, put, reason
+from calbench.plans.toolkit import check_connected, is_dry_run, put, read_or_nominal, reason
 from calbench.plans.world_clock import InstrumentClock
 
 log = logging.getLogger(__name__)
@@ -189,13 +194,13 @@ def transit_time_calibration(fee, channel: int, start: int = SWEEP_START, stop: 
         yield from _put(fee.channel_mask, 1 << channel, channel, "ChannelMask")
         # Order the puts so that every intermediate range is one the board accepts.
         yield from _put(fee.seq_step, int(step), channel, "Seq:Step")
-        if int(start) > int((yield from bps.rd(fee.seq_stop))):
+        if int(start) > int((yield from read_or_nominal(fee.seq_stop, stop))):
             yield from _put(fee.seq_stop, int(stop), channel, "Seq:Stop")
             yield from _put(fee.seq_start, int(start), channel, "Seq:Start")
         else:
             yield from _put(fee.seq_start, int(start), channel, "Seq:Start")
             yield from _put(fee.seq_stop, int(stop), channel, "Seq:Stop")
-        threshold = float((yield from bps.rd(fee.channel(channel).threshold)))
+        threshold = yield from read_or_nominal(fee.channel(channel).threshold, None)
         yield from bpp.run_wrapper(fly(), md={
             "plan_name": "transit_time_calibration", "procedure": "fee_transit_time",
             "step": "sweep", "plan_args": {"channel": channel, "start": int(start),
@@ -203,10 +208,16 @@ def transit_time_calibration(fee, channel: int, start: int = SWEEP_START, stop: 
                                            "method": method},
             "instrument": "fee", "channel": channel,
             "sweep": {"start": int(start), "stop": int(stop), "step": int(step)},
-            "threshold_mV": threshold, "method": method, **md})
+            "threshold_mV": None if threshold is None else float(threshold), "method": method,
+            **md})
 
     yield from finalize_wrapper(bpp.subs_wrapper(sweep(), fitter), _leave_safe(fee))
     sweep_uid = fitter.run_uid
+    if sweep_uid is None and not fitter.fits:     # a dry run: no pulses; the fit's run opens
+        yield from _record_fit(None, channel=channel, parent_uid=None, method=method,
+                               error="dry run: nothing measured", md=md)
+        print(f"FEE channel {channel}: dry run, nothing measured")
+        return None
     fit = fitter.fits.get(channel)
     error = fit.error if fit is not None else (f"channel {channel}: the sweep produced no data for "
                                                "this channel; check ChannelMask")
@@ -246,13 +257,17 @@ def realtime_cable_monitor(fee, channels: Iterable[int], every_s: float = MONITO
     history: list[MonitorEntry] = []
     md = {"monitor": {"channels": channels, "every_s": float(every_s)}, **(md or {})}
     round_no = 0
+    dry = yield from is_dry_run(fee.world_time)
+    if dry and cycles is None:          # a dry run outlines one round of an endless monitor
+        cycles = 1
     next_round = yield from clock.now()
     while cycles is None or round_no < cycles:
-        yield from clock.wait_until(next_round)
+        if not dry:                     # a dry run's clock stands still
+            yield from clock.wait_until(next_round)
         next_round += every_s
         for channel in channels:
             t = yield from clock.now()
-            temperature = float((yield from bps.rd(fee.temperature)))
+            temperature = float((yield from read_or_nominal(fee.temperature, math.nan)))
             try:
                 result = yield from transit_time_calibration(
                     fee, channel, start, stop, step, method=method,
@@ -261,6 +276,9 @@ def realtime_cable_monitor(fee, channels: Iterable[int], every_s: float = MONITO
                 log.warning("cable monitor: %s", exc)
                 print(f"cable monitor: {exc}")
                 history.append(MonitorEntry(channel, t, temperature, error=str(exc)))
+                continue
+            if result is None:          # a dry run
+                history.append(MonitorEntry(channel, t, temperature, error="dry run"))
                 continue
             history.append(MonitorEntry(channel, result.time, result.temperature_C,
                                         result.dt_ns, result.dt_err_ns, result.length_m,

@@ -32,24 +32,30 @@ class StepProgress:
 
 def point_progress(plan, total: int, desc: str):
     """Plan wrapper: a bar that advances with each event of `plan`'s primary stream (its points),
-    with an ETA; closed however the plan ends."""
+    with an ETA; closed however the plan ends. A dry run (no run uid comes back) shows no bar."""
     from bluesky import preprocessors as bpp
 
     state = {"stream": None, "done": 0, "bar": None}
 
+    def opened(msg):
+        uid = yield msg
+        if uid is not None and state["bar"] is None:
+            state["bar"] = StepProgress(total, desc, unit="points")
+        return uid
+
     def count(msg):
         if msg.command == "open_run" and state["bar"] is None:
-            state["bar"] = StepProgress(total, desc, unit="points")
-        elif msg.command == "create":
+            return opened(msg), None
+        if msg.command == "create":
             state["stream"] = msg.kwargs.get("name")
         elif msg.command == "save" and state["stream"] == "primary" and state["bar"] is not None:
             state["done"] += 1
             state["bar"].update_to(state["done"])
-        return msg
+        return None, None
 
     def close():
         if state["bar"] is not None:
             state["bar"].close()
         yield from ()
 
-    return (yield from bpp.finalize_wrapper(bpp.msg_mutator(plan, count), close()))
+    return (yield from bpp.finalize_wrapper(bpp.plan_mutator(plan, count), close()))

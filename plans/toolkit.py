@@ -1,5 +1,11 @@
 """What every procedure's plans share: a put that explains a refusal in the procedure's own error, the
-check that an instrument answers, and the results folder of the session.
+check that an instrument answers, the results folder of the session, and reads that serve a dry run.
+
+A dry run (bluesky.simulators.summarize_plan, `list(plan)`) answers every message with nothing: a
+read returns None, open_run no uid, trigger_and_read an empty reading. `read_or_nominal` and
+`reading_value` then give the plan the step's nominal value so that it carries on and the outline
+shows the whole procedure. A RunEngine always answers a read with a reading, so the nominal values
+never reach a real run: there an empty or wrong value still raises the plan's own error.
 
 RunEngine aborts and stops (RunEngineControlException) always propagate: a plan helper must never
 turn an operator's Ctrl-C into an instrument failure.
@@ -13,9 +19,11 @@ from bluesky.utils import RunEngineControlException
 
 from calbench.devices.base import refusal_reason
 
-__all__ = ["put", "check_connected", "reason", "set_results_dir", "results_dir"]
+__all__ = ["put", "check_connected", "reason", "set_results_dir", "results_dir", "read_or_nominal",
+           "is_dry_run", "reading_value"]
 
 _RESULTS_DIR: Path | None = None
+_UNANSWERED = object()      # what bps.rd returns when a dry run answers the read with nothing
 
 
 def reason(exc: BaseException, *, also: tuple[type, ...] = ()) -> str:
@@ -41,6 +49,25 @@ def check_connected(device, what: str, error: type[Exception], *, remedy: str = 
         message = yield from bps.rd(device.status_message)
         raise error(f"the {what} ({device.prefix}) does not answer: "
                     f"{message or 'no reason given'}" + (f"; {remedy}" if remedy else ""))
+
+
+def read_or_nominal(signal, nominal):
+    """Plan: the signal's value (read through a message); `nominal` in a dry run."""
+    value = yield from bps.rd(signal, default_value=_UNANSWERED)
+    return nominal if value is _UNANSWERED else value
+
+
+def is_dry_run(signal):
+    """Plan: True when the plan is simulated, not run (a read of `signal` is answered by nothing)."""
+    return (yield from bps.rd(signal, default_value=_UNANSWERED)) is _UNANSWERED
+
+
+def reading_value(reading: dict | None, key: str, nominal):
+    """The value of `key` in what trigger_and_read returned; `nominal` in a dry run (which reads
+    nothing). A real reading without `key` raises KeyError as before."""
+    if not reading:
+        return nominal
+    return reading[key]["value"]
 
 
 def set_results_dir(path: str | Path) -> None:

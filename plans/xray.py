@@ -12,6 +12,7 @@ from bluesky.preprocessors import finalize_wrapper
 from calbench.devices.base import refusal_reason
 from calbench.plans.lease import under_lease
 from calbench.plans.progress import StepProgress
+from calbench.plans.toolkit import read_or_nominal
 from calbench.plans.world_clock import InstrumentClock, WorldDeadline
 
 
@@ -32,11 +33,11 @@ def tube_on(box, voltage_kV: float = 40.0, current_mA: float = 40.0, *, warmup_t
 
 def _tube_on(box, voltage_kV: float, current_mA: float, *, warmup_timeout_s: float):
     yield from bps.mv(box.unlock_cmd, 1)
-    if (yield from bps.rd(box.hv)) != "On":
+    if (yield from read_or_nominal(box.hv, None)) != "On":      # a dry run switches it on
         yield from bps.mv(box.hv, "On")
     clock = InstrumentClock(box.world_time)
     deadline = WorldDeadline((yield from clock.now()), warmup_timeout_s)
-    remaining = float((yield from bps.rd(box.warmup_remaining)) or 0.0)
+    remaining = float((yield from read_or_nominal(box.warmup_remaining, 0.0)) or 0.0)
     if remaining > 0:
         total = remaining
         with StepProgress(total, "X-ray tube warm-up") as progress:
@@ -46,18 +47,20 @@ def _tube_on(box, voltage_kV: float, current_mA: float, *, warmup_timeout_s: flo
                                        f"{warmup_timeout_s} s; check the box's HV status and the "
                                        "WarmupRemaining_RBV PV")
                 yield from bps.sleep(0.2)
-                remaining = float((yield from bps.rd(box.warmup_remaining)) or 0.0)
+                remaining = float((yield from read_or_nominal(box.warmup_remaining, 0.0)) or 0.0)
                 progress.update_to(total - remaining)
     yield from bps.mv(box.voltage, voltage_kV, box.current, current_mA)
 
 
 def select_target(box, target: str, *, timeout_s: float = 30.0):
     """Move the target wheel and wait until it stands on `target`."""
-    if (yield from bps.rd(box.target)) != target:
+    # a dry run (reads answered by nothing) moves the wheel and finds it there
+    if (yield from read_or_nominal(box.target, None)) != target:
         yield from bps.mv(box.target, target)
     clock = InstrumentClock(box.world_time)
     deadline = WorldDeadline((yield from clock.now()), timeout_s)
-    while (yield from bps.rd(box.target_moving)) or (yield from bps.rd(box.target)) != target:
+    while ((yield from read_or_nominal(box.target_moving, 0))
+           or (yield from read_or_nominal(box.target, target)) != target):
         if deadline.passed((yield from clock.now())):
             raise TimeoutError(f"the target wheel did not reach {target!r} within {timeout_s} s")
         yield from bps.sleep(0.1)
@@ -72,7 +75,7 @@ def open_xrf_shutter(box, target: str, *, retries: int = 10, check_s: float = 0.
         reason = refusal_reason(exc) or str(exc)
         raise ShutterError(f"the XRF shutter did not open on {target}: {reason}") from exc
     for _ in range(retries):
-        if (yield from bps.rd(box.xrf_shutter)) == "Open":
+        if (yield from read_or_nominal(box.xrf_shutter, "Open")) == "Open":
             return
         yield from bps.sleep(check_s)
     raise ShutterError(
@@ -86,8 +89,8 @@ def close_shutters(box, *, timeout_s: float = 10.0):
     yield from bps.abs_set(box.direct_shutter, "Closed", wait=True)
     clock = InstrumentClock(box.world_time)
     deadline = WorldDeadline((yield from clock.now()), timeout_s)
-    while ((yield from bps.rd(box.xrf_shutter)) != "Closed"
-           or (yield from bps.rd(box.direct_shutter)) != "Closed"):
+    while ((yield from read_or_nominal(box.xrf_shutter, "Closed")) != "Closed"
+           or (yield from read_or_nominal(box.direct_shutter, "Closed")) != "Closed"):
         if deadline.passed((yield from clock.now())):
             raise ShutterError(f"a shutter still reports Open {timeout_s} s after closing; "
                                "close it at the box and check its status lamp")
