@@ -414,15 +414,15 @@ def _nominal_vcmp_vcp(cal: EigerCalibration) -> tuple[list[int], list[int]]:
 def _calibration_for(det, cal: EigerCalibration | None):
     """The calibration a step works on: the one given, the current one, or a new one set up with
     PSI's defaults (so that RE(vrf_scan(det, box)) works on its own)."""
-    if cal is not None:
-        return cal
-    current = current_calibration(det)
-    if current is not None:
-        if (yield from is_dry_run(det.det_id)):    # a dry run leaves the lab's calibration as is
-            return replace(current, dry_run=True, runs=list(current.runs),
-                           files=list(current.files), results=copy.copy(current.results))
-        return current
-    return (yield from setup_detector(det))
+    if cal is None:
+        cal = current_calibration(det)
+        if cal is None:
+            return (yield from setup_detector(det))
+    if not cal.dry_run and (yield from is_dry_run(det.det_id)):
+        # a dry run works on a copy: the lab's calibration stays as it is
+        return replace(cal, dry_run=True, runs=list(cal.runs), files=list(cal.files),
+                       results=copy.copy(cal.results))
+    return cal
 
 
 # ---------------------------------------------------------------------------------------------

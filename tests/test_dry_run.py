@@ -180,6 +180,34 @@ def test_xray_plans_outline(box, capsys):
     assert out.values(box.xrf_shutter.name) == ["Open", "Closed"]
 
 
+def test_a_dry_step_leaves_the_current_calibration_as_it_was(det, box, tmp_path, capsys):
+    RE = RunEngine({}, call_returns_result=True)
+    real = RE(eiger.setup_detector(det, results_dir=tmp_path)).plan_result
+    state = (real.exptime_s, list(real.runs), list(real.files), real.results.vrf)
+    try:
+        for step in (eiger.vrf_scan(det, box), eiger.scurve(det, box, cal=real)):
+            out = Outline(step, capsys)
+            assert out.plan_names[1:] == [f"{out.plan_names[0]}_analysis"]
+            assert out.runs[0]["calibration_id"] == real.calibration_id      # its copy, dry
+        assert eiger.current_calibration(det) is real
+        assert (real.exptime_s, real.runs, real.files, real.results.vrf) == state
+        assert not real.dry_run
+    finally:
+        eiger._CALIBRATIONS.pop(det.name, None)
+
+
+def test_the_other_exported_plans_outline(det, box, capsys):
+    out = Outline(eiger.load_trimbits(det, "/trims/T63_CuXRF_gain5"), capsys)
+    assert out.values(det.load_trimbits.name) == ["/trims/T63_CuXRF_gain5"]
+    out = Outline(xray.select_target(box, "Cu"), capsys)
+    assert out.values(box.target.name) == ["Cu"]
+    out = Outline(xray.open_xrf_shutter(box, "Fe"), capsys)
+    assert out.values(box.xrf_shutter.name) == ["Open"]
+    out = Outline(xray.close_shutters(box), capsys)
+    assert out.values(box.xrf_shutter.name) == ["Closed"]
+    assert out.values(box.direct_shutter.name) == ["Closed"]
+
+
 def test_a_real_read_is_never_taken_for_a_dry_one():
     """The RunEngine answers a read with a reading, also for an empty or None value: the plan gets
     that value (and raises its own error on it), never the nominal one."""
