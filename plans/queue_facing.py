@@ -11,7 +11,9 @@ understands:
 - Path becomes str (the plans build the Path themselves);
 - parameters of internal types (calibration state, analysis defaults, callables) are left out of the
   signature: the plan builds them from its defaults; a value may still be passed at the prompt;
-- session objects (`catalog`) are filled from the session that built the wrapper.
+- session objects (`catalog`) are filled from the session that built the wrapper;
+- run by the queue server's worker, the plan's return value is recorded as a run of the item
+  (plans/plan_result.py), so `calbench queue result` can show it.
 
 Calling the wrapper with everything the plan accepts still works, so the prompt and the queue run
 the same objects.
@@ -25,9 +27,16 @@ import typing
 from collections import abc
 from pathlib import PurePath
 
+from calbench.plans.plan_result import record_result
+
 JSON_TYPES = (int, float, str, bool, type(None), dict, list, tuple)
 JSON_GENERICS = {typing.Union, types.UnionType, typing.Literal, list, tuple, dict, abc.Sequence,
                  abc.Iterable, abc.Mapping, abc.Collection}
+
+
+def _in_queue_worker() -> bool:
+    from bluesky_queueserver import is_re_worker_active
+    return bool(is_re_worker_active())
 
 
 class MissingSessionObject(RuntimeError):
@@ -149,7 +158,10 @@ def queue_facing(plan, devices: dict | None = None, **session_objects):
                     "tiled (`calbench tiled start`) and reopen the environment (qserver environment "
                     "close; qserver environment open)")
             bound.arguments[name] = value
-        return (yield from plan(*bound.args, **bound.kwargs))
+        result = yield from plan(*bound.args, **bound.kwargs)
+        if _in_queue_worker():      # the queue keeps only run uids: the result becomes a run
+            yield from record_result(plan.__name__, result)
+        return result
 
     wrapper.__signature__ = queue_sig
     if custom:        # read by bluesky-queueserver, as set by its parameter_annotation_decorator

