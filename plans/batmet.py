@@ -107,7 +107,7 @@ class SinkCalibration:
                 f"({'written to the BatMet' if self.written else 'not written (write=False)'})\n"
                 f"  fit: max {self.fit.max_error_A * 1e3:.2f} mA, RMS "
                 f"{self.fit.rms_error_A * 1e3:.2f} mA over {len(self.scan.dac)} points{verified}\n"
-                f"  runs: {', '.join(u for u in self.run_uids if u)}   "
+                f"  runs: {', '.join(u for u in self.run_uids if u) or 'none (a dry run)'}   "
                 f"(last_run(cat, 'collect_sink_calibration'), derived_runs(cat, uid))")
 
 

@@ -136,7 +136,7 @@ def test_calibrate_sink_outlines_scan_fit_write_and_verification(bench, capsys):
     assert out.values(sink.sink.name) == list(batmet.VERIFY_CURRENTS_A)
     assert out.result.written
     assert out.result.csink == csink_line(*staged)
-    assert "BatMet current sink: csink 0 4 0.2099" in out.text
+    assert "BatMet current sink: csink 0 4 0.2099" in out.text and "none (a dry run)" in out.text
 
 
 @pytest.mark.parametrize("plan", ["collect_sink_calibration", "verify_sink_calibration"])
