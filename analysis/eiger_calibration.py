@@ -125,9 +125,22 @@ def counts_from_frames(frames: ArrayLike) -> NDArray:
     return np.moveaxis(a, 0, -1)
 
 
+def _lazy(counts) -> bool:
+    """A dask array (a large scan read block by block from its files, see
+    eiger_callbacks.LazyFrames): computed on the dask cluster, never whole in this process."""
+    return type(counts).__module__.startswith("dask.")
+
+
+def compute(*lazy):
+    """Dask collections computed together on the analysis cluster (scurve_dask.dask_client);
+    imported here so that scans held in memory never import dask."""
+    from calbench.analysis.scurve_dask import compute as on_cluster
+    return on_cluster(*lazy)
+
+
 def _check_scan(x: ArrayLike, counts: ArrayLike, what: str) -> tuple[NDArray, NDArray]:
     xa = np.asarray(x, dtype=np.float64)
-    ca = np.asarray(counts)
+    ca = counts if _lazy(counts) else np.asarray(counts)
     if xa.ndim != 1 or ca.ndim != 3 or ca.shape[-1] != xa.size:
         raise ValueError(f"{what}: counts must be [rows, cols, {xa.size}] for {xa.size} settings, "
                          f"got {ca.shape}")
@@ -190,10 +203,12 @@ def clean_vrf_counts(counts: ArrayLike, *, factor: float = 3.0, floor: float = 5
     threshold is merely early (a quarter of a simulated module), which moves vrf by ~20 DAC; here
     it is applied at the first and last steps, where every good pixel sees the same (no photon,
     or the whole line), so it removes hot and flooding pixels only. Returns a [rows, cols] mask."""
-    c = np.asarray(counts)
+    c = counts if _lazy(counts) else np.asarray(counts)
+    ends = (c[:, :, 0], c[:, :, c.shape[-1] - 1])
+    if _lazy(c):
+        ends = compute(*ends)
     bad = np.zeros(c.shape[:2], dtype=bool)
-    for i in (0, c.shape[-1] - 1):
-        frame = c[:, :, i]
+    for frame in ends:
         bad |= frame > max(factor * float(np.median(frame)), floor)
     return bad
 
@@ -240,13 +255,20 @@ def analyse_vrf_scan(x: ArrayLike, counts: ArrayLike, geometry: EigerGeometry,
                          f"{geometry.shape}")
     cleaned = clean_vrf_counts(ca)
     n_hm = geometry.n_half_modules
-    sums = np.empty((n_hm, xa.size))
-    for hm in range(n_hm):
-        rs, cs = geometry.half_module_slice(hm)
-        block = ca[rs, cs, :]
-        keep = ~cleaned[rs, cs]
-        sums[hm] = block.sum(axis=(0, 1), dtype=np.float64) - block[~keep].sum(axis=0,
-                                                                            dtype=np.float64)
+    if _lazy(ca):
+        import dask.array as da
+
+        kept = da.where(da.from_array(~cleaned, chunks=ca.chunks[:2])[..., None], ca, 0)
+        sums = np.array(compute(*[kept[geometry.half_module_slice(hm)].sum(
+            axis=(0, 1), dtype=np.float64) for hm in range(n_hm)]))
+    else:
+        sums = np.empty((n_hm, xa.size))
+        for hm in range(n_hm):
+            rs, cs = geometry.half_module_slice(hm)
+            block = ca[rs, cs, :]
+            keep = ~cleaned[rs, cs]
+            sums[hm] = block.sum(axis=(0, 1), dtype=np.float64) - block[~keep].sum(
+                axis=0, dtype=np.float64)
     gradient = np.vstack([np.gradient(s, xa) for s in sums])
     gpar = np.empty((n_hm, 3))
     window = np.empty((n_hm, 2))
@@ -259,11 +281,11 @@ def analyse_vrf_scan(x: ArrayLike, counts: ArrayLike, geometry: EigerGeometry,
         vrf[hm] = int(np.round(gpar[hm, 1]))
     counts_at = np.empty(n_hm)
     for hm in range(n_hm):
+        # the mean over the kept pixels of the step nearest vrf: their sum (exact in float64
+        # for integer counts) over their number
         i = int(np.argmin(np.abs(xa - vrf[hm])))
-        sl = geometry.half_module_slice(hm)
-        keep = ~cleaned[sl]
-        frame = ca[sl[0], sl[1], i]
-        counts_at[hm] = float(frame[keep].mean(dtype=np.float64)) if keep.any() else 0.0
+        kept = int((~cleaned[geometry.half_module_slice(hm)]).sum())
+        counts_at[hm] = float(sums[hm, i] / kept) if kept else 0.0
     if not np.all(counts_at > 0):
         raise CalibrationError("no counts at the vrf found; the line did not reach the detector")
     exptime = round(target_counts * scan_exptime_s / float(counts_at.min()), 4)
@@ -341,16 +363,23 @@ def find_bad_pixels(x: ArrayLike, counts: ArrayLike, fit: NDArray, geometry: Eig
     point; the width/inflection rule is PSI's ``generate_mask`` (``cfg.calibration.std`` = 5)
     with robust statistics per chip so that the outliers themselves do not widen it."""
     xa, ca = _check_scan(x, counts, "S-curve")
-    total = ca.sum(axis=-1, dtype=np.float64)
+    total, first = ca.sum(axis=-1, dtype=np.float64), ca[:, :, 0]
+    if _lazy(ca):
+        total, first = compute(total, first)
+    return _bad_pixels(total, first, fit, geometry, clean_threshold=clean_threshold, n_std=n_std)
+
+
+def _bad_pixels(total: NDArray, first: NDArray, fit: NDArray, geometry: EigerGeometry, *,
+                clean_threshold: float, n_std: float) -> BadPixels:
+    """find_bad_pixels from each pixel's total counts and counts at the first point."""
     dead = total == 0
 
     # At the first point (highest energy threshold) no photon passes: whatever counts there is
     # hot. In the edge the rule would also catch pixels whose threshold is merely early, and at
     # the last point pixels with a low threshold meet the noise floor: both are good pixels.
-    first = ca[:, :, 0]
     hot = first > 3.0 * max(float(np.median(first)), clean_threshold)
     ok = (fit["status"] == FitStatus.OK) & ~dead & ~hot
-    noisy = np.zeros(ca.shape[:2], bool)
+    noisy = np.zeros(first.shape, bool)
     for chip in range(geometry.n_chips):
         sl = geometry.chip_slice(chip)
         use = ok[sl]
@@ -439,8 +468,15 @@ def analyse_scurve(x: ArrayLike, counts: ArrayLike, geometry: EigerGeometry, *,
                          f"{geometry.shape}")
     # No chi-square cut: pixels whose threshold is low meet the noise floor in the last points;
     # their inflection is still well measured, and broken fits are caught as outliers below.
-    fit = fit_scurves(xa, ca, max_chi2=None)
-    bad = find_bad_pixels(xa, ca, fit, geometry, clean_threshold=clean_threshold, n_std=n_std)
+    if _lazy(ca):      # per-pixel fits on the cluster, block by block; one read of the files
+        from calbench.analysis.scurve_dask import fit_scurves_dask
+        fit, total, first = compute(fit_scurves_dask(xa, ca, max_chi2=None),
+                                    ca.sum(axis=-1, dtype=np.float64), ca[:, :, 0])
+        bad = _bad_pixels(total, first, fit, geometry, clean_threshold=clean_threshold,
+                          n_std=n_std)
+    else:
+        fit = fit_scurves(xa, ca, max_chi2=None)
+        bad = find_bad_pixels(xa, ca, fit, geometry, clean_threshold=clean_threshold, n_std=n_std)
     good = ~bad.mask
     vcmp, vcp = chip_vcmp(fit["mu"], good, geometry, mu_range=mu_range)
     mean, std = chip_statistics(fit["mu"], good, geometry)
@@ -504,7 +540,11 @@ def analyse_trimbit_scan(trimbits: ArrayLike, counts: ArrayLike, scurve_result: 
                          f"{scurve_result.fit.shape}")
     good = scurve_result.good
     target = trimbit_targets(scurve_result.fit, good)
-    fit = fit_trimbit_scans(xa, ca, target, mask=~good)
+    if _lazy(ca):
+        from calbench.analysis.scurve_dask import fit_trimbit_scans_dask
+        (fit,) = compute(fit_trimbit_scans_dask(xa, ca, target, mask=~good))
+    else:
+        fit = fit_trimbit_scans(xa, ca, target, mask=~good)
     trimmed = np.isin(fit["status"], (FitStatus.OK, FitStatus.CLIPPED)) & good
     tb = np.where(trimmed, fit["trimbit"], untrimmed).astype(np.int32)
     return TrimbitResult(x=xa, trimbits=tb, fit=fit, target=target, trimmed=trimmed,
@@ -581,6 +621,14 @@ def clean_chip_counts(counts: ArrayLike, *, clean_threshold: float = DEFAULTS.cl
 def chip_sums(counts: ArrayLike, geometry: EigerGeometry, *,
               clean_threshold: float = DEFAULTS.clean_threshold) -> NDArray[np.float64]:
     """[n_chips, n] cleaned counts per chip and scan point."""
+    if _lazy(counts):
+        import dask.array as da
+
+        (means,) = compute(counts.mean(axis=(0, 1), dtype=np.float64))
+        limit = 3.0 * np.maximum(means, clean_threshold)
+        kept = da.where(counts > limit, 0.0, counts.astype(np.float64))
+        return np.array(compute(*[kept[geometry.chip_slice(chip)].sum(axis=(0, 1))
+                                  for chip in range(geometry.n_chips)]))
     c = np.asarray(counts)
     drop = clean_chip_counts(c, clean_threshold=clean_threshold)
     out = np.empty((geometry.n_chips, c.shape[-1]))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -35,14 +36,20 @@ from calbench.analysis.eiger_calibration import (DEFAULTS, CalibrationError, SCu
                                                  analyse_scurve, analyse_trimbit_scan,
                                                  analyse_vrf_scan, chip_inflections,
                                                  counts_from_frames, fit_vrf_edge)
+from calbench.analysis.eiger_lazy_frames import FrameSource, LazyFrames
 from calbench.contracts.eiger_geometry import EigerGeometry
 from calbench.contracts.eiger_geometry import geometry as eiger_geometry
 from calbench.analysis.scurve import FitStatus, fit_scurves
 
 log = logging.getLogger(__name__)
 
-__all__ = ["STEPS", "ScanData", "analyse_step", "FrameCollector", "StepAnalysis",
+__all__ = ["STEPS", "ScanData", "LAZY_ABOVE_PIXELS",
+           "analyse_step", "FrameCollector", "StepAnalysis",
            "VrfScanPlot", "ChipCurvesPlot", "path_from_uri"]
+
+# Detectors above this many pixels leave their frames in the files (read block by block by the
+# analysis, on a dask cluster): a 9M scan is ~2 GB of frames; a 2M one is still held in memory.
+LAZY_ABOVE_PIXELS = 2_097_152
 
 # Step names of the raw runs (start["step"]).
 STEPS = ("vrf_scan", "scurve", "trimbit_scan", "line_scan")
@@ -59,11 +66,19 @@ def path_from_uri(uri: str) -> Path:
 
 class ScanData:
     """The numbers of one calibration scan: its start document, the scanned settings and the
-    counts [rows, cols, n] (a view on the frames [n, rows, cols])."""
+    counts [rows, cols, n] (a view on the frames [n, rows, cols]; a dask array read block by
+    block from the files when the frames are :class:`LazyFrames`)."""
 
-    def __init__(self, start: dict, x: NDArray, frames: NDArray):
+    def __init__(self, start: dict, x: NDArray, frames: "NDArray | LazyFrames"):
         self.start = start
         self.x = np.asarray(x, dtype=np.float64)
+        if isinstance(frames, LazyFrames):
+            self.frames = frames
+            if len(frames) != self.x.size:
+                raise CalibrationError(
+                    f"run {start.get('uid', '?')}: {self.x.size} settings but "
+                    f"{len(frames)} frames; the run is incomplete")
+            return
         self.frames = np.asarray(frames)
         if self.frames.ndim == 4:            # [n, frames per point, rows, cols]: their sum
             self.frames = (self.frames[:, 0] if self.frames.shape[1] == 1
@@ -74,7 +89,9 @@ class ScanData:
                 f"{self.frames.shape}; the run is incomplete")
 
     @property
-    def counts(self) -> NDArray:
+    def counts(self):
+        if isinstance(self.frames, LazyFrames):
+            return self.frames.counts()
         return counts_from_frames(self.frames)
 
     @property
@@ -113,14 +130,16 @@ class FrameCollector(DocumentRouter):
     """Collects a run's scanned settings (``start["x_key"]``) and frames (``start["image_key"]``,
     external data read from the files of its StreamResource documents)."""
 
-    def __init__(self):
+    def __init__(self, *, lazy: bool | None = None):
         super().__init__()
+        self.lazy_setting = lazy
         self.start_doc: dict | None = None
         self.stop_doc: dict | None = None
         self._resources: dict[str, dict] = {}
-        self._frames: dict[int, np.ndarray] = {}
+        self._frames: dict[int, np.ndarray | FrameSource] = {}
         self._x: dict[int, float] = {}
         self._per_event = 1
+        self._dtype = np.dtype(np.uint32)
 
     def start(self, doc):
         self.start_doc, self.stop_doc = doc, None
@@ -128,12 +147,22 @@ class FrameCollector(DocumentRouter):
         self._frames.clear()
         self._x.clear()
         self._per_event = 1
+        self.lazy = self.lazy_setting
+        if self.lazy is None:
+            try:
+                pixels = eiger_geometry(doc.get("geometry", "")).n_pixels
+            except (KeyError, ValueError):
+                pixels = 0
+            self.lazy = pixels > LAZY_ABOVE_PIXELS
 
     def descriptor(self, doc):
         key = self.start_doc.get("image_key") if self.start_doc else None
         shape = doc.get("data_keys", {}).get(key, {}).get("shape") or []
         if len(shape) == 3:                  # NumImages frames per event
             self._per_event = int(shape[0])
+        dtype = doc.get("data_keys", {}).get(key, {}).get("dtype_numpy")
+        if dtype:
+            self._dtype = np.dtype(dtype)
 
     def stream_resource(self, doc):
         if self.start_doc and doc.get("data_key") == self.start_doc.get("image_key"):
@@ -147,6 +176,11 @@ class FrameCollector(DocumentRouter):
         # a run's file may still be open for writing (SWMR) while its frames are read
         swmr = bool(res.get("parameters", {}).get("swmr", False))
         n = self._per_event                   # indices count events of n frames each
+        if self.lazy:                         # the file is read where the analysis needs it
+            path, dataset = str(path_from_uri(res["uri"])), res["parameters"]["dataset"]
+            for i, seq in enumerate(range(doc["seq_nums"]["start"], doc["seq_nums"]["stop"])):
+                self._frames[seq] = FrameSource(path, dataset, (start + i) * n, 1, n, swmr)
+            return
         with h5py.File(path_from_uri(res["uri"]), "r", swmr=swmr) as f:
             block = f[res["parameters"]["dataset"]][start * n:stop * n]
         for i, seq in enumerate(range(doc["seq_nums"]["start"], doc["seq_nums"]["stop"])):
@@ -167,8 +201,25 @@ class FrameCollector(DocumentRouter):
         if not seqs:
             raise CalibrationError("the scan recorded no frame; check the detector's data "
                                    "directory and that the run reached its first point")
-        return ScanData(self.start_doc, np.array([self._x[s] for s in seqs]),
-                        np.stack([self._frames[s] for s in seqs]))
+        x = np.array([self._x[s] for s in seqs])
+        if self.lazy:
+            return ScanData(self.start_doc, x, self._lazy_frames(seqs))
+        return ScanData(self.start_doc, x, np.stack([self._frames[s] for s in seqs]))
+
+    def _lazy_frames(self, seqs: list[int]) -> LazyFrames:
+        """The points' frame sources, consecutive frames of one dataset merged into one."""
+        merged: list[FrameSource] = []
+        for s in seqs:
+            src = self._frames[s]
+            last = merged[-1] if merged else None
+            if (last is not None and (last.path, last.dataset, last.per_point, last.swmr) ==
+                    (src.path, src.dataset, src.per_point, src.swmr)
+                    and src.first == last.first + last.points * last.per_point):
+                merged[-1] = replace(last, points=last.points + 1)
+            else:
+                merged.append(src)
+        g = eiger_geometry(self.start_doc["geometry"])
+        return LazyFrames(merged, g.shape, self._dtype)
 
 
 class StepAnalysis(FrameCollector):
@@ -178,8 +229,8 @@ class StepAnalysis(FrameCollector):
     ``data`` the ScanData it used. ``untrimmed`` is passed to trimbit-scan analyses."""
 
     def __init__(self, *, untrimmed: SCurveResult | None = None,
-                 analyse: Callable = analyse_step):
-        super().__init__()
+                 analyse: Callable = analyse_step, lazy: bool | None = None):
+        super().__init__(lazy=lazy)
         self.untrimmed = untrimmed
         self._analyse = analyse
         self.result = None

@@ -8,6 +8,8 @@ results are identical to a local fit.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,9 +18,16 @@ import dask.array as da
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from .scurve import SCURVE_DTYPE, fit_scurves
+from .scurve import SCURVE_DTYPE, TRIMBIT_DTYPE, fit_scurves, fit_trimbit_scans
 
-__all__ = ["fit_scurves_dask", "fit_scurves_distributed"]
+__all__ = ["fit_scurves_dask", "fit_scurves_distributed", "fit_trimbit_scans_dask",
+           "dask_client", "compute", "SCHEDULER_ENV"]
+
+#: Address of the dask.distributed scheduler the large analyses run on (e.g.
+#: ``tcp://analysis-host:8786``); unset: a LocalCluster on this host.
+SCHEDULER_ENV = "CALBENCH_DASK_SCHEDULER"
+_local: dict[str, Any] = {}
+_local_lock = threading.Lock()
 
 
 def _fit_block(
@@ -162,3 +171,80 @@ def fit_scurves_distributed(
         lambda m, k: fit_scurves(xa, m, k, **fit_kwargs), data, mask_futures, pure=False
     )
     return client.gather(futures)
+
+
+def _fit_trimbit_block(block, target_block, mask_block, *, x, fit_kwargs):
+    lead = block.shape[:-1]
+    if block.size == 0:
+        return np.empty(lead, dtype=TRIMBIT_DTYPE)
+    cols, n = block.shape[-2], block.shape[-1]
+    return fit_trimbit_scans(x, block.reshape(-1, cols, n),
+                             np.asarray(target_block).reshape(-1, cols),
+                             np.asarray(mask_block).reshape(-1, cols), **fit_kwargs).reshape(lead)
+
+
+def fit_trimbit_scans_dask(
+    trimbits: ArrayLike,
+    counts: da.Array,
+    target: ArrayLike,
+    mask: ArrayLike | None = None,
+    **fit_kwargs: Any,
+) -> da.Array:
+    """Lazy :func:`~calbench.analysis.scurve.fit_trimbit_scans` of a dask array
+    [rows, cols, n_points], block by block (the target and mask follow the blocks of counts).
+    Returns a dask array of TRIMBIT_DTYPE records [rows, cols]."""
+    xa = np.asarray(trimbits, dtype=np.float64)
+    if not isinstance(counts, da.Array) or counts.ndim != 3 or counts.shape[-1] != xa.size:
+        raise ValueError(f"counts must be a dask array [rows, cols, {xa.size}], got "
+                         f"{type(counts).__name__} {getattr(counts, 'shape', '')}")
+    counts = counts.rechunk({2: -1})
+    chunks = counts.chunks[:2]
+    if tuple(np.shape(target)) != counts.shape[:2]:
+        raise ValueError(f"target must have shape {counts.shape[:2]}, got {np.shape(target)}")
+    dtarget = da.from_array(np.asarray(target, dtype=np.float64), chunks=chunks)[..., None]
+    m = np.zeros(counts.shape[:2], bool) if mask is None else np.asarray(mask, dtype=bool)
+    dmask = da.from_array(m, chunks=chunks)[..., None]
+    return da.map_blocks(
+        lambda c, t, k, **kw: _fit_trimbit_block(c, t[..., 0], k[..., 0], **kw),
+        counts, dtarget, dmask, drop_axis=2, dtype=TRIMBIT_DTYPE,
+        meta=np.empty((0, 0), dtype=TRIMBIT_DTYPE), x=xa, fit_kwargs=dict(fit_kwargs))
+
+
+def dask_client(address: str | None = None) -> Any:
+    """The dask.distributed client large analyses compute on.
+
+    ``address`` (or ``$CALBENCH_DASK_SCHEDULER``): connect to that scheduler (any distributed
+    cluster). Otherwise the client in effect, else a LocalCluster started once per process: one
+    single-threaded worker process per core (the fitting engine's threads would only compete)."""
+    from distributed import Client, LocalCluster
+
+    address = address or os.environ.get(SCHEDULER_ENV) or None
+    with _local_lock:
+        if address:
+            client = _local.get(address)
+            if client is None or client.status != "running":
+                try:
+                    client = _local[address] = Client(address, timeout="20s",
+                                                      set_as_default=False)
+                except OSError as exc:
+                    raise RuntimeError(
+                        f"no dask scheduler answers at {address} ({exc}); start it "
+                        f"(`dask scheduler`) or unset {SCHEDULER_ENV} to use a local "
+                        "cluster") from None
+            return client
+        current = _current_client()
+        if current is not None:
+            return current
+        client = _local.get("local")
+        if client is None or client.status != "running":
+            cluster = LocalCluster(n_workers=os.cpu_count() or 1, threads_per_worker=1,
+                                   processes=True, dashboard_address=":0")
+            client = _local["local"] = Client(cluster, set_as_default=False)
+        return client
+
+
+def compute(*lazy: Any, client: Any | None = None) -> list[Any]:
+    """Compute dask collections together on ``client`` (default :func:`dask_client`): blocks
+    they share (e.g. the frames read from a file) are read once."""
+    client = client or dask_client()
+    return list(client.compute(list(lazy), sync=True))
