@@ -46,7 +46,7 @@ register(InstrumentSpec(
     world="xray",
     device="calbench.devices.xraybox:XrayBox",
     default_prefix="XRAY:",
-    hardware="calbench.iocs.xraybox_client:XrayBoxClient.from_settings",
+    hardware="calbench.iocs.hw.xraybox:XrayBoxClient.from_settings",
     settings={"client": "xrayClient64", "box": "BigXrayBox",
               "targets": ["In", "Ti", "Cr", "Fe", "Cu", "Ge", "Zr", "Mo", "Ag", "Sn"],
               "warmup_s": 20.0, "lease_s": 30.0},

@@ -23,17 +23,16 @@ from caproto.server import pvproperty
 
 from calbench.iocs.base import Refused, command_pv, enum_pv, setting_pv, string_pv
 from calbench.iocs.bench_ioc import BenchInstrumentIOC
-from calbench.iocs.hw.agilent34401a import DISPLAY_CHARS, MAX_SAMPLES, NPLC_VALUES, VOLTAGE_RANGES_V
+from calbench.contracts.bench_instruments import DISPLAY_CHARS, FUNCTIONS, MAX_SAMPLES, NPLC_VALUES, VOLTAGE_RANGES_V
 from calbench.iocs.settings_table import DOUBLE, ENUM, Setting, settings_group
 
-FUNCTIONS = ["CURR:DC", "VOLT:DC"]
 LOCAL_REMOTE = ["Local", "Remote"]
 POLL_PERIOD_S = 0.5
 
 
 # the meter's configuration, each through configure(function=, range_=, nplc=)
 DMM_SETTINGS = (
-    Setting("Function", "configure", ENUM, states=tuple(FUNCTIONS), keyword="function"),
+    Setting("Function", "configure", ENUM, states=FUNCTIONS, keyword="function"),
     Setting("Range", "configure", DOUBLE, low=0.0, high=max(VOLTAGE_RANGES_V), precision=3,
             keyword="range_", attr="range_setpoint", doc="requested range, A or V; 0 = autorange"),
     Setting("NPLC", "configure", DOUBLE, low=min(NPLC_VALUES), high=max(NPLC_VALUES), value=10.0,
@@ -52,7 +51,7 @@ _MultimeterSettings = settings_group("MultimeterSettings", DMM_SETTINGS, BenchIn
 
 
 class Multimeter34401aIOC(_MultimeterSettings):
-    function_rbv = enum_pv("Function_RBV", FUNCTIONS, read_only=True)
+    function_rbv = enum_pv("Function_RBV", list(FUNCTIONS), read_only=True)
     range_rbv = pvproperty(name="Range_RBV", value=0.0, read_only=True, dtype=ChannelType.DOUBLE,
                            precision=3, doc="range in use at the last reading")
     nplc_rbv = pvproperty(name="NPLC_RBV", value=10.0, read_only=True, dtype=ChannelType.DOUBLE,

@@ -22,15 +22,15 @@ from caproto.server import SubGroup, pvproperty
 
 from calbench.iocs.base import command_pv, enum_pv, set_limits
 from calbench.iocs.bench_ioc import BenchInstrumentIOC
-from calbench.iocs.hw.scpi_psu import DEFAULT_SETTINGS
+from calbench.contracts.bench_instruments import SUPPLY_MAX_A, SUPPLY_MAX_V
 from calbench.iocs.lease import LeasePVs
 from calbench.iocs.settings_table import DOUBLE, ENUM, Setting, settings_group
 
 OFF_ON = ["Off", "On"]
 MODES = ["Off", "CV", "CC"]
 POLL_PERIOD_S = 0.5
-DEFAULT_MAX_V = DEFAULT_SETTINGS["max_voltage_V"]
-DEFAULT_MAX_A = DEFAULT_SETTINGS["max_current_A"]
+DEFAULT_MAX_V = SUPPLY_MAX_V
+DEFAULT_MAX_A = SUPPLY_MAX_A
 
 
 def _on(value) -> bool:

@@ -21,7 +21,7 @@ from caproto.server import SubGroup, pvproperty
 from calbench.iocs.base import InstrumentFault, InstrumentGroup, InstrumentIOC, command_pv, enum_pv
 from calbench.iocs.lease import LeasePVs
 from calbench.iocs.settings_table import DOUBLE, ENUM, Setting, settings_group
-from calbench.iocs.sim.xray import XRF_LINES_KEV, MAX_KV, MAX_MA
+from calbench.contracts.xray import MAX_KV, MAX_MA, XRF_LINES_KEV
 
 OFF_ON = ["Off", "On"]
 CLOSED_OPEN = ["Closed", "Open"]

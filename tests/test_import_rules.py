@@ -28,6 +28,11 @@ RULES = [
     Rule("calbench.contracts", ("calbench",), "contracts lie below every layer"),
     Rule("calbench.iocs.sim", ("calbench.iocs.hw",), "simulators and hardware drivers are siblings"),
     Rule("calbench.iocs.hw", ("calbench.iocs.sim",), "simulators and hardware drivers are siblings"),
+    Rule("calbench.iocs", ("calbench.iocs.sim", "calbench.iocs.hw"),
+         "an IOC serves any backend: it shares instrument facts and data types with them through "
+         "calbench.contracts; only the builders choose one",
+         allowed=("calbench.iocs.sim", "calbench.iocs.hw", "calbench.iocs.build",
+                  "calbench.iocs.bench_world")),
     Rule("calbench.iocs", ("calbench.analysis", "calbench.devices", "calbench.plans",
                            "calbench.session", "ophyd", "bluesky"),
          "IOCs serve PVs: no analysis, no clients of their own PVs"),
@@ -139,6 +144,18 @@ def test_only_the_cli_dispatch_imports_the_procedures():
     assert broken_rule("calbench.procedures.fee", "calbench.procedures.fee_paper") is None
     assert broken_rule("calbench.procedures.demo", "calbench.iocs.build") is None
     assert broken_rule("calbench.session", "calbench.config") is None
+
+
+def test_an_ioc_meets_its_backends_only_through_the_contracts():
+    """An IOC interface importing a simulator or a driver breaks the rule; the builders that choose
+    the backend, and the backends among their own, may."""
+    for ioc in ("calbench.iocs.xraybox", "calbench.iocs.multimeter34401a", "calbench.iocs.base"):
+        assert broken_rule(ioc, "calbench.iocs.sim.xray") is not None, ioc
+        assert broken_rule(ioc, "calbench.iocs.hw.agilent34401a") is not None, ioc
+    assert broken_rule("calbench.iocs.build", "calbench.iocs.sim.xray") is None
+    assert broken_rule("calbench.iocs.bench_world", "calbench.iocs.hw.scpi_psu") is None
+    assert broken_rule("calbench.iocs.sim.bench", "calbench.iocs.sim.bench_circuit") is None
+    assert broken_rule("calbench.iocs.xraybox", "calbench.contracts.xray") is None
 
 
 def test_imports_follow_the_layers():

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from calbench.iocs.errors import InstrumentFault, Refused
-from calbench.iocs.xraybox_client import XrayBoxClient
+from calbench.iocs.hw.xraybox import XrayBoxClient
 
 FAKE = Path(__file__).parent / "fakes" / "xray_box_client.py"
 TARGETS = ("In", "Ti", "Cr", "Fe", "Cu", "Ge", "Zr", "Mo", "Ag", "Sn")

@@ -18,18 +18,13 @@ from collections.abc import Callable
 
 import numpy as np
 
+from calbench.contracts.bench_instruments import (CURRENT_RANGES_A, DISPLAY_CHARS, FUNCTIONS, MAX_SAMPLES,
+                                                  NPLC_VALUES, OVERLOAD, VOLTAGE_RANGES_V)
 from calbench.iocs.errors import InstrumentFault, Refused
 from calbench.iocs.hw.scpi import ScpiInstrument, parse_reading
 
 log = logging.getLogger(__name__)
 
-CURRENT_RANGES_A = (0.01, 0.1, 1.0, 3.0)
-VOLTAGE_RANGES_V = (0.1, 1.0, 10.0, 100.0, 1000.0)
-NPLC_VALUES = (0.02, 0.2, 1.0, 10.0, 100.0)
-FUNCTIONS = ("CURR:DC", "VOLT:DC")
-OVERLOAD = 9.9e37
-DISPLAY_CHARS = 12
-MAX_SAMPLES = 100
 
 DEFAULT_SETTINGS = {"resource": "", "visa_library": "", "usb_vid_pid": "067b:2303",
                     "baud_rate": 9600, "timeout_s": 2.0, "retries": 1}

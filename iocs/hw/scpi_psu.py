@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from calbench.contracts.bench_instruments import SUPPLY_MAX_A, SUPPLY_MAX_V
 from calbench.iocs.errors import InstrumentFault, Refused
 from calbench.iocs.hw.scpi import ScpiInstrument, parse_bool, parse_int, parse_reading
 
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SETTINGS = {"resource": "", "visa_library": "", "usb_vid_pid": "",
                     "baud_rate": 9600, "timeout_s": 2.0, "idn_contains": "",
-                    "max_voltage_V": 15.0, "max_current_A": 7.0}
+                    "max_voltage_V": SUPPLY_MAX_V, "max_current_A": SUPPLY_MAX_A}
 CC_BIT = 0x1        # STAT:QUES:COND? bit 0: voltage unregulated, i.e. current limiting
 
 

@@ -36,16 +36,10 @@ import numpy as np
 from calbench.contracts.clock import WorldClock
 
 DAC_CODES = 4096
-METER_RANGES_A = (0.01, 0.1, 1.0, 3.0)          # 34401A DC current ranges
 METER_SHUNT_OHM = {0.01: 5.0, 0.1: 5.0, 1.0: 0.1, 3.0: 0.1}
 METER_FLOOR_A = {0.01: 3e-8, 0.1: 3e-7, 1.0: 3e-6, 3.0: 9e-6}   # noise floor at NPLC 10
-METER_VOLT_RANGES_V = (0.1, 1.0, 10.0, 100.0, 1000.0)
-METER_NPLC = (0.02, 0.2, 1.0, 10.0, 100.0)
-OVERLOAD = 9.9e37
 METER_IDN = "HEWLETT-PACKARD,34401A,0,11-5-2"
 SUPPLY_IDN = "Agilent Technologies,E3632A,0,1.5-5.0-1.0"
-SUPPLY_MAX_V = 15.0        # E3632A 15 V / 7 A range
-SUPPLY_MAX_A = 7.0
 
 
 

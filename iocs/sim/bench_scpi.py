@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 import re
 
-from calbench.iocs.sim.bench_circuit import (METER_FLOOR_A, METER_IDN, METER_NPLC, METER_RANGES_A,
-                                             METER_VOLT_RANGES_V, OVERLOAD, SUPPLY_IDN,
-                                             SUPPLY_MAX_A, SUPPLY_MAX_V)
+from calbench.contracts.bench_instruments import (CURRENT_RANGES_A, NPLC_VALUES, OVERLOAD, SUPPLY_MAX_A,
+                                                  SUPPLY_MAX_V, VOLTAGE_RANGES_V)
+from calbench.iocs.sim.bench_circuit import METER_FLOOR_A, METER_IDN, SUPPLY_IDN
 from calbench.iocs.sim.bench_links import LinkTimeout, SimLink
 
 
@@ -136,7 +136,7 @@ class Sim34401A(_SimScpiResource):
         self.display_text = ""
 
     def _ranges(self, function: str) -> tuple[float, ...]:
-        return METER_RANGES_A if function == "CURR" else METER_VOLT_RANGES_V
+        return CURRENT_RANGES_A if function == "CURR" else VOLTAGE_RANGES_V
 
     def _select_range(self, function: str, arg: str) -> None:
         """Apply a range parameter (MIN, MAX, DEF, AUTO or a value in A / V)."""
@@ -190,7 +190,7 @@ class Sim34401A(_SimScpiResource):
                 if query:
                     return f"{self.nplc[function]:+.8E}"
                 value = _number(args)
-                allowed = [n for n in METER_NPLC if n >= value * 0.999]
+                allowed = [n for n in NPLC_VALUES if n >= value * 0.999]
                 if not allowed:
                     raise ScpiError(-222, "Data out of range")
                 self.nplc[function] = allowed[0]
@@ -215,7 +215,7 @@ class Sim34401A(_SimScpiResource):
             steps = 0
             if self.auto_range:
                 # the shunt of the new range changes the circuit's current: settle like the meter
-                for _ in range(len(METER_RANGES_A)):
+                for _ in range(len(CURRENT_RANGES_A)):
                     step = self._autorange(abs(world.operating_point().current_A))
                     world.meter_range_A = self.range["CURR"]
                     steps += step
@@ -239,7 +239,7 @@ class Sim34401A(_SimScpiResource):
 
     def _autorange(self, current_A: float) -> int:
         """34401A autorange: up above 120 % of the range, down below 10 %; returns the steps."""
-        ranges = METER_RANGES_A
+        ranges = CURRENT_RANGES_A
         i = ranges.index(self.range["CURR"])
         start = i
         while i < len(ranges) - 1 and current_A > 1.2 * ranges[i]:

@@ -16,12 +16,8 @@ from dataclasses import dataclass, field
 
 from calbench.iocs.errors import Refused
 from calbench.contracts.clock import WorldClock
-from calbench.contracts.xray import XRF_EDGES_KEV, XRF_LINES_KEV
+from calbench.contracts.xray import MAX_KV, MAX_MA, SHUTTERS, XRF_EDGES_KEV, XRF_LINES_KEV, XrayBoxState
 
-SHUTTERS = ("XRF", "Direct")
-
-MAX_KV = 60.0
-MAX_MA = 80.0
 
 
 @dataclass
@@ -38,22 +34,6 @@ class _Ramp:
         delta = self.setpoint - self.value
         self.value = self.setpoint if abs(delta) <= step else self.value + step * (1 if delta > 0 else -1)
         return self.value
-
-
-@dataclass
-class XrayBoxState:
-    hv_on: bool
-    warmup_remaining_s: float
-    voltage_kV: float
-    current_mA: float
-    voltage_setpoint_kV: float
-    current_setpoint_mA: float
-    target: str
-    target_moving: bool
-    shutters: dict[str, bool]
-    locked: bool
-    door_open: bool
-    safe: bool
 
 
 @dataclass

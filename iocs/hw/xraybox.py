@@ -20,7 +20,7 @@ import subprocess
 from dataclasses import dataclass
 
 from calbench.iocs.errors import InstrumentFault, Refused
-from calbench.iocs.sim.xray import MAX_KV, MAX_MA, SHUTTERS, XrayBoxState
+from calbench.contracts.xray import MAX_KV, MAX_MA, SHUTTERS, XrayBoxState
 
 SHUTTER_INDEX = {"BigXrayBox": {"XRF": 1, "Direct": 3}, "VacuumBox": {"XRF": 4, "Direct": 2}}
 _PAYLOAD = re.compile(r"--- Rxd data:(.*?)\n", re.S)
