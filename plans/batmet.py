@@ -35,6 +35,7 @@ from bluesky.utils import RunEngineControlException
 from calbench.contracts.batmet import DAC_MAX
 from calbench.analysis.batmet import (CSINK_RANGE_A, SinkAccuracy, SinkFit, csink_line, fit_sink,
                                       setting_accuracy, sink_data_from_table)
+from calbench.plans.derived_runs import record_results
 from calbench.plans.lease import under_lease
 from calbench.plans.progress import point_progress
 from calbench.plans.toolkit import check_connected, put, read_or_nominal, reading_value, reason
@@ -361,20 +362,15 @@ def record_sink_fit(fit: SinkFit, *, parent_uid: str | None, min_A: float = CSIN
     """A derived run holding the fit (linked to the scan by start.parent_uid): one event in stream
     "fit" with the coefficients and the accuracy figures; the csink line in the start document.
     Returns the run's uid."""
-    from ophyd import Signal
-
     values = {"a": fit.a, "b": fit.b, "c": fit.c, "max_error_A": fit.max_error_A,
               "rms_error_A": fit.rms_error_A, "lsb_A": fit.lsb_A}
-    signals = [Signal(name=f"csink_{k}", value=float(v)) for k, v in values.items()]
     _md = {"procedure": "batmet_sink_fit", "analysis": "calbench.analysis.batmet:fit_sink",
            "plan_name": "fit_sink", "plan_args": {"parent_uid": parent_uid}, "step": "fit",
            "parent_uid": parent_uid, "csink": fit.csink_line(min_A, max_A), "fit": fit.as_dict(),
            **(md or {})}
 
-    uid = yield from bps.open_run(md=_md)
-    yield from bps.trigger_and_read(signals, name="fit")
-    yield from bps.close_run()
-    return uid
+    return (yield from record_results({f"csink_{k}": float(v) for k, v in values.items()},
+                                      md=_md, stream="fit"))
 
 
 def fit_stored_scan(catalog, uid: str) -> SinkFit:

@@ -68,7 +68,7 @@ from calbench.contracts.eiger_geometry import geometry as eiger_geometry
 from calbench.analysis.eiger_report import write_calibration_report
 from calbench.contracts.trimfile import (DAC_DEFAULTS, DAC_NAMES, IODELAY_DEFAULT,
                                          serial_from_hostname)
-from calbench.plans.eiger_derived import record_results
+from calbench.plans.derived_runs import record_results
 from calbench.plans.progress import point_progress
 from calbench.plans.toolkit import is_dry_run, put, read_or_nominal, reason
 from calbench.plans.toolkit import results_dir as toolkit_results_dir

@@ -35,6 +35,7 @@ from bluesky.preprocessors import finalize_wrapper
 from calbench.analysis.fee_callbacks import ChannelFit, TransitTimeFitter
 from calbench.analysis.timewalk import (RG58_VELOCITY_M_PER_NS, TransitTimeResult,
                                         plot_monitor_history, plot_walk_fits)
+from calbench.plans.derived_runs import record_results
 from calbench.plans.toolkit import check_connected, is_dry_run, put, read_or_nominal, reason
 from calbench.plans.world_clock import InstrumentClock
 
@@ -92,8 +93,6 @@ def _record_fit(fit: ChannelFit | None, *, channel: int, parent_uid: str, method
                 error: str, md: dict):
     """The derived run of one channel's fit: one event in stream "fit"; closed with exit_status
     "fail" and the reason when there is no result. Returns the run's uid."""
-    from ophyd import Signal
-
     result = fit.result if fit is not None else None
     values = ({k: v for k, v in result.as_dict().items() if isinstance(v, (int, float))}
               if result else {})
@@ -106,13 +105,11 @@ def _record_fit(fit: ChannelFit | None, *, channel: int, parent_uid: str, method
            "plan_name": "fit_transit_time", "step": "fit",
            "plan_args": {"parent_uid": parent_uid, "channel": channel, "method": method},
            "parent_uid": parent_uid, "channel": channel, "method": method, **md}
+    if result is not None:
+        return (yield from record_results(
+            {f"fee_ch{channel:02d}_{k}": float(v) for k, v in values.items()}, md=_md, stream="fit"))
     uid = yield from bps.open_run(md=_md)
-    if result is None:
-        yield from bps.close_run(exit_status="fail", reason=error)
-        return uid
-    signals = [Signal(name=f"fee_ch{channel:02d}_{k}", value=float(v)) for k, v in values.items()]
-    yield from bps.trigger_and_read(signals, name="fit")
-    yield from bps.close_run()
+    yield from bps.close_run(exit_status="fail", reason=error)
     return uid
 
 

@@ -1,11 +1,13 @@
 """Derived runs: an analysis' results recorded as a run in the catalog of the scan it came from.
 
-`record_results(values, arrays, path, md=...)` opens a run (``start.parent_uid`` links it to its
-scan, ``start.analysis`` names the function that produced it), reads one `AnalysisResults` object
-into stream "results" and closes the run. Small values (numbers, short lists, tables per chip) are
-event data; image-sized arrays are written to an HDF5 file in the detector's data directory and
-registered as external data (StreamResource/StreamDatum), as detector frames are, so tiled serves
-``run["results"]["mu"]`` without pushing megabytes through the event stream.
+Every procedure records its analyses this way (the EIGER steps, the BatMet sink fit, the FEE
+transit-time fit). `record_results(values, arrays, path, md=...)` opens a run (``start.parent_uid``
+links it to its scan, ``start.analysis`` names the function that produced it), reads one
+`AnalysisResults` object into stream "results" (or the one named) and closes the run. Small values
+(numbers, short lists, tables per chip) are event data; image-sized arrays are written to an HDF5
+file in the detector's data directory and registered as external data (StreamResource/StreamDatum),
+as detector frames are, so tiled serves ``run["results"]["mu"]`` without pushing megabytes through
+the event stream.
 """
 from __future__ import annotations
 
@@ -104,14 +106,18 @@ class AnalysisResults:
         yield from docs
 
 
-def record_results(values: Mapping, arrays: Mapping, path: str | Path, *, md: dict):
-    """Plan: one derived run holding ``values`` and ``arrays`` (see the module docstring); ``md``
-    must carry parent_uid and analysis. Returns the run's uid."""
+def record_results(values: Mapping, arrays: Mapping | None = None, path: str | Path | None = None,
+                   *, md: dict, stream: str = RESULTS_STREAM):
+    """Plan: one derived run holding ``values`` and ``arrays`` (see the module docstring) in one
+    event of ``stream``; ``md`` must carry parent_uid and analysis. Arrays need ``path``, the HDF5
+    file they are written to. Returns the run's uid."""
     missing = {"parent_uid", "analysis"} - set(md)
     if missing:
         raise ValueError(f"a derived run needs {sorted(missing)} in its metadata")
-    results = AnalysisResults(md.get("step", "analysis"), values, arrays, path)
+    if arrays and path is None:
+        raise ValueError("a derived run with arrays needs the path of the HDF5 file they go to")
+    results = AnalysisResults(md.get("step", "analysis"), values, arrays or {}, path or ".")
     uid = yield from bps.open_run(md=md)
-    yield from bps.trigger_and_read([results], name=RESULTS_STREAM)
+    yield from bps.trigger_and_read([results], name=stream)
     yield from bps.close_run()
     return uid
