@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from calbench.contracts.fee import TDC_LSB_NS
+
 # The paper's table: added length (mm) -> (measured dt ns, its error ns); expected = 2 dL / v.
 PAPER_ADDED_MM = (0.0, 27.5, 57.5, 77.5, 106.5, 137.5)
 PAPER_MEASURED_NS = {0.0: (0.0, 0.0), 27.5: (0.279, 0.013), 57.5: (0.548, 0.011),
@@ -172,7 +174,7 @@ def simulate_paper_table(*, repeats: int = 20, seed: int = 2014, base_length_m: 
 
 
 def walk_model_bias(method: str, q_pC: np.ndarray, t_exact_ns: np.ndarray, t0_true_ns: float,
-                    q_min_pC: float, lsb_ns: float = 1.5625) -> float:
+                    q_min_pC: float, lsb_ns: float = TDC_LSB_NS) -> float:
     """T0 of the walk model fitted to a noise-free crossing curve, minus the true start (ns).
 
     The estimator's weighting is kept: "likelihood" weighs every pulse alike (points uniform in

@@ -33,9 +33,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from calbench.contracts.batmet import DAC_MAX
 from calbench.contracts.clock import WorldClock
 
-DAC_CODES = 4096
+DAC_CODES = DAC_MAX + 1
 METER_SHUNT_OHM = {0.01: 5.0, 0.1: 5.0, 1.0: 0.1, 3.0: 0.1}
 METER_FLOOR_A = {0.01: 3e-8, 0.1: 3e-7, 1.0: 3e-6, 3.0: 9e-6}   # noise floor at NPLC 10
 METER_IDN = "HEWLETT-PACKARD,34401A,0,11-5-2"
