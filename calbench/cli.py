@@ -72,7 +72,7 @@ def cmd_ioc_run(args) -> int:
     names = args.names or None
     if args.list_pvs:
         return _print_pvs(cfg, names)
-    from calbench.iocs.errors import InstrumentFault
+    from calbench.contracts.errors import InstrumentFault
     ca_serving_environment(cfg.interfaces)
     try:    # before any backend opens its instrument: another IOC may be driving it
         refuse_if_served([cfg.prefix_of(n) for n in names or cfg.instruments], list(cfg.interfaces))

@@ -33,7 +33,7 @@ from caproto.server.server import pvspec_type_map
 
 from calbench.contracts.clock import WorldClock
 from calbench.iocs.backend_worker import BackendWorker
-from calbench.iocs.errors import InstrumentFault, Refused
+from calbench.contracts.errors import InstrumentFault, Refused
 from calbench.iocs.put_check import Sent, check
 
 __all__ = ["InstrumentIOC", "InstrumentGroup", "Refused", "InstrumentFault", "string_pv", "enum_pv",

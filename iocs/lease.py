@@ -25,7 +25,7 @@ from caproto import ChannelType
 from caproto.server import pvproperty
 
 from calbench.iocs.base import InstrumentGroup
-from calbench.iocs.errors import Refused
+from calbench.contracts.errors import Refused
 
 FREE, HELD, LAPSED = "Free", "Held", "Lapsed"
 DEFAULT_LEASE_S = 30.0

@@ -22,7 +22,7 @@ from caproto.server import common as caproto_server_common
 from caproto.server import PVGroup
 
 from calbench.iocs.base import WRITE_NOTIFY, InstrumentIOC
-from calbench.iocs.errors import Refused
+from calbench.contracts.errors import Refused
 from calbench.iocs.one_server import AlreadyServed, describe_this_server, refuse_if_served
 
 __all__ = ["serve_forever", "IocThread", "AlreadyServed", "loopback_ca_environment", "free_port"]

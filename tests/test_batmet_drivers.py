@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from calbench.iocs.errors import InstrumentFault, Refused
+from calbench.contracts.errors import InstrumentFault, Refused
 from calbench.iocs.hw.agilent34401a import open_34401a
 from calbench.iocs.hw.batmet_serial import BatmetSerial, open_batmet
 from calbench.iocs.hw.scpi import READING_RE, ScpiLink, parse_reading

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from calbench.contracts.trimfile import DAC_NAMES, write_trim_file
-from calbench.iocs.errors import InstrumentFault, Refused
+from calbench.contracts.errors import InstrumentFault, Refused
 from calbench.iocs.hw.eiger import EigerHardware, open_eiger
 
 NAMES = list(DAC_NAMES) + ["iodelay"]

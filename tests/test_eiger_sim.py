@@ -11,7 +11,7 @@ from scipy.optimize import curve_fit
 from calbench.analysis.scurve import scurve
 from calbench.contracts.trimfile import (DAC_NAMES, linear_interpolation, read_trim_file,
                                         trim_file_path, write_trim_file)
-from calbench.iocs.errors import Refused
+from calbench.contracts.errors import Refused
 from calbench.contracts.clock import WorldClock
 from calbench.iocs.sim.eiger import EigerSim
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from calbench.analysis.timewalk import fit_temperature_coefficient, fit_transit_time
-from calbench.iocs.errors import Refused
+from calbench.contracts.errors import Refused
 from calbench.contracts.clock import WorldClock
 from calbench.contracts.fee import ADC_FINE_LSB_PC, DAC_FULL_SCALE_PC, DAC_MAX, TDC_LSB_NS
 from calbench.iocs.sim.fee import FeeBoardSim

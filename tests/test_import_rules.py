@@ -26,8 +26,12 @@ class Rule:
 
 RULES = [
     Rule("calbench.contracts", ("calbench",), "contracts lie below every layer"),
-    Rule("calbench.iocs.sim", ("calbench.iocs.hw",), "simulators and hardware drivers are siblings"),
-    Rule("calbench.iocs.hw", ("calbench.iocs.sim",), "simulators and hardware drivers are siblings"),
+    Rule("calbench.iocs.sim", ("calbench.iocs", "calbench.analysis", "calbench.devices",
+                               "calbench.plans", "calbench.procedures"),
+         "a simulator is a backend: it imports the contracts and its own package only"),
+    Rule("calbench.iocs.hw", ("calbench.iocs", "calbench.analysis", "calbench.devices",
+                              "calbench.plans", "calbench.procedures"),
+         "a hardware driver is a backend: it imports the contracts and its own package only"),
     Rule("calbench.iocs", ("calbench.iocs.sim", "calbench.iocs.hw"),
          "an IOC serves any backend: it shares instrument facts and data types with them through "
          "calbench.contracts; only the builders choose one",
@@ -146,9 +150,10 @@ def test_only_the_cli_dispatch_imports_the_procedures():
     assert broken_rule("calbench.session", "calbench.config") is None
 
 
-def test_an_ioc_meets_its_backends_only_through_the_contracts():
-    """An IOC interface importing a simulator or a driver breaks the rule; the builders that choose
-    the backend, and the backends among their own, may."""
+def test_iocs_and_backends_meet_only_through_the_contracts():
+    """An IOC interface importing a simulator or a driver, or a backend importing the IOC side or
+    the other kind of backend, breaks a rule; the builders that choose the backend, and a backend
+    within its own package, may."""
     for ioc in ("calbench.iocs.xraybox", "calbench.iocs.multimeter34401a", "calbench.iocs.base"):
         assert broken_rule(ioc, "calbench.iocs.sim.xray") is not None, ioc
         assert broken_rule(ioc, "calbench.iocs.hw.agilent34401a") is not None, ioc
@@ -156,6 +161,12 @@ def test_an_ioc_meets_its_backends_only_through_the_contracts():
     assert broken_rule("calbench.iocs.bench_world", "calbench.iocs.hw.scpi_psu") is None
     assert broken_rule("calbench.iocs.sim.bench", "calbench.iocs.sim.bench_circuit") is None
     assert broken_rule("calbench.iocs.xraybox", "calbench.contracts.xray") is None
+    for backend in ("calbench.iocs.sim.eiger", "calbench.iocs.hw.eiger"):
+        for ioc_side in ("calbench.iocs.base", "calbench.iocs.sim.xray" if "hw" in backend
+                         else "calbench.iocs.hw.scpi"):
+            assert broken_rule(backend, ioc_side) is not None, (backend, ioc_side)
+        assert broken_rule(backend, "calbench.contracts.errors") is None
+    assert broken_rule("calbench.iocs.hw.eiger", "calbench.iocs.hw.ports") is None
 
 
 def test_imports_follow_the_layers():

@@ -9,7 +9,7 @@ import pytest
 
 from calbench.devices.base import InstrumentRefused, set_and_check
 from calbench.devices.lease import RENEWER
-from calbench.iocs.errors import Refused
+from calbench.contracts.errors import Refused
 from calbench.iocs.lease import FREE, HELD, LAPSED, Lease
 from calbench.procedures.kill_drill import drill
 

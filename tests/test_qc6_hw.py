@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from calbench.iocs.errors import InstrumentFault, Refused
+from calbench.contracts.errors import InstrumentFault, Refused
 from calbench.iocs.hw.caen import CaenHvCrate, from_settings
 
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from calbench.iocs.errors import InstrumentFault, Refused
+from calbench.contracts.errors import InstrumentFault, Refused
 from calbench.iocs.sim.qc6 import (
     ITRIP, MAXV, ON, OVC, RDW, RUP, CaenCrateSim, build_world)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from calbench.iocs.errors import InstrumentFault, Refused
+from calbench.contracts.errors import InstrumentFault, Refused
 from calbench.iocs.hw.xraybox import XrayBoxClient
 
 FAKE = Path(__file__).parent / "fakes" / "xray_box_client.py"

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from calbench.contracts.errors import Refused
+
 DAC_NAMES: tuple[str, ...] = (
     "vsvp", "vtrim", "vrpreamp", "vrshaper", "vsvn", "vtgstv", "vcmp_ll", "vcmp_lr",
     "vcal", "vcmp_rl", "rxb_rb", "rxb_lb", "vcmp_rr", "vcp", "vcn", "vishaper",
@@ -23,6 +25,15 @@ N_DACS = len(DAC_NAMES)
 DAC_MIN, DAC_MAX = 0, 4000          # LTC2620, 12 bit, 2048 mV full scale
 TRIMBIT_MAX = 63                    # 6-bit trimbits
 SETTINGS_NAMES: tuple[str, ...] = ("standard", "highgain", "lowgain", "veryhighgain", "verylowgain")
+
+
+def check_dac(name: str, value) -> int:
+    """The DAC value as an int, or Refused naming the range (both backends check before a DAC)."""
+    v = float(value)
+    if not v.is_integer() or not DAC_MIN <= v <= DAC_MAX:
+        raise Refused(f"DAC {name} = {value} outside {DAC_MIN}..{DAC_MAX} (12-bit DAC units); "
+                      "use an integer in range")
+    return int(v)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import numpy as np
 
 from calbench.contracts.bench_instruments import (CURRENT_RANGES_A, DISPLAY_CHARS, FUNCTIONS, MAX_SAMPLES,
                                                   NPLC_VALUES, OVERLOAD, VOLTAGE_RANGES_V)
-from calbench.iocs.errors import InstrumentFault, Refused
+from calbench.contracts.errors import InstrumentFault, Refused
 from calbench.iocs.hw.scpi import ScpiInstrument, parse_reading
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 
 from calbench.contracts.batmet import DAC_MAX
-from calbench.iocs.errors import InstrumentFault, Refused
+from calbench.contracts.errors import InstrumentFault, Refused
 from calbench.iocs.hw.scpi import link_errors
 
 log = logging.getLogger(__name__)

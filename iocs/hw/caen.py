@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 
-from calbench.iocs.errors import InstrumentFault, Refused
+from calbench.contracts.errors import InstrumentFault, Refused
 from calbench.contracts.caen import BoardInfo
 
 log = logging.getLogger(__name__)

@@ -74,9 +74,8 @@ from calbench.contracts.eiger_geometry import frame_dtype
 from calbench.contracts.trimfile import (DAC_NAMES, SETTINGS_NAMES, TRIMBIT_MAX,
                                          TrimFileError, read_trim_file, trim_file_path,
                                          write_trim_file)
-from calbench.iocs.eiger_limits import check_dac
-from calbench.iocs.errors import InstrumentFault, Refused
-from calbench.contracts.eiger import Acquisition
+from calbench.contracts.errors import InstrumentFault, Refused
+from calbench.contracts.eiger import Acquisition, check_dac
 
 log = logging.getLogger(__name__)
 

@@ -55,7 +55,7 @@ from typing import Protocol
 
 import numpy as np
 
-from calbench.iocs.errors import InstrumentFault, Refused
+from calbench.contracts.errors import InstrumentFault, Refused
 from calbench.contracts.fee import (DAC_MAX, N_CHANNELS, TDC_LSB_NS, THRESHOLD_RANGE_MV,
                                     PulseResults, SweepResult)
 

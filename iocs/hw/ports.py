@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from calbench.iocs.errors import InstrumentFault
+from calbench.contracts.errors import InstrumentFault
 
 SIM_YAML = Path(__file__).with_name("sim_instruments.yaml")
 

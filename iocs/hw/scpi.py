@@ -11,7 +11,7 @@ import re
 import threading
 from collections.abc import Callable
 
-from calbench.iocs.errors import InstrumentFault
+from calbench.contracts.errors import InstrumentFault
 
 # Reply of a reading, as the reference tool (agilent.py) checks it: +1.23456789E-02
 READING_RE = re.compile(r"[+-][0-9][.][0-9]*[Ee][+-][0-9][0-9]")

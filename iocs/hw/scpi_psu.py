@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from calbench.contracts.bench_instruments import SUPPLY_MAX_A, SUPPLY_MAX_V
-from calbench.iocs.errors import InstrumentFault, Refused
+from calbench.contracts.errors import InstrumentFault, Refused
 from calbench.iocs.hw.scpi import ScpiInstrument, parse_bool, parse_int, parse_reading
 
 log = logging.getLogger(__name__)

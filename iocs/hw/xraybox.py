@@ -19,7 +19,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from calbench.iocs.errors import InstrumentFault, Refused
+from calbench.contracts.errors import InstrumentFault, Refused
 from calbench.contracts.xray import MAX_KV, MAX_MA, SHUTTERS, XrayBoxState
 
 SHUTTER_INDEX = {"BigXrayBox": {"XRF": 1, "Direct": 3}, "VacuumBox": {"XRF": 4, "Direct": 2}}

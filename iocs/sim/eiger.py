@@ -22,10 +22,9 @@ from calbench.contracts.trimfile import (DAC_DEFAULTS, DAC_NAMES, IODELAY_DEFAUL
                                         TRIMBIT_MAX, TrimFile, TrimFileError, bracket_trim_energies,
                                         interpolate_trim, read_trim_file, serial_from_hostname,
                                         trim_file_path, write_trim_file)
-from calbench.iocs.eiger_limits import check_dac
-from calbench.iocs.errors import InstrumentFault, Refused
+from calbench.contracts.errors import InstrumentFault, Refused
 from calbench.contracts.clock import WorldClock
-from calbench.contracts.eiger import Acquisition
+from calbench.contracts.eiger import Acquisition, check_dac
 from calbench.iocs.sim.eiger_pixels import FACTORY_TAU_NS, EigerTruth, PixelResponse, make_truth
 
 BeamSource = Callable[[], tuple[float, float]]

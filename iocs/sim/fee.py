@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.signal import fftconvolve
 
-from calbench.iocs.errors import Refused
+from calbench.contracts.errors import Refused
 from calbench.contracts.clock import WorldClock
 from calbench.contracts.fee import (ADC_COARSE_LSB_PC, ADC_COARSE_MAX_PC, ADC_FINE_LSB_PC,
                                     ADC_FINE_MAX_PC, DAC_FULL_SCALE_PC, DAC_MAX, N_CHANNELS,

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from calbench.iocs.errors import InstrumentFault, Refused
+from calbench.contracts.errors import InstrumentFault, Refused
 from calbench.contracts.caen import (BOARD_CHANNELS, BOARD_DESCRIPTION, BOARD_MODEL, HW_IMAX_UA,
                                      HW_VMAX_V, RAMP_LIMITS_V_PER_S, TRIP_LIMITS_S, BoardInfo)
 from calbench.contracts.clock import WorldClock

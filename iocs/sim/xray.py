@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from calbench.iocs.errors import Refused
+from calbench.contracts.errors import Refused
 from calbench.contracts.clock import WorldClock
 from calbench.contracts.xray import MAX_KV, MAX_MA, SHUTTERS, XRF_EDGES_KEV, XRF_LINES_KEV, XrayBoxState
 
