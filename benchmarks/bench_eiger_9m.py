@@ -92,14 +92,14 @@ def main(argv=None) -> int:
     scan_mb = g.n_pixels * points * 4 / 2**20
     block_mb = HALF_MODULE_ROWS * HALF_MODULE_COLS * points * 8 / 2**20
     fit_mb = g.n_pixels * SCURVE_DTYPE.itemsize / 2**20
-    bound_main = 2 * fit_mb + 24 * g.n_pixels * 8 / 2**20
+    bound_main = fit_mb + 24 * g.n_pixels * 8 / 2**20
     print(f"\npeak resident memory: this process {_peak_rss_mb():.0f} MB (simulator and results "
           "included); workers " + ", ".join(f"{v:.0f}" for v in worker_rss.values()) + " MB")
     print(f"bound: a step's analysis allocates < {bound_main:.0f} MB in this process (the fit "
-          f"map of {fit_mb:.0f} MB twice: its gathered blocks and the result; 24 image-sized "
-          f"float64 arrays), whatever the number of points; the scan's frames would be "
-          f"{scan_mb:.0f} MB as uint32. A worker holds a few half-module blocks of "
-          f"{block_mb:.0f} MB (float64) and their fits.")
+          f"map, {fit_mb:.0f} MB, each block put in place as it arrives; 24 image-sized float64 "
+          f"arrays), whatever the number of points; the scan's frames would be {scan_mb:.0f} MB "
+          f"as uint32. A worker holds the half-module blocks it works on ({block_mb:.0f} MB as "
+          "float64) and the results not yet fetched.")
     over = [p for p in peaks if p > bound_main]
     print("within the bound" if not over else f"ABOVE the bound in {len(over)} step(s)")
     s = run.results[None]
