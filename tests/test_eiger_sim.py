@@ -331,3 +331,44 @@ def test_other_geometries_count_on_every_chip(beam, name, shape, chips):
     sums = sim.geometry.chip_sums(frame)
     assert len(sums) == chips and sums.min() > 0.5 * sums.max()
     assert len(sim.vcmp()) == chips
+
+
+def whole_image_factory_trim(sim, energy_keV):
+    """The factory trim as first written: every quantity on the whole image, cut per chip after
+    (minutes at 9M); the per half module version must give the same files."""
+    from calbench.iocs.sim.eiger_pixels import GAIN_AT_VRF_REF, GAIN_SLOPE, VRF_REF
+    from calbench.contracts.trimfile import DAC_DEFAULTS, DAC_MAX, DAC_MIN, TRIMBIT_MAX
+    t, g = sim.truth(), sim.geometry
+    live = t.live()
+    out = []
+    for hm in range(g.n_half_modules):
+        sl = g.half_module_slice(hm)
+        base = t.base[sl][live[sl]].mean()
+        grel = t.gain_rel[sl][live[sl]].mean()
+        need = (base - 1150) / (energy_keV * GAIN_AT_VRF_REF * grel)
+        vrf = int(np.clip(round(VRF_REF + np.log(need) / GAIN_SLOPE), DAC_MIN, DAC_MAX))
+        dacs = {**DAC_DEFAULTS, "vtrim": 2500, "vrpreamp": vrf, "vrshaper": 1400, "vcal": 4000}
+        mu = t.inflection(energy_keV, vrf, 31.5, 2500)
+        tb = np.zeros(g.shape)
+        vcmps = []
+        for k in range(4):
+            chip = 4 * hm + k
+            csl = g.chip_slice(chip)
+            vcmp = int(round(mu[csl][live[csl]].mean()))
+            vcmps.append(vcmp)
+            dacs[g.chip_vcmp(chip)[1]] = vcmp
+            tb[csl] = t.trimbits_for_shift(2500, mu - vcmp)[csl]
+        dacs["vcp"] = int(round(np.mean(vcmps)))
+        out.append(([dacs[n] for n in DAC_NAMES], np.clip(np.round(tb[sl]), 0, TRIMBIT_MAX)))
+    return out
+
+
+def test_factory_trim_per_half_module_equals_the_whole_image_computation(beam):
+    sim = EigerSim(WorldClock(1.0e4), geometry="1M", seed=5, source=beam)
+    for energy in (4.5, 8.02):
+        files = sim.factory_trim(energy)
+        reference = whole_image_factory_trim(sim, energy)
+        assert len(files) == len(reference) == sim.geometry.n_half_modules
+        for tf, (dacs, trimbits) in zip(files, reference):
+            assert tf.dacs.tolist() == dacs
+            np.testing.assert_array_equal(tf.trimbits, trimbits)
