@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -88,6 +89,10 @@ def report_name(det_id: str, gain: str) -> str:
     return f"{det_id}_{gain}_calibration_report.pdf"
 
 
+# a numpy scan is taken by save_scan in bands of rows of about this size (as float64)
+SCAN_BAND_BYTES = 64 * 2**20
+
+
 def _atomic_save(path: Path, write) -> Path:
     """Write through ``path.part`` and rename, so a reader never sees half a file."""
     path = Path(path)
@@ -100,12 +105,44 @@ def _atomic_save(path: Path, write) -> Path:
 
 
 def save_scan(path: str | os.PathLike, x: ArrayLike, counts: ArrayLike) -> Path:
-    """PSI scan file: ``data`` [rows, cols, n] float64 and ``x`` [n] (setting per point)."""
-    data = np.asarray(counts, dtype=np.float64)
+    """PSI scan file: ``data`` [rows, cols, n] float64 and ``x`` [n] (setting per point).
+
+    ``counts`` may be a numpy or a dask array [rows, cols, n]: ``data`` is written band of rows by
+    band (a dask array's row chunks), so a scan is never held whole as float64 (a 9M S-curve would
+    be 3.8 GB); the file is the zip of .npy entries ``np.savez`` writes and ``np.load`` reads."""
     xa = np.asarray(x)
-    if data.ndim != 3 or data.shape[-1] != xa.size:
-        raise ValueError(f"scan data must be [rows, cols, {xa.size}], got {data.shape}")
-    return _atomic_save(Path(path), lambda fh: np.savez(fh, data=data, x=xa))
+    shape = tuple(int(n) for n in np.shape(counts))
+    if len(shape) != 3 or shape[-1] != xa.size:
+        raise ValueError(f"scan data must be [rows, cols, {xa.size}], got {shape}")
+    return _atomic_save(Path(path), lambda fh: _write_npz_streamed(fh, counts, xa))
+
+
+def _row_bands(counts, shape: tuple[int, ...]):
+    """The counts [rows, cols, n] as bands of rows, in order, each computed when asked."""
+    if hasattr(counts, "compute"):                          # dask: its own row chunks
+        stops = np.cumsum(counts.chunks[0])
+        for start, stop in zip(np.concatenate([[0], stops[:-1]]), stops):
+            yield np.asarray(counts[int(start):int(stop)].compute())
+        return
+    rows_per_band = max(1, SCAN_BAND_BYTES // max(1, 8 * shape[1] * shape[2]))
+    for start in range(0, shape[0], rows_per_band):
+        yield np.asarray(counts[start:start + rows_per_band])
+
+
+def _write_npz_streamed(fh, counts, x: NDArray) -> None:
+    """``np.savez(fh, data=counts as float64, x=x)``, with ``data`` written band by band."""
+    fmt = np.lib.format
+    shape = tuple(int(n) for n in np.shape(counts))
+    header = {"descr": fmt.dtype_to_descr(np.dtype(np.float64)), "fortran_order": False,
+              "shape": shape}
+    with zipfile.ZipFile(fh, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("data.npy", "w", force_zip64=True) as entry:
+            fmt.write_array_header_1_0(entry, header)
+            for band in _row_bands(counts, shape):
+                for row in band:            # converted a row at a time: no float64 copy of the band
+                    entry.write(np.ascontiguousarray(row, dtype=np.float64).data)
+        with zf.open("x.npy", "w", force_zip64=True) as entry:
+            fmt.write_array(entry, x, allow_pickle=False)
 
 
 def load_scan(path: str | os.PathLike) -> tuple[NDArray, NDArray]:
