@@ -1,7 +1,10 @@
 """A 9M EIGER (18 modules, 9.4 M pixels) calibrated on the simulator: time per step, peak memory.
 
     python benchmarks/bench_eiger_9m.py [--geometry 9M] [--scheduler tcp://host:8786]
-                                        [--directory /big/disk]
+                                        [--directory /big/disk] [--end-to-end [--time-scale 5]]
+
+--end-to-end: RE(calibrate_eiger(...)) through the IOCs (a process of their own), the RunEngine and
+a local tiled server (benchmarks/eiger_end_to_end.py). Without it:
 
 calibrate_eiger's steps and decisions (vrf scan, S-curve, trimbit scan, trimmed S-curve, the second
 target's threshold scan; tests/eiger_scan_support.py), each scan written frame by frame into one
@@ -50,9 +53,17 @@ def main(argv=None) -> int:
                                                    " default: a LocalCluster on this host")
     ap.add_argument("--directory", default="", help="where the scan files go (default: a "
                                                     "temporary directory)")
+    ap.add_argument("--end-to-end", action="store_true",
+                    help="through the IOCs, RunEngine and tiled (see benchmarks/eiger_end_to_end.py)")
+    ap.add_argument("--time-scale", type=float, default=5.0,
+                    help="--end-to-end: world-clock acceleration of the X-ray world (exposures)")
     args = ap.parse_args(argv)
     if args.scheduler:
         os.environ[SCHEDULER_ENV] = args.scheduler
+    if args.end_to_end:
+        from eiger_end_to_end import run_end_to_end
+        with tempfile.TemporaryDirectory(dir=args.directory or None) as tmp:
+            return run_end_to_end(args.geometry, Path(tmp), time_scale=args.time_scale)
     g = eiger_geometry(args.geometry)
     client = dask_client()
     workers = len(client.scheduler_info()["workers"])
