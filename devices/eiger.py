@@ -42,6 +42,11 @@ from calbench.devices.base import (CheckedSignal, InstrumentDevice, InstrumentRe
 
 DATASET = "/entry/data/data"
 IMAGE_KEY_SUFFIX = "_image"
+# How long a trigger waits, once the Acquire put has completed, for the monitor update of the
+# counter (or of the refusal count): the IOC publishes them before it answers the put, but CA sends
+# monitor updates apart from put replies. Past it, the device asks the IOC directly (a fault
+# changes neither; a loaded machine may delay the updates).
+MONITOR_GRACE_S = 0.5
 
 
 class EigerError(RuntimeError):
@@ -105,12 +110,16 @@ class Eiger(InstrumentDevice):
     settings_dir = Cpt(LongStringSignal, "SettingsDir", kind="omitted")
     rate_corr_tau = Cpt(CheckedSignal, "RateCorrTau_RBV", write_pv="RateCorrTau", kind="config")
     test_pulses = Cpt(CheckedSignal, "TestPulses_RBV", write_pv="TestPulses", kind="config")
-    temperature = Cpt(EpicsSignalRO, "Temperature_RBV", kind="normal")
+    temperature = Cpt(EpicsSignalRO, "Temperature_RBV", kind="normal", auto_monitor=True)
 
     acquire = Cpt(EpicsSignal, "Acquire", string=True, kind="omitted")
     acquire_rbv = Cpt(EpicsSignalRO, "Acquire_RBV", string=True, kind="omitted")
     detector_state = Cpt(EpicsSignalRO, "DetectorState_RBV", string=True, kind="omitted")
-    array_counter = Cpt(EpicsSignalRO, "ArrayCounter_RBV", kind="omitted")
+    # Monitored, with the acquisition's values below: the IOC publishes the counter after them
+    # and CA delivers one IOC's monitor updates in order, so once a trigger has seen the counter
+    # advance, the events read this acquisition's values without asking the IOC again.
+    array_counter = Cpt(EpicsSignalRO, "ArrayCounter_RBV", kind="omitted", auto_monitor=True)
+    refusals = Cpt(EpicsSignalRO, "Refusals_RBV", kind="omitted", auto_monitor=True)
     images_counter = Cpt(EpicsSignalRO, "NumImagesCounter_RBV", kind="omitted")
     acquire_start = Cpt(EpicsSignalRO, "AcquireStartTime_RBV", kind="omitted")
 
@@ -122,10 +131,10 @@ class Eiger(InstrumentDevice):
     num_captured = Cpt(EpicsSignalRO, "NumCaptured_RBV", kind="omitted")
     auto_increment = Cpt(CheckedSignal, "AutoIncrement", string=True, kind="omitted")
     capture = Cpt(CheckedSignal, "Capture_RBV", write_pv="Capture", string=True, kind="omitted")
-    full_file_name = Cpt(LongStringSignalRO, "FullFileName_RBV", kind="omitted")
+    full_file_name = Cpt(LongStringSignalRO, "FullFileName_RBV", kind="omitted", auto_monitor=True)
 
-    chip_sums = Cpt(EpicsSignalRO, "ChipSums_RBV", kind="normal")
-    total_counts = Cpt(EpicsSignalRO, "TotalCounts_RBV", kind="hinted")
+    chip_sums = Cpt(EpicsSignalRO, "ChipSums_RBV", kind="normal", auto_monitor=True)
+    total_counts = Cpt(EpicsSignalRO, "TotalCounts_RBV", kind="hinted", auto_monitor=True)
     live_image = Cpt(EpicsSignalRO, "Image:ArrayData", kind="omitted")
 
     def __init__(self, prefix="", *, name, data_dir: str | Path | None = None,
@@ -140,6 +149,13 @@ class Eiger(InstrumentDevice):
         self._frame_shape: tuple[int, ...] | None = None
         self._frame_dtype: np.dtype | None = None
         self._acquisition_s = 0.0
+        self._news = threading.Condition()     # notified on monitor updates of the counters
+        for sig in (self.array_counter, self.refusals):
+            sig.subscribe(self._notify, run=False)
+
+    def _notify(self, **_):
+        with self._news:
+            self._news.notify_all()
 
     @classmethod
     def from_settings(cls, prefix: str, *, name: str = "eiger", settings: dict | None = None,
@@ -220,8 +236,7 @@ class Eiger(InstrumentDevice):
                              "call det.stage() first")
         # exposure in world seconds: an upper bound of the wall time at time_scale >= 1
         status = DeviceStatus(self, timeout=self.trigger_timeout_s + self._acquisition_s)
-        before = (int(self.array_counter.get(use_monitor=False)),
-                  int(self.refusals.get(use_monitor=False)))
+        before = (int(self.array_counter.get()), int(self.refusals.get()))   # monitored
 
         def finish():
             try:
@@ -239,8 +254,17 @@ class Eiger(InstrumentDevice):
         return status
 
     def _after_acquisition(self, counter_before: int, refusals_before: int) -> None:
-        refusals = int(self.refusals.get(use_monitor=False))
-        counter = int(self.array_counter.get(use_monitor=False))
+        def news():
+            return (int(self.array_counter.get()) != counter_before
+                    or int(self.refusals.get()) != refusals_before)
+
+        with self._news:
+            seen = self._news.wait_for(news, timeout=MONITOR_GRACE_S)
+        if seen:
+            refusals, counter = int(self.refusals.get()), int(self.array_counter.get())
+        else:
+            refusals = int(self.refusals.get(use_monitor=False))
+            counter = int(self.array_counter.get(use_monitor=False))
         if refusals != refusals_before or counter == counter_before:
             message = self.status_message.get(use_monitor=False)
             state = self.detector_state.get(use_monitor=False)
@@ -248,8 +272,16 @@ class Eiger(InstrumentDevice):
                 raise InstrumentRefused(f"{self.prefix}Acquire: {message}")
             raise EigerError(f"{self.prefix}Acquire produced no frame (state {state}): "
                              f"{message or 'no message'}; check the detector and retry")
+        if not seen:        # the events read monitored values: they must be this acquisition's
+            with self._news:
+                if not self._news.wait_for(lambda: int(self.array_counter.get()) == counter,
+                                           timeout=self.trigger_timeout_s):
+                    raise EigerError(
+                        f"no monitor update of {self.prefix}ArrayCounter_RBV within "
+                        f"{self.trigger_timeout_s:g} s although the IOC counts {counter}; check "
+                        "the network to the IOC (EPICS_CA_ADDR_LIST) and retry")
         if self.file_per_trigger:
-            bundle = self._resource(self.full_file_name.get(use_monitor=False))
+            bundle = self._resource(self.full_file_name.get())
             self._asset_docs.append(("stream_resource", bundle.stream_resource_doc))
             index = 0
         else:

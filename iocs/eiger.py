@@ -57,6 +57,7 @@ from calbench.iocs.eiger_hdf5 import acquire_to_file
 from calbench.iocs.eiger_pvs import (ALL_DACS, EIGER_SETTINGS, LIVE_BINNING, MAX_TRIM_ENERGIES,
                                      TRIMBIT_CALLS, EigerDacs, LiveImage, SimControls, array_pv,
                                      float_pv, int_pv, size_waveforms)
+from calbench.iocs.eiger_reductions import Reductions
 from calbench.iocs.settings_table import settings_group
 
 log = logging.getLogger(__name__)
@@ -344,7 +345,7 @@ class EigerIOC(settings_group("EigerSettings", EIGER_SETTINGS, EigerFilePVs)):
             await self.publish(self.images_counter, 0)
             try:
                 # on the worker thread; other puts are refused meanwhile
-                frames, starts, aborted = await self.worker.run(
+                frames, starts, aborted, reduced = await self.worker.run(
                     acquire_to_file, self.backend, self.geometry, path, self._stream_file)
             except OSError as exc:
                 await self.refuse(f"writing {path or self._stream_file.path} failed: {exc}; "
@@ -353,7 +354,7 @@ class EigerIOC(settings_group("EigerSettings", EIGER_SETTINGS, EigerFilePVs)):
                 await call(_raise, exc)
             except Exception as exc:                # never a crash: a fault, the IOC serves on
                 await call(_raise, exc)
-            await self._publish_acquisition(frames, starts, path)
+            await self._publish_acquisition(len(frames), starts, reduced, path)
         finally:
             self._busy = False
             await self.publish(self.acquire_rbv, "Done")
@@ -362,26 +363,24 @@ class EigerIOC(settings_group("EigerSettings", EIGER_SETTINGS, EigerFilePVs)):
         await self.array_counter.write(int(self.array_counter_rbv.value))
         return aborted
 
-    async def _publish_acquisition(self, frames: np.ndarray, starts: np.ndarray,
-                                   path: Path | None) -> None:
-        """Reductions, live image and counters of a finished acquisition."""
-        g = self.geometry
-        if len(frames):
-            await self.publish(self.chip_sums, g.chip_sums(frames), force=True)
-            await self.publish(self.total_counts, float(frames.sum(dtype=np.float64)))
-            last = frames[-1].astype(np.float32)
-            b = LIVE_BINNING
-            binned = last[: g.rows // b * b, : g.cols // b * b].reshape(
-                g.rows // b, b, g.cols // b, b).sum(axis=(1, 3))
-            await self.publish(self.image.array_data, binned.ravel(), force=True)
+    async def _publish_acquisition(self, n_frames: int, starts: np.ndarray,
+                                   reduced: Reductions | None, path: Path | None) -> None:
+        """Reductions (computed on the worker thread), live image and counters of a finished
+        acquisition. ArrayCounter_RBV goes last: a client that sees it advance (monitor updates
+        arrive in the order they were published) already holds this acquisition's values."""
+        if reduced is not None:
+            await self.publish(self.chip_sums, reduced.chip_sums, force=True)
+            await self.publish(self.total_counts, reduced.total)
+            await self.publish(self.image.array_data, reduced.live_image, force=True)
             await self.publish(self.acquire_start, float(starts[0]))
-        await self.publish(self.images_counter, len(frames))
-        await self.publish(self.array_counter_rbv, int(self.array_counter_rbv.value) + len(frames))
+        await self.publish(self.images_counter, n_frames)
         if path is not None:
             await self.publish(self.full_file_name, str(path))
-            await self.publish(self.num_captured, len(frames))
+            await self.publish(self.num_captured, n_frames)
         elif self._stream_file is not None:
             await self.publish(self.num_captured, self._stream_file.n_frames)
+        await self.publish(self.array_counter_rbv, int(self.array_counter_rbv.value) + n_frames)
+
 
 def _raise(exc: BaseException):
     raise exc

@@ -2,7 +2,8 @@
 
 One file holds /entry/data/data [frames, rows, cols] in the dynamic range's dtype plus per-frame
 metadata; iocs/eiger.py decides which file an acquisition writes (Single or Stream mode) and calls
-`acquire_to_file` in a worker thread.
+`acquire_to_file` in a worker thread, which also reduces each frame for the PVs as it arrives
+(iocs/eiger_reductions.py).
 """
 from __future__ import annotations
 
@@ -12,18 +13,28 @@ import h5py
 import numpy as np
 
 from calbench.contracts.eiger_geometry import EigerGeometry, frame_dtype
+from calbench.iocs.eiger_reductions import FrameReducer
 
 
 def acquire_to_file(backend, geometry: EigerGeometry, path: Path | None,
                     stream_file: "FrameFile | None"):
     """Worker thread: run the acquisition, streaming its frames into the HDF5 file (a new one
-    at ``path`` in Single mode, the open ``stream_file`` in Stream mode, none without Capture).
-    Returns (frames, start_times, aborted); a new file is removed if the acquisition fails."""
+    at ``path`` in Single mode, the open ``stream_file`` in Stream mode, none without Capture)
+    and reducing each (per-chip counts, total, live image).
+    Returns (frames, start_times, aborted, reductions or None without frames); a new file is
+    removed if the acquisition fails."""
     writer = FrameFile(path, geometry, backend) if path else stream_file
+    reducer = FrameReducer(geometry)
+
+    def on_frame(index: int, frame: np.ndarray) -> None:
+        if writer is not None:
+            writer.append(index, frame)
+        reducer.add(frame)
+
     if writer is not None:
         writer.begin_acquisition(backend)
     try:
-        result = backend.acquire(writer.append if writer else None)
+        result = backend.acquire(on_frame)
     except BaseException:
         if writer is not None and path is not None:
             writer.discard()
@@ -32,7 +43,7 @@ def acquire_to_file(backend, geometry: EigerGeometry, path: Path | None,
         writer.end_acquisition(result.start_times)
         if path is not None:
             writer.close()
-    return result.frames, result.start_times, result.aborted
+    return result.frames, result.start_times, result.aborted, reducer.result()
 
 
 class FrameFile:

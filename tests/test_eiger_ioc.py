@@ -73,6 +73,11 @@ def test_count_on_cu_gives_frames_in_tiled_that_follow_the_physics(lab, box, det
     chip_sums = np.stack(run["primary"]["eiger_chip_sums"].read())
     expected = [lab.ioc("eiger").geometry.chip_sums(f) for f in frames]
     np.testing.assert_allclose(chip_sums, expected)
+    totals = run["primary"]["eiger_total_counts"].read()
+    np.testing.assert_array_equal(totals, frames.sum(axis=(1, 2), dtype=np.float64))
+    # the live view is the last frame in 4 x 4 bins
+    binned = frames[-1].astype(np.float64).reshape(128, 4, 256, 4).sum(axis=(1, 3))
+    np.testing.assert_array_equal(det.live_image.get(use_monitor=False), binned.ravel())
     assert run.metadata["stop"]["exit_status"] == "success"
 
 
