@@ -6,9 +6,10 @@ this process's RunEngine persisting every document to tiled and running RE(calib
 (the trim target and the second target of the global calibration), the per-pixel fits on a dask
 LocalCluster (or $CALBENCH_DASK_SCHEDULER). Reported per scan: points, acquire (the run's start to
 its stop document: IOC frames -> HDF5 -> documents -> tiled), analyse (the StepAnalysis callback at
-stop) and after (the step's files, derived runs and settings until the next scan starts); per
-process the peak resident set (this one: getrusage; the IOC and tiled server: VmHWM; dask workers:
-getrusage on each).
+stop), after (the step's files, derived runs and settings until the next scan starts) and the
+peak resident set so far of this process and of the IOC's; at the end, per process, the peak
+resident set (this one: getrusage; the IOC and tiled server: VmHWM; dask workers: getrusage on
+each).
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ class ScanRow:
     stop: float = 0.0
     analyse_s: float = 0.0
     after_s: float = 0.0
+    rss_mb: float = 0.0         # this process's peak resident set once the step is done
+    ioc_mb: float = 0.0         # the IOC process's
 
 
 def _rss_mb() -> float:
@@ -155,6 +158,7 @@ def run_end_to_end(geometry: str, directory: Path, *, time_scale: float = 5.0,
             if name == "start" and "x_key" in doc:          # a scan of the procedure (not derived)
                 if rows and not rows[-1].after_s:
                     rows[-1].after_s = doc["time"] - rows[-1].stop - rows[-1].analyse_s
+                    rows[-1].rss_mb, rows[-1].ioc_mb = _rss_mb(), _vmhwm_mb(iocs.pid)
                 open_runs[doc["uid"]] = row = ScanRow(doc["step"], doc["target"], start=doc["time"])
                 rows.append(row)
             elif name == "event" and open_runs:
@@ -185,16 +189,17 @@ def run_end_to_end(geometry: str, directory: Path, *, time_scale: float = 5.0,
         total = time.perf_counter() - t1
         if rows and not rows[-1].after_s:       # the last step's files and records, to the end
             rows[-1].after_s = time.time() - rows[-1].stop - rows[-1].analyse_s
+            rows[-1].rss_mb, rows[-1].ioc_mb = _rss_mb(), _vmhwm_mb(iocs.pid)
         eiger_callbacks.StepAnalysis.stop = original
 
         print(f"\ncalibrate_eiger on {target} (second target {', '.join(GLOBAL_TARGETS[target])}), EIGER "
               f"{geometry}: {total:.0f} s")
         print(f"{'step':<14}{'target':>7}{'points':>7}{'acquire [s]':>13}{'per point':>10}"
-              f"{'analyse [s]':>13}{'after [s]':>11}")
+              f"{'analyse [s]':>13}{'after [s]':>11}{'RE peak [MB]':>14}{'IOC peak [MB]':>15}")
         for r in rows:
             acq = r.stop - r.start
             print(f"{r.step:<14}{r.target:>7}{r.points:>7}{acq:>13.1f}{acq / max(r.points, 1):>10.2f}"
-                  f"{r.analyse_s:>13.1f}{r.after_s:>11.1f}")
+                  f"{r.analyse_s:>13.1f}{r.after_s:>11.1f}{r.rss_mb:>14.0f}{r.ioc_mb:>15.0f}")
         workers = client.run(_rss_mb)
         bound, why = stated_bound_mb(geometry, max(r.points for r in rows))
         grown = _rss_mb() - rss_before
