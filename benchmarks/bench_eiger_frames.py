@@ -7,7 +7,9 @@ world-clock speed 1, so an exposure lasts what it says; the simulated X-ray box 
 with Cu fluorescence (40 kV, 40 mA, XRF shutter open). Rows, all measured in this run:
 
   h5py floor          one HDF5 file per frame written with h5py alone (the IOC's layout: SWMR,
-                      one chunk per frame): the physical floor of getting the bytes on disk
+                      one chunk per frame): the physical floor of getting the bytes on disk;
+                      measured again after the runs, since the disk's pace drifts with what
+                      was written before it (the ratios use the first)
   simulated photons   EigerSim computing one frame (Poisson counts): the simulator's own cost,
                       absent with a real detector
   RE, no persistence  RE(count([det], num=N)): CA put -> IOC acquires + writes the file ->
@@ -183,6 +185,9 @@ def main(argv=None) -> int:
                                                       stop))))
                 rows.append((f"RE -> tiled, {mode}, {4 * args.frames} frames: overhead",
                              timed_count(RE, det, 4 * args.frames, args.exptime, photons, stop)))
+            # the disk's pace drifts with what was written before (page cache, writeback)
+            rows.append(("h5py floor again, after the runs",
+                         (best(lambda: h5py_floor(tmp / "floor", args.frames)), None, None)))
         finally:
             server.stop()
             if proc is not None:
