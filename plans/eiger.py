@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import uuid
 from functools import partial
 from dataclasses import dataclass, field, replace
@@ -168,9 +169,12 @@ class EigerCalibration:
                  f"{self.calibration_id[:8]}, {len(self.runs)} scans",
                  f"  threshold dispersion: untrimmed {d['dispersion_untrimmed_eV']:.0f} eV, "
                  f"trimmed {d['dispersion_trimmed_eV']:.0f} eV"]
-        lines += [f"  file {p}" for p in self.files[:12]]
-        if len(self.files) > 12:
-            lines.append(f"  ... and {len(self.files) - 12} more files in {self.results_dir}")
+        # one screen: the files a detector loads (trim files and energy calibration, .snNNN, one
+        # per half module); the scans and fits are counted
+        loaded = [p for p in self.files if re.search(r"\.sn\d{3}$", str(p))][:8]
+        lines += [f"  file {p}" for p in loaded]
+        if len(self.files) > len(loaded):
+            lines.append(f"  ... and {len(self.files) - len(loaded)} more files in {self.results_dir}")
         lines.append(f"  summary run {self.summary_uid}   (reanalyse_calibration(cat, uid))")
         return "\n".join(lines)
 
