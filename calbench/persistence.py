@@ -25,7 +25,6 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,14 +37,8 @@ from calbench.journal import RunJournal, pending, read_journal
 
 log = logging.getLogger(__name__)
 
-# Requests that need not wait for each other: the read-back check beside the stop document, the
-# stream closes after the run is stored.
-_CHECKS = ThreadPoolExecutor(1, thread_name_prefix="calbench-tiled-check")
-_CLOSES = ThreadPoolExecutor(1, thread_name_prefix="calbench-tiled-close")
-
 _LARGE_BATCH = 1_000_000     # the worker decides when to write; the writer never flushes on count
 _RETRIES = 6
-FLUSH_INTERVAL_S = 0.25      # rows wait at most this long in the worker before they are appended
 REPLAY_COMMAND = "calbench tiled replay"
 INTERRUPTED = "interrupted: the session ended before the run closed (killed or crashed)"
 
@@ -92,40 +85,7 @@ class _ExactlyOnceRunWriter(_RunWriter):
         # clearing them, so a flush after the stop wrote them a second time (one phantom frame per
         # cached datum in the array's advertised shape).
         self.flush()
-        # Every row is in: read them back while the stop document is written (one round trip
-        # less at stop; the stop document still lands after the last row).
-        reading = _CHECKS.submit(self._read_stored_seq_nums)
-        try:
-            super().stop(doc)
-        finally:
-            self.stored = reading.result()
-
-    @property
-    def has_tables(self) -> bool:
-        return bool(self._internal_tables)
-
-    def _read_stored_seq_nums(self) -> dict[str, list[int]]:
-        """seq_num of every row the server holds, per stream, read through the tables this writer
-        appended to (no walk down the catalog)."""
-        return {stream: [int(s) for s in table.read(columns=["seq_num"])["seq_num"]]
-                for stream, table in self._internal_tables.items()}
-
-    def _close_stream_tree(self) -> None:
-        # Closing tells live subscribers that the run ended: one request per node, none of which
-        # the stored run needs. The server takes one storage request at a time, so they are sent
-        # once the run is stored and checked (close_streams_later), not beside the wait at stop.
-        self._closes_due = True
-
-    def close_streams_later(self) -> None:
-        if getattr(self, "_closes_due", False):
-            self._closes_due = False
-            _CLOSES.submit(self._close_streams)
-
-    def _close_streams(self) -> None:
-        try:
-            super()._close_stream_tree()
-        except Exception as exc:
-            log.info("closing the tiled streams of a run failed (%s); the run is stored", exc)
+        return super().stop(doc)
 
     def flush(self) -> None:
         """Write the cached event rows and stream datums now."""
@@ -142,12 +102,10 @@ class _ExactlyOnceRunWriter(_RunWriter):
 
 
 class RunPipe:
-    """The documents of one run into tiled: RunNormalizer -> exactly-once run writer.
+    """The documents of one run into tiled: RunNormalizer -> exactly-once run writer."""
 
-    `writable` is `catalog.include_data_sources()` (a request each time it is made: made once)."""
-
-    def __init__(self, writable):
-        self.writer = _ExactlyOnceRunWriter(writable, batch_size=_LARGE_BATCH)
+    def __init__(self, catalog):
+        self.writer = _ExactlyOnceRunWriter(catalog.include_data_sources(), batch_size=_LARGE_BATCH)
         self.normalizer = RunNormalizer()
         self.normalizer.subscribe(self.writer)
 
@@ -227,21 +185,15 @@ def check_stored(catalog, uid: str, tally: RunTally) -> StoredCheck:
         run = catalog[uid]
     except KeyError:
         run = None
-    has_stop = run is not None and bool(run.metadata.get("stop"))
-    return compare_stored(uid, tally, lambda stream: stored_seq_nums(run, stream)
-                          if run is not None else [], has_stop)
-
-
-def compare_stored(uid: str, tally: RunTally, read_seq_nums, has_stop: bool) -> StoredCheck:
-    """The StoredCheck of run `uid`: `read_seq_nums(stream)` gives the stored rows' seq_nums."""
     emitted, stored, dup, lost, unexpected = {}, {}, {}, {}, {}
     for stream, seq in tally.seq_nums.items():
-        have = read_seq_nums(stream)
+        have = stored_seq_nums(run, stream) if run is not None else []
         counts = Counter(have)
         emitted[stream], stored[stream] = len(seq), len(have)
         dup[stream] = sum(c - 1 for c in counts.values() if c > 1)
         lost[stream] = len(set(seq) - set(counts))
         unexpected[stream] = len(set(counts) - set(seq))
+    has_stop = run is not None and bool(run.metadata.get("stop"))
     return StoredCheck(uid, emitted, stored, dup, lost, unexpected, has_stop)
 
 
@@ -250,10 +202,9 @@ def write_run(catalog, docs: list[tuple[str, dict]]) -> None:
     uid = docs[0][1]["uid"]
     if uid in catalog:
         catalog[uid].delete(recursive=True, external_only=False)
-    pipe = RunPipe(catalog.include_data_sources())
+    pipe = RunPipe(catalog)
     for name, doc in docs:
         pipe(name, doc)
-    pipe.writer.close_streams_later()
 
 
 def closed(docs: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
@@ -385,14 +336,12 @@ class TiledPersister:
             if self.catalog is not None:
                 self._queue.put((run, name, doc))
             return
+        run.journal.sync()
         self._forget(run)
         if self.catalog is None:
-            run.journal.sync()
             run.journal.close()
             return
         self._queue.put((run, name, doc))
-        # The closed run reaches the disk (power cut) while the worker stores it.
-        run.journal.sync()
         if not run.done.wait(self.stop_timeout_s):
             raise PersistenceError(self._not_stored(run, f"tiled did not take it within "
                                                          f"{self.stop_timeout_s:g} s"))
@@ -418,38 +367,23 @@ class TiledPersister:
     # -- worker thread ---------------------------------------------------------------------------
     def _work(self) -> None:
         active: dict[str, _Run] = {}
-        writable = None
-        due = None                  # when what has queued up since the last append is written
         while True:
-            try:
-                run, name, doc = self._queue.get(
-                    timeout=None if due is None else max(0.0, due - time.monotonic()))
-            except queue.Empty:
-                self._flush(active)
-                due = None
-                continue
+            run, name, doc = self._queue.get()
             if name == "_flush":
                 self._flush(active)
-                due = None
                 doc.set()
                 continue
             try:
                 if run.error is None:
                     if name == "start":
-                        if writable is None:
-                            writable = self.catalog.include_data_sources()
-                        run.pipe = RunPipe(writable)
+                        run.pipe = RunPipe(self.catalog)
                         active[run.uid] = run
                     run.tally.add(name, doc)
                     run.pipe(name, doc)
                     if name == "stop":
                         self._verify(run)
-                    elif name in ("event", "event_page", "stream_datum") and due is None:
-                        # A live reader sees rows FLUSH_INTERVAL_S late at most; the appends
-                        # (a request and an SQL commit each) do not compete with the scan. The
-                        # first one goes at once: it creates the table while the scan runs.
-                        due = time.monotonic() + (FLUSH_INTERVAL_S if run.pipe.writer.has_tables
-                                                  else 0.0)
+                    elif self._queue.empty():
+                        self._flush(active)
             except Exception as exc:  # keep the worker alive: later runs must still be written
                 log.warning("run %s: writing a %s document to tiled failed (%s); the run is "
                             "kept in the journal", run.uid, name, exc)
@@ -462,8 +396,6 @@ class TiledPersister:
                     else:
                         run.journal.close()
                     run.done.set()
-                    if run.pipe is not None:
-                        run.pipe.writer.close_streams_later()
 
     def _flush(self, active: dict[str, _Run]) -> None:
         for run in list(active.values()):
@@ -476,10 +408,7 @@ class TiledPersister:
                     run.error = exc
 
     def _verify(self, run: _Run) -> None:
-        # The stop document is stored (the writer's stop returned); the rows are read back
-        # through the tables the writer appended to.
-        stored = run.pipe.writer.stored
-        check = compare_stored(run.uid, run.tally, lambda stream: stored.get(stream, []), True)
+        check = check_stored(self.catalog, run.uid, run.tally)
         if not check.ok:
             log.warning("run %s: tiled holds other rows than were emitted (%s); rewriting it from "
                         "the journal", run.uid, check.summary())
