@@ -18,6 +18,7 @@ import fcntl
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -69,12 +70,14 @@ class RunJournal:
             raise RuntimeError(f"run {start_uid} is already in the journal ({self.path}); a run "
                                "uid must be new")
         os.rename(part, self.path)
+        self._lock = threading.Lock()
 
     @classmethod
     def adopt(cls, path: Path) -> "RunJournal | None":
         """Lock an existing journal file for replay; None if a live session holds it."""
         journal = cls.__new__(cls)
         journal.path = Path(path)
+        journal._lock = threading.Lock()
         try:
             journal._fd = os.open(journal.path, os.O_WRONLY | os.O_APPEND)
         except FileNotFoundError:
@@ -97,20 +100,26 @@ class RunJournal:
         os.write(self._fd, dumps_line(name, doc))
 
     def sync(self) -> None:
-        os.fsync(self._fd)
+        """To the disk (a power cut); a no-op once the run is stored or released. The session's
+        thread may call it while the tiled writer's thread releases the file."""
+        with self._lock:
+            if self._fd is not None:
+                os.fsync(self._fd)
 
     def documents(self) -> list[tuple[str, dict]]:
         return read_journal(self.path)
 
     def close(self) -> None:
         """Release the file (it stays for replay)."""
-        if self._fd is not None:
-            os.close(self._fd)      # closing the descriptor releases the lock
-            self._fd = None
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)      # closing the descriptor releases the lock
+                self._fd = None
 
     def discard(self) -> None:
         """The run is stored: remove its journal (while still holding the lock)."""
-        self.path.unlink(missing_ok=True)
+        with self._lock:
+            self.path.unlink(missing_ok=True)
         self.close()
 
 

@@ -10,8 +10,9 @@ here), which would pace every scan. `TiledPersister` instead:
 * hands the document to a worker thread that writes what has queued up in one append (runs can be
   read live; under load the appends coalesce instead of falling behind);
 * at `stop` waits at most `stop_timeout_s` for the run to be in tiled, then checks the stored
-  seq_nums of every stream against the emitted ones. A duplicate or a gap is repaired by rewriting
-  the run from its journal; if that fails too the run is marked in tiled and the user told. A run
+  seq_nums of every stream against the emitted ones. A duplicate, a gap or a write that failed
+  during the run (a server busy with other sessions) is repaired by rewriting the run from its
+  journal; if that fails too the run is marked in tiled and the user told. A run
   that is stored and checked leaves the journal; any other stays there for `calbench tiled replay`
   (also run at every session start), which stores it exactly once;
 * retries a failed append only with the rows the server did not keep (read back by seq_num): the
@@ -25,6 +26,7 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +39,15 @@ from calbench.journal import RunJournal, pending, read_journal
 
 log = logging.getLogger(__name__)
 
+# Requests that need not wait for each other: the read-back check beside the stop document, the
+# stream closes after the run is stored.
+_CHECKS = ThreadPoolExecutor(1, thread_name_prefix="calbench-tiled-check")
+_CLOSES = ThreadPoolExecutor(1, thread_name_prefix="calbench-tiled-close")
+
 _LARGE_BATCH = 1_000_000     # the worker decides when to write; the writer never flushes on count
 _RETRIES = 6
+READ_BACK_RETRIES = 9
+FLUSH_INTERVAL_S = 0.25      # rows wait at most this long in the worker before they are appended
 REPLAY_COMMAND = "calbench tiled replay"
 INTERRUPTED = "interrupted: the session ended before the run closed (killed or crashed)"
 
@@ -68,12 +77,14 @@ class _ExactlyOnceRunWriter(_RunWriter):
 
     @staticmethod
     def _rows_not_stored(df_client, table):
-        for attempt in range(_RETRIES):
+        # A server busy with other sessions' appends can answer errors for seconds: keep asking
+        # (about 12 s in all) before the run falls back to the rewrite from its journal at stop.
+        for attempt in range(READ_BACK_RETRIES):
             try:
                 stored = df_client.read(columns=["seq_num"])["seq_num"].to_numpy()
                 break
             except (httpx.TransportError, httpx.HTTPStatusError):
-                time.sleep(0.2 * 2 ** attempt)
+                time.sleep(min(0.2 * 2 ** attempt, 2.0))
         else:
             raise PersistenceError("cannot read back the stored rows to retry an append safely")
         keep = pyarrow.compute.invert(pyarrow.compute.is_in(table["seq_num"],
@@ -85,7 +96,40 @@ class _ExactlyOnceRunWriter(_RunWriter):
         # clearing them, so a flush after the stop wrote them a second time (one phantom frame per
         # cached datum in the array's advertised shape).
         self.flush()
-        return super().stop(doc)
+        # Every row is in: read them back while the stop document is written (one round trip
+        # less at stop; the stop document still lands after the last row).
+        reading = _CHECKS.submit(self._read_stored_seq_nums)
+        try:
+            super().stop(doc)
+        finally:
+            self.stored = reading.result()
+
+    @property
+    def has_tables(self) -> bool:
+        return bool(self._internal_tables)
+
+    def _read_stored_seq_nums(self) -> dict[str, list[int]]:
+        """seq_num of every row the server holds, per stream, read through the tables this writer
+        appended to (no walk down the catalog)."""
+        return {stream: [int(s) for s in table.read(columns=["seq_num"])["seq_num"]]
+                for stream, table in self._internal_tables.items()}
+
+    def _close_stream_tree(self) -> None:
+        # Closing tells live subscribers that the run ended: one request per node, none of which
+        # the stored run needs. The server takes one storage request at a time, so they are sent
+        # once the run is stored and checked (close_streams_later), not beside the wait at stop.
+        self._closes_due = True
+
+    def close_streams_later(self) -> None:
+        if getattr(self, "_closes_due", False):
+            self._closes_due = False
+            _CLOSES.submit(self._close_streams)
+
+    def _close_streams(self) -> None:
+        try:
+            super()._close_stream_tree()
+        except Exception as exc:
+            log.info("closing the tiled streams of a run failed (%s); the run is stored", exc)
 
     def flush(self) -> None:
         """Write the cached event rows and stream datums now."""
@@ -102,10 +146,12 @@ class _ExactlyOnceRunWriter(_RunWriter):
 
 
 class RunPipe:
-    """The documents of one run into tiled: RunNormalizer -> exactly-once run writer."""
+    """The documents of one run into tiled: RunNormalizer -> exactly-once run writer.
 
-    def __init__(self, catalog):
-        self.writer = _ExactlyOnceRunWriter(catalog.include_data_sources(), batch_size=_LARGE_BATCH)
+    `writable` is `catalog.include_data_sources()` (a request each time it is made: made once)."""
+
+    def __init__(self, writable):
+        self.writer = _ExactlyOnceRunWriter(writable, batch_size=_LARGE_BATCH)
         self.normalizer = RunNormalizer()
         self.normalizer.subscribe(self.writer)
 
@@ -185,15 +231,21 @@ def check_stored(catalog, uid: str, tally: RunTally) -> StoredCheck:
         run = catalog[uid]
     except KeyError:
         run = None
+    has_stop = run is not None and bool(run.metadata.get("stop"))
+    return compare_stored(uid, tally, lambda stream: stored_seq_nums(run, stream)
+                          if run is not None else [], has_stop)
+
+
+def compare_stored(uid: str, tally: RunTally, read_seq_nums, has_stop: bool) -> StoredCheck:
+    """The StoredCheck of run `uid`: `read_seq_nums(stream)` gives the stored rows' seq_nums."""
     emitted, stored, dup, lost, unexpected = {}, {}, {}, {}, {}
     for stream, seq in tally.seq_nums.items():
-        have = stored_seq_nums(run, stream) if run is not None else []
+        have = read_seq_nums(stream)
         counts = Counter(have)
         emitted[stream], stored[stream] = len(seq), len(have)
         dup[stream] = sum(c - 1 for c in counts.values() if c > 1)
         lost[stream] = len(set(seq) - set(counts))
         unexpected[stream] = len(set(counts) - set(seq))
-    has_stop = run is not None and bool(run.metadata.get("stop"))
     return StoredCheck(uid, emitted, stored, dup, lost, unexpected, has_stop)
 
 
@@ -202,9 +254,10 @@ def write_run(catalog, docs: list[tuple[str, dict]]) -> None:
     uid = docs[0][1]["uid"]
     if uid in catalog:
         catalog[uid].delete(recursive=True, external_only=False)
-    pipe = RunPipe(catalog)
+    pipe = RunPipe(catalog.include_data_sources())
     for name, doc in docs:
         pipe(name, doc)
+    pipe.writer.close_streams_later()
 
 
 def closed(docs: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
@@ -336,12 +389,14 @@ class TiledPersister:
             if self.catalog is not None:
                 self._queue.put((run, name, doc))
             return
-        run.journal.sync()
         self._forget(run)
         if self.catalog is None:
+            run.journal.sync()
             run.journal.close()
             return
         self._queue.put((run, name, doc))
+        # The closed run reaches the disk (power cut) while the worker stores it.
+        run.journal.sync()
         if not run.done.wait(self.stop_timeout_s):
             raise PersistenceError(self._not_stored(run, f"tiled did not take it within "
                                                          f"{self.stop_timeout_s:g} s"))
@@ -367,23 +422,38 @@ class TiledPersister:
     # -- worker thread ---------------------------------------------------------------------------
     def _work(self) -> None:
         active: dict[str, _Run] = {}
+        writable = None
+        due = None                  # when what has queued up since the last append is written
         while True:
-            run, name, doc = self._queue.get()
+            try:
+                run, name, doc = self._queue.get(
+                    timeout=None if due is None else max(0.0, due - time.monotonic()))
+            except queue.Empty:
+                self._flush(active)
+                due = None
+                continue
             if name == "_flush":
                 self._flush(active)
+                due = None
                 doc.set()
                 continue
             try:
                 if run.error is None:
                     if name == "start":
-                        run.pipe = RunPipe(self.catalog)
+                        if writable is None:
+                            writable = self.catalog.include_data_sources()
+                        run.pipe = RunPipe(writable)
                         active[run.uid] = run
                     run.tally.add(name, doc)
                     run.pipe(name, doc)
                     if name == "stop":
                         self._verify(run)
-                    elif self._queue.empty():
-                        self._flush(active)
+                    elif name in ("event", "event_page", "stream_datum") and due is None:
+                        # A live reader sees rows FLUSH_INTERVAL_S late at most; the appends
+                        # (a request and an SQL commit each) do not compete with the scan. The
+                        # first one goes at once: it creates the table while the scan runs.
+                        due = time.monotonic() + (FLUSH_INTERVAL_S if run.pipe.writer.has_tables
+                                                  else 0.0)
             except Exception as exc:  # keep the worker alive: later runs must still be written
                 log.warning("run %s: writing a %s document to tiled failed (%s); the run is "
                             "kept in the journal", run.uid, name, exc)
@@ -391,11 +461,15 @@ class TiledPersister:
             finally:
                 if name == "stop":
                     active.pop(run.uid, None)
+                    if run.error is not None:
+                        self._rewrite_from_journal(run)
                     if run.error is None:
                         run.journal.discard()
                     else:
                         run.journal.close()
                     run.done.set()
+                    if run.pipe is not None:
+                        run.pipe.writer.close_streams_later()
 
     def _flush(self, active: dict[str, _Run]) -> None:
         for run in list(active.values()):
@@ -407,8 +481,23 @@ class TiledPersister:
                                 "journal", run.uid, exc)
                     run.error = exc
 
+    def _rewrite_from_journal(self, run: _Run) -> None:
+        """A write failed during the run (the server refused or dropped a request): the journal
+        holds the whole run, so store it from there, exactly once. If that fails too, the run
+        stays in the journal for replay."""
+        log.warning("run %s: rewriting it from the journal after %s", run.uid, run.error)
+        try:
+            self.checks[run.uid] = store_exactly_once(self.catalog, run.journal.documents())
+        except Exception as exc:
+            log.warning("run %s: rewriting it from the journal failed too (%s)", run.uid, exc)
+            return
+        run.pipe, run.error = None, None      # its streams were closed by the rewrite
+
     def _verify(self, run: _Run) -> None:
-        check = check_stored(self.catalog, run.uid, run.tally)
+        # The stop document is stored (the writer's stop returned); the rows are read back
+        # through the tables the writer appended to.
+        stored = run.pipe.writer.stored
+        check = compare_stored(run.uid, run.tally, lambda stream: stored.get(stream, []), True)
         if not check.ok:
             log.warning("run %s: tiled holds other rows than were emitted (%s); rewriting it from "
                         "the journal", run.uid, check.summary())
