@@ -1,52 +1,57 @@
 """Software overhead per EIGER frame, 500k module at 32 bit: IOC -> HDF5 -> documents -> tiled.
 
-    python benchmarks/bench_eiger_frames.py [--frames 40] [--exptime 0.01]
+    python benchmarks/bench_eiger_frames.py [--frames 40] [--exptime 0.05]
 
-Everything runs in this process on loopback (its own CA port and a temporary tiled server), at
-world-clock speed 1, so an exposure lasts what it says; the simulated X-ray box lights the detector
-with Cu fluorescence (40 kV, 40 mA, XRF shutter open). Rows, all measured in this run:
+The lab as it runs: the X-ray box and EIGER IOCs in their own process (`calbench ioc run`, as
+`calbench up` starts them; CA on loopback on a port of this run's own), an embedded tiled server
+in its own, the RunEngine here; world-clock speed 1, so an exposure lasts what it says; the box
+lights the detector with Cu fluorescence (40 kV, 40 mA, XRF shutter open). Rows, all measured in
+this run:
 
   h5py floor          one HDF5 file per frame written with h5py alone (the IOC's layout: SWMR,
                       one chunk per frame): the physical floor of getting the bytes on disk;
                       measured again after the runs, since the disk's pace drifts with what
                       was written before it (the ratios use the first)
-  simulated photons   EigerSim computing one frame (Poisson counts): the simulator's own cost,
-                      absent with a real detector
+  simulated photons   EigerSim computing one frame (Poisson counts), timed here on its own: the
+                      simulator's cost, absent with a real detector. The IOC computes a frame
+                      during its exposure; the default exposure (50 ms) is longer than that, so
+                      the simulator adds nothing to the wall time (any excess is subtracted)
   RE, no persistence  RE(count([det], num=N)): CA put -> IOC acquires + writes the file ->
-                      StreamResource/StreamDatum + per-chip sums in events; per frame minus exptime
+                      StreamResource/StreamDatum + per-chip sums in events
   RE -> tiled         the same with calbench's TiledPersister registering the frames in tiled,
                       for N and 4N frames per run; "file per run" is the device's default (one HDF5
                       file and one tiled asset per run), "file per trigger" makes every frame's
                       file one more asset of the run
+  N frames, 1 trigger NumImages = N: one acquisition streams N frames into the run's file (one
+                      event, one StreamDatum): the path each frame takes once the per-trigger
+                      round trip (put, monitors, event) is shared by the frames of an acquisition
 
-"overhead" = wall time per frame minus the exposure time. The simulator computes a frame during
-its exposure, so when that takes longer than the exposure, the excess lengthens the frame; a real
-detector has none of it. "data path" = overhead minus that excess, timed in the same run
-(EigerSim._count wrapped; the separate photons row is the same cost measured alone). "stop wait"
-is the part of the overhead the RunEngine spent at the stop document waiting for tiled to hold the
-run (spread over the frames).
-Each row is the best of --repeats runs (the machine is shared: the best run is the one least
-disturbed by other processes).
+"overhead" = wall time per frame minus the exposure time; "data path" = overhead minus the
+simulator's excess over the exposure (none by default). "stop wait" is the part of the overhead
+the RunEngine spent at the stop document waiting for tiled to hold the run (spread over the
+frames). Each row is the best of --repeats runs (the machine is shared: the best run is the one
+least disturbed by other processes).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import random
+import signal
 import sys
 import tempfile
 import time
 import uuid
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-# Own CA port: other CA servers on this host must not answer (or steal) our searches.
-os.environ["EPICS_CA_SERVER_PORT"] = str(random.randint(20000, 40000))
-from calbench.iocs.server import IocThread, free_port, loopback_ca_environment  # noqa: E402
+from calbench.iocs.server import free_port, loopback_ca_environment
 
+# CA on loopback, on a port of this run's own, before any CA client exists: other CA servers on
+# this host must not answer (or steal) our searches
 os.environ.update(loopback_ca_environment())
+_PORT = str(free_port())
+os.environ.update({"EPICS_CA_SERVER_PORT": _PORT, "EPICS_CAS_SERVER_PORT": _PORT})
 
 import h5py  # noqa: E402
 from bluesky import RunEngine  # noqa: E402
@@ -54,10 +59,12 @@ from bluesky.plans import count  # noqa: E402
 
 from calbench.config import load_config  # noqa: E402
 from calbench.devices.base import set_and_check  # noqa: E402
-from calbench.devices.eiger import Eiger  # noqa: E402
 from calbench.iocs.build import build_iocs  # noqa: E402
+from calbench.lab import make_device  # noqa: E402
 from calbench.persistence import TiledPersister  # noqa: E402
+from calbench.plans.xray import close_shutters, open_xrf_shutter, select_target, tube_on  # noqa: E402
 from calbench.tiled_service import runs_catalog, start_embedded  # noqa: E402
+from eiger_end_to_end import _start_iocs  # noqa: E402
 
 
 def h5py_floor(directory: Path, n: int) -> float:
@@ -75,22 +82,10 @@ def h5py_floor(directory: Path, n: int) -> float:
     return (time.perf_counter() - t0) / n * 1e3
 
 
-def light_up(box) -> None:
-    """Simulated box: HV on, 40 kV / 40 mA reached, Cu target, XRF shutter open."""
-    box.set_hv(True)
-    box.set_voltage(40.0)
-    box.set_current(40.0)
-    while box.read().voltage_kV < 40.0 or box.read().current_mA < 40.0:
-        time.sleep(0.2)
-    box.set_shutter("XRF", True)
-    while box.xrf_beam()[1] <= 0:
-        time.sleep(0.05)
-
-
-def simulated_photons(sim, n: int) -> float:
+def simulated_photons(sim, n: int, exptime: float) -> float:
     t0 = time.perf_counter()
     for _ in range(n):
-        sim._count(8.02, 1.0e4, 0.01)
+        sim._count(8.02, 1.0e4, exptime)
     return (time.perf_counter() - t0) / n * 1e3
 
 
@@ -108,91 +103,97 @@ class StopWait:
             self.last_s = time.perf_counter() - t0
 
 
-class PhotonTimer:
-    """Sums the time the simulator spends computing frames (EigerSim._count) in this process."""
-
-    def __init__(self, sim):
-        self.total_s = 0.0
-        inner = sim._count
-
-        def timed(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                self.total_s += time.perf_counter() - t0
-
-        sim._count = timed
-
-
-def timed_count(RE, det, n: int, exptime: float, photons: PhotonTimer,
-                stop: StopWait | None = None):
+def timed_count(RE, det, triggers: int, frames_per_trigger: int, exptime: float,
+                photons_ms: float, stop: StopWait | None = None):
     """(overhead, data path, stop wait) in ms per frame: the data path is the overhead without
     the simulator's frame computation beyond the exposure it overlaps."""
-    t0, p0 = time.perf_counter(), photons.total_s
-    RE(count([det], num=n))
+    n = triggers * frames_per_trigger
+    t0 = time.perf_counter()
+    RE(count([det], num=triggers))
     overhead = (time.perf_counter() - t0) / n * 1e3 - exptime * 1e3
-    excess = max(0.0, (photons.total_s - p0) / n * 1e3 - exptime * 1e3)
+    excess = max(0.0, photons_ms - exptime * 1e3)
     return overhead, overhead - excess, (stop.last_s / n * 1e3 if stop else None)
+
+
+def _write_config(home: Path) -> Path:
+    path = home / "lab.toml"
+    path.write_text(f"""[lab]
+name = "EIGER frame path"
+home = "{home}"
+pv_prefix = "F{uuid.uuid4().hex[:6]}:"
+time_scale = 1.0
+
+[instruments.xraybox]
+backend = "sim"
+warmup_s = 0.0
+
+[instruments.eiger]
+backend = "sim"
+geometry = "500k"
+""")
+    return path
+
+
+def measure(args, tmp: Path) -> list:
+    cfg = load_config(_write_config(tmp))
+    (sim,) = [g.backend for g in build_iocs(cfg, ["eiger"])]     # timed here, never served
+    iocs = _start_iocs(cfg, tmp / "iocs.log")
+    endpoint, proc = start_embedded(tmp / "tiled", [cfg.data_dir], free_port())
+    try:
+        box, det = make_device(cfg, "xraybox", timeout=60.0), make_device(cfg, "eiger", timeout=60.0)
+        det.data_dir = cfg.data_dir
+        RE = RunEngine({})
+        RE(tube_on(box, 40.0, 40.0))
+        RE(select_target(box, "Cu"))
+        RE(open_xrf_shutter(box, "Cu"))
+        for sig, value in ((det.dynamic_range, 32), (det.exptime, args.exptime), (det.frames, 1),
+                           (det.vthreshold, 1200), (det.dacs.vrpreamp, 3040)):
+            set_and_check(sig, value)
+        (tmp / "floor").mkdir()
+        best = lambda f: min(f() for _ in range(args.repeats))  # noqa: E731
+        photons = best(lambda: simulated_photons(sim, args.frames, args.exptime))
+        rows = [("h5py floor (one file per frame)",
+                 (best(lambda: h5py_floor(tmp / "floor", args.frames)), None, None)),
+                ("simulated photons (EigerSim frame)", (photons, None, None))]
+        n = args.frames
+        RE(count([det], num=2))                                # warm-up: connections, threads
+        rows.append(("RE, no persistence: overhead",
+                     best(lambda: timed_count(RE, det, n, 1, args.exptime, photons))))
+        stop = StopWait(TiledPersister(runs_catalog(endpoint), journal_directory=tmp / "journal"))
+        RE.subscribe(stop)
+        for per_trigger in (False, True):
+            det.file_per_trigger = per_trigger
+            mode = "file per trigger" if per_trigger else "file per run"
+            rows.append((f"RE -> tiled, {mode}, {n} frames: overhead",
+                         best(lambda: timed_count(RE, det, n, 1, args.exptime, photons, stop))))
+            rows.append((f"RE -> tiled, {mode}, {4 * n} frames: overhead",
+                         timed_count(RE, det, 4 * n, 1, args.exptime, photons, stop)))
+        det.file_per_trigger = False
+        set_and_check(det.frames, n)
+        rows.append((f"RE -> tiled, {n} frames in 1 trigger: overhead",
+                     best(lambda: timed_count(RE, det, 1, n, args.exptime, photons, stop))))
+        set_and_check(det.frames, 1)
+        # the disk's pace drifts with what was written before (page cache, writeback)
+        rows.append(("h5py floor again, after the runs",
+                     (best(lambda: h5py_floor(tmp / "floor", args.frames)), None, None)))
+        RE(close_shutters(box))
+        return rows
+    finally:
+        iocs.send_signal(signal.SIGTERM)            # the IOC leaves the box safe on SIGTERM
+        iocs.wait(60)
+        if proc is not None:
+            proc.terminate()
+            proc.wait(20)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frames", type=int, default=40)
-    ap.add_argument("--exptime", type=float, default=0.01, help="world seconds per frame")
+    ap.add_argument("--exptime", type=float, default=0.05, help="world seconds per frame")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        cfg = load_config()
-        box_cfg = cfg.instruments["xraybox"]
-        box_cfg = replace(box_cfg, settings={**box_cfg.settings, "warmup_s": 0.0})
-        cfg = replace(cfg, home=tmp, data_dir=tmp / "data", results_dir=tmp / "results",
-                      pv_prefix=f"B{uuid.uuid4().hex[:6]}:",
-                      instruments={"xraybox": box_cfg, "eiger": cfg.instruments["eiger"]})
-        groups = build_iocs(cfg, time_scale=1.0)
-        server = IocThread(groups).start()
-        endpoint, proc = start_embedded(tmp / "tiled", [cfg.data_dir], free_port())
-        try:
-            det = Eiger.from_settings(cfg.prefix_of("eiger"), name="eiger",
-                                      settings=cfg.instruments["eiger"].settings, lab=cfg)
-            det.ensure_connected(10)
-            for sig, value in ((det.dynamic_range, 32), (det.exptime, args.exptime),
-                               (det.frames, 1), (det.vthreshold, 1200), (det.dacs.vrpreamp, 3040)):
-                set_and_check(sig, value)
-            backends = {g.prefix: g.backend for g in groups}
-            sim, box = backends[cfg.prefix_of("eiger")], backends[cfg.prefix_of("xraybox")]
-            light_up(box)
-            (tmp / "floor").mkdir()
-            best = lambda f: min(f() for _ in range(args.repeats))  # noqa: E731
-            rows = [("h5py floor (one file per frame)",
-                     (best(lambda: h5py_floor(tmp / "floor", args.frames)), None, None)),
-                    ("simulated photons (EigerSim frame)",
-                     (best(lambda: simulated_photons(sim, args.frames)), None, None))]
-            photons = PhotonTimer(sim)
-            RE = RunEngine({})
-            RE(count([det], num=2))                            # warm-up: connections, threads
-            rows.append(("RE, no persistence: overhead",
-                         best(lambda: timed_count(RE, det, args.frames, args.exptime, photons))))
-            stop = StopWait(TiledPersister(runs_catalog(endpoint),
-                                           journal_directory=tmp / "journal"))
-            RE.subscribe(stop)
-            for per_trigger in (False, True):
-                det.file_per_trigger = per_trigger
-                mode = "file per trigger" if per_trigger else "file per run"
-                rows.append((f"RE -> tiled, {mode}, {args.frames} frames: overhead",
-                             best(lambda: timed_count(RE, det, args.frames, args.exptime, photons,
-                                                      stop))))
-                rows.append((f"RE -> tiled, {mode}, {4 * args.frames} frames: overhead",
-                             timed_count(RE, det, 4 * args.frames, args.exptime, photons, stop)))
-            # the disk's pace drifts with what was written before (page cache, writeback)
-            rows.append(("h5py floor again, after the runs",
-                         (best(lambda: h5py_floor(tmp / "floor", args.frames)), None, None)))
-        finally:
-            server.stop()
-            if proc is not None:
-                proc.terminate()
-                proc.wait(20)
+        rows = measure(args, Path(tmp))
     print(f"EIGER 500k, 32 bit, {args.frames} frames of {args.exptime * 1e3:g} ms "
           f"(load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs)")
     floor = rows[0][1][0]

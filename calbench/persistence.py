@@ -47,7 +47,8 @@ _CLOSES = ThreadPoolExecutor(1, thread_name_prefix="calbench-tiled-close")
 _LARGE_BATCH = 1_000_000     # the worker decides when to write; the writer never flushes on count
 _RETRIES = 6
 READ_BACK_RETRIES = 9
-FLUSH_INTERVAL_S = 0.25      # rows wait at most this long in the worker before they are appended
+FLUSH_INTERVAL_S = 0.25      # rows wait at least this long in the worker before they are appended
+WRITE_SHARE = 0.25           # ... and the timed appends take at most this share of the time
 REPLAY_COMMAND = "calbench tiled replay"
 INTERRUPTED = "interrupted: the session ended before the run closed (killed or crashed)"
 
@@ -424,13 +425,15 @@ class TiledPersister:
         active: dict[str, _Run] = {}
         writable = None
         due = None                  # when what has queued up since the last append is written
+        last_flush_s = 0.0          # how long the last timed append took
         while True:
             try:
                 run, name, doc = self._queue.get(
                     timeout=None if due is None else max(0.0, due - time.monotonic()))
             except queue.Empty:
+                t0 = time.monotonic()
                 self._flush(active)
-                due = None
+                last_flush_s, due = time.monotonic() - t0, None
                 continue
             if name == "_flush":
                 self._flush(active)
@@ -449,11 +452,12 @@ class TiledPersister:
                     if name == "stop":
                         self._verify(run)
                     elif name in ("event", "event_page", "stream_datum") and due is None:
-                        # A live reader sees rows FLUSH_INTERVAL_S late at most; the appends
-                        # (a request and an SQL commit each) do not compete with the scan. The
-                        # first one goes at once: it creates the table while the scan runs.
-                        due = time.monotonic() + (FLUSH_INTERVAL_S if run.pipe.writer.has_tables
-                                                  else 0.0)
+                        # A live reader sees rows FLUSH_INTERVAL_S late (more when the server
+                        # is slow: the appends, each a request and SQL work on the server, take
+                        # at most WRITE_SHARE of the time and so of a shared machine's CPU).
+                        # The first goes at once: it creates the table while the scan runs.
+                        wait = max(FLUSH_INTERVAL_S, last_flush_s / WRITE_SHARE)
+                        due = time.monotonic() + (wait if run.pipe.writer.has_tables else 0.0)
             except Exception as exc:  # keep the worker alive: later runs must still be written
                 log.warning("run %s: writing a %s document to tiled failed (%s); the run is "
                             "kept in the journal", run.uid, name, exc)

@@ -7,6 +7,7 @@ metadata; iocs/eiger.py decides which file an acquisition writes (Single or Stre
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import h5py
@@ -14,6 +15,8 @@ import numpy as np
 
 from calbench.contracts.eiger_geometry import EigerGeometry, frame_dtype
 from calbench.iocs.eiger_reductions import FrameReducer
+
+FLUSH_EVERY_S = 0.5
 
 
 def acquire_to_file(backend, geometry: EigerGeometry, path: Path | None,
@@ -58,6 +61,7 @@ class FrameFile:
         self.dtype = frame_dtype(int(backend.dr))
         self.n_frames = 0
         self._first = 0
+        self._flushed = time.monotonic()
         self.file = h5py.File(path, "w", libver="latest")
         entry = self.file.create_group("entry")
         entry.attrs["NX_class"] = "NXentry"
@@ -86,8 +90,12 @@ class FrameFile:
         n = self._first + index + 1
         self.dataset.resize(n, axis=0)
         self.dataset[n - 1] = frame
-        self.dataset.flush()
         self.n_frames = n
+        # SWMR readers see a long acquisition's frames within FLUSH_EVERY_S; a flush per frame
+        # (a metadata write each) would double the cost of a short one
+        if time.monotonic() - self._flushed >= FLUSH_EVERY_S:
+            self.dataset.flush()
+            self._flushed = time.monotonic()
 
     def end_acquisition(self, start_times: np.ndarray) -> None:
         n = self.n_frames
@@ -97,7 +105,8 @@ class FrameFile:
         for name, ds in self.per_frame.items():
             ds.resize(n, axis=0)
             ds[self._first:n] = values[name]
-            ds.flush()
+        self.file.flush()               # once: the frames and their metadata, before the put ends
+        self._flushed = time.monotonic()
 
     def close(self) -> None:
         self.file.close()

@@ -108,8 +108,7 @@ def run_procedure(geometry: str, directory: Path, *, lazy: tuple[bool | None, ..
                               exptime_s=exptime_s)
         t1 = time.perf_counter()
         for mode in lazy:
-            # the trimbit scan gets what the plans keep of the untrimmed S-curve
-            analysis = StepAnalysis(untrimmed=out.results[mode].get("untrimmed_kept", untrimmed),
+            analysis = StepAnalysis(untrimmed=out.results[mode].get("untrimmed", untrimmed),
                                     lazy=mode)
             for doc_name, doc in docs:
                 analysis(doc_name, doc)
@@ -131,9 +130,7 @@ def run_procedure(geometry: str, directory: Path, *, lazy: tuple[bool | None, ..
     untrimmed, _ = step("scurve", "untrimmed_scan", xs, sim.set_vthreshold, target,
                         vrf.exptime_s)
     for mode in lazy:
-        r = out.results[mode]
-        r["untrimmed"] = r["untrimmed_scan"][0]
-        r["untrimmed_kept"] = r["untrimmed"].kept(trimbit_targets=True)
+        out.results[mode]["untrimmed"] = out.results[mode]["untrimmed_scan"][0]
     sim.set_vcmp(untrimmed.vcmp)
     for hm, v in enumerate(untrimmed.vcp):
         sim.set_dac("vcp", int(v), hm)

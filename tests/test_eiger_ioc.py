@@ -2,6 +2,8 @@
 -> HDF5 + tiled -> frames read back; refused puts; trim files through the IOC."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import h5py
@@ -237,6 +239,40 @@ def test_abort_stops_a_long_acquisition_and_keeps_the_frames_taken(det):
         det.unstage()
     with h5py.File(path, "r", swmr=True) as f:
         assert f["/entry/data/data"].shape[0] == taken
+
+
+_SWMR_READER = """
+import sys, h5py
+path = sys.argv[1]
+with h5py.File(path, "r", swmr=True) as f:
+    d = f["/entry/data/data"]
+    while d.shape[0] == 0:
+        d.refresh()
+    print("SEEN", d.shape[0], int(d[0].sum()), flush=True)
+"""
+
+
+def test_a_reader_sees_the_frames_of_a_long_acquisition_while_it_runs(det):
+    """Another process reading the run's file (HDF5 SWMR, as a live viewer does) sees a long
+    acquisition's frames before it ends, though the IOC no longer flushes after every frame."""
+    set_and_check(det.frames, 20)
+    set_and_check(det.exptime, 1.0)                 # 20 world seconds, 4 s at the test's speed
+    det.stage()
+    try:
+        status = det.trigger()
+        path = det.full_file_name.get(use_monitor=False)
+        reader = subprocess.Popen([sys.executable, "-c", _SWMR_READER, path],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = reader.stdout.readline()
+        during = not status.done
+        det.stop()
+        status.wait(10)
+        reader.wait(30)
+        assert line.startswith("SEEN"), reader.stderr.read()
+        assert during, "the reader saw the frames only after the acquisition ended"
+        assert int(line.split()[2]) > 0             # a whole frame with its counts
+    finally:
+        det.unstage()
 
 
 def test_a_detector_that_stops_answering_fails_the_trigger_with_the_reason(lab, det):
