@@ -159,7 +159,8 @@ def measure(args, tmp: Path) -> list:
         RE(count([det], num=2))                                # warm-up: connections, threads
         rows.append(("RE, no persistence: overhead",
                      best(lambda: timed_count(RE, det, n, 1, args.exptime, photons))))
-        stop = StopWait(TiledPersister(runs_catalog(endpoint), journal_directory=tmp / "journal"))
+        persister = TiledPersister(runs_catalog(endpoint), journal_directory=tmp / "journal")
+        stop = StopWait(persister)
         RE.subscribe(stop)
         for per_trigger in (False, True):
             det.file_per_trigger = per_trigger
@@ -177,6 +178,7 @@ def measure(args, tmp: Path) -> list:
         rows.append(("h5py floor again, after the runs",
                      (best(lambda: h5py_floor(tmp / "floor", args.frames)), None, None)))
         RE(close_shutters(box))
+        persister.flush()                   # every run's streams closed before tiled stops
         return rows
     finally:
         iocs.send_signal(signal.SIGTERM)            # the IOC leaves the box safe on SIGTERM

@@ -100,6 +100,7 @@ def main(argv=None) -> int:
                               else len(catalog[uid]["primary"].base["internal"].read()))
                     print(f"{n:>6} {name:<27} {ms:9.2f} {ms - base:10.2f} "
                           f"{(ms / base - 1) * 100:5.0f}% {stop_ms:12.1f} {stored!s:>13}")
+            writers["calbench TiledPersister"][1].writer.flush()   # streams closed, then stop
         finally:
             stop_embedded(directory)
     print("(each figure the best of its repeats; other work on the machine widens the spread)")

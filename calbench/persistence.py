@@ -415,10 +415,15 @@ class TiledPersister:
                 "session start does too)")
 
     def flush(self, timeout: float = 60.0) -> None:
-        """Block until everything queued so far is in tiled."""
+        """Block until everything queued so far is in tiled and the streams of the runs stored
+        are closed (before a session or its tiled server ends)."""
         marker = threading.Event()
         self._queue.put((None, "_flush", marker))
         marker.wait(timeout)
+        try:
+            _CLOSES.submit(lambda: None).result(timeout)    # one thread: after the closes due
+        except TimeoutError:
+            log.info("the tiled streams of the last runs were not all closed within %g s", timeout)
 
     # -- worker thread ---------------------------------------------------------------------------
     def _work(self) -> None:
