@@ -29,8 +29,9 @@ this run:
 "overhead" = wall time per frame minus the exposure time; "data path" = overhead minus the
 simulator's excess over the exposure (none by default). "stop wait" is the part of the overhead
 the RunEngine spent at the stop document waiting for tiled to hold the run (spread over the
-frames). Each row is the best of --repeats runs (the machine is shared: the best run is the one
-least disturbed by other processes).
+frames; a run's fixed cost: its last requests to tiled), "in the run" the data path without it.
+Each row is the best of --repeats runs (the machine is shared: the best run is the one least
+disturbed by other processes).
 """
 from __future__ import annotations
 
@@ -202,7 +203,8 @@ def main(argv=None) -> int:
     print(f"  {'':52s} {'':8s}          data path (without the simulator)   of which")
     for label, (ms, path_ms, stop_ms) in rows:
         path = f"{path_ms:8.1f} ms = {path_ms / floor:5.1f} x floor" if path_ms is not None else ""
-        waited = f"  stop wait {stop_ms:5.1f} ms" if stop_ms is not None else ""
+        waited = (f"  stop wait {stop_ms:5.1f} ms, in the run {path_ms - stop_ms:5.1f} ms = "
+                  f"{(path_ms - stop_ms) / floor:4.1f} x floor" if stop_ms is not None else "")
         print(f"  {label:52s} {ms:8.1f} ms/frame  {path}{waited}")
     print(f"  goal: data path (RE -> tiled) <= 2 x floor = {2 * floor:.1f} ms/frame")
     return 0
