@@ -422,8 +422,8 @@ class TiledPersister:
         marker.wait(timeout)
         try:
             _CLOSES.submit(lambda: None).result(timeout)    # one thread: after the closes due
-        except TimeoutError:
-            log.info("the tiled streams of the last runs were not all closed within %g s", timeout)
+        except (TimeoutError, RuntimeError) as exc:     # RuntimeError: the interpreter exits
+            log.info("the tiled streams of the last runs were not all closed (%r)", exc)
 
     # -- worker thread ---------------------------------------------------------------------------
     def _work(self) -> None:
