@@ -57,6 +57,10 @@ class AnalysisResults:
         self.parent = None
         self.values = {k: _plain(v) for k, v in values.items()}
         self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        # the arrays are let go once written (shapes and dtypes stay): the RunEngine holds every
+        # object a plan reads until the plan ends, and a view holds its whole base (a 9M EIGER's
+        # S-curve maps are views of its ~1 GB fit map)
+        self._specs = {k: (a.shape, a.dtype) for k, a in self.arrays.items()}
         self.path = Path(path)
         self._asset_docs: list = []
         self._time = time.time()
@@ -67,10 +71,11 @@ class AnalysisResults:
 
     def trigger(self) -> Status:
         datasets = write_result_arrays(self.path, self.arrays) if self.arrays else {}
+        self.arrays = {}
         uri = self.path.resolve().as_uri().replace("file:///", "file://localhost/")
         self._asset_docs.clear()
         for key, dataset in datasets.items():
-            shape = self.arrays[key].shape
+            shape = self._specs[key][0]
             bundle = compose_stream_resource(
                 mimetype="application/x-hdf5", uri=uri, data_key=key,
                 parameters={"dataset": dataset, "chunk_shape": (1, *shape)})
@@ -88,11 +93,11 @@ class AnalysisResults:
     def describe(self) -> dict:
         desc = {k: {"source": f"analysis:{self.name}", **_describe_value(v)}
                 for k, v in self.values.items()}
-        for k, a in self.arrays.items():
-            dtype = np.dtype(np.uint8) if a.dtype == bool else a.dtype
+        for k, (shape, dtype) in self._specs.items():
+            dtype = np.dtype(np.uint8) if dtype == bool else dtype
             desc[k] = {"source": f"analysis:{self.name}", "dtype": "array",
-                       "dtype_numpy": dtype.str, "shape": list(a.shape), "external": "STREAM:",
-                       "dims": [f"dim_{i}" for i in range(a.ndim)]}
+                       "dtype_numpy": dtype.str, "shape": list(shape), "external": "STREAM:",
+                       "dims": [f"dim_{i}" for i in range(len(shape))]}
         return desc
 
     def read_configuration(self) -> dict:

@@ -190,6 +190,40 @@ def test_result_arrays_have_one_event_axis_and_bools_as_bytes(tmp_path):
         assert f[paths["bad"]].dtype == np.uint8 and f[paths["bad"]][0].sum() == 4
 
 
+def test_a_derived_run_lets_go_of_its_arrays_once_written(tmp_path):
+    """The RunEngine holds every object a plan reads until the plan ends: a derived run of a
+    map that is a view of a fit map (a 9M's is ~1 GB) must not keep the fit map alive through
+    the rest of the procedure, and its file and documents still carry the map."""
+    import gc
+    import weakref
+
+    from bluesky import RunEngine
+
+    from calbench.plans.derived_runs import record_results
+    docs = []
+    alive = []
+
+    def plan():
+        fit = np.zeros((16, 32), dtype=[("mu", "f8"), ("sigma", "f8")])
+        fit["mu"] = np.arange(fit.size).reshape(fit.shape)
+        ref = weakref.ref(fit)
+        yield from record_results({"vcmp": [1, 2]}, {"mu": fit["mu"]}, tmp_path / "r.h5",
+                                  md={"parent_uid": "p", "analysis": "test"})
+        del fit
+        gc.collect()
+        alive.append(ref() is not None)
+
+    RE = RunEngine({})
+    RE(plan(), lambda name, doc: docs.append((name, doc)))
+    assert alive == [False]
+    desc = next(d for n, d in docs if n == "descriptor")
+    assert desc["data_keys"]["mu"]["shape"] == [16, 32]
+    resource = next(d for n, d in docs if n == "stream_resource")
+    with h5py.File(tmp_path / "r.h5") as f:
+        np.testing.assert_array_equal(f[resource["parameters"]["dataset"]][0],
+                                      np.arange(512).reshape(16, 32))
+
+
 # -- callbacks on documents ------------------------------------------------------------------------
 
 def _vrf_run_documents(tmp_path, x, frames, *, exit_status="success"):
