@@ -46,7 +46,8 @@ __all__ = [
     "CalibrationError", "default_gain", "vthreshold_for_gain", "line_energy",
     "counts_from_frames", "gauss", "fit_vrf_edge", "clean_vrf_counts", "VrfScanResult",
     "analyse_vrf_scan", "BadPixels", "find_bad_pixels", "chip_vcmp", "SCurveResult",
-    "analyse_scurve", "trimbit_targets", "TrimbitResult", "analyse_trimbit_scan",
+    "KeptSCurve", "analyse_scurve", "trimbit_targets", "TrimbitResult", "KeptTrimbits",
+    "analyse_trimbit_scan",
     "TrimbitStatistics", "trimbit_statistics", "clean_chip_counts", "chip_sums", "ChipInflections", "chip_inflections",
     "EnergyCalibration", "fit_energy_calibration", "Dispersion", "threshold_dispersion",
     "chip_statistics", "CalibrationResults",
@@ -432,8 +433,21 @@ def chip_statistics(values: ArrayLike, good: ArrayLike, geometry: EigerGeometry
     return mean, std
 
 
+class _SCurveDecisions:
+    """The numbers an S-curve decided, shared by the step's result and what the procedure keeps."""
+    vcmp: NDArray[np.int64]
+    vcp: NDArray[np.int64]
+    mu_mean: NDArray[np.float64]
+    mu_std: NDArray[np.float64]
+
+    def summary(self) -> dict:
+        return {"vcmp": [int(v) for v in self.vcmp], "vcp": [int(v) for v in self.vcp],
+                "mu_mean": [float(v) for v in self.mu_mean],
+                "mu_std": [float(v) for v in self.mu_std], "bad_pixels": self.bad.counts()}
+
+
 @dataclass(frozen=True)
-class SCurveResult:
+class SCurveResult(_SCurveDecisions):
     """A threshold scan's per-pixel fit (SCURVE_DTYPE, [rows, cols]), its bad pixels, the chip
     vcmp / half-module vcp it implies (DAC) and each chip's mean and spread of the inflection
     points of its good pixels (DAC)."""
@@ -449,10 +463,48 @@ class SCurveResult:
     def good(self) -> NDArray[np.bool_]:
         return ~self.bad.mask
 
-    def summary(self) -> dict:
-        return {"vcmp": [int(v) for v in self.vcmp], "vcp": [int(v) for v in self.vcp],
-                "mu_mean": [float(v) for v in self.mu_mean],
-                "mu_std": [float(v) for v in self.mu_std], "bad_pixels": self.bad.counts()}
+    def trimbit_targets(self) -> NDArray[np.float64]:
+        """The counts each good pixel must reach in a trimbit scan (:func:`trimbit_targets`)."""
+        return trimbit_targets(self.fit, self.good)
+
+    def kept(self, *, trimbit_targets: bool = False) -> "KeptSCurve":
+        """What the procedure keeps once the step is done (see :class:`KeptSCurve`); with the
+        trimbit scan's targets for the untrimmed S-curve."""
+        return KeptSCurve(x=self.x, mu=self.fit["mu"].astype(np.float32),
+                          bad_codes=self.bad.codes(), vcmp=self.vcmp, vcp=self.vcp,
+                          mu_mean=self.mu_mean, mu_std=self.mu_std,
+                          targets=self.trimbit_targets() if trimbit_targets else None)
+
+
+@dataclass(frozen=True)
+class KeptSCurve(_SCurveDecisions):
+    """An S-curve as CalibrationResults keeps it: the decisions, the inflection map (DAC, float32),
+    the bad-pixel codes (:meth:`BadPixels.codes`) and, for the untrimmed S-curve, the trimbit
+    scan's targets (float64: the crossings are found on them). About 5 bytes a pixel (13 with the
+    targets) where the fit map takes 106 (a 9M fit map is ~1 GB); every fit parameter is in the
+    step's PSI fit file (``{det_id}_vcmp_{t}XRF_{run}_fit.npy``, ``np.load``)."""
+    x: NDArray[np.float64]
+    mu: NDArray[np.float32]
+    bad_codes: NDArray[np.uint8]
+    vcmp: NDArray[np.int64]
+    vcp: NDArray[np.int64]
+    mu_mean: NDArray[np.float64]
+    mu_std: NDArray[np.float64]
+    targets: NDArray[np.float64] | None = None
+
+    @property
+    def bad(self) -> BadPixels:
+        return BadPixels.from_codes(self.bad_codes)
+
+    @property
+    def good(self) -> NDArray[np.bool_]:
+        return self.bad_codes == 0
+
+    def trimbit_targets(self) -> NDArray[np.float64]:
+        if self.targets is None:
+            raise CalibrationError("this S-curve was kept without the trimbit scan's targets; "
+                                   "the trimbit scan is analysed with the untrimmed S-curve's")
+        return self.targets
 
 
 def analyse_scurve(x: ArrayLike, counts: ArrayLike, geometry: EigerGeometry, *,
@@ -497,8 +549,32 @@ def trimbit_targets(fit: NDArray, good: ArrayLike | None = None) -> NDArray[np.f
     return np.where(use & np.isfinite(target), target, np.nan)
 
 
+class _TrimbitDecisions:
+    """The numbers a trimbit scan decided, shared by the step's result and what is kept."""
+    trimbits: NDArray[np.int32]
+    trimmed: NDArray[np.bool_]
+    clipped: NDArray[np.bool_]
+
+    @property
+    def on_rails(self) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+        """Pixels trimmed onto a rail: their trimming point lies below trimbit 0 (first mask) or
+        above 63 (second), beyond what the trim DAC can reach; they sit on 0 or 63."""
+        clipped = self.trimmed & self.clipped
+        return clipped & (self.trimbits == 0), clipped & (self.trimbits == TRIMBIT_MAX)
+
+    def summary(self) -> dict:
+        t = self.trimbits[self.trimmed]
+        low, high = self.on_rails
+        return {"trimmed_pixels": int(self.trimmed.sum()),
+                "untrimmed_pixels": int((~self.trimmed).sum()),
+                "clipped_pixels": int(np.sum(self.clipped)),
+                "rail_0_pixels": int(low.sum()), "rail_63_pixels": int(high.sum()),
+                "mean_trimbit": float(t.mean()) if t.size else float("nan"),
+                "std_trimbit": float(t.std()) if t.size else float("nan")}
+
+
 @dataclass(frozen=True)
-class TrimbitResult:
+class TrimbitResult(_TrimbitDecisions):
     """Trimbits (int32 image 0..63) found by a trimbit scan, the per-pixel crossing fit
     (TRIMBIT_DTYPE), the targets (counts) and which pixels were trimmed; the others keep
     ``untrimmed`` (the trimval of the untrimmed S-curve)."""
@@ -510,39 +586,47 @@ class TrimbitResult:
     untrimmed: int
 
     @property
-    def on_rails(self) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
-        """Pixels trimmed onto a rail: their trimming point lies below trimbit 0 (first mask) or
-        above 63 (second), beyond what the trim DAC can reach; they sit on 0 or 63."""
-        clipped = self.trimmed & (self.fit["status"] == FitStatus.CLIPPED)
-        return clipped & (self.trimbits == 0), clipped & (self.trimbits == TRIMBIT_MAX)
+    def clipped(self) -> NDArray[np.bool_]:
+        """Pixels whose crossing lies outside 0..63 (FitStatus.CLIPPED)."""
+        return self.fit["status"] == FitStatus.CLIPPED
 
-    def summary(self) -> dict:
-        t = self.trimbits[self.trimmed]
-        low, high = self.on_rails
-        return {"trimmed_pixels": int(self.trimmed.sum()),
-                "untrimmed_pixels": int((~self.trimmed).sum()),
-                "clipped_pixels": int(np.sum(self.fit["status"] == FitStatus.CLIPPED)),
-                "rail_0_pixels": int(low.sum()), "rail_63_pixels": int(high.sum()),
-                "mean_trimbit": float(t.mean()) if t.size else float("nan"),
-                "std_trimbit": float(t.std()) if t.size else float("nan")}
+    def kept(self) -> "KeptTrimbits":
+        """What the procedure keeps once the step is done (see :class:`KeptTrimbits`)."""
+        return KeptTrimbits(x=self.x, trimbits=self.trimbits, trimmed=self.trimmed,
+                            clipped=self.clipped, untrimmed=self.untrimmed)
 
 
-def analyse_trimbit_scan(trimbits: ArrayLike, counts: ArrayLike, scurve_result: SCurveResult, *,
+@dataclass(frozen=True)
+class KeptTrimbits(_TrimbitDecisions):
+    """A trimbit scan as CalibrationResults keeps it: the trimbits, which pixels were trimmed and
+    which clipped (6 bytes a pixel; the crossing fit, 69, is in the step's
+    ``{det_id}_{t}XRF_{gain}.npz``)."""
+    x: NDArray[np.float64]
+    trimbits: NDArray[np.int32]
+    trimmed: NDArray[np.bool_]
+    clipped: NDArray[np.bool_]
+    untrimmed: int
+
+
+def analyse_trimbit_scan(trimbits: ArrayLike, counts: ArrayLike,
+                         scurve_result: SCurveResult | KeptSCurve, *,
                          untrimmed: int = DEFAULTS.trimval) -> TrimbitResult:
     """Trimbit per pixel where its counts reach its target (PSI's ``find_and_write_trimbits``).
 
     trimbits: the scanned codes (e.g. 0, 2, ..., 62); counts: [rows, cols, n] taken at the chip
-    vcmp of ``scurve_result``. Bad pixels and pixels whose crossing could not be found keep
-    ``untrimmed``."""
+    vcmp of ``scurve_result`` (the untrimmed S-curve, or what the procedure keeps of it). Bad
+    pixels and pixels whose crossing could not be found keep ``untrimmed``."""
     xa, ca = _check_scan(trimbits, counts, "trimbit scan")
-    if ca.shape[:2] != scurve_result.fit.shape:
-        raise ValueError(f"trimbit scan frames {ca.shape[:2]} do not match the S-curve "
-                         f"{scurve_result.fit.shape}")
     good = scurve_result.good
-    target = trimbit_targets(scurve_result.fit, good)
+    if ca.shape[:2] != good.shape:
+        raise ValueError(f"trimbit scan frames {ca.shape[:2]} do not match the S-curve "
+                         f"{good.shape}")
+    target = scurve_result.trimbit_targets()
     if _lazy(ca):
-        from calbench.analysis.scurve_dask import fit_trimbit_scans_dask
-        (fit,) = compute(fit_trimbit_scans_dask(xa, ca, target, mask=~good))
+        from calbench.analysis.scurve_dask import dask_client, fit_trimbit_scans_dask
+        # target and mask (~81 MB at 9M) go to the workers once, not inside the graph
+        (fit,) = compute(fit_trimbit_scans_dask(xa, ca, target, mask=~good,
+                                                client=dask_client()))
     else:
         fit = fit_trimbit_scans(xa, ca, target, mask=~good)
     trimmed = np.isin(fit["status"], (FitStatus.OK, FitStatus.CLIPPED)) & good
@@ -771,15 +855,17 @@ def threshold_dispersion(mu: ArrayLike, good: ArrayLike, calibration: EnergyCali
 class CalibrationResults:
     """Everything one calibration decided: what the plans produce while they run and what the
     re-analysis from tiled recomputes. ``lines`` holds, per target, the chip inflections of the
-    trimmed detector (run id 1) that the energy calibration is fitted to."""
+    trimmed detector (run id 1) that the energy calibration is fitted to. The S-curves and the
+    trimbit scan are kept without their per-pixel fit maps (``.kept()``: a 9M's would hold ~3 GB
+    through the procedure); the fits are in the steps' PSI files."""
     det_id: str
     gain: str
     target: str
     geometry: EigerGeometry
     vrf: VrfScanResult | None = None
-    untrimmed: SCurveResult | None = None
-    trimbits: TrimbitResult | None = None
-    trimmed: SCurveResult | None = None
+    untrimmed: KeptSCurve | None = None
+    trimbits: KeptTrimbits | None = None
+    trimmed: KeptSCurve | None = None
     lines: dict[str, ChipInflections] | None = None
     calibration: EnergyCalibration | None = None
     dispersion_untrimmed: Dispersion | None = None
@@ -794,12 +880,12 @@ class CalibrationResults:
         self.calibration = fit_energy_calibration(points)
         if self.untrimmed is not None:
             self.dispersion_untrimmed = threshold_dispersion(
-                self.untrimmed.fit["mu"], self.untrimmed.good, self.calibration, self.geometry)
+                self.untrimmed.mu, self.untrimmed.good, self.calibration, self.geometry)
         if self.trimmed is not None:
             good = self.trimmed.good & (self.trimbits.trimmed if self.trimbits is not None
                                         else True)
             self.dispersion_trimmed = threshold_dispersion(
-                self.trimmed.fit["mu"], good, self.calibration, self.geometry)
+                self.trimmed.mu, good, self.calibration, self.geometry)
         return self.calibration
 
     def summary(self) -> dict:

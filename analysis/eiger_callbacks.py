@@ -32,7 +32,8 @@ from bluesky.callbacks.mpl_plotting import QtAwareCallback
 from event_model import DocumentRouter
 from numpy.typing import NDArray
 
-from calbench.analysis.eiger_calibration import (DEFAULTS, CalibrationError, SCurveResult,
+from calbench.analysis.eiger_calibration import (DEFAULTS, CalibrationError, KeptSCurve,
+                                                 SCurveResult,
                                                  analyse_scurve, analyse_trimbit_scan,
                                                  analyse_vrf_scan, chip_inflections,
                                                  counts_from_frames, fit_vrf_edge)
@@ -99,11 +100,12 @@ class ScanData:
         return eiger_geometry(self.start["geometry"])
 
 
-def analyse_step(data: ScanData, *, untrimmed: SCurveResult | None = None):
+def analyse_step(data: ScanData, *, untrimmed: SCurveResult | KeptSCurve | None = None):
     """The analysis of one calibration scan, chosen by its start document's ``step``.
 
     vrf_scan -> VrfScanResult; scurve -> (SCurveResult, ChipInflections); trimbit_scan ->
-    TrimbitResult (needs the untrimmed S-curve's result); line_scan -> ChipInflections."""
+    TrimbitResult (needs the untrimmed S-curve's result, or what CalibrationResults keeps of
+    it); line_scan -> ChipInflections."""
     start, g = data.start, data.geometry
     step = start.get("step")
     if step == "vrf_scan":
@@ -228,7 +230,7 @@ class StepAnalysis(FrameCollector):
     ``result`` is the analysis (None until then), ``error`` the reason when it could not run,
     ``data`` the ScanData it used. ``untrimmed`` is passed to trimbit-scan analyses."""
 
-    def __init__(self, *, untrimmed: SCurveResult | None = None,
+    def __init__(self, *, untrimmed: SCurveResult | KeptSCurve | None = None,
                  analyse: Callable = analyse_step, lazy: bool | None = None):
         super().__init__(lazy=lazy)
         self.untrimmed = untrimmed

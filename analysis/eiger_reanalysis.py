@@ -152,10 +152,10 @@ def reanalyse_calibration(catalog, uid: str) -> Reanalysis:
                          _stored(stored, "exptime_s"))
         elif step == "scurve":
             result, chips = out
-            if run_id == 0:
-                results.untrimmed = result
+            if run_id == 0:              # kept as the plans keep it: the same dispersions
+                results.untrimmed = result.kept(trimbit_targets=True)
             else:
-                results.trimmed = result
+                results.trimmed = result.kept()
                 results.add_line(chips)
             if stored is not None:
                 _compare(differences, f"{label} vcmp", result.vcmp, _stored(stored, "vcmp"))
@@ -164,7 +164,7 @@ def reanalyse_calibration(catalog, uid: str) -> Reanalysis:
                 _compare(differences, f"{label} bad pixels", result.bad.codes(),
                          _stored(stored, "bad"))
         elif step == "trimbit_scan":
-            results.trimbits = out
+            results.trimbits = out.kept()
             if stored is not None:
                 _compare(differences, f"{label} trimbits", out.trimbits,
                          _stored(stored, "trimbits"))

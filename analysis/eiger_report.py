@@ -94,7 +94,7 @@ def _summary_page(r: CalibrationResults, hosts: list[str], thrange) -> Figure:
               transform=text.transAxes)
 
     ax = fig.add_subplot(grid[1, 0])
-    _mu_histograms(ax, r.trimmed.fit["mu"], r.trimmed.good & r.trimbits.trimmed, g, colours,
+    _mu_histograms(ax, r.trimmed.mu, r.trimmed.good & r.trimbits.trimmed, g, colours,
                    "trimmed inflection points")
 
     ax = fig.add_subplot(grid[1, 1])
@@ -119,7 +119,8 @@ def _mu_histograms(ax, mu, good, g, colours, title: str) -> None:
         v = mu[sl][good[sl] & np.isfinite(mu[sl])]
         if v.size:
             ax.hist(v, bins=bins, histtype="step", color=colours[chip],
-                    label=f"{chip}: mu {v.mean():.0f}  sigma {v.std():.2f}")
+                    label=f"{chip}: mu {v.mean(dtype=np.float64):.0f}  sigma "
+                          f"{v.std(dtype=np.float64):.2f}")
     ax.set(xlabel="vcmp [DAC]", ylabel="pixels", title=title)
     ax.legend(fontsize=7, loc="upper left")
 
@@ -179,9 +180,9 @@ def _pixels_page(r: CalibrationResults) -> Figure:
     grid = fig.add_gridspec(2, 3)
     g = r.geometry
     ax = fig.add_subplot(grid[0, 0:3])
-    _mu_histograms(ax, r.untrimmed.fit["mu"], r.untrimmed.good, g, _colours(g.n_chips),
+    _mu_histograms(ax, r.untrimmed.mu, r.untrimmed.good, g, _colours(g.n_chips),
                    "untrimmed inflection points")
-    codes = r.untrimmed.bad.codes()
+    codes = r.untrimmed.bad_codes
     ax = fig.add_subplot(grid[1, 0:2])
     ax.imshow(codes, cmap=BAD_COLOURS, vmin=-0.5, vmax=4.5, origin="lower",
               interpolation="nearest", aspect="auto")

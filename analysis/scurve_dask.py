@@ -188,11 +188,18 @@ def fit_trimbit_scans_dask(
     counts: da.Array,
     target: ArrayLike,
     mask: ArrayLike | None = None,
+    *,
+    client: Any | None = None,
     **fit_kwargs: Any,
 ) -> da.Array:
     """Lazy :func:`~calbench.analysis.scurve.fit_trimbit_scans` of a dask array
     [rows, cols, n_points], block by block (the target and mask follow the blocks of counts).
-    Returns a dask array of TRIMBIT_DTYPE records [rows, cols]."""
+    Returns a dask array of TRIMBIT_DTYPE records [rows, cols].
+
+    With a dask.distributed ``client`` the target and mask images (9 bytes a pixel: ~81 MB at
+    9M) are scattered to every worker once and each task cuts its block out of them; without one
+    they are embedded in the graph (fine for dask's local schedulers, a "large graph" for a
+    cluster). Compute the result on that client."""
     xa = np.asarray(trimbits, dtype=np.float64)
     if not isinstance(counts, da.Array) or counts.ndim != 3 or counts.shape[-1] != xa.size:
         raise ValueError(f"counts must be a dask array [rows, cols, {xa.size}], got "
@@ -201,13 +208,34 @@ def fit_trimbit_scans_dask(
     chunks = counts.chunks[:2]
     if tuple(np.shape(target)) != counts.shape[:2]:
         raise ValueError(f"target must have shape {counts.shape[:2]}, got {np.shape(target)}")
-    dtarget = da.from_array(np.asarray(target, dtype=np.float64), chunks=chunks)[..., None]
+    t = np.asarray(target, dtype=np.float64)
     m = np.zeros(counts.shape[:2], bool) if mask is None else np.asarray(mask, dtype=bool)
-    dmask = da.from_array(m, chunks=chunks)[..., None]
-    return da.map_blocks(
-        lambda c, t, k, **kw: _fit_trimbit_block(c, t[..., 0], k[..., 0], **kw),
-        counts, dtarget, dmask, drop_axis=2, dtype=TRIMBIT_DTYPE,
-        meta=np.empty((0, 0), dtype=TRIMBIT_DTYPE), x=xa, fit_kwargs=dict(fit_kwargs))
+    kw = {"x": xa, "fit_kwargs": dict(fit_kwargs)}
+    if client is None:
+        dtarget = da.from_array(t, chunks=chunks)[..., None]
+        dmask = da.from_array(m, chunks=chunks)[..., None]
+        return da.map_blocks(
+            lambda c, tb, k, **kw: _fit_trimbit_block(c, tb[..., 0], k[..., 0], **kw),
+            counts, dtarget, dmask, drop_axis=2, dtype=TRIMBIT_DTYPE,
+            meta=np.empty((0, 0), dtype=TRIMBIT_DTYPE), **kw)
+    t_future, m_future = client.scatter([t, m], broadcast=True, hash=False)
+    blocks = counts.to_delayed()
+    starts = [np.concatenate([[0], np.cumsum(c)]) for c in chunks]
+    rows = []
+    for i, nr in enumerate(chunks[0]):
+        line = []
+        for j, nc in enumerate(chunks[1]):
+            where = (slice(starts[0][i], starts[0][i + 1]), slice(starts[1][j], starts[1][j + 1]))
+            task = dask.delayed(_fit_trimbit_cut, pure=True)(blocks[i, j, 0], t_future, m_future,
+                                                             where, **kw)
+            line.append(da.from_delayed(task, (nr, nc), dtype=TRIMBIT_DTYPE))
+        rows.append(line)
+    return da.block(rows)
+
+
+def _fit_trimbit_cut(block, target, mask, where, *, x, fit_kwargs):
+    """_fit_trimbit_block on the block ``where`` of whole target and mask images (scattered)."""
+    return _fit_trimbit_block(block, target[where], mask[where], x=x, fit_kwargs=fit_kwargs)
 
 
 def dask_client(address: str | None = None) -> Any:

@@ -56,7 +56,7 @@ from bluesky.utils import RequestAbort, RequestStop
 
 from calbench.analysis.eiger_calibration import (DEFAULTS, GLOBAL_TARGETS, CalibrationDefaults,
                                                  CalibrationResults, ChipInflections,
-                                                 SCurveResult, TrimbitResult, VrfScanResult,
+                                                 KeptSCurve, TrimbitResult, VrfScanResult,
                                                  default_gain, line_energy, vthreshold_for_gain)
 from calbench.analysis.eiger_callbacks import ChipCurvesPlot, StepAnalysis, VrfScanPlot
 from calbench.analysis.eiger_files import (fit_name, install_settings, report_name,
@@ -355,7 +355,7 @@ def _check_box(box, target: str):
 
 
 def _scan(det, box, cal: EigerCalibration, *, step: str, motor, points, target: str,
-          run_id: int, exptime_s: float, plot, untrimmed: SCurveResult | None = None,
+          run_id: int, exptime_s: float, plot, untrimmed: KeptSCurve | None = None,
           md: dict | None = None):
     """One calibration scan with the XRF shutter open on ``target``; returns (uid, analysis)."""
     yield from _put(det.frames, cal.defaults.nframes, "setting the frames per point")
@@ -529,10 +529,12 @@ def scurve(det, box, *, start: int = DEFAULTS.scurve[0], stop: int = DEFAULTS.sc
                                    target=cal.target, run_id=int(run_id))
         return None
     result, chips = analysis.result
+    # kept without the fit map (written to the fit file below); the untrimmed with the targets
+    # of the trimbit scan
     if run_id == d.run_untrimmed:
-        cal.results.untrimmed = result
+        cal.results.untrimmed = result.kept(trimbit_targets=True)
     else:
-        cal.results.trimmed = result
+        cal.results.trimmed = result.kept()
         cal.results.add_line(chips)
     data = analysis.data_used
     cal.add_file(save_scan(cal.out_dir / scurve_name(cal.det_id, cal.target, run_id), data.x,
@@ -602,7 +604,7 @@ def trimbit_scan(det, box, *, step: int = DEFAULTS.trimbit_step, tau_ns: int = D
             target=cal.target, run_id=d.run_untrimmed)
         return None
     result: TrimbitResult = analysis.result
-    cal.results.trimbits = result
+    cal.results.trimbits = result.kept()
     data = analysis.data_used
     cal.add_file(save_scan(cal.out_dir / trimbit_scan_name(cal.det_id, cal.target,
                                                            d.run_untrimmed), data.x, data.counts))
@@ -613,7 +615,7 @@ def trimbit_scan(det, box, *, step: int = DEFAULTS.trimbit_step, tau_ns: int = D
     cal.trim_prefix = prefix
     cal.add_file(save_trimbits(cal.out_dir / trimbits_name(cal.det_id, cal.target, cal.gain),
                                result.trimbits, result.fit, result.target, result.trimmed,
-                               untrimmed.bad.codes()))
+                               untrimmed.bad_codes))
     yield from _record(det, cal, "trimbit_scan", uid, values={
         "x": result.x, "vcmp": untrimmed.vcmp, "vcp": untrimmed.vcp, "tau_ns": int(tau_ns),
         "trim_prefix": str(prefix)},
@@ -732,7 +734,7 @@ def _finish(det, cal: EigerCalibration, *, report: bool):
             values[f"{name}_chip_eV"] = disp.chip_sigma_eV
     arrays = {}
     if cal.results.trimmed is not None:
-        arrays["trimmed_mu"] = cal.results.trimmed.fit["mu"]
+        arrays["trimmed_mu"] = cal.results.trimmed.mu
     cal.summary_uid = yield from _record(
         det, cal, "summary", scans[-1], values=values, arrays=arrays, summary=summary,
         parent_uids=scans, derived_uids=[r["derived_uid"] for r in cal.runs

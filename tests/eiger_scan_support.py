@@ -108,7 +108,8 @@ def run_procedure(geometry: str, directory: Path, *, lazy: tuple[bool | None, ..
                               exptime_s=exptime_s)
         t1 = time.perf_counter()
         for mode in lazy:
-            analysis = StepAnalysis(untrimmed=out.results[mode].get("untrimmed", untrimmed),
+            # the trimbit scan gets what the plans keep of the untrimmed S-curve
+            analysis = StepAnalysis(untrimmed=out.results[mode].get("untrimmed_kept", untrimmed),
                                     lazy=mode)
             for doc_name, doc in docs:
                 analysis(doc_name, doc)
@@ -130,7 +131,9 @@ def run_procedure(geometry: str, directory: Path, *, lazy: tuple[bool | None, ..
     untrimmed, _ = step("scurve", "untrimmed_scan", xs, sim.set_vthreshold, target,
                         vrf.exptime_s)
     for mode in lazy:
-        out.results[mode]["untrimmed"] = out.results[mode]["untrimmed_scan"][0]
+        r = out.results[mode]
+        r["untrimmed"] = r["untrimmed_scan"][0]
+        r["untrimmed_kept"] = r["untrimmed"].kept(trimbit_targets=True)
     sim.set_vcmp(untrimmed.vcmp)
     for hm, v in enumerate(untrimmed.vcp):
         sim.set_dac("vcp", int(v), hm)

@@ -28,8 +28,8 @@ import pytest
 
 from calbench.analysis.eiger_calibration import XRF_LINES_KEV, trimbit_statistics
 from calbench.run_queries import derived_runs, last_run
-from calbench.analysis.eiger_files import (chips_in_file_order, load_scan, read_calibration_text,
-                                           trim_prefix_name)
+from calbench.analysis.eiger_files import (chips_in_file_order, fit_name, load_scan,
+                                           read_calibration_text, trim_prefix_name)
 from calbench.analysis.eiger_reanalysis import reanalyse_calibration
 from calbench.analysis.scurve import FitStatus
 from calbench.contracts.trimfile import read_trim_file
@@ -140,9 +140,9 @@ def test_vrf_scan_puts_the_line_at_vthreshold_1200_with_1000_counts(calibrated, 
     # the hidden truth at the chosen vrf, untrimmed (trimbit 32)
     mu_true = truth.inflection(XRF_LINES_KEV["Cu"], vrf, 32, 2500)[live]
     assert abs(mu_true.mean() - 1200) < 50, f"vrf {vrf} puts the Cu line at {mu_true.mean():.0f}"
-    fit = cal.results.untrimmed.fit
-    good = cal.results.untrimmed.good & (fit["status"] == FitStatus.OK)
-    at_inflection = (fit["p0"] + fit["p1"] * fit["mu"] + 0.5 * fit["A"])[good]
+    # the counts at each good pixel's inflection: the trimbit scan's targets
+    at_inflection = cal.results.untrimmed.trimbit_targets()[cal.results.untrimmed.good]
+    assert np.isfinite(at_inflection).all()
     assert 700 < np.median(at_inflection) < 1300
 
 
@@ -150,14 +150,15 @@ def test_untrimmed_spread_is_about_100_dac_and_trimming_brings_it_below_15_perce
         calibrated, eiger_lab):
     cal = calibrated
     g = cal.geometry
-    untrimmed, trimmed, tb = cal.results.untrimmed, cal.results.trimmed, cal.results.trimbits
-    # every trimmed pixel with a fit, outliers included: the trimming, not a cut, must do it
-    use0 = untrimmed.good & (untrimmed.fit["status"] == FitStatus.OK)
-    use1 = tb.trimmed & (trimmed.fit["status"] == FitStatus.OK)
+    untrimmed, tb = cal.results.untrimmed, cal.results.trimbits
+    # every trimmed pixel with a fit, outliers included: the trimming, not a cut, must do it;
+    # the procedure keeps no fit map, the step's PSI fit file has it
+    trimmed = np.load(cal.out_dir / fit_name("T63", "Cu", 1))
+    use1 = tb.trimmed & (trimmed["status"] == FitStatus.OK)
     for chip in range(g.n_chips):
         sl = g.chip_slice(chip)
-        before = untrimmed.fit["mu"][sl][use0[sl]].std()
-        after = trimmed.fit["mu"][sl][use1[sl]].std()
+        before = untrimmed.mu[sl][untrimmed.good[sl]].std(dtype=np.float64)
+        after = trimmed["mu"][sl][use1[sl]].std()
         assert 80 < before < 130, f"chip {chip}: untrimmed spread {before:.1f} DAC"
         assert after <= 0.15 * before, f"chip {chip}: trimmed {after:.1f} vs {before:.1f} DAC"
     # and the detector really is trimmed: the hidden inflections with the loaded trimbits
@@ -256,6 +257,9 @@ def test_psi_files_are_written_in_psi_names_and_layouts(calibrated):
     fit = np.load(out / "T63_vcmp_CuXRF_0_fit.npy")
     assert {"p0", "p1", "mu", "sigma", "A", "C"} <= set(fit.dtype.names)
     assert fit.shape == (256, 1024)
+    # what the procedure keeps of the S-curve is the file's fit, as float32
+    np.testing.assert_array_equal(fit["mu"].astype(np.float32), cal.results.untrimmed.mu)
+    assert cal.results.untrimmed.mu.dtype == np.float32
     for name in ("T63_vrf_CuXRF_0.npz", "T63_tbscan_CuXRF_0.npz", "T63_vcmp_CuXRF_1.npz",
                  "T63_vcmp_CuXRF_1_fit.npy", "T63_vcmp_GeXRF_1.npz", "T63_CuXRF_gain5.npz"):
         assert (out / name).is_file(), name
@@ -285,7 +289,8 @@ def test_every_scan_is_in_tiled_with_its_metadata_and_derived_run(calibrated, ca
         assert r["derived_uid"] in [d.metadata["start"]["uid"] for d in derived_runs(cat, r["uid"])]
     assert "primary" in last_run(cat, "vrf_scan")
     mu = cat[cal.runs[1]["derived_uid"]]["results"]["mu"].read()
-    np.testing.assert_array_equal(np.asarray(mu)[0], cal.results.untrimmed.fit["mu"])
+    np.testing.assert_array_equal(np.asarray(mu)[0],
+                                  np.load(cal.out_dir / fit_name("T63", "Cu", 0))["mu"])
     summary = cat[cal.summary_uid]
     assert summary.metadata["start"]["parent_uids"] == [r["uid"] for r in cal.runs]
     assert summary.metadata["start"]["plan_name"] == "calibrate_eiger"
@@ -300,7 +305,8 @@ def test_reanalysis_from_tiled_gives_identical_numbers(calibrated, cat):
     assert r.vrf.exptime_s == live.vrf.exptime_s
     np.testing.assert_array_equal(r.untrimmed.vcmp, live.untrimmed.vcmp)
     np.testing.assert_array_equal(r.trimbits.trimbits, live.trimbits.trimbits)
-    np.testing.assert_array_equal(r.trimmed.fit["mu"], live.trimmed.fit["mu"])
+    np.testing.assert_array_equal(r.trimmed.mu, live.trimmed.mu)
+    np.testing.assert_array_equal(r.untrimmed.targets, live.untrimmed.targets)
     np.testing.assert_array_equal(r.calibration.m, live.calibration.m)
     np.testing.assert_array_equal(r.calibration.k, live.calibration.k)
     assert r.summary() == live.summary()

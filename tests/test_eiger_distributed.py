@@ -7,9 +7,13 @@ whole (the default below 2M pixels) and once lazily, block by half module, on th
 decision must be the same (the first path's set the next step)."""
 from __future__ import annotations
 
+import warnings
+
+import dask
 import numpy as np
 import pytest
 
+from calbench.analysis.eiger_calibration import trimbit_targets
 from calbench.analysis.eiger_callbacks import LazyFrames, StepAnalysis
 from calbench.analysis.scurve_dask import dask_client
 from eiger_scan_support import Ranges, run_procedure, scan_documents
@@ -32,7 +36,13 @@ def client():
 
 
 def test_a_1m_is_calibrated_the_same_from_its_files_on_the_cluster(tmp_path, client):
-    run = run_procedure("1M", tmp_path, lazy=(True, False), ranges=RANGES)
+    # the trimbit scan's targets and mask (9 bytes a pixel, 9.4 MB here) go to the workers
+    # once: no graph sent near their size
+    with dask.config.set({"distributed.admin.large-graph-warning-threshold": "4MB"}), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = run_procedure("1M", tmp_path, lazy=(True, False), ranges=RANGES)
+    assert not [str(w.message) for w in caught if "large graph" in str(w.message)]
     b, a = run.results[True], run.results[False]
     np.testing.assert_array_equal(a["vrf_scan"].vrf, b["vrf_scan"].vrf)
     assert a["vrf_scan"].exptime_s == b["vrf_scan"].exptime_s
@@ -44,6 +54,17 @@ def test_a_1m_is_calibrated_the_same_from_its_files_on_the_cluster(tmp_path, cli
         np.testing.assert_array_equal(a[key].vcp, b[key].vcp)
     _same_records(a["trimbit_scan"].fit, b["trimbit_scan"].fit)
     np.testing.assert_array_equal(a["trimbit_scan"].trimbits, b["trimbit_scan"].trimbits)
+    # what the procedure keeps decides as the whole result: the trimbit scan was analysed with
+    # it on both paths, and it holds the same targets and good pixels as the fit map gives
+    full, kept = b["untrimmed"], b["untrimmed_kept"]
+    np.testing.assert_array_equal(kept.trimbit_targets(), trimbit_targets(full.fit, full.good))
+    np.testing.assert_array_equal(kept.good, full.good)
+    np.testing.assert_array_equal(kept.mu, full.fit["mu"].astype(np.float32))
+    assert kept.summary() == full.summary()
+    tb = b["trimbit_scan"]
+    assert tb.kept().summary() == tb.summary()
+    np.testing.assert_array_equal(a["untrimmed_kept"].targets, kept.targets)
+    np.testing.assert_array_equal(a["untrimmed_kept"].bad_codes, kept.bad_codes)
     for la, lb in zip(a["lines"], b["lines"]):
         np.testing.assert_allclose(la.sums, lb.sums, rtol=1e-12)
         np.testing.assert_allclose(la.mu, lb.mu, rtol=1e-9)
