@@ -49,7 +49,7 @@ def test_the_readme_interactive_block_works_as_written(lab, tiled_server, tmp_pa
     assert [int(n) for n, _, _ in finished] == list(range(len(statements))), out[-6000:]
     # every procedure ends with a summary that fits on one screen
     for header in (r"^EIGER \S+ \S+, trimmed on Cu: calibration ",
-                   r"^QC6 stress_test on .*: (passed|failed)", r"^BatMet current sink: csink ",
+                   r"^QC6 stress_test on .*: (passed|FAILED), \d+ trips", r"^BatMet current sink: csink ",
                    r"^FEE channel \d+: transit time dt = "):
         assert re.search(header, out, re.M), f"no summary {header!r} in\n{out[-6000:]}"
     eiger = re.search(r"^EIGER \S+ \S+, trimmed on Cu: calibration .*?^  summary run ", out,
