@@ -23,7 +23,9 @@ and switches Capture on; `unstage()` switches it off (closing the file).
 from __future__ import annotations
 
 import datetime as _dt
+import queue
 import threading
+import time
 import uuid
 from collections import deque
 from pathlib import Path
@@ -150,6 +152,7 @@ class Eiger(InstrumentDevice):
         self._frame_dtype: np.dtype | None = None
         self._acquisition_s = 0.0
         self._news = threading.Condition()     # notified on monitor updates of the counters
+        self._triggers: queue.SimpleQueue | None = None    # finishes the triggers, in order
         for sig in (self.array_counter, self.refusals):
             sig.subscribe(self._notify, run=False)
 
@@ -234,24 +237,45 @@ class Eiger(InstrumentDevice):
         if self._frame_shape is None:
             raise EigerError(f"{self.name} is not staged; use it inside a plan (count, scan) or "
                              "call det.stage() first")
-        # exposure in world seconds: an upper bound of the wall time at time_scale >= 1
-        status = DeviceStatus(self, timeout=self.trigger_timeout_s + self._acquisition_s)
+        # No timeout on the status itself (ophyd would start a thread per trigger for it): the
+        # device's own trigger thread waits for the put with the timeout, then checks the frames.
+        status = DeviceStatus(self)
         before = (int(self.array_counter.get()), int(self.refusals.get()))   # monitored
-
-        def finish():
-            try:
-                self._after_acquisition(*before)
-            except Exception as exc:
-                status.set_exception(exc)
-            else:
-                status.set_finished()
-
-        def put_done(*args, **kwargs):
-            # CA reads are not allowed from the put callback's thread: check from a worker
-            threading.Thread(target=finish, name=f"{self.name}-trigger", daemon=True).start()
-
-        self.acquire.put("Acquire", use_complete=True, callback=put_done)
+        put_done = threading.Event()
+        # exposure in world seconds: an upper bound of the wall time at time_scale >= 1
+        deadline = time.monotonic() + self.trigger_timeout_s + self._acquisition_s
+        self.acquire.put("Acquire", use_complete=True, callback=lambda *a, **k: put_done.set())
+        self._trigger_jobs().put((status, before, put_done, deadline))   # the put was sent
         return status
+
+    def _trigger_jobs(self) -> queue.SimpleQueue:
+        """The queue of the device's trigger thread (a daemon: a session may exit while an
+        acquisition hangs), started on first use."""
+        if self._triggers is None:
+            jobs: queue.SimpleQueue = queue.SimpleQueue()
+
+            def work():
+                while True:
+                    self._finish_trigger(*jobs.get())
+
+            threading.Thread(target=work, name=f"{self.name}-trigger", daemon=True).start()
+            self._triggers = jobs
+        return self._triggers
+
+    def _finish_trigger(self, status: DeviceStatus, before: tuple[int, int],
+                        put_done: threading.Event, deadline: float) -> None:
+        """On the trigger thread (CA reads are not allowed from the put callback's thread)."""
+        try:
+            if not put_done.wait(max(0.0, deadline - time.monotonic())):
+                raise EigerError(
+                    f"{self.prefix}Acquire did not complete within {self.trigger_timeout_s:g} s "
+                    f"after its exposure; check the IOC ({self.prefix}DetectorState_RBV, "
+                    f"{self.prefix}StatusMessage_RBV) and retry")
+            self._after_acquisition(*before)
+        except Exception as exc:
+            status.set_exception(exc)
+        else:
+            status.set_finished()
 
     def _after_acquisition(self, counter_before: int, refusals_before: int) -> None:
         def news():

@@ -275,6 +275,29 @@ def test_a_reader_sees_the_frames_of_a_long_acquisition_while_it_runs(det):
         det.unstage()
 
 
+def test_an_acquisition_that_outlasts_its_timeout_fails_the_trigger(det):
+    """The trigger's own timeout (trigger_timeout_s past the exposures staged) fails the status
+    with the PVs to look at; a later acquisition is not held up by it."""
+    set_and_check(det.frames, 1)
+    set_and_check(det.exptime, 0.1)
+    det.trigger_timeout_s = 0.5
+    det.stage()                                     # staged for one 0.1 s exposure ...
+    try:
+        set_and_check(det.frames, 20)               # ... which now takes 20 world seconds
+        set_and_check(det.exptime, 1.0)
+        status = det.trigger()
+        with pytest.raises(EigerError, match="Acquire did not complete.*DetectorState"):
+            status.wait(60)
+        det.stop()
+        set_and_check(det.frames, 1)
+        set_and_check(det.exptime, 0.1)
+        det.trigger_timeout_s = 30.0
+        det.trigger().wait(60)                      # the next trigger is served at once
+    finally:
+        det.trigger_timeout_s = 30.0
+        det.unstage()
+
+
 def test_a_detector_that_stops_answering_fails_the_trigger_with_the_reason(lab, det):
     det.stage()
     try:
