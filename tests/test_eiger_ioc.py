@@ -252,11 +252,19 @@ with h5py.File(path, "r", swmr=True) as f:
 """
 
 
+def wait_until_idle(det, cap_s: float = 60.0) -> None:
+    """Until the IOC has finished (or aborted) its acquisition and takes puts again."""
+    deadline = time.monotonic() + cap_s
+    while det.acquire_rbv.get(use_monitor=False) != "Done":
+        assert time.monotonic() < deadline, "the acquisition did not end"
+        time.sleep(0.02)
+
+
 def test_a_reader_sees_the_frames_of_a_long_acquisition_while_it_runs(det):
     """Another process reading the run's file (HDF5 SWMR, as a live viewer does) sees a long
     acquisition's frames before it ends, though the IOC no longer flushes after every frame."""
-    set_and_check(det.frames, 20)
-    set_and_check(det.exptime, 1.0)                 # 20 world seconds, 4 s at the test's speed
+    set_and_check(det.frames, 100)
+    set_and_check(det.exptime, 1.0)                 # 100 world seconds, 20 s at the test's speed
     det.stage()
     try:
         status = det.trigger()
@@ -266,8 +274,9 @@ def test_a_reader_sees_the_frames_of_a_long_acquisition_while_it_runs(det):
         line = reader.stdout.readline()
         during = not status.done
         det.stop()
-        status.wait(10)
-        reader.wait(30)
+        status.wait(60)
+        reader.wait(60)
+        wait_until_idle(det)
         assert line.startswith("SEEN"), reader.stderr.read()
         assert during, "the reader saw the frames only after the acquisition ended"
         assert int(line.split()[2]) > 0             # a whole frame with its counts
@@ -289,6 +298,7 @@ def test_an_acquisition_that_outlasts_its_timeout_fails_the_trigger(det):
         with pytest.raises(EigerError, match="Acquire did not complete.*DetectorState"):
             status.wait(60)
         det.stop()
+        wait_until_idle(det)
         set_and_check(det.frames, 1)
         set_and_check(det.exptime, 0.1)
         det.trigger_timeout_s = 30.0
