@@ -37,11 +37,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +62,8 @@ from calbench.iocs.build import build_iocs  # noqa: E402
 from calbench.lab import make_device  # noqa: E402
 from calbench.persistence import TiledPersister  # noqa: E402
 from calbench.plans.xray import close_shutters, open_xrf_shutter, select_target, tube_on  # noqa: E402
-from calbench.tiled_service import runs_catalog, start_embedded  # noqa: E402
-from eiger_end_to_end import _start_iocs  # noqa: E402
+from calbench.tiled_service import runs_catalog, start_embedded, stop_embedded  # noqa: E402
+from eiger_end_to_end import _start_iocs, _stop_iocs, _write_config  # noqa: E402
 
 
 def h5py_floor(directory: Path, n: int) -> float:
@@ -116,31 +114,12 @@ def timed_count(RE, det, triggers: int, frames_per_trigger: int, exptime: float,
     return overhead, overhead - excess, (stop.last_s / n * 1e3 if stop else None)
 
 
-def _write_config(home: Path) -> Path:
-    path = home / "lab.toml"
-    path.write_text(f"""[lab]
-name = "EIGER frame path"
-home = "{home}"
-pv_prefix = "F{uuid.uuid4().hex[:6]}:"
-time_scale = 1.0
-
-[instruments.xraybox]
-backend = "sim"
-warmup_s = 0.0
-
-[instruments.eiger]
-backend = "sim"
-geometry = "500k"
-""")
-    return path
-
-
 def measure(args, tmp: Path) -> list:
-    cfg = load_config(_write_config(tmp))
+    cfg = load_config(_write_config(tmp, "500k", time_scale=1.0))
     (sim,) = [g.backend for g in build_iocs(cfg, ["eiger"])]     # timed here, never served
     iocs = _start_iocs(cfg, tmp / "iocs.log")
-    endpoint, proc = start_embedded(tmp / "tiled", [cfg.data_dir], free_port())
     try:
+        endpoint, _ = start_embedded(tmp / "tiled", [cfg.data_dir], free_port())
         box, det = make_device(cfg, "xraybox", timeout=60.0), make_device(cfg, "eiger", timeout=60.0)
         det.data_dir = cfg.data_dir
         RE = RunEngine({})
@@ -182,11 +161,8 @@ def measure(args, tmp: Path) -> list:
         persister.flush()                   # every run's streams closed before tiled stops
         return rows
     finally:
-        iocs.send_signal(signal.SIGTERM)            # the IOC leaves the box safe on SIGTERM
-        iocs.wait(60)
-        if proc is not None:
-            proc.terminate()
-            proc.wait(20)
+        _stop_iocs(iocs)
+        stop_embedded(tmp / "tiled")
 
 
 def main(argv=None) -> int:

@@ -143,6 +143,11 @@ def _start_iocs(cfg, log: Path, wait_s: float = 900.0) -> subprocess.Popen:
     raise RuntimeError(f"the IOCs did not start within {wait_s} s; see {log}")
 
 
+def _stop_iocs(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)          # the IOC leaves the box safe on SIGTERM
+    proc.wait(60)
+
+
 def run_end_to_end(geometry: str, directory: Path, *, time_scale: float = 5.0,
                    target: str = "Cu") -> int:
     # Channel Access on loopback, on a port of this run's own, before any CA client exists
@@ -250,8 +255,7 @@ def run_end_to_end(geometry: str, directory: Path, *, time_scale: float = 5.0,
                   f"scan's frames into this process (it grew by {grown:.0f} MB)")
         return 0
     finally:
-        iocs.send_signal(signal.SIGTERM)          # the IOC leaves the box safe on SIGTERM
-        iocs.wait(60)
+        _stop_iocs(iocs)
         if tiled_proc is not None:
             tiled_proc.terminate()
             tiled_proc.wait(60)
