@@ -17,6 +17,7 @@ from calbench.contracts.trimfile import read_trim_file
 from calbench.devices.base import InstrumentRefused, set_and_check
 from calbench.devices.eiger import EigerError
 from calbench.plans.xray import tube_on, xrf_exposure
+from wait_support import wait_for
 
 KV, MA = 40.0, 40.0
 
@@ -242,22 +243,20 @@ def test_abort_stops_a_long_acquisition_and_keeps_the_frames_taken(det):
 
 
 _SWMR_READER = """
-import sys, h5py
+import sys, time, h5py
 path = sys.argv[1]
 with h5py.File(path, "r", swmr=True) as f:
     d = f["/entry/data/data"]
     while d.shape[0] == 0:
+        time.sleep(0.01)
         d.refresh()
     print("SEEN", d.shape[0], int(d[0].sum()), flush=True)
 """
 
 
-def wait_until_idle(det, cap_s: float = 60.0) -> None:
+def wait_until_idle(det) -> None:
     """Until the IOC has finished (or aborted) its acquisition and takes puts again."""
-    deadline = time.monotonic() + cap_s
-    while det.acquire_rbv.get(use_monitor=False) != "Done":
-        assert time.monotonic() < deadline, "the acquisition did not end"
-        time.sleep(0.02)
+    wait_for(lambda: det.acquire_rbv.get(use_monitor=False) == "Done", "end of the acquisition")
 
 
 def test_a_reader_sees_the_frames_of_a_long_acquisition_while_it_runs(det):

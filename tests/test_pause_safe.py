@@ -14,13 +14,7 @@ from calbench.devices.base import set_and_check
 from calbench.iocs.lease import HELD
 from calbench.plans.batmet import collect_sink_calibration
 from calbench.plans.xray import tube_on, xrf_exposure
-
-
-def wait_for(condition, what: str, cap_s: float = 60.0):
-    deadline = time.monotonic() + cap_s
-    while not condition():
-        assert time.monotonic() < deadline, f"no {what} within {cap_s} s"
-        time.sleep(0.02)
+from wait_support import wait_for
 
 
 def pause_when(condition, RE):

@@ -3,8 +3,6 @@ which makes it safe by itself once the heartbeats stop, and refuses hazardous pu
 taken again. The kill drills run each procedure in a real child process and kill -9 it."""
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from calbench.devices.base import InstrumentRefused, set_and_check
@@ -12,15 +10,9 @@ from calbench.devices.lease import RENEWER
 from calbench.contracts.errors import Refused
 from calbench.iocs.lease import FREE, HELD, LAPSED, Lease
 from calbench.procedures.kill_drill import drill
+from wait_support import wait_for
 
 DRILL_LEASE_S = 2.5
-
-
-def wait_for(condition, what: str, cap_s: float = 60.0):
-    deadline = time.monotonic() + cap_s
-    while not condition():
-        assert time.monotonic() < deadline, f"no {what} within {cap_s} s"
-        time.sleep(0.02)
 
 
 class FakeClock:
