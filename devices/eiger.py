@@ -139,6 +139,13 @@ class Eiger(InstrumentDevice):
     total_counts = Cpt(EpicsSignalRO, "TotalCounts_RBV", kind="hinted", auto_monitor=True)
     live_image = Cpt(EpicsSignalRO, "Image:ArrayData", kind="omitted")
 
+    # detector-side scan (devices/eiger_scan.py): "vthreshold 0 2000 40 1ms", "0" = none
+    scan = Cpt(LongStringSignal, "Scan_RBV", write_pv="Scan", kind="config")
+    scan_steps = Cpt(EpicsSignalRO, "ScanSteps_RBV", kind="omitted")
+    frame_chip_sums = Cpt(EpicsSignalRO, "FrameChipSums_RBV", kind="omitted")
+    frame_values = Cpt(EpicsSignalRO, "FrameValues_RBV", kind="omitted")
+    frame_start_times = Cpt(EpicsSignalRO, "FrameStartTimes_RBV", kind="omitted")
+
     def __init__(self, prefix="", *, name, data_dir: str | Path | None = None,
                  trigger_timeout_s: float = 30.0, file_per_trigger: bool = False, **kwargs):
         super().__init__(prefix, name=name, **kwargs)

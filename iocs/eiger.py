@@ -1,3 +1,4 @@
+# Long by design: EigerIOC is the detector's whole PV interface (settings table, files, scan PVs and reductions live in their own modules).
 """EigerIOC: the PSI EIGER detector as EPICS PVs (slsdet names for DACs, areaDetector for acquisition).
 
 PVs after the instrument prefix (e.g. CB:EIGER:). Setpoints have an _RBV readback; DAC setpoints
@@ -28,6 +29,9 @@ write every half module and their _RBV reads -1 when the half modules differ.
   FilePath, FileName, FileNumber, Capture, FileWriteMode, ... (+ _RBV)   HDF5 file writing,
                                            see iocs/eiger_files.py
   ChipSums_RBV, TotalCounts_RBV            counts per chip / in total of the last acquisition
+  Scan, Scan_RBV, ScanSteps_RBV, FrameChipSums_RBV, FrameValues_RBV, FrameStartTimes_RBV
+                                           detector-side scan and per-frame records
+                                           (iocs/eiger_scan_pvs.py)
   Image:ArrayData, Image:ArraySizeX_RBV, Image:ArraySizeY_RBV, Image:Binning_RBV
                                            live view: last frame summed in 4 x 4 bins (float32)
   StatusMessage_RBV, Refusals_RBV, Connected_RBV, WorldTime_RBV   (iocs/base.py)
@@ -49,6 +53,7 @@ import numpy as np
 from caproto import ChannelType
 from caproto.server import SubGroup, pvproperty
 
+from calbench.contracts.eiger import SCAN_TRIMBITS
 from calbench.contracts.eiger_geometry import EigerGeometry, frame_dtype
 from calbench.contracts.trimfile import SETTINGS_NAMES, serial_from_hostname
 from calbench.iocs.base import InstrumentFault, Refused, enum_pv, string_pv
@@ -58,6 +63,7 @@ from calbench.iocs.eiger_pvs import (ALL_DACS, EIGER_SETTINGS, LIVE_BINNING, MAX
                                      TRIMBIT_CALLS, EigerDacs, LiveImage, SimControls, array_pv,
                                      float_pv, int_pv, size_waveforms)
 from calbench.iocs.eiger_reductions import Reductions
+from calbench.iocs.eiger_scan_pvs import EigerScanPVs, sized_lengths
 from calbench.iocs.settings_table import settings_group
 
 log = logging.getLogger(__name__)
@@ -121,6 +127,7 @@ class EigerIOC(settings_group("EigerSettings", EIGER_SETTINGS, EigerFilePVs)):
     chip_sums = array_pv("ChipSums_RBV", ChannelType.DOUBLE, read_only=True,
                           doc="counts per chip in the last acquisition (all frames)")
     total_counts = float_pv("TotalCounts_RBV", 0.0, precision=0, read_only=True)
+    scans = SubGroup(EigerScanPVs, prefix="")
 
     image = SubGroup(LiveImage, prefix="Image:")
     sim = SubGroup(SimControls, prefix="Sim:")
@@ -139,6 +146,7 @@ class EigerIOC(settings_group("EigerSettings", EIGER_SETTINGS, EigerFilePVs)):
         return {"dac_table": len(ALL_DACS) * g.n_half_modules, "dac_table_rbv": len(ALL_DACS)
                 * g.n_half_modules, "vcmp": g.n_chips, "vcmp_rbv": g.n_chips,
                 "trimbits": g.n_pixels, "trimbits_rbv": g.n_pixels, "chip_sums": g.n_chips,
+                **sized_lengths(g.n_chips),
                 "image.array_data": (g.rows // LIVE_BINNING) * (g.cols // LIVE_BINNING)}
 
     def _create_pvdb(self):
@@ -169,7 +177,7 @@ class EigerIOC(settings_group("EigerSettings", EIGER_SETTINGS, EigerFilePVs)):
                   "trim_energies": list(b.trim_energies) or [0],
                   "settings": loaded if loaded in SETTINGS_NAMES else "undefined",
                   "settings_dir": str(b.settings_dir), "tau": float(b.tau_ns),
-                  "test_pulses": int(b.test_pulses)}
+                  "test_pulses": int(b.test_pulses), "scan": b.scan()}
         if trimbits:
             values["trimbits"] = np.asarray(b.trimbits(), np.int16).ravel()
         return values
@@ -199,6 +207,7 @@ class EigerIOC(settings_group("EigerSettings", EIGER_SETTINGS, EigerFilePVs)):
         await self.publish(self.settings_dir_rbv, v["settings_dir"])
         await self.publish(self.rate_corr_tau_rbv, v["tau"])
         await self.publish(self.test_pulses_rbv, v["test_pulses"])
+        await self.scans.publish_settings(v["scan"])
 
     async def _show_settings_in_setpoints(self) -> None:
         """Start the setpoint PVs at the detector's values (without applying them again)."""
@@ -218,6 +227,7 @@ class EigerIOC(settings_group("EigerSettings", EIGER_SETTINGS, EigerFilePVs)):
         for setpoint, rbv in pairs:
             await setpoint.write(rbv.value, verify_value=False)
         await self.settings_dir.write(self.settings_dir_rbv.value, verify_value=False)
+        await self.scans.scan.write(self.scans.scan_rbv.value, verify_value=False)
 
     async def apply_setting(self, setting, value):
         """A setting PV of the table (iocs/eiger_pvs.py): its backend call, as `_setting`."""
@@ -345,7 +355,7 @@ class EigerIOC(settings_group("EigerSettings", EIGER_SETTINGS, EigerFilePVs)):
             await self.publish(self.images_counter, 0)
             try:
                 # on the worker thread; other puts are refused meanwhile
-                frames, starts, aborted, reduced = await self.worker.run(
+                result, reduced = await self.worker.run(
                     acquire_to_file, self.backend, self.geometry, path, self._stream_file)
             except OSError as exc:
                 await self.refuse(f"writing {path or self._stream_file.path} failed: {exc}; "
@@ -354,25 +364,31 @@ class EigerIOC(settings_group("EigerSettings", EIGER_SETTINGS, EigerFilePVs)):
                 await call(_raise, exc)
             except Exception as exc:                # never a crash: a fault, the IOC serves on
                 await call(_raise, exc)
-            await self._publish_acquisition(len(frames), starts, reduced, path)
+            await self._publish_acquisition(result, reduced, path)
         finally:
             self._busy = False
             await self.publish(self.acquire_rbv, "Done")
+        if result.scan_values is not None:      # the scan left its setting at the last step
+            await self.refresh_settings(
+                trimbits=self.scans.scan_rbv.value.startswith(SCAN_TRIMBITS))
         if path is not None:
             await self._advance_file_number()
         await self.array_counter.write(int(self.array_counter_rbv.value))
-        return aborted
+        return result.aborted
 
-    async def _publish_acquisition(self, n_frames: int, starts: np.ndarray,
-                                   reduced: Reductions | None, path: Path | None) -> None:
-        """Reductions (computed on the worker thread), live image and counters of a finished
-        acquisition. ArrayCounter_RBV goes last: a client that sees it advance (monitor updates
-        arrive in the order they were published) already holds this acquisition's values."""
+    async def _publish_acquisition(self, result, reduced: Reductions | None,
+                                   path: Path | None) -> None:
+        """Reductions (computed on the worker thread), live image, per-frame records and
+        counters of a finished acquisition. ArrayCounter_RBV goes last: a client that sees it
+        advance (monitor updates arrive in the order they were published) already holds this
+        acquisition's values."""
+        n_frames, starts = len(result.frames), result.start_times
         if reduced is not None:
             await self.publish(self.chip_sums, reduced.chip_sums, force=True)
             await self.publish(self.total_counts, reduced.total)
             await self.publish(self.image.array_data, reduced.live_image, force=True)
             await self.publish(self.acquire_start, float(starts[0]))
+            await self.scans.publish_records(result, reduced)
         await self.publish(self.images_counter, n_frames)
         if path is not None:
             await self.publish(self.full_file_name, str(path))

@@ -13,6 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from calbench.contracts.eiger import SCAN_TARGETS
 from calbench.contracts.eiger_geometry import EigerGeometry, frame_dtype
 from calbench.iocs.eiger_reductions import FrameReducer
 
@@ -24,7 +25,7 @@ def acquire_to_file(backend, geometry: EigerGeometry, path: Path | None,
     """Worker thread: run the acquisition, streaming its frames into the HDF5 file (a new one
     at ``path`` in Single mode, the open ``stream_file`` in Stream mode, none without Capture)
     and reducing each (per-chip counts, total, live image).
-    Returns (frames, start_times, aborted, reductions or None without frames); a new file is
+    Returns (the backend's Acquisition, its reductions or None without frames); a new file is
     removed if the acquisition fails."""
     writer = FrameFile(path, geometry, backend) if path else stream_file
     reducer = FrameReducer(geometry)
@@ -35,7 +36,7 @@ def acquire_to_file(backend, geometry: EigerGeometry, path: Path | None,
         reducer.add(frame)
 
     if writer is not None:
-        writer.begin_acquisition(backend)
+        writer.begin_acquisition(backend, backend.scan())
     try:
         result = backend.acquire(on_frame)
     except BaseException:
@@ -43,17 +44,19 @@ def acquire_to_file(backend, geometry: EigerGeometry, path: Path | None,
             writer.discard()
         raise
     if writer is not None:
-        writer.end_acquisition(result.start_times)
+        writer.end_acquisition(result.start_times, result.scan_values)
         if path is not None:
             writer.close()
-    return result.frames, result.start_times, result.aborted, reducer.result()
+    return result, reducer.result()
 
 
 class FrameFile:
     """An HDF5 file of EIGER frames: /entry/data/data [frames, rows, cols] in the dr dtype, one
     chunk per frame, SWMR (readers such as tiled see each frame once it is flushed). Per frame,
-    /entry/instrument/detector holds start_time (world epoch s), count_time (s) and vthreshold
-    (DAC, -1 when the chips differ), so a threshold scan's file describes itself."""
+    /entry/instrument/detector holds start_time (world epoch s), count_time (s), vthreshold
+    (DAC, -1 when the chips differ) and, for a detector-side scan, scan_target (index into the
+    dataset's ``targets`` attribute, -1 outside a scan) and scan_value (the step's setting), so a
+    threshold scan's file describes itself."""
 
     def __init__(self, path: Path, geometry: EigerGeometry, backend):
         self.path = path
@@ -77,14 +80,18 @@ class FrameFile:
         self.per_frame = {name: det.create_dataset(name, shape=(0,), maxshape=(None,),
                                                    chunks=(256,), dtype=dtype)
                           for name, dtype in (("start_time", "f8"), ("count_time", "f8"),
-                                              ("vthreshold", "i4"))}
+                                              ("vthreshold", "i4"), ("scan_target", "i2"),
+                                              ("scan_value", "i4"))}
+        self.per_frame["scan_target"].attrs["targets"] = ",".join(SCAN_TARGETS)
         self.file.swmr_mode = True
         self._settings = {}
 
-    def begin_acquisition(self, backend) -> None:
+    def begin_acquisition(self, backend, scan=None) -> None:
         self._first = self.n_frames
         self._settings = {"count_time": float(backend.exptime),
-                          "vthreshold": int(backend.vthreshold())}
+                          "vthreshold": int(backend.vthreshold()),
+                          "scan_target": SCAN_TARGETS.index(scan.target) if scan else -1,
+                          "vthreshold_scanned": bool(scan and scan.target == "vthreshold")}
 
     def append(self, index: int, frame: np.ndarray) -> None:
         n = self._first + index + 1
@@ -97,11 +104,16 @@ class FrameFile:
             self.dataset.flush()
             self._flushed = time.monotonic()
 
-    def end_acquisition(self, start_times: np.ndarray) -> None:
+    def end_acquisition(self, start_times: np.ndarray, scan_values=None) -> None:
         n = self.n_frames
+        settings = self._settings
+        steps = (np.asarray(scan_values, np.int64)[: n - self._first] if scan_values is not None
+                 else -1)
         values = {"start_time": np.asarray(start_times, float)[: n - self._first],
-                  "count_time": self._settings["count_time"],
-                  "vthreshold": self._settings["vthreshold"]}
+                  "count_time": settings["count_time"],
+                  "vthreshold": steps if settings["vthreshold_scanned"] else settings["vthreshold"],
+                  "scan_target": settings["scan_target"] if scan_values is not None else -1,
+                  "scan_value": steps}
         for name, ds in self.per_frame.items():
             ds.resize(n, axis=0)
             ds[self._first:n] = values[name]

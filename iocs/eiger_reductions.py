@@ -3,8 +3,9 @@
 One pass per frame, as it is read out (on the detector's worker thread, never on the IOC's event
 loop): each frame is summed in LIVE_BINNING x LIVE_BINNING bins with integer adds of strided
 rows and columns (about 6x faster than numpy's reduction over a 4-d reshape of a 500k frame). The
-bins of the last frame are the live image; the bins summed over the frames give the per-chip
-counts (a chip is 256 x 256 pixels, a whole number of bins) and the total, exactly (integers).
+bins of the last frame are the live image; each frame's bins give its per-chip counts (a chip is
+256 x 256 pixels, a whole number of bins: a detector-side scan's points) and their sums over the
+frames the acquisition's per-chip counts and total, exactly (integers).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class Reductions:
     chip_sums: np.ndarray            # float64 [n_chips], counts per chip over all frames
     total: float
     live_image: np.ndarray           # float32 [rows // b * cols // b], the last frame binned
+    frame_chip_sums: np.ndarray      # float64 [n_frames, n_chips], counts per chip of each frame
 
 
 def binned(frame: np.ndarray, b: int = LIVE_BINNING) -> np.ndarray:
@@ -44,26 +46,29 @@ class FrameReducer:
             raise ValueError(f"chips of {CHIP_SIZE} pixels are not a whole number of "
                              f"{LIVE_BINNING}-pixel bins")
         self.geometry = geometry
-        self._sum: np.ndarray | None = None
+        self._grid = geometry.chip_map[::CHIP_SIZE, ::CHIP_SIZE].astype(np.intp).ravel()
         self._last: np.ndarray | None = None
+        self._per_frame: list[np.ndarray] = []
 
     def add(self, frame: np.ndarray) -> None:
-        bins = binned(np.asarray(frame))
-        self._last = bins
-        if self._sum is None:
-            self._sum = bins.copy()
-        else:
-            self._sum += bins
+        self._last = binned(np.asarray(frame))
+        self._per_frame.append(self._chips(self._last))
+
+    def _chips(self, bins: np.ndarray) -> np.ndarray:
+        """Counts per chip (chip order) of a binned frame: a chip is k x k bins."""
+        k = CHIP_SIZE // LIVE_BINNING
+        rows, cols = bins.shape
+        blocks = bins.reshape(rows // k, k, cols // k, k).sum(axis=(1, 3))
+        chips = np.empty(self.geometry.n_chips)
+        chips[self._grid] = blocks.ravel()
+        return chips
 
     def result(self) -> Reductions | None:
         """The acquisition's reductions; None when it took no frame."""
-        if self._sum is None:
+        if not self._per_frame:
             return None
-        g, k = self.geometry, CHIP_SIZE // LIVE_BINNING
-        grid = g.chip_map[::CHIP_SIZE, ::CHIP_SIZE].astype(np.intp)
-        br, bc = grid.shape
-        blocks = self._sum.reshape(br, k, bc, k).sum(axis=(1, 3))
-        chips = np.empty(g.n_chips)
-        chips[grid.ravel()] = blocks.ravel()
-        return Reductions(chip_sums=chips, total=float(blocks.sum()),
-                          live_image=self._last.astype(np.float32).ravel())
+        per_frame = np.stack(self._per_frame)
+        chips = per_frame.sum(axis=0)        # exact: integer counts far below 2**53
+        return Reductions(chip_sums=chips, total=float(chips.sum()),
+                          live_image=self._last.astype(np.float32).ravel(),
+                          frame_chip_sums=per_frame)

@@ -35,6 +35,20 @@ class runStatus(Enum):               # noqa: N801
     STOPPED = 7
 
 
+class dacIndex(Enum):                # noqa: N801 - slsdet's spelling (the members scanned here)
+    VRPREAMP = 2
+    VTHRESHOLD = 99
+    TRIMBIT_SCAN = 150
+
+
+class scanParameters:                # noqa: N801 - slsdet's scanParameters
+    def __init__(self, dac=None, start=0, stop=0, step=0, settle=None):
+        self.enable = int(dac is not None)
+        self.dacInd = dac if dac is not None else dacIndex.VRPREAMP     # noqa: N815
+        self.startOffset, self.stopOffset, self.stepSize = start, stop, step   # noqa: N815
+        self.dacSettleTime_ns = int(settle.total_seconds() * 1e9) if settle else 0  # noqa: N815
+
+
 class _Duration:                     # slsdet's DurationWrapper
     def __init__(self, ns):
         self.ns = ns
@@ -119,7 +133,8 @@ class FakeSlsEiger:
         self.top = [i % 2 == 0 for i in range(n_modules)]
         self.dacs = _Dacs(self)
         self.temp = _Temp()
-        self._dr, self.exptime, self.period, self.frames = 16, 1.0, 0.0, 1
+        self._dr, self.exptime, self.period, self._frames = 16, 1.0, 0.0, 1
+        self._scan = scanParameters()
         self.settingspath, self.trimen, self.threshold = "/", [], -1
         self.settings = detectorSettings.UNDEFINED
         self.fpath = self.fname = ""
@@ -135,6 +150,29 @@ class FakeSlsEiger:
     def check(self):
         if self.fail is not None:
             raise self.fail
+
+    # the server's scan: frames are its steps; setting it (or none) puts frames back to 1
+    @property
+    def frames(self):
+        if self._scan.enable:
+            return abs(self._scan.stopOffset - self._scan.startOffset) // abs(
+                self._scan.stepSize) + 1
+        return self._frames
+
+    @frames.setter
+    def frames(self, n):
+        if self._scan.enable and n != self.frames:
+            raise RuntimeError(f"Could not set number of frames {n}. In scan mode, it is number "
+                               f"of steps {self.frames}")
+        self._frames = n
+
+    def getScan(self):                               # noqa: N802 - slsdet's name
+        return [self._scan] * len(self.modules)
+
+    def setScan(self, params):                       # noqa: N802
+        self.calls.append(("setScan", params.enable, params.startOffset, params.stopOffset,
+                           params.stepSize))
+        self._scan, self._frames = params, 1
 
     def size(self):
         return len(self.modules)
@@ -331,7 +369,8 @@ def fake():
 def hw(fake, tmp_path):
     return EigerHardware(fake, {"geometry": "500k", "scratch_dir": str(tmp_path / "scratch"),
                                 "settings_dir": str(tmp_path / "settings"),
-                                "trimen": [5400, 6400]}, settings_enum=detectorSettings)
+                                "trimen": [5400, 6400]}, settings_enum=detectorSettings,
+                         scan_types=(scanParameters, dacIndex))
 
 
 def test_dacs_map_to_slsdet_per_detector_and_per_half_module(hw, fake):
@@ -554,6 +593,23 @@ def test_acquisition_aborts_and_never_uses_the_blocking_acquire(hw, fake):
     names = [c[0] for c in fake.calls]
     assert names.index("startReceiver") < names.index("startDetector") < names.index(
         "stopDetector") < names.index("stopReceiver")
+
+
+def test_a_detector_side_scan_goes_to_the_server_and_back(hw, fake):
+    from calbench.contracts.eiger import parse_scan
+    hw.set_scan(parse_scan("vthreshold 400 1600 300 5ms"))
+    assert fake.calls[-1] == ("setScan", 1, 400, 1600, 300)
+    assert hw.scan() == parse_scan("vthreshold 400 1600 300 5ms") and hw.frames == 5
+    with pytest.raises(Refused, match="Scan = 0"):
+        hw.set_frames(2)
+    r = hw.acquire()
+    assert len(r.frames) == 5 and not r.aborted
+    np.testing.assert_array_equal(r.scan_values, [400, 700, 1000, 1300, 1600])
+    assert np.allclose(np.diff(r.start_times), 1.0 + 0.005)      # exposure + settle per step
+    hw.set_scan(parse_scan("trimbits 0 63 21"))
+    assert fake._scan.dacInd == dacIndex.TRIMBIT_SCAN and hw.scan().target == "trimbits"
+    hw.set_scan(None)
+    assert hw.scan() is None and hw.frames == 1 and hw.acquire().scan_values is None
 
 
 def test_ports_are_placed_by_the_column_in_their_headers(hw, fake):

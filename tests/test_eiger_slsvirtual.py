@@ -589,6 +589,43 @@ def test_abort_of_a_40_frame_acquisition(rig, ca):
     ca.put("NumImages", 1)
 
 
+def test_a_detector_side_threshold_scan_takes_a_frame_per_step(rig, ca):
+    """PSI's server runs the scan: slsdet's getScan and frames agree with the IOC, the receiver
+    gets one frame per step, and the threshold is left at the last step."""
+    d = rig.det
+    ca.put("RateCorrTau", 0)
+    ca.put("DynamicRange", 16)
+    ca.put("AcquireTime", 0.01)
+    ca.put("AcquirePeriod", 0)
+    ca.put("NumImages", 1)
+    ca.put("FilePath", str(rig.data))
+    ca.put("FileName", "scan")
+    ca.put("FileWriteMode", 0)
+    ca.put("Capture", 1)
+    ca.put("Scan", "vthreshold 500 1500 250 2ms")
+    assert ca.get("Scan_RBV") == "vthreshold 500 1500 250 2ms"
+    assert ca.get("ScanSteps_RBV") == 5 == ca.get("NumImages_RBV") == d.frames
+    scan = d.getScan()[0]
+    assert (scan.enable, scan.startOffset, scan.stopOffset, scan.stepSize) == (1, 500, 1500, 250)
+    assert scan.dacSettleTime_ns == 2_000_000
+    assert "Scan = 0" in ca.refused("NumImages", 3)        # one frame per step while scanning
+    counter = ca.get("ArrayCounter_RBV")
+    ca.put("Acquire", 1, timeout=WAIT_S)
+    assert ca.get("DetectorState_RBV") == "Idle", ca.get("StatusMessage_RBV")
+    assert ca.get("ArrayCounter_RBV") == counter + 5
+    np.testing.assert_array_equal(ca.get("FrameValues_RBV")[:5], [500, 750, 1000, 1250, 1500])
+    assert ca.get("Vthreshold_RBV") == 1500 == d.vthreshold
+    path = ca.get("FullFileName_RBV")
+    ca.put("Capture", 0)
+    with h5py.File(path, "r") as f:
+        assert f["/entry/data/data"].shape == (5, 512, 1024)
+        np.testing.assert_array_equal(f["/entry/instrument/detector/vthreshold"][()],
+                                      [500, 750, 1000, 1250, 1500])
+    ca.put("Scan", "0")
+    assert ca.get("Scan_RBV") == "0" and not d.getScan()[0].enable
+    assert ca.get("NumImages_RBV") == 1 == d.frames
+
+
 def _state(d) -> str:
     return {str(s).split(".")[-1] for s in d.getDetectorStatus()}.pop()
 

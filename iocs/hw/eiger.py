@@ -19,7 +19,9 @@ How each IOC PV maps to slsdet (d = slsdet.Eiger(slsdet_id); one slsdet "module"
   LoadTrimbits               d.loadTrimbits(prefix)  (slsdet appends .snNNN; files checked first)
   SaveTrimbits               d.saveTrimbits(prefix)
   DynamicRange(_RBV)         d.dr           AcquireTime d.exptime    AcquirePeriod d.period
-  NumImages                  d.frames
+  NumImages                  d.frames (in a scan the server reports its steps, refuses others)
+  Scan(_RBV)                 d.setScan(scanParameters(dacIndex.<DAC> | VTHRESHOLD | TRIMBIT_SCAN,
+                             start, stop, step, settle)) / d.getScan(); "0": scanParameters()
   ThresholdEnergy(_RBV)      d.setThresholdEnergy(eV, detectorSettings.<SETTINGS>, True) / d.threshold
                              (-1 once a DAC, trimbit or tau was set directly: the server keeps the
                              old energy, but the settings it describes are gone)
@@ -57,6 +59,7 @@ receiver, or an error nobody expected) `InstrumentFault`.
 from __future__ import annotations
 
 import atexit
+import datetime
 import logging
 import shutil
 import struct
@@ -75,7 +78,7 @@ from calbench.contracts.trimfile import (DAC_NAMES, SETTINGS_NAMES, TRIMBIT_MAX,
                                          TrimFileError, read_trim_file, trim_file_path,
                                          write_trim_file)
 from calbench.contracts.errors import InstrumentFault, Refused
-from calbench.contracts.eiger import Acquisition, check_dac
+from calbench.contracts.eiger import SCAN_TRIMBITS, Acquisition, ScanParameters, check_dac
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +115,8 @@ def open_eiger(settings: dict) -> "EigerHardware":
     except RuntimeError as exc:
         raise InstrumentFault(f"slsdet could not open the EIGER ({exc}); load its configuration "
                               "file first (sls_detector_put config <file>)") from exc
-    return EigerHardware(det, settings, settings_enum=slsdet.detectorSettings)
+    return EigerHardware(det, settings, settings_enum=slsdet.detectorSettings,
+                         scan_types=(slsdet.scanParameters, slsdet.dacIndex))
 
 
 def unpack_port(raw: bytes | NDArray[np.uint8], dr: int) -> NDArray:
@@ -146,7 +150,7 @@ def _state_name(status) -> str:
 class EigerHardware:
     """The EigerIOC backend over an slsdet ``Eiger`` object (tests pass a fake with its interface)."""
 
-    def __init__(self, det, settings: dict, *, settings_enum=None):
+    def __init__(self, det, settings: dict, *, settings_enum=None, scan_types=None):
         self.det = det
         self.geometry = eiger_geometry(settings.get("geometry", "500k"))
         n_hm = self._call(lambda: int(det.size()))
@@ -161,6 +165,8 @@ class EigerHardware:
         self._check_top_bottom()
         self.det_id = settings.get("det_id", "")
         self._settings_enum = settings_enum
+        # slsdet's (scanParameters, dacIndex): tests pass a fake's
+        self._scan_types = scan_types
         self._abort = threading.Event()
         scratch = settings.get("scratch_dir") or ""
         self._scratch = Path(scratch) if scratch else Path(tempfile.mkdtemp(prefix="calbench-eiger-"))
@@ -449,6 +455,10 @@ class EigerHardware:
     def set_frames(self, n: int) -> None:
         if int(n) != n or not 1 <= int(n) <= 100000:
             raise Refused(f"number of frames {n} outside 1..100000")
+        scan = self.scan()
+        if scan is not None and int(n) != len(scan.values):
+            raise Refused(f"the detector scans ({scan.text}): it takes one frame per step, "
+                          f"{len(scan.values)} frames; put Scan = 0 first to set the frames")
         self._call(lambda: setattr(self.det, "frames", int(n)))
 
     @property
@@ -457,6 +467,44 @@ class EigerHardware:
         server loads a trim file's tau only while rate correction is on."""
         values = self._call(lambda: list(self.det.getRateCorrection()))
         return _common([int(round(v.total_seconds() * 1e9)) for v in values])
+
+    # -- detector-side scan ---------------------------------------------------------------------
+    def _scan_index(self, target: str):
+        _, dac_index = self._scan_types
+        name = {"vthreshold": "VTHRESHOLD", SCAN_TRIMBITS: "TRIMBIT_SCAN"}.get(target,
+                                                                               target.upper())
+        return getattr(dac_index, name)
+
+    def scan(self) -> ScanParameters | None:
+        """The server's scan (d.getScan(), the same on every half module), or None."""
+        if self._scan_types is None:
+            return None
+        per_module = self._call(lambda: list(self.det.getScan()))
+        first = per_module[0]
+        if not first.enable:
+            return None
+        index = first.dacInd
+        name = str(getattr(index, "name", index)).split(".")[-1].lower()
+        target = {"vthreshold": "vthreshold", "trimbit_scan": SCAN_TRIMBITS}.get(name, name)
+        return ScanParameters(target, int(first.startOffset), int(first.stopOffset),
+                              int(first.stepSize), int(first.dacSettleTime_ns) * 1e-9)
+
+    def set_scan(self, params: ScanParameters | None) -> None:
+        """d.setScan: the server then takes one frame per step (frames = steps) or, with None,
+        goes back to one frame per acquisition."""
+        if self._scan_types is None:
+            raise Refused("this EIGER backend was opened without slsdet's scan types; open it "
+                          "with open_eiger")
+        scan_parameters, _ = self._scan_types
+        if params is None:
+            value = scan_parameters()
+        else:
+            if params.target != SCAN_TRIMBITS:
+                check_dac(params.target, params.start)
+                check_dac(params.target, params.stop)
+            value = scan_parameters(self._scan_index(params.target), params.start, params.stop,
+                                    params.step, datetime.timedelta(seconds=params.settle_s))
+        self._call(lambda: self.det.setScan(value))
 
     def set_rate_correction(self, tau_ns: float) -> None:
         if not 0 <= float(tau_ns) <= 10000:
@@ -482,7 +530,7 @@ class EigerHardware:
         thread. slsdet is asked for short things only (start, status, stop), so other threads
         (the IOC's event loop) keep running; `abort` ends it within one status poll."""
         self._abort.clear()
-        dr, n = self.dr, self.frames
+        dr, n, scan = self.dr, self.frames, self.scan()
         fname = "calbench"
         findex = self._findex
         self._findex += 1
@@ -515,8 +563,12 @@ class EigerHardware:
             for i, frame in enumerate(frames):
                 on_frame(i, frame)
         period = max(self.period, self.exptime)
+        if scan is not None:            # the server set each step before its frame
+            period += scan.settle_s
+            self._settings_changed = True
         return Acquisition(frames=frames, start_times=start + period * np.arange(len(frames)),
-                           aborted=aborted or len(frames) < n)
+                           aborted=aborted or len(frames) < n,
+                           scan_values=scan.values[:len(frames)] if scan else None)
 
     def _wait_for_detector(self) -> bool:
         """Poll the run status until every half module is done; stop them on abort. Returns

@@ -24,7 +24,7 @@ from calbench.contracts.trimfile import (DAC_DEFAULTS, DAC_NAMES, IODELAY_DEFAUL
                                         trim_file_path, write_trim_file)
 from calbench.contracts.errors import InstrumentFault, Refused
 from calbench.contracts.clock import WorldClock
-from calbench.contracts.eiger import Acquisition, check_dac
+from calbench.contracts.eiger import SCAN_TRIMBITS, Acquisition, ScanParameters, check_dac
 from calbench.iocs.sim.eiger_pixels import FACTORY_TAU_NS, EigerTruth, PixelResponse, make_truth
 
 BeamSource = Callable[[], tuple[float, float]]
@@ -73,7 +73,8 @@ class EigerSim(PixelResponse):
         self.dr = 16
         self.exptime = 1.0
         self.period = 0.0
-        self.frames = 1
+        self._frames = 1
+        self._scan: ScanParameters | None = None
         self.tau_ns = 0
         self.test_pulses = 0
         self._cache: dict | None = None
@@ -367,11 +368,43 @@ class EigerSim(PixelResponse):
             raise Refused(f"period {seconds} s outside 0..3600 s (0: as fast as possible)")
         self.period = float(seconds)
 
+    @property
+    def frames(self) -> int:
+        """Frames per acquisition: in a scan, its number of steps (as the server reports)."""
+        return len(self._scan.values) if self._scan else self._frames
+
     def set_frames(self, n: int) -> None:
         self._check_responsive()
         if int(n) != n or not 1 <= int(n) <= 100000:
             raise Refused(f"number of frames {n} outside 1..100000")
-        self.frames = int(n)
+        if self._scan and int(n) != self.frames:
+            raise Refused(f"the detector scans ({self._scan.text}): it takes one frame per step, "
+                          f"{self.frames} frames; put Scan = 0 first to set the frames")
+        self._frames = int(n)
+
+    def scan(self) -> ScanParameters | None:
+        """The detector-side scan the next acquisition runs, or None."""
+        self._check_responsive()
+        return self._scan
+
+    def set_scan(self, params: ScanParameters | None) -> None:
+        """Enable a detector-side scan (one frame per step) or, with None, disable it; either
+        way the frames per acquisition go back to 1 (slsDetectorServer set_scan)."""
+        self._check_responsive()
+        if params is not None and params.target != SCAN_TRIMBITS:
+            self._check_dac(params.target, params.start)
+            self._check_dac(params.target, params.stop)
+        self._scan = params
+        self._frames = 1
+
+    def _apply_scan_step(self, value: int) -> None:
+        target = self._scan.target
+        if target == SCAN_TRIMBITS:
+            self.set_trimval(value)
+        elif target == "vthreshold":
+            self.set_vthreshold(value)
+        else:
+            self.set_dac(target, value)
 
     def set_rate_correction(self, tau_ns: float) -> None:
         self._check_responsive()
@@ -401,14 +434,17 @@ class EigerSim(PixelResponse):
         out. `abort()` ends it early with the frames taken so far."""
         self._check_responsive()
         self._abort.clear()
-        n, exptime = self.frames, self.exptime
-        spacing = max(self.period, exptime)
+        n, exptime, scan = self.frames, self.exptime, self._scan
+        # a scan waits its settle time after each setting (slsDetectorServer start_state_machine)
+        spacing = max(self.period, exptime) + (scan.settle_s if scan else 0.0)
         frames = np.empty((n,) + self.geometry.shape, frame_dtype(self.dr))
         starts = np.empty(n)
         t0 = self.clock.now()
         done = 0
         for i in range(n):
-            start = t0 + i * spacing
+            if scan:
+                self._apply_scan_step(int(scan.values[i]))
+            start = t0 + i * spacing + (scan.settle_s if scan else 0.0)
             self._sleep_until(start)
             if self._abort.is_set():
                 break
@@ -427,7 +463,7 @@ class EigerSim(PixelResponse):
             if on_frame is not None:
                 on_frame(i, frame)
         return Acquisition(frames=frames[:done], start_times=starts[:done],
-                           aborted=done < n)
+                           aborted=done < n, scan_values=scan.values[:done] if scan else None)
 
     def _sleep_until(self, world_t: float) -> None:
         while not self._abort.is_set():

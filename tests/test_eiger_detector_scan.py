@@ -1,0 +1,149 @@
+"""EIGER scans the detector runs itself (Scan PV, devices/eiger_scan.py, plans/eiger_scans.py):
+simulated detector behind the X-ray box -> EigerIOC -> flyer -> RunEngine -> HDF5 + tiled. The
+run must read back as a step scan of the same points would: the same keys, one frame per point,
+the per-chip sums of those frames, and the physics of each step's setting."""
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from bluesky.plans import scan as step_scan
+
+from calbench.analysis.eiger_callbacks import StepAnalysis
+from calbench.devices.base import InstrumentRefused, set_and_check
+from calbench.plans.eiger_scans import detector_scan
+from calbench.plans.xray import tube_on, xrf_exposure
+
+KV, MA = 40.0, 40.0
+
+
+@pytest.fixture
+def box(lab):
+    box = lab.device("xraybox")
+    yield box
+    lab.backend("xraybox").make_safe()
+
+
+@pytest.fixture
+def det(lab):
+    det = lab.device("eiger")
+    det.data_dir = lab.cfg.data_dir
+    set_and_check(det.scan, "0")
+    for name, value in ((det.dynamic_range, 32), (det.exptime, 0.1), (det.frames, 1),
+                        (det.period, 0.0), (det.trimval, 32), (det.vthreshold, 1200),
+                        (det.dacs.vrpreamp, 3040), (det.dacs.vtrim, 2500), (det.test_pulses, 0)):
+        set_and_check(name, value)
+    yield det
+    set_and_check(det.scan, "0")
+
+
+def _collected(start, RE, uid):
+    """The run as the calibration's callback collects it (frames read from the HDF5 file)."""
+    analysis = StepAnalysis(analyse=lambda data, untrimmed=None: data)
+    for name, doc in RE.catalog[uid].documents():
+        analysis(name, doc)
+    return analysis.result
+
+
+def test_a_detector_side_threshold_scan_records_a_frame_per_step(lab, box, det, RE):
+    RE(tube_on(box, KV, MA))
+    points = np.arange(200, 1801, 100)
+    md = {"x_key": det.vthreshold.name, "image_key": det.image_key, "geometry": "500k"}
+    (uid,) = RE(xrf_exposure(box, "Cu", detector_scan(det, det.vthreshold, points, md=md)))
+    run = RE.catalog[uid]
+    assert run.metadata["stop"]["exit_status"] == "success"
+    assert run.metadata["start"]["detector_scan"] == "vthreshold 200 1800 100 1ms"
+    x = np.asarray(run["primary"]["eiger_vthreshold"].read())
+    np.testing.assert_array_equal(x, points)
+    frames = run["primary"]["eiger_image"].read()
+    assert frames.shape == (len(points), 512, 1024) and frames.dtype == np.uint32
+
+    # each event's chip sums and total are its own frame's
+    geometry = lab.ioc("eiger").geometry
+    sums = np.stack(run["primary"]["eiger_chip_sums"].read())
+    np.testing.assert_array_equal(sums, [geometry.chip_sums(f) for f in frames])
+    np.testing.assert_array_equal(run["primary"]["eiger_total_counts"].read(),
+                                  frames.sum(axis=(1, 2), dtype=np.float64))
+
+    # physics: the counts rise with vthreshold (a lower energy threshold) through the Cu line
+    totals = frames.sum(axis=(1, 2), dtype=np.float64)
+    assert totals[-1] > 5 * totals[0] > 0
+    assert np.all(np.diff(totals) >= -0.02 * totals.max())
+
+    # the file says which threshold each frame had
+    with h5py.File(det.full_file_name.get(use_monitor=False), "r", swmr=True) as f:
+        per_frame = f["/entry/instrument/detector"]
+        np.testing.assert_array_equal(per_frame["vthreshold"][-len(points):], points)
+        np.testing.assert_array_equal(per_frame["scan_value"][-len(points):], points)
+        targets = per_frame["scan_target"].attrs["targets"].split(",")
+        assert {targets[i] for i in per_frame["scan_target"][-len(points):]} == {"vthreshold"}
+        np.testing.assert_array_equal(f["/entry/data/data"][-len(points):], frames)
+
+    # the detector's scan is off again and the threshold stays at the last step (as PSI's server)
+    assert det.scan.get(use_monitor=False) == "0"
+    assert int(det.scan_steps.get(use_monitor=False)) == 0
+    assert int(det.frames.get(use_monitor=False)) == 1
+    assert int(det.vthreshold.get(use_monitor=False)) == points[-1]
+
+    # the calibration's callback collects it as it collects a step scan
+    data = _collected(md, RE, uid)
+    np.testing.assert_array_equal(data.x, points)
+    np.testing.assert_array_equal(data.frames, frames)
+
+
+def test_a_step_scan_and_a_detector_scan_record_the_same_keys(lab, box, det, RE):
+    RE(tube_on(box, KV, MA))
+    points = [600, 1000, 1400]
+    (step_uid,) = RE(xrf_exposure(box, "Cu", step_scan([det], det.vthreshold, 600, 1400, 3)))
+    set_and_check(det.vthreshold, 1200)
+    (fly_uid,) = RE(xrf_exposure(box, "Cu", detector_scan(det, det.vthreshold, points)))
+    stepped, flown = RE.catalog[step_uid]["primary"], RE.catalog[fly_uid]["primary"]
+    keys = {det.vthreshold.name, det.chip_sums.name, det.total_counts.name, det.image_key}
+    assert keys <= set(stepped) and keys <= set(flown)
+    for key in keys:
+        assert np.asarray(stepped[key].read()).shape == np.asarray(flown[key].read()).shape, key
+    np.testing.assert_array_equal(flown[det.vthreshold.name].read(),
+                                  stepped[det.vthreshold.name].read())
+    # same settings, same beam: the same counts within Poisson noise
+    a = np.asarray(stepped[det.total_counts.name].read(), float)
+    b = np.asarray(flown[det.total_counts.name].read(), float)
+    assert np.all(abs(a - b) < 6 * np.sqrt(a + b) + 1)
+
+
+def test_a_trimbit_scan_and_a_dac_scan_run_in_the_detector(lab, box, det, RE):
+    RE(tube_on(box, KV, MA))
+    (uid,) = RE(xrf_exposure(box, "Cu", detector_scan(det, det.trimval, np.arange(0, 64, 21))))
+    run = RE.catalog[uid]
+    np.testing.assert_array_equal(run["primary"]["eiger_trimval"].read(), [0, 21, 42, 63])
+    assert int(det.trimval.get(use_monitor=False)) == 63
+    (uid,) = RE(xrf_exposure(box, "Cu", detector_scan(det, det.dacs.vrpreamp,
+                                                      np.arange(3400, 2500, -300))))
+    run = RE.catalog[uid]
+    np.testing.assert_array_equal(run["primary"]["eiger_dacs_vrpreamp"].read(),
+                                  [3400, 3100, 2800])
+    assert run["primary"]["eiger_image"].shape == (3, 512, 1024)
+
+
+def test_scan_puts_the_detector_refuses_name_the_syntax(det):
+    with pytest.raises(InstrumentRefused, match="never goes from 0 to 2000"):
+        set_and_check(det.scan, "vthreshold 0 2000 -40")
+    with pytest.raises(InstrumentRefused, match="no DAC 'vfoo'"):
+        set_and_check(det.scan, "vfoo 0 2000 40")
+    with pytest.raises(InstrumentRefused, match="e.g. 'vthreshold 0 2000 40 1ms'"):
+        set_and_check(det.scan, "vthreshold 0 2000")
+    assert det.scan.get(use_monitor=False) == "0"
+    set_and_check(det.scan, "vthreshold 0 2000 40 5ms")
+    assert det.scan.get(use_monitor=False) == "vthreshold 0 2000 40 5ms"
+    assert int(det.scan_steps.get(use_monitor=False)) == 51
+    assert int(det.frames.get(use_monitor=False)) == 51       # one frame per step
+    with pytest.raises(InstrumentRefused, match="put Scan = 0 first"):
+        set_and_check(det.frames, 3)
+    set_and_check(det.scan, "0")
+    assert int(det.frames.get(use_monitor=False)) == 1
+
+
+def test_points_the_detector_cannot_scan_are_refused_before_anything_moves(det):
+    with pytest.raises(ValueError, match="evenly spaced integer"):
+        list(detector_scan(det, det.vthreshold, [0, 100, 300]))
+    with pytest.raises(ValueError, match="cannot be scanned by the detector"):
+        list(detector_scan(det, det.exptime, [0.1, 0.2]))
