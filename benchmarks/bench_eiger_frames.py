@@ -25,6 +25,11 @@ this run:
   N frames, 1 trigger NumImages = N: one acquisition streams N frames into the run's file (one
                       event, one StreamDatum): the path each frame takes once the per-trigger
                       round trip (put, monitors, event) is shared by the frames of an acquisition
+  threshold scan      an S-curve's path: N vthreshold points, one frame each, "step by step"
+                      (bluesky's scan: per point a vthreshold put, a trigger and a read over CA)
+                      and "in the detector" (plans/eiger_scans.py: the detector sets each point
+                      and takes its frame in one acquisition; an event per point all the same).
+                      The detector's settle time (1 ms a step) counts as exposure
 
 "overhead" = wall time per frame minus the exposure time; "data path" = overhead minus the
 simulator's excess over the exposure (none by default). "stop wait" is the part of the overhead
@@ -54,13 +59,14 @@ os.environ.update({"EPICS_CA_SERVER_PORT": _PORT, "EPICS_CAS_SERVER_PORT": _PORT
 
 import h5py  # noqa: E402
 from bluesky import RunEngine  # noqa: E402
-from bluesky.plans import count  # noqa: E402
+from bluesky.plans import count, scan  # noqa: E402
 
 from calbench.config import load_config  # noqa: E402
 from calbench.devices.base import set_and_check  # noqa: E402
 from calbench.iocs.build import build_iocs  # noqa: E402
 from calbench.lab import make_device  # noqa: E402
 from calbench.persistence import TiledPersister  # noqa: E402
+from calbench.plans.eiger_scans import detector_scan  # noqa: E402
 from calbench.plans.xray import close_shutters, open_xrf_shutter, select_target, tube_on  # noqa: E402
 from calbench.tiled_service import runs_catalog, start_embedded, stop_embedded  # noqa: E402
 from eiger_end_to_end import _start_iocs, _stop_iocs, _write_config  # noqa: E402
@@ -102,16 +108,22 @@ class StopWait:
             self.last_s = time.perf_counter() - t0
 
 
-def timed_count(RE, det, triggers: int, frames_per_trigger: int, exptime: float,
-                photons_ms: float, stop: StopWait | None = None):
-    """(overhead, data path, stop wait) in ms per frame: the data path is the overhead without
-    the simulator's frame computation beyond the exposure it overlaps."""
-    n = triggers * frames_per_trigger
+def timed_plan(RE, plan, n: int, exptime: float, photons_ms: float,
+               stop: StopWait | None = None):
+    """(overhead, data path, stop wait) in ms per frame of a plan taking n frames of
+    ``exptime`` s: the data path is the overhead without the simulator's frame computation beyond
+    the exposure it overlaps."""
     t0 = time.perf_counter()
-    RE(count([det], num=triggers))
+    RE(plan)
     overhead = (time.perf_counter() - t0) / n * 1e3 - exptime * 1e3
     excess = max(0.0, photons_ms - exptime * 1e3)
     return overhead, overhead - excess, (stop.last_s / n * 1e3 if stop else None)
+
+
+def timed_count(RE, det, triggers: int, frames_per_trigger: int, exptime: float,
+                photons_ms: float, stop: StopWait | None = None):
+    return timed_plan(RE, count([det], num=triggers), triggers * frames_per_trigger, exptime,
+                      photons_ms, stop)
 
 
 def measure(args, tmp: Path) -> list:
@@ -154,6 +166,17 @@ def measure(args, tmp: Path) -> list:
         rows.append((f"RE -> tiled, {n} frames in 1 trigger: overhead",
                      best(lambda: timed_count(RE, det, 1, n, args.exptime, photons, stop))))
         set_and_check(det.frames, 1)
+        points = np.linspace(400, 1600, n).round().astype(int)
+        points = points[0] + (points[1] - points[0]) * np.arange(n)      # evenly spaced integers
+        settle_s = 1e-3
+        rows.append((f"RE -> tiled, threshold scan step by step, {n} points: overhead",
+                     best(lambda: timed_plan(RE, scan([det], det.vthreshold, points[0],
+                                                      points[-1], n),
+                                             n, args.exptime, photons, stop))))
+        rows.append((f"RE -> tiled, threshold scan in the detector, {n} points: overhead",
+                     best(lambda: timed_plan(RE, detector_scan(det, det.vthreshold, points,
+                                                               settle_s=settle_s),
+                                             n, args.exptime + settle_s, photons, stop))))
         # the disk's pace drifts with what was written before (page cache, writeback)
         rows.append(("h5py floor again, after the runs",
                      (best(lambda: h5py_floor(tmp / "floor", args.frames)), None, None)))

@@ -226,10 +226,25 @@ class Eiger(InstrumentDevice):
 
     def unstage(self):
         try:
+            self._end_acquisition()
             set_and_check(self.capture, "Off")
         finally:
             self._frame_shape = None
         return super().unstage()
+
+    def _end_acquisition(self) -> None:
+        """Abort an acquisition still running (an interrupted plan: the RunEngine stops only
+        what it moved) and wait until the IOC takes puts again."""
+        if self.acquire_rbv.get(use_monitor=False) != "Acquire":
+            return
+        self.acquire.put("Done")
+        deadline = time.monotonic() + self.trigger_timeout_s
+        while self.acquire_rbv.get(use_monitor=False) == "Acquire":
+            if time.monotonic() > deadline:
+                raise EigerError(f"{self.prefix}Acquire did not end within "
+                                 f"{self.trigger_timeout_s:g} s of the abort; check the IOC "
+                                 f"({self.prefix}StatusMessage_RBV) and the detector")
+            time.sleep(0.02)
 
     def _shape(self) -> tuple[int, ...]:
         rows = int(self.rows.get(use_monitor=False))

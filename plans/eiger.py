@@ -70,6 +70,7 @@ from calbench.analysis.eiger_report import write_calibration_report
 from calbench.contracts.trimfile import (DAC_DEFAULTS, DAC_NAMES, IODELAY_DEFAULT,
                                          serial_from_hostname)
 from calbench.plans.derived_runs import record_results
+from calbench.plans import eiger_scans
 from calbench.plans.progress import point_progress
 from calbench.plans.toolkit import is_dry_run, put, read_or_nominal, reason
 from calbench.plans.toolkit import results_dir as toolkit_results_dir
@@ -125,6 +126,9 @@ class EigerCalibration:
     trim_prefix: Path | None = None
     summary_uid: str | None = None
     dry_run: bool = False       # simulated (summarize_plan): nominal decisions, no files
+    # scans run in the detector (one acquisition, a frame per point: plans/eiger_scans.py), as
+    # PSI's scripts do; False: a Channel Access set, acquire and read per point
+    detector_scan: bool = True
 
     def __post_init__(self):
         self.results_dir = Path(self.results_dir)
@@ -200,7 +204,7 @@ def current_calibration(det) -> EigerCalibration | None:
 
 def new_calibration(det, *, target: str = "Cu", gain: str | None = None,
                     results_dir: str | Path | None = None, settings_dir: str | Path | None = None,
-                    defaults: CalibrationDefaults | None = None):
+                    defaults: CalibrationDefaults | None = None, detector_scan: bool = True):
     """Plan: start a calibration of ``det`` (reads its det_id, geometry and hostnames) and make it
     the current one. results_dir defaults to the lab configuration's; gain to PSI's gain for the
     target (Cu -> gain5). Returns the EigerCalibration."""
@@ -236,7 +240,8 @@ def new_calibration(det, *, target: str = "Cu", gain: str | None = None,
                            results_dir=Path(results_dir),
                            settings_dir=Path(settings_dir) if settings_dir else None,
                            defaults=defaults, vthreshold=vthreshold_for_gain(gain, defaults),
-                           exptime_s=defaults.exptime_s, dry_run=dry)
+                           exptime_s=defaults.exptime_s, dry_run=dry,
+                           detector_scan=bool(detector_scan))
     if not dry:
         _CALIBRATIONS[det.name] = cal
     return cal
@@ -371,10 +376,12 @@ def _scan(det, box, cal: EigerCalibration, *, step: str, motor, points, target: 
         # found by the step's name, not list_scan's (list_scan lets md override both)
         plan_name=step, plan_args={"motor": motor.name, "points": [int(p) for p in points],
                                    "target": target, "exptime_s": float(exptime_s),
-                                   "run_id": int(run_id)})}
-    inner = point_progress(
-        bpp.subs_wrapper(list_scan([det], motor, [int(p) for p in points], md=_md), callbacks),
-        len(points), f"EIGER {step} on {target}")
+                                   "run_id": int(run_id), "detector_scan": cal.detector_scan})}
+    points = [int(p) for p in points]
+    scan_plan = (eiger_scans.detector_scan(det, motor, points, md=_md) if cal.detector_scan
+                 else list_scan([det], motor, points, md=_md))
+    inner = point_progress(bpp.subs_wrapper(scan_plan, callbacks), len(points),
+                           f"EIGER {step} on {target}")
     uid = yield from xrf_exposure(box, target, inner)
     if uid is None:           # a dry run: no run, no analysis; the step takes nominal decisions
         return None, None
@@ -435,15 +442,19 @@ def _calibration_for(det, cal: EigerCalibration | None):
 
 def setup_detector(det, *, target: str = "Cu", gain: str | None = None,
                    results_dir: str | Path | None = None, settings_dir: str | Path | None = None,
-                   defaults: CalibrationDefaults | None = None):
+                   defaults: CalibrationDefaults | None = None, detector_scan: bool = True):
     """Plan: PSI's ``setup_detector`` and a new current calibration.
 
-    Frames 1, period 0 s, exposure ``defaults.exptime_s`` (3 s), dynamic range 32 bit, every
-    trimbit 32, vtrim 2500, vrshaper 1600 (DAC units). Returns the EigerCalibration."""
+    No detector-side scan, frames 1, period 0 s, exposure ``defaults.exptime_s`` (3 s), dynamic
+    range 32 bit, every trimbit 32, vtrim 2500, vrshaper 1600 (DAC units). The calibration's
+    scans run in the detector unless ``detector_scan=False`` (then point by point over Channel
+    Access). Returns the EigerCalibration."""
     cal = yield from new_calibration(det, target=target, gain=gain, results_dir=results_dir,
-                                     settings_dir=settings_dir, defaults=defaults)
+                                     settings_dir=settings_dir, defaults=defaults,
+                                     detector_scan=detector_scan)
     d = cal.defaults
-    for signal, value, what in ((det.frames, d.nframes, "frames"),
+    for signal, value, what in ((det.scan, "0", "no detector-side scan"),
+                                (det.frames, d.nframes, "frames"),
                                 (det.period, d.period_s, "period"),
                                 (det.exptime, d.exptime_s, "exposure time"),
                                 (det.dynamic_range, d.dynamic_range, "dynamic range"),
@@ -749,21 +760,23 @@ def calibrate_eiger(det, box, target: str = "Cu", gain: str | None = None, *,
                     scurve_range: tuple[int, int, int] = DEFAULTS.scurve,
                     trimbit_step: int = DEFAULTS.trimbit_step, tau_ns: int = DEFAULTS.tau_ns,
                     defaults: CalibrationDefaults | None = None, plot: bool = True,
-                    report: bool = True, md: dict | None = None):
+                    report: bool = True, detector_scan: bool = True, md: dict | None = None):
     """Plan: the whole procedure (reference/eiger.md section 1) on ``target`` at ``gain`` (PSI's
     gain for the target by default: Cu -> gain5).
 
     setup_detector, vrf_scan, scurve (run 0), trimbit_scan, load_trimbits, verification_scurve
     (run 1), global_calibration. Results in {results_dir}/{det_id}/{gain}. Returns the
     EigerCalibration (``.results``, ``.files``, ``.uids``, ``.summary_uid`` for
-    ``reanalyse_calibration(catalog, summary_uid)``)."""
+    ``reanalyse_calibration(catalog, summary_uid)``). The scans run in the detector (one
+    acquisition each) unless ``detector_scan=False``."""
     line_energy(target)
     second = GLOBAL_TARGETS.get(target)
     if not second:
         raise CalibrationStepError(f"{target} has no second XRF target in PSI's pairing "
                                    f"({', '.join(GLOBAL_TARGETS)}); calibrate with one of those")
     cal = yield from setup_detector(det, target=target, gain=gain, results_dir=results_dir,
-                                    settings_dir=settings_dir, defaults=defaults)
+                                    settings_dir=settings_dir, defaults=defaults,
+                                    detector_scan=detector_scan)
     yield from vrf_scan(det, box, start=vrf_range[0], stop=vrf_range[1], step=vrf_range[2],
                         cal=cal, plot=plot, md=md)
     sc = {"start": scurve_range[0], "stop": scurve_range[1], "step": scurve_range[2]}

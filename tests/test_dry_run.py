@@ -82,9 +82,13 @@ def test_calibrate_eiger_outlines_every_step_and_writes_nothing(det, box, tmp_pa
     assert [md["target"] for md in scans] == ["Cu", "Cu", "Cu", "Cu", "Ge"]
     assert [md["run_id"] for md in scans] == [0, 0, 0, 1, 1]
     assert out.text.count("Open Run") == 11 and out.text.count("Close Run") == 11
-    # the scans move what they scan, with the XRF shutter open on their target
-    vrf_points = out.values(det.dacs.vrpreamp.name)
-    assert vrf_points[:2] == [1500, 1530] and len(vrf_points) == len(range(1500, 3800, 30))
+    # the scans run in the detector (PSI's range: np.arange(1500, 3800, 30) is 1500..3780),
+    # with the XRF shutter open on their target; the detector's scan is off again after each
+    scans_set = out.values(det.scan.name)
+    assert scans_set == ["0"] + [s for text in ("vrpreamp 1500 3780 30", "vthreshold 0 2000 40",
+                                                "trimbits 0 62 2", "vthreshold 0 2000 40",
+                                                "vthreshold 0 2000 40")
+                                 for s in (f"{text} 1ms", "0")]
     assert out.values(box.target.name) == ["Cu", "Cu", "Cu", "Cu", "Ge"]
     assert out.values(box.xrf_shutter.name).count("Open") == 5
     assert out.values(box.xrf_shutter.name).count("Closed") == 5

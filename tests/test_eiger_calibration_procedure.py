@@ -384,39 +384,45 @@ def test_a_target_not_installed_is_named(calibrated, eiger_lab, devices, RE):
     assert _shutters_closed(eiger_lab)
 
 
+@pytest.mark.parametrize("in_detector", [False, True], ids=["step_by_step", "in_detector"])
 def test_an_aborted_trimbit_scan_keeps_the_last_good_trim_and_its_partial_run(
-        calibrated, eiger_lab, devices, RE, cat):
+        calibrated, eiger_lab, devices, RE, cat, in_detector):
     from bluesky.utils import RunEngineInterrupted
 
     box, det = devices
+    cal = replace(calibrated, detector_scan=in_detector)
     before = _settings(eiger_lab)
     seen = []
 
-    def pause_at_fifth_event(name, doc):
+    def pause_mid_scan(name, doc):
         if name == "start":
             seen.append(doc["uid"])
-        if name == "event" and doc["seq_num"] == 5:
+        # step by step: after the fifth point; in the detector: before its acquisition starts
+        # (tests/test_eiger_detector_scan.py aborts one while it runs)
+        if (name == "event" and doc["seq_num"] == 5) or (in_detector and name == "descriptor"):
             # from another thread, as Ctrl-C would: the callback runs in the RunEngine's loop
             threading.Thread(target=RE.request_pause, kwargs={"defer": False}).start()
 
-    token = RE.subscribe(pause_at_fifth_event)
+    token = RE.subscribe(pause_mid_scan)
     try:
         with pytest.raises(RunEngineInterrupted):
-            RE(trimbit_scan(det, box, cal=calibrated, plot=False))
+            RE(trimbit_scan(det, box, cal=cal, plot=False))
         RE.abort("operator abort (test)")
     finally:
         RE.unsubscribe(token)
     _assert_unchanged(eiger_lab, before)
     assert _shutters_closed(eiger_lab)
+    assert det.scan.get(use_monitor=False) == "0"
     run = cat[seen[0]]
     stop = run.metadata["stop"]
     assert stop["exit_status"] == "abort"
-    assert stop["num_events"]["primary"] < run.metadata["start"]["num_points"]
+    assert stop["num_events"].get("primary", 0) < run.metadata["start"]["num_points"]
     assert run.metadata["start"]["step"] == "trimbit_scan"
 
 
+@pytest.mark.parametrize("in_detector", [False, True], ids=["step_by_step", "in_detector"])
 def test_an_exception_mid_scan_keeps_the_settings_and_marks_the_run_failed(
-        calibrated, eiger_lab, devices, RE, cat):
+        calibrated, eiger_lab, devices, RE, cat, in_detector):
     box, det = devices
     before = _settings(eiger_lab)
     seen = []
@@ -424,11 +430,13 @@ def test_an_exception_mid_scan_keeps_the_settings_and_marks_the_run_failed(
     def broken_consumer(name, doc):
         if name == "start":
             seen.append(doc["uid"])
-        if name == "event" and doc["seq_num"] == 4:
+        # step by step: the fourth point; in the detector, its points come as one page
+        if (name == "event" and doc["seq_num"] == 4) or name == "event_page":
             raise RuntimeError("disk full in a downstream consumer")
 
+    cal = replace(calibrated, detector_scan=in_detector)
     with pytest.raises(Exception, match="disk full"):
-        RE(scurve(det, box, cal=calibrated, plot=False), broken_consumer)
+        RE(scurve(det, box, cal=cal, plot=False), broken_consumer)
     _assert_unchanged(eiger_lab, before)
     assert _shutters_closed(eiger_lab)
     stop = cat[seen[0]].metadata["stop"]

@@ -4,6 +4,8 @@ run must read back as a step scan of the same points would: the same keys, one f
 the per-chip sums of those frames, and the physics of each step's setting."""
 from __future__ import annotations
 
+import threading
+
 import h5py
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from calbench.analysis.eiger_callbacks import StepAnalysis
 from calbench.devices.base import InstrumentRefused, set_and_check
 from calbench.plans.eiger_scans import detector_scan
 from calbench.plans.xray import tube_on, xrf_exposure
+from wait_support import wait_for
 
 KV, MA = 40.0, 40.0
 
@@ -147,3 +150,33 @@ def test_points_the_detector_cannot_scan_are_refused_before_anything_moves(det):
         list(detector_scan(det, det.vthreshold, [0, 100, 300]))
     with pytest.raises(ValueError, match="cannot be scanned by the detector"):
         list(detector_scan(det, det.exptime, [0.1, 0.2]))
+
+
+def test_an_abort_while_the_detector_scans_stops_it_and_switches_the_scan_off(lab, box, det, RE):
+    from bluesky.utils import RunEngineInterrupted
+
+    RE(tube_on(box, KV, MA))
+    set_and_check(det.exptime, 0.5)            # 30 points of 0.1 s (world at 5x): 3 s to abort in
+    ioc = lab.ioc("eiger")
+    seen = []
+
+    def pause_once_acquiring(name, doc):
+        if name == "start":
+            seen.append(doc["uid"])
+
+            def pause():
+                wait_for(lambda: ioc.detector_state.value == "Acquire", "the detector to acquire")
+                RE.request_pause(defer=False)
+
+            threading.Thread(target=pause, daemon=True).start()
+
+    with pytest.raises(RunEngineInterrupted):
+        RE(xrf_exposure(box, "Cu", detector_scan(det, det.vthreshold, np.arange(0, 2001, 69))),
+           pause_once_acquiring)
+    RE.abort("operator abort (test)")
+    wait_for(lambda: ioc.detector_state.value in ("Aborted", "Idle"), "the acquisition to end")
+    assert ioc.detector_state.value == "Aborted"
+    assert RE.catalog[seen[0]].metadata["stop"]["exit_status"] == "abort"
+    assert det.scan.get(use_monitor=False) == "0"
+    assert int(det.frames.get(use_monitor=False)) == 1
+    assert lab.backend("xraybox").xrf_beam()[1] == 0, "the XRF shutter must be closed"
