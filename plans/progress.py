@@ -31,8 +31,9 @@ class StepProgress:
 
 
 def point_progress(plan, total: int, desc: str):
-    """Plan wrapper: a bar that advances with each event of `plan`'s primary stream (its points),
-    with an ETA; closed however the plan ends. A dry run (no run uid comes back) shows no bar."""
+    """Plan wrapper: a bar that advances with each event of `plan`'s primary stream (its points;
+    a detector-side scan's all at once when collected), with an ETA; closed however the plan
+    ends. A dry run (no run uid comes back) shows no bar."""
     from bluesky import preprocessors as bpp
 
     state = {"stream": None, "done": 0, "bar": None}
@@ -43,9 +44,18 @@ def point_progress(plan, total: int, desc: str):
             state["bar"] = StepProgress(total, desc, unit="points")
         return uid
 
+    def collected(msg):
+        payload = yield msg          # a scan run in the detector: its points, collected at once
+        if state["bar"] is not None and payload:
+            state["done"] += len(payload)
+            state["bar"].update_to(state["done"])
+        return payload
+
     def count(msg):
         if msg.command == "open_run" and state["bar"] is None:
             return opened(msg), None
+        if msg.command == "collect" and msg.kwargs.get("name", "primary") == "primary":
+            return collected(msg), None
         if msg.command == "create":
             state["stream"] = msg.kwargs.get("name")
         elif msg.command == "save" and state["stream"] == "primary" and state["bar"] is not None:

@@ -180,3 +180,13 @@ def test_an_abort_while_the_detector_scans_stops_it_and_switches_the_scan_off(la
     assert det.scan.get(use_monitor=False) == "0"
     assert int(det.frames.get(use_monitor=False)) == 1
     assert lab.backend("xraybox").xrf_beam()[1] == 0, "the XRF shutter must be closed"
+
+
+def test_a_detector_scan_shows_its_points_in_the_progress_bar(box, det, RE, capsys):
+    from calbench.plans.progress import point_progress
+
+    RE(tube_on(box, KV, MA))
+    RE(xrf_exposure(box, "Cu", point_progress(
+        detector_scan(det, det.vthreshold, [800, 1000, 1200]), 3, "S-curve in the detector")))
+    err = capsys.readouterr().err
+    assert "S-curve in the detector: 100%" in err and "3.0/3.0 points" in err, err
