@@ -19,7 +19,8 @@ from calbench.devices.eiger_scan import EigerScan
 __all__ = ["detector_scan"]
 
 
-def detector_scan(det, signal, points, *, settle_s: float = 1e-3, md: dict | None = None):
+def detector_scan(det, signal, points: list[int], *, settle_s: float = 1e-3,
+                  md: dict | None = None):
     """Plan: scan ``signal`` (``det.vthreshold``, ``det.trimval`` or one of ``det.dacs``) over
     ``points`` (evenly spaced integers) in the detector, ``settle_s`` after each setting, with one
     frame of the detector's exposure per point. Returns the run's uid."""

@@ -5,6 +5,7 @@ import matplotlib
 if not matplotlib.get_backend().lower().startswith(("qt", "tk", "macosx", "nbagg", "module")):
     matplotlib.use("Agg")
 
+import numpy as np  # noqa: E402,F401
 import bluesky.plans as bp  # noqa: E402,F401
 import bluesky.plan_stubs as bps  # noqa: E402,F401
 import bluesky.preprocessors as bpp  # noqa: E402,F401

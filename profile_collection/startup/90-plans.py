@@ -6,6 +6,7 @@ from calbench.plans.xray import tube_on, select_target, open_xrf_shutter, close_
 from calbench.plans.eiger import (setup_detector, vrf_scan, scurve, trimbit_scan, load_trimbits,  # noqa: F401
                                   verification_scurve, global_calibration, calibrate_eiger,
                                   current_calibration)
+from calbench.plans.eiger_scans import detector_scan  # noqa: F401
 from calbench.analysis.eiger_reanalysis import reanalyse_calibration  # noqa: F401
 from calbench.plans.batmet import (collect_sink_calibration, calibrate_sink,  # noqa: F401
                                    write_sink_calibration, verify_sink_calibration)
