@@ -382,7 +382,7 @@ class EigerIOC(settings_group("EigerSettings", EIGER_SETTINGS, EigerFilePVs)):
         counters of a finished acquisition. ArrayCounter_RBV goes last: a client that sees it
         advance (monitor updates arrive in the order they were published) already holds this
         acquisition's values."""
-        n_frames, starts = len(result.frames), result.start_times
+        n_frames, starts = result.n_frames, result.start_times
         if reduced is not None:
             await self.publish(self.chip_sums, reduced.chip_sums, force=True)
             await self.publish(self.total_counts, reduced.total)

@@ -62,7 +62,7 @@ class EigerScanPVs(InstrumentGroup):
 
     async def publish_records(self, result, reduced) -> None:
         """Per-frame records of an acquisition (an Acquisition and its Reductions)."""
-        n = len(result.frames)
+        n = result.n_frames
         kept = min(n, MAX_FRAME_RECORDS)
         values = result.scan_values if result.scan_values is not None else np.full(n, -1)
         publish = self.parent.publish

@@ -38,13 +38,19 @@ def check_dac(name: str, value) -> int:
 
 @dataclass(frozen=True)
 class Acquisition:
-    """What an acquisition returns: the frames [n, rows, cols] (dtype of the dynamic range), the
-    world time (epoch s) each exposure started, whether it was aborted, and in a detector-side
-    scan the value the scanned DAC (or the trimbits) had during each frame."""
-    frames: NDArray
+    """What an acquisition returns: the frames [n, rows, cols] (dtype of the dynamic range; None
+    when each was handed to the caller's on_frame as it came and not kept: a 9M scan's frames
+    would be gigabytes), the world time (epoch s) each exposure started, whether it was
+    aborted, and in a detector-side scan the value the scanned DAC (or the trimbits) had during
+    each frame."""
+    frames: NDArray | None
     start_times: NDArray[np.float64]
     aborted: bool = False
     scan_values: NDArray[np.int64] | None = None
+
+    @property
+    def n_frames(self) -> int:
+        return len(self.start_times)
 
 
 # A detector-side scan (slsDetectorServer's set_scan): one acquisition, one frame per step, the

@@ -431,13 +431,15 @@ class EigerSim(PixelResponse):
     def acquire(self, on_frame: Callable[[int, NDArray], None] | None = None) -> Acquisition:
         """Take ``frames`` exposures of ``exptime`` world seconds, ``period`` apart (blocking; the
         IOC runs it in a worker thread). ``on_frame(i, frame)`` is called as each frame is read
-        out. `abort()` ends it early with the frames taken so far."""
+        out (and not kept). `abort()` ends it early with the frames taken so far."""
         self._check_responsive()
         self._abort.clear()
         n, exptime, scan = self.frames, self.exptime, self._scan
         # a scan waits its settle time after each setting (slsDetectorServer start_state_machine)
         spacing = max(self.period, exptime) + (scan.settle_s if scan else 0.0)
-        frames = np.empty((n,) + self.geometry.shape, frame_dtype(self.dr))
+        # kept only for a caller without on_frame (the IOC streams each frame to its file)
+        frames = (np.empty((n,) + self.geometry.shape, frame_dtype(self.dr))
+                  if on_frame is None else None)
         starts = np.empty(n)
         t0 = self.clock.now()
         done = 0
@@ -457,12 +459,14 @@ class EigerSim(PixelResponse):
             if abs(f1 - f0) > 1e-6 * max(f0, f1, 1.0) or e1 != e0:
                 # the beam changed during the exposure (shutter, target): average what was seen
                 frame = self._count(e1 if f1 >= f0 else e0, 0.5 * (f0 + f1), exptime)
-            frames[i] = frame
+            if frames is not None:
+                frames[i] = frame
             starts[i] = start
             done += 1
             if on_frame is not None:
                 on_frame(i, frame)
-        return Acquisition(frames=frames[:done], start_times=starts[:done],
+        return Acquisition(frames=frames[:done] if frames is not None else None,
+                           start_times=starts[:done],
                            aborted=done < n, scan_values=scan.values[:done] if scan else None)
 
     def _sleep_until(self, world_t: float) -> None:
