@@ -199,6 +199,11 @@ class PauseSafeSignal(CheckedSignal):
     def resume(self):
         self.root.resume()
 
+    def stop(self, *, success: bool = False):
+        # the RunEngine stops what a plan moved before it pauses and when a run ends (an abort
+        # after a pause included): a pause never resumed must not keep the next from acting
+        self.root.forget_pause()
+
 
 class PauseHooks:
     """Device mixin: `make_pause_safe()` returns what to restore on resume (None: nothing);
@@ -217,6 +222,12 @@ class PauseHooks:
             saved, self._pause_saved = self.__dict__.get("_pause_saved"), None
         if saved:
             self.restore_after_pause(saved)
+
+    def forget_pause(self) -> None:
+        """The pause (if any) is over without a resume: nothing to restore."""
+        lock = self.__dict__.setdefault("_pause_lock", threading.Lock())
+        with lock:
+            self._pause_saved = None
 
     def make_pause_safe(self):
         raise NotImplementedError

@@ -11,6 +11,10 @@ tiled queries and re-analysis serve both.
     flyer = EigerScan(det, det.vthreshold)
     RE(detector_scan(flyer, np.arange(0, 2001, 40)))        # plans/eiger_scans.py
 
+While the detector scans, each collect emits the steps acquired since the last (the IOC publishes
+its per-frame records and flushes their frames every half second), so live plots, progress bars
+and tiled follow the scan, and an interrupted scan keeps the steps collected before it stopped.
+
 The scanned signal is ``det.vthreshold``, ``det.trimval`` (a trimbit scan: every pixel's trimbits)
 or one of ``det.dacs``.
 """
@@ -33,9 +37,10 @@ class EigerScan:
         self.name = name or f"{det.name}_scan"
         self.parent = None
         self._complete: DeviceStatus | None = None
-        self._records: dict | None = None
         self._bundle = None
-        self._frames_done = 0            # frames of the run's file already described
+        self._first = 0                  # the file's frame of this acquisition's first step
+        self._rows = 0                   # steps of this acquisition collected
+        self._page: dict | None = None   # the steps the next collect emits
 
     @staticmethod
     def _target(det: Eiger, signal) -> str:
@@ -96,7 +101,8 @@ class EigerScan:
         if steps == 0:
             raise EigerError(f"{self.det.prefix}Scan is '0': put the scan (det.scan) before the "
                              "kickoff, or use the detector_scan plan, which does")
-        self._records = None
+        self._first += self._rows            # the file's frames of earlier acquisitions
+        self._rows, self._page = 0, None
         self._complete = self.det.trigger()
         done = Status(self)
         done.set_finished()
@@ -107,11 +113,14 @@ class EigerScan:
             raise EigerError(f"{self.name}: complete() before kickoff()")
         return self._complete
 
-    def _read_records(self) -> dict:
-        """Per-frame values of the acquisition just completed, from the IOC (read once)."""
-        if self._records is None:
+    def _pending(self) -> dict:
+        """The steps acquired since the last collect, read from the IOC's per-frame records
+        (NumImagesCounter_RBV first: the records then hold at least that many frames, which
+        the IOC flushed to the file before it counted them); read once per collect."""
+        if self._page is None:
             det = self.det
             n = int(det.images_counter.get(use_monitor=False))
+            new = slice(self._rows, max(n, self._rows))
             n_chips = int(det.n_chips.get())
             sums = np.asarray(det.frame_chip_sums.get(use_monitor=False), float)
             values = np.asarray(det.frame_values.get(use_monitor=False), np.int64)
@@ -120,37 +129,41 @@ class EigerScan:
                 raise EigerError(f"{det.prefix}FrameChipSums_RBV holds {sums.size // n_chips} "
                                  f"frames of the {n} acquired; the IOC publishes at most its "
                                  "MAX_FRAME_RECORDS: scan fewer steps")
-            self._records = {"sums": sums[:n * n_chips].reshape(n, n_chips),
-                             "values": values[:n], "starts": starts[:n]}
-        return self._records
+            self._page = {"sums": sums[:n * n_chips].reshape(n, n_chips)[new],
+                          "values": values[new], "starts": starts[new], "first": new.start}
+        return self._page
 
     def collect_asset_docs(self):
-        """The run file's StreamResource (once) and a StreamDatum of this acquisition's frames."""
-        records = self._read_records()
-        n = len(records["values"])
+        """The run file's StreamResource (once) and a StreamDatum of the steps since the last
+        collect (one frame each)."""
+        page = self._pending()
         if self._bundle is None:
             # the Eiger's resource of the run's file; each index is one frame here (the
             # descriptor's shape is a frame's)
             self._bundle = self.det._resource(self.det.full_file_name.get(use_monitor=False))
             yield "stream_resource", self._bundle.stream_resource_doc
+        n = len(page["values"])
         if n:
+            first = self._first + page["first"]
             yield "stream_datum", self._bundle.compose_stream_datum(
-                indices={"start": self._frames_done, "stop": self._frames_done + n})
-            self._frames_done += n
+                indices={"start": first, "stop": first + n})
 
     def collect(self):
-        """One event per step: the setting, the step's counts per chip and in total."""
-        records = self._read_records()
+        """One event per step since the last collect: the setting, the step's counts per chip
+        and in total."""
+        page = self._pending()
         det = self.det
-        for value, sums, start in zip(records["values"], records["sums"], records["starts"]):
+        for value, sums, start in zip(page["values"], page["sums"], page["starts"]):
             yield {"data": {self.x_key: int(value), det.chip_sums.name: sums,
                             det.total_counts.name: float(sums.sum())},
                    "timestamps": {self.x_key: float(start), det.chip_sums.name: float(start),
                                   det.total_counts.name: float(start)}}
+        self._rows += len(page["values"])
+        self._page = None
 
     # -- staging ----------------------------------------------------------------------------------
     def stage(self):
-        self._bundle, self._frames_done, self._records = None, 0, None
+        self._bundle, self._first, self._rows, self._page = None, 0, 0, None
         self.det.stage()
         return [self]
 

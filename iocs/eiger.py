@@ -45,6 +45,7 @@ Access; an error of the backend nobody expected becomes a fault on StatusMessage
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
@@ -58,7 +59,7 @@ from calbench.contracts.eiger_geometry import EigerGeometry, frame_dtype
 from calbench.contracts.trimfile import SETTINGS_NAMES, serial_from_hostname
 from calbench.iocs.base import InstrumentFault, Refused, enum_pv, string_pv
 from calbench.iocs.eiger_files import MAX_COUNTER, EigerFilePVs
-from calbench.iocs.eiger_hdf5 import acquire_to_file
+from calbench.iocs.eiger_hdf5 import FrameRecords, acquire_to_file
 from calbench.iocs.eiger_pvs import (ALL_DACS, EIGER_SETTINGS, LIVE_BINNING, MAX_TRIM_ENERGIES,
                                      TRIMBIT_CALLS, EigerDacs, LiveImage, SimControls, array_pv,
                                      float_pv, int_pv, size_waveforms)
@@ -355,8 +356,14 @@ class EigerIOC(settings_group("EigerSettings", EIGER_SETTINGS, EigerFilePVs)):
             await self.publish(self.images_counter, 0)
             try:
                 # on the worker thread; other puts are refused meanwhile
-                result, reduced = await self.worker.run(
-                    acquire_to_file, self.backend, self.geometry, path, self._stream_file)
+                progress, published = self._progress_publisher()
+                try:
+                    result, reduced = await self.worker.run(
+                        acquire_to_file, self.backend, self.geometry, path, self._stream_file,
+                        progress)
+                finally:     # the last records are the whole acquisition's, published below
+                    await asyncio.gather(*map(asyncio.wrap_future, published),
+                                         return_exceptions=True)
             except OSError as exc:
                 await self.refuse(f"writing {path or self._stream_file.path} failed: {exc}; "
                                   "check FilePath, free space and permissions")
@@ -376,6 +383,18 @@ class EigerIOC(settings_group("EigerSettings", EIGER_SETTINGS, EigerFilePVs)):
         await self.array_counter.write(int(self.array_counter_rbv.value))
         return result.aborted
 
+    def _progress_publisher(self):
+        """(progress, published): progress(records), for the worker thread, publishes a long
+        acquisition's records so far on the loop; published lists those publications."""
+        loop = asyncio.get_running_loop()
+        published: list = []
+
+        def progress(records: FrameRecords) -> None:
+            published.append(asyncio.run_coroutine_threadsafe(
+                self.scans.publish_records(records), loop))
+
+        return progress, published
+
     async def _publish_acquisition(self, result, reduced: Reductions | None,
                                    path: Path | None) -> None:
         """Reductions (computed on the worker thread), live image, per-frame records and
@@ -388,7 +407,8 @@ class EigerIOC(settings_group("EigerSettings", EIGER_SETTINGS, EigerFilePVs)):
             await self.publish(self.total_counts, reduced.total)
             await self.publish(self.image.array_data, reduced.live_image, force=True)
             await self.publish(self.acquire_start, float(starts[0]))
-            await self.scans.publish_records(result, reduced)
+            await self.scans.publish_records(
+                FrameRecords(reduced.frame_chip_sums, starts, result.scan_values))
         await self.publish(self.images_counter, n_frames)
         if path is not None:
             await self.publish(self.full_file_name, str(path))

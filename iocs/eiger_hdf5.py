@@ -8,6 +8,7 @@ metadata; iocs/eiger.py decides which file an acquisition writes (Single or Stre
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -18,25 +19,38 @@ from calbench.contracts.eiger_geometry import EigerGeometry, frame_dtype
 from calbench.iocs.eiger_reductions import FrameReducer
 
 FLUSH_EVERY_S = 0.5
+PROGRESS_EVERY_S = 0.5      # a long acquisition's frames so far, for live plots and progress
 
 
 def acquire_to_file(backend, geometry: EigerGeometry, path: Path | None,
-                    stream_file: "FrameFile | None"):
+                    stream_file: "FrameFile | None", progress=None):
     """Worker thread: run the acquisition, streaming its frames into the HDF5 file (a new one
     at ``path`` in Single mode, the open ``stream_file`` in Stream mode, none without Capture)
-    and reducing each (per-chip counts, total, live image).
+    and reducing each (per-chip counts, total, live image). Every PROGRESS_EVERY_S of a long
+    acquisition, ``progress(records)`` gets the FrameRecords so far, once their frames are
+    flushed (readers of the file see them).
     Returns (the backend's Acquisition, its reductions or None without frames); a new file is
     removed if the acquisition fails."""
     writer = FrameFile(path, geometry, backend) if path else stream_file
     reducer = FrameReducer(geometry)
+    scan = backend.scan()
+    starts: list[float] = []
+    last = [time.monotonic()]
 
-    def on_frame(index: int, frame: np.ndarray) -> None:
+    def on_frame(index: int, frame: np.ndarray, start: float) -> None:
         if writer is not None:
             writer.append(index, frame)
         reducer.add(frame)
+        starts.append(start)
+        if progress is not None and time.monotonic() - last[0] >= PROGRESS_EVERY_S:
+            if writer is not None:
+                writer.flush()
+            progress(FrameRecords(reducer.frame_chip_sums(), np.asarray(starts),
+                                  scan.values[:len(starts)] if scan else None))
+            last[0] = time.monotonic()
 
     if writer is not None:
-        writer.begin_acquisition(backend, backend.scan())
+        writer.begin_acquisition(backend, scan)
     try:
         result = backend.acquire(on_frame)
     except BaseException:
@@ -48,6 +62,19 @@ def acquire_to_file(backend, geometry: EigerGeometry, path: Path | None,
         if path is not None:
             writer.close()
     return result, reducer.result()
+
+
+@dataclass(frozen=True)
+class FrameRecords:
+    """Per-frame records of the frames acquired so far: counts per chip [n, chips], exposure
+    starts (world epoch s) and, in a scan, each step's setting."""
+    chip_sums: np.ndarray
+    start_times: np.ndarray
+    scan_values: np.ndarray | None
+
+    @property
+    def n_frames(self) -> int:
+        return len(self.start_times)
 
 
 class FrameFile:
@@ -101,8 +128,12 @@ class FrameFile:
         # SWMR readers see a long acquisition's frames within FLUSH_EVERY_S; a flush per frame
         # (a metadata write each) would double the cost of a short one
         if time.monotonic() - self._flushed >= FLUSH_EVERY_S:
-            self.dataset.flush()
-            self._flushed = time.monotonic()
+            self.flush()
+
+    def flush(self) -> None:
+        """The frames so far, visible to SWMR readers."""
+        self.dataset.flush()
+        self._flushed = time.monotonic()
 
     def end_acquisition(self, start_times: np.ndarray, scan_values=None) -> None:
         n = self.n_frames

@@ -54,6 +54,12 @@ class FrameReducer:
         self._last = binned(np.asarray(frame))
         self._per_frame.append(self._chips(self._last))
 
+    def frame_chip_sums(self) -> np.ndarray:
+        """[frames so far, chips]: each frame's counts per chip."""
+        if not self._per_frame:
+            return np.zeros((0, self.geometry.n_chips))
+        return np.stack(self._per_frame)
+
     def _chips(self, bins: np.ndarray) -> np.ndarray:
         """Counts per chip (chip order) of a binned frame: a chip is k x k bins."""
         k = CHIP_SIZE // LIVE_BINNING
@@ -67,7 +73,7 @@ class FrameReducer:
         """The acquisition's reductions; None when it took no frame."""
         if not self._per_frame:
             return None
-        per_frame = np.stack(self._per_frame)
+        per_frame = self.frame_chip_sums()
         chips = per_frame.sum(axis=0)        # exact: integer counts far below 2**53
         return Reductions(chip_sums=chips, total=float(chips.sum()),
                           live_image=self._last.astype(np.float32).ravel(),

@@ -60,16 +60,19 @@ class EigerScanPVs(InstrumentGroup):
         await self.parent.publish(self.scan_rbv, scan.text if scan else "0")
         await self.parent.publish(self.scan_steps, len(scan.values) if scan else 0)
 
-    async def publish_records(self, result, reduced) -> None:
-        """Per-frame records of an acquisition (an Acquisition and its Reductions)."""
-        n = result.n_frames
+    async def publish_records(self, records) -> None:
+        """Per-frame records (iocs/eiger_hdf5.py FrameRecords) of the acquisition so far, then
+        their count on NumImagesCounter_RBV: a client that reads the count, then the records,
+        finds at least that many."""
+        n = records.n_frames
         kept = min(n, MAX_FRAME_RECORDS)
-        values = result.scan_values if result.scan_values is not None else np.full(n, -1)
-        publish = self.parent.publish
-        await publish(self.frame_chip_sums, reduced.frame_chip_sums[:kept].ravel(), force=True)
-        await publish(self.frame_values, np.asarray(values[:kept], np.int32), force=True)
-        await publish(self.frame_start_times, np.asarray(result.start_times[:kept], float),
-                      force=True)
+        values = records.scan_values if records.scan_values is not None else np.full(n, -1)
+        ioc = self.parent
+        await ioc.publish(self.frame_chip_sums, records.chip_sums[:kept].ravel(), force=True)
+        await ioc.publish(self.frame_values, np.asarray(values[:kept], np.int32), force=True)
+        await ioc.publish(self.frame_start_times, np.asarray(records.start_times[:kept], float),
+                          force=True)
+        await ioc.publish(ioc.images_counter, n)
 
 
 def sized_lengths(n_chips: int) -> dict[str, int]:

@@ -6,8 +6,10 @@
 
 The run is recorded as a step scan of the same points would be (primary stream: the setting,
 counts per chip and total, the frame of each step), without a Channel Access round trip per
-point: PSI's own scripts scan this way (slsdet ``scan``). The detector's scan is switched off
-however the plan ends, which also puts its frames per acquisition back to 1.
+point: PSI's own scripts scan this way (slsdet ``scan``). The points are recorded as they are
+acquired (live plots and progress follow; an interrupted scan keeps what it took). The
+detector's scan is switched off however the plan ends, which also puts its frames per
+acquisition back to 1.
 """
 from __future__ import annotations
 
@@ -20,10 +22,11 @@ __all__ = ["detector_scan"]
 
 
 def detector_scan(det, signal, points: list[int], *, settle_s: float = 1e-3,
-                  md: dict | None = None):
+                  flush_period_s: float = 0.5, md: dict | None = None):
     """Plan: scan ``signal`` (``det.vthreshold``, ``det.trimval`` or one of ``det.dacs``) over
     ``points`` (evenly spaced integers) in the detector, ``settle_s`` after each setting, with one
-    frame of the detector's exposure per point. Returns the run's uid."""
+    frame of the detector's exposure per point; the points acquired so far are recorded every
+    ``flush_period_s`` while it runs. Returns the run's uid."""
     flyer = EigerScan(det, signal)
     params = flyer.parameters(points, settle_s)
     n = len(params.values)
@@ -39,8 +42,14 @@ def detector_scan(det, signal, points: list[int], *, settle_s: float = 1e-3,
     def run():
         yield from bps.declare_stream(flyer, name="primary", collect=True)
         yield from bps.kickoff(flyer, wait=True)
-        yield from bps.complete(flyer, wait=True)
-        yield from bps.collect(flyer, name="primary")
+        group = f"{flyer.name}-complete"
+        yield from bps.complete(flyer, group=group, wait=False)
+        done = False
+        while not done:          # the steps so far, every flush period, and the last ones
+            done = yield from bps.wait(group=group, timeout=flush_period_s,
+                                       error_on_timeout=False)
+            done = done is not False         # None: a dry run, nothing to wait for
+            yield from bps.collect(flyer, name="primary")
 
     def scan():
         yield from bps.mv(det.scan, params.text)

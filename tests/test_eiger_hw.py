@@ -447,7 +447,7 @@ def test_acquire_assembles_the_receivers_raw_files(hw, fake, dr):
     hw.set_frames(3)
     hw.set_test_pulses(5)
     seen = []
-    result = hw.acquire(lambda i, f: seen.append(i))
+    result = hw.acquire(lambda i, f, t: seen.append(i))
     assert result.frames.shape == (3, 512, 1024) and seen == [0, 1, 2]
     assert result.frames.dtype.itemsize == {4: 1, 8: 1, 12: 2, 16: 2, 32: 4}[dr]
     for i in range(3):

@@ -61,6 +61,26 @@ def test_pause_closes_the_xrf_shutter_keeps_the_lease_and_resume_reopens_it(lab,
     assert ioc.procedure_lease.state != HELD and not box.lease.held
 
 
+def test_a_pause_after_an_aborted_pause_still_closes_the_shutter(lab, RE):
+    """Abort after a pause (no resume), then pause again: the box must act again."""
+    box, sim = lab.device("xraybox"), lab.backend("xraybox")
+    RE(tube_on(box, 30.0, 10.0))
+    seen = []
+
+    def exposure():
+        yield from bps.checkpoint()
+        seen.append((yield from bps.rd(box.xrf_shutter)))
+        yield from bps.sleep(1.0)
+
+    for attempt in range(2):
+        seen.clear()
+        pause_when(lambda: seen and sim.read().shutters["XRF"], RE)
+        with pytest.raises(RunEngineInterrupted):
+            RE(xrf_exposure(box, "Cu", exposure()))
+        wait_for(lambda: not sim.read().shutters["XRF"], f"shutter closed by pause {attempt + 1}")
+        RE.abort("operator abort (test)")
+
+
 def test_pause_zeroes_the_sink_and_resume_restores_it(lab, RE):
     dmm, psu, sink = (lab.device(n) for n in ("dmm", "psu", "batmet"))
     world = lab.backend("batmet").sim.world

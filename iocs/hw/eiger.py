@@ -525,7 +525,8 @@ class EigerHardware:
         return float(max(self._call(lambda: self.det.temp.fpga[:])))
 
     # -- acquisition ----------------------------------------------------------------------------------
-    def acquire(self, on_frame: Callable[[int, NDArray], None] | None = None) -> Acquisition:
+    def acquire(self, on_frame: Callable[[int, NDArray, float], None] | None = None
+                ) -> Acquisition:
         """Acquire through the receiver's raw files (see the module docstring); run it in a worker
         thread. slsdet is asked for short things only (start, status, stop), so other threads
         (the IOC's event loop) keep running; `abort` ends it within one status poll."""
@@ -559,14 +560,15 @@ class EigerHardware:
         finally:
             for path in self._scratch.glob(f"{fname}_*_{findex}.*"):
                 path.unlink(missing_ok=True)
-        if on_frame is not None:
-            for i, frame in enumerate(frames):
-                on_frame(i, frame)
         period = max(self.period, self.exptime)
         if scan is not None:            # the server set each step before its frame
             period += scan.settle_s
             self._settings_changed = True
-        return Acquisition(frames=frames, start_times=start + period * np.arange(len(frames)),
+        starts = start + period * np.arange(len(frames))
+        if on_frame is not None:
+            for i, frame in enumerate(frames):
+                on_frame(i, frame, float(starts[i]))
+        return Acquisition(frames=frames, start_times=starts,
                            aborted=aborted or len(frames) < n,
                            scan_values=scan.values[:len(frames)] if scan else None)
 

@@ -428,10 +428,12 @@ class EigerSim(PixelResponse):
     def _beam(self) -> tuple[float, float]:
         return self.source() if self.source is not None else (0.0, 0.0)
 
-    def acquire(self, on_frame: Callable[[int, NDArray], None] | None = None) -> Acquisition:
+    def acquire(self, on_frame: Callable[[int, NDArray, float], None] | None = None
+                ) -> Acquisition:
         """Take ``frames`` exposures of ``exptime`` world seconds, ``period`` apart (blocking; the
-        IOC runs it in a worker thread). ``on_frame(i, frame)`` is called as each frame is read
-        out (and not kept). `abort()` ends it early with the frames taken so far."""
+        IOC runs it in a worker thread). ``on_frame(i, frame, start)`` is called as each frame is
+        read out (and the frame is not kept). `abort()` ends it early with the frames taken so
+        far."""
         self._check_responsive()
         self._abort.clear()
         n, exptime, scan = self.frames, self.exptime, self._scan
@@ -464,7 +466,7 @@ class EigerSim(PixelResponse):
             starts[i] = start
             done += 1
             if on_frame is not None:
-                on_frame(i, frame)
+                on_frame(i, frame, start)
         return Acquisition(frames=frames[:done] if frames is not None else None,
                            start_times=starts[:done],
                            aborted=done < n, scan_values=scan.values[:done] if scan else None)
