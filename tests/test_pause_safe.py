@@ -25,23 +25,24 @@ def pause_when(condition, RE):
     threading.Thread(target=watch, daemon=True).start()
 
 
+def _exposure(box, seen: list):
+    """A second of exposure after a checkpoint; notes the shutter it found."""
+    yield from bps.checkpoint()
+    seen.append((yield from bps.rd(box.xrf_shutter)))
+    yield from bps.sleep(1.0)
+
+
 def test_pause_closes_the_xrf_shutter_keeps_the_lease_and_resume_reopens_it(lab, RE):
     box, sim, ioc = lab.device("xraybox"), lab.backend("xraybox"), lab.ioc("xraybox")
     RE(tube_on(box, 30.0, 10.0))
     seen = []
-
-    def exposure():
-        yield from bps.checkpoint()
-        seen.append((yield from bps.rd(box.xrf_shutter)))
-        yield from bps.sleep(1.0)
-
     original = ioc.procedure_lease.timeout_s
     ioc.procedure_lease.timeout_s = 1.0
     try:
         wait_for(lambda: box.lease.timeout_s.get(use_monitor=False) == 1.0, "1 s lease published")
         pause_when(lambda: seen and sim.read().shutters["XRF"], RE)     # in the exposure
         with pytest.raises(RunEngineInterrupted):
-            RE(xrf_exposure(box, "Cu", exposure()))
+            RE(xrf_exposure(box, "Cu", _exposure(box, seen)))
         wait_for(lambda: not sim.read().shutters["XRF"], "shutter closed by the pause")
         # paused, the session renews: the lease outlives several of its timeouts
         t_pause = time.monotonic()
@@ -66,17 +67,11 @@ def test_a_pause_after_an_aborted_pause_still_closes_the_shutter(lab, RE):
     box, sim = lab.device("xraybox"), lab.backend("xraybox")
     RE(tube_on(box, 30.0, 10.0))
     seen = []
-
-    def exposure():
-        yield from bps.checkpoint()
-        seen.append((yield from bps.rd(box.xrf_shutter)))
-        yield from bps.sleep(1.0)
-
     for attempt in range(2):
         seen.clear()
         pause_when(lambda: seen and sim.read().shutters["XRF"], RE)
         with pytest.raises(RunEngineInterrupted):
-            RE(xrf_exposure(box, "Cu", exposure()))
+            RE(xrf_exposure(box, "Cu", _exposure(box, seen)))
         wait_for(lambda: not sim.read().shutters["XRF"], f"shutter closed by pause {attempt + 1}")
         RE.abort("operator abort (test)")
 
