@@ -49,6 +49,7 @@ IMAGE_KEY_SUFFIX = "_image"
 # monitor updates apart from put replies. Past it, the device asks the IOC directly (a fault
 # changes neither; a loaded machine may delay the updates).
 MONITOR_GRACE_S = 0.5
+PROGRESS_POLL_S = 0.5      # how often a long acquisition's frame count is checked
 
 
 class EigerError(RuntimeError):
@@ -288,16 +289,29 @@ class Eiger(InstrumentDevice):
                         put_done: threading.Event, deadline: float) -> None:
         """On the trigger thread (CA reads are not allowed from the put callback's thread)."""
         try:
-            if not put_done.wait(max(0.0, deadline - time.monotonic())):
-                raise EigerError(
-                    f"{self.prefix}Acquire did not complete within {self.trigger_timeout_s:g} s "
-                    f"after its exposure; check the IOC ({self.prefix}DetectorState_RBV, "
-                    f"{self.prefix}StatusMessage_RBV) and retry")
+            self._wait_for_acquisition(put_done, deadline)
             self._after_acquisition(*before)
         except Exception as exc:
             status.set_exception(exc)
         else:
             status.set_finished()
+
+    def _wait_for_acquisition(self, put_done: threading.Event, deadline: float) -> None:
+        """Until the Acquire put completes. It fails when the acquisition makes no progress for
+        trigger_timeout_s past its deadline: the IOC counts a long acquisition's frames as they
+        are written (NumImagesCounter_RBV), and a big detector's frames may take longer to write
+        than to expose."""
+        frames = -1
+        while not put_done.wait(min(PROGRESS_POLL_S, max(0.0, deadline - time.monotonic()))):
+            now = self.images_counter.get(use_monitor=False)
+            if now != frames:
+                frames = now
+                deadline = max(deadline, time.monotonic() + self.trigger_timeout_s)
+            elif time.monotonic() >= deadline:
+                raise EigerError(
+                    f"{self.prefix}Acquire did not complete: no new frame within "
+                    f"{self.trigger_timeout_s:g} s ({frames} taken); check the IOC "
+                    f"({self.prefix}DetectorState_RBV, {self.prefix}StatusMessage_RBV) and retry")
 
     def _after_acquisition(self, counter_before: int, refusals_before: int) -> None:
         def news():

@@ -8,8 +8,10 @@ signal, e.g. ``eiger_vthreshold``), the step's counts per chip and total, and th
 (``eiger_image``, a StreamResource / StreamDatum into the run's HDF5 file), so the same callbacks,
 tiled queries and re-analysis serve both.
 
-    flyer = EigerScan(det, det.vthreshold)
-    RE(detector_scan(flyer, np.arange(0, 2001, 40)))        # plans/eiger_scans.py
+    RE(detector_scan(det, det.vthreshold, np.arange(0, 2001, 40)))   # plans/eiger_scans.py
+
+which puts ``det.scan`` (the detector's scan), stages ``EigerScan(det, det.vthreshold)`` and
+kicks it off, collecting its steps until it completes.
 
 While the detector scans, each collect emits the steps acquired since the last (the IOC publishes
 its per-frame records and flushes their frames every half second), so live plots, progress bars

@@ -283,18 +283,18 @@ def test_a_reader_sees_the_frames_of_a_long_acquisition_while_it_runs(det):
         det.unstage()
 
 
-def test_an_acquisition_that_outlasts_its_timeout_fails_the_trigger(det):
-    """The trigger's own timeout (trigger_timeout_s past the exposures staged) fails the status
-    with the PVs to look at; a later acquisition is not held up by it."""
+def test_an_acquisition_that_stalls_past_its_timeout_fails_the_trigger(det):
+    """The trigger's own timeout (no new frame for trigger_timeout_s past the exposures
+    staged) fails the status with the PVs to look at; a later acquisition is not held up."""
     set_and_check(det.frames, 1)
     set_and_check(det.exptime, 0.1)
     det.trigger_timeout_s = 0.5
     det.stage()                                     # staged for one 0.1 s exposure ...
     try:
-        set_and_check(det.frames, 20)               # ... which now takes 20 world seconds
-        set_and_check(det.exptime, 1.0)
+        set_and_check(det.frames, 20)               # ... which now takes 20 x 30 world seconds:
+        set_and_check(det.exptime, 30.0)            # no frame for 6 s at the X-ray world's 5x
         status = det.trigger()
-        with pytest.raises(EigerError, match="Acquire did not complete.*DetectorState"):
+        with pytest.raises(EigerError, match="no new frame within 0.5 s.*DetectorState"):
             status.wait(60)
         det.stop()
         wait_until_idle(det)
@@ -304,6 +304,26 @@ def test_an_acquisition_that_outlasts_its_timeout_fails_the_trigger(det):
         det.trigger().wait(60)                      # the next trigger is served at once
     finally:
         det.trigger_timeout_s = 30.0
+        det.unstage()
+
+
+def test_an_acquisition_that_keeps_taking_frames_outlives_the_trigger_timeout(det):
+    """A big detector may write frames slower than it exposes them: a trigger fails only when
+    the frames stop coming, not when the staged exposures are over."""
+    set_and_check(det.frames, 1)
+    set_and_check(det.exptime, 0.1)
+    det.trigger_timeout_s = 1.5
+    det.stage()                                     # staged for one 0.1 s exposure ...
+    try:
+        set_and_check(det.frames, 20)               # ... which now takes 20 x 1 world second:
+        set_and_check(det.exptime, 1.0)             # 4 s at the X-ray world's 5x, a frame a 0.2 s
+        before = int(det.array_counter.get())
+        det.trigger().wait(120)
+        assert int(det.array_counter.get(use_monitor=False)) == before + 20
+    finally:
+        det.trigger_timeout_s = 30.0
+        set_and_check(det.frames, 1)
+        set_and_check(det.exptime, 0.1)
         det.unstage()
 
 
