@@ -197,9 +197,9 @@ def run_end_to_end(geometry: str, directory: Path, *, time_scale: float = 5.0,
                     rows[-1].rss_mb, rows[-1].ioc_mb = _rss_mb(), _vmhwm_mb(iocs.pid)
                 open_runs[doc["uid"]] = row = ScanRow(doc["step"], doc["target"], start=doc["time"])
                 rows.append(row)
-            elif name == "event" and open_runs:
+            elif name in ("event", "event_page") and open_runs:    # a detector scan: pages
                 for row in open_runs.values():
-                    row.points += 1
+                    row.points += 1 if name == "event" else len(doc["seq_num"])
             elif name == "stop" and doc["run_start"] in open_runs:
                 open_runs.pop(doc["run_start"]).stop = doc["time"]
 
