@@ -12,8 +12,9 @@
                                            chips], the scan step's setting (-1 outside a scan),
                                            the exposure's start (world epoch s)
 
-A scan is how PSI's scripts take S-curves: one acquisition instead of a Channel Access round trip
-per point (devices/eiger_scan.py records it as a run of one event per step).
+A scan is the detector server's own (slsDetectorServer set_scan): one acquisition instead of a
+Channel Access round trip per point (devices/eiger_scan.py records it as a run of one event per
+step).
 """
 from __future__ import annotations
 

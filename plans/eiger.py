@@ -126,8 +126,9 @@ class EigerCalibration:
     trim_prefix: Path | None = None
     summary_uid: str | None = None
     dry_run: bool = False       # simulated (summarize_plan): nominal decisions, no files
-    # scans run in the detector (one acquisition, a frame per point: plans/eiger_scans.py), as
-    # PSI's scripts do; False: a Channel Access set, acquire and read per point
+    # scans run in the detector (its server's scan: one acquisition, a frame per point;
+    # plans/eiger_scans.py); False: a Channel Access set, acquire and read per point, as PSI's
+    # sls_detector_tools scripts loop in Python
     detector_scan: bool = True
 
     def __post_init__(self):

@@ -6,7 +6,8 @@
 
 The run is recorded as a step scan of the same points would be (primary stream: the setting,
 counts per chip and total, the frame of each step), without a Channel Access round trip per
-point: PSI's own scripts scan this way (slsdet ``scan``). The points are recorded as they are
+point: the detector server's own scan (slsdet ``scan``; PSI's calibration scripts loop over
+the points in Python instead, reference/eiger.md). The points are recorded as they are
 acquired (live plots and progress follow; an interrupted scan keeps what it took). The
 detector's scan is switched off however the plan ends, which also puts its frames per
 acquisition back to 1.

@@ -54,8 +54,8 @@ class Acquisition:
 
 
 # A detector-side scan (slsDetectorServer's set_scan): one acquisition, one frame per step, the
-# server sets the DAC (or every trimbit) before each step and waits the settle time. PSI scans
-# this way; a step per frame over Channel Access costs about four round trips more per point.
+# server sets the DAC (or every trimbit) before each step and waits the settle time; a step per
+# frame over Channel Access costs about four round trips more per point.
 SCAN_TRIMBITS = "trimbits"
 SCAN_TARGETS: tuple[str, ...] = DAC_NAMES + ("vthreshold", SCAN_TRIMBITS)
 MAX_SCAN_STEPS = DAC_MAX - DAC_MIN + 1          # a whole DAC range in steps of one unit
