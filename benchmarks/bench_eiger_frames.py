@@ -171,8 +171,7 @@ def measure(args, tmp: Path) -> list:
         rows.append((f"RE -> tiled, {n} frames in 1 trigger: overhead",
                      best(lambda: timed_count(RE, det, 1, n, args.exptime, photons, stop))))
         set_and_check(det.frames, 1)
-        points = np.linspace(400, 1600, n).round().astype(int)
-        points = points[0] + (points[1] - points[0]) * np.arange(n)      # evenly spaced integers
+        points = 400 + 1200 // max(n - 1, 1) * np.arange(n)      # evenly spaced integers
         settle_s = 1e-3
         rows.append((f"RE -> tiled, threshold scan step by step, {n} points: overhead",
                      best(lambda: timed_plan(RE, scan([det], det.vthreshold, points[0],

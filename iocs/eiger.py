@@ -407,9 +407,10 @@ class EigerIOC(settings_group("EigerSettings", EIGER_SETTINGS, EigerFilePVs)):
             await self.publish(self.total_counts, reduced.total)
             await self.publish(self.image.array_data, reduced.live_image, force=True)
             await self.publish(self.acquire_start, float(starts[0]))
-            await self.scans.publish_records(
+            await self.scans.publish_records(      # NumImagesCounter_RBV last
                 FrameRecords(reduced.frame_chip_sums, starts, result.scan_values))
-        await self.publish(self.images_counter, n_frames)
+        else:
+            await self.publish(self.images_counter, n_frames)
         if path is not None:
             await self.publish(self.full_file_name, str(path))
             await self.publish(self.num_captured, n_frames)

@@ -35,19 +35,20 @@ def acquire_to_file(backend, geometry: EigerGeometry, path: Path | None,
     reducer = FrameReducer(geometry)
     scan = backend.scan()
     starts: list[float] = []
-    last = [time.monotonic()]
+    last = time.monotonic()
 
     def on_frame(index: int, frame: np.ndarray, start: float) -> None:
+        nonlocal last
         if writer is not None:
             writer.append(index, frame)
         reducer.add(frame)
         starts.append(start)
-        if progress is not None and time.monotonic() - last[0] >= PROGRESS_EVERY_S:
+        if progress is not None and time.monotonic() - last >= PROGRESS_EVERY_S:
             if writer is not None:
                 writer.flush()
             progress(FrameRecords(reducer.frame_chip_sums(), np.asarray(starts),
                                   scan.values[:len(starts)] if scan else None))
-            last[0] = time.monotonic()
+            last = time.monotonic()
 
     if writer is not None:
         writer.begin_acquisition(backend, scan)

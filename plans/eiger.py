@@ -365,6 +365,7 @@ def _scan(det, box, cal: EigerCalibration, *, step: str, motor, points, target: 
           md: dict | None = None):
     """One calibration scan with the XRF shutter open on ``target``; returns (uid, analysis)."""
     yield from _put(det.frames, cal.defaults.nframes, "setting the frames per point")
+    points = [int(p) for p in points]
     analysis = StepAnalysis(untrimmed=untrimmed)
     callbacks = [analysis] + ([plot()] if plot else [])
     # the operator's metadata first: the keys the analysis relies on cannot be overridden
@@ -375,10 +376,9 @@ def _scan(det, box, cal: EigerCalibration, *, step: str, motor, points, target: 
         untrimmed_trimval=int(cal.defaults.trimval),
         hints={"dimensions": [([motor.name], "primary")]},
         # found by the step's name, not list_scan's (list_scan lets md override both)
-        plan_name=step, plan_args={"motor": motor.name, "points": [int(p) for p in points],
+        plan_name=step, plan_args={"motor": motor.name, "points": points,
                                    "target": target, "exptime_s": float(exptime_s),
                                    "run_id": int(run_id), "detector_scan": cal.detector_scan})}
-    points = [int(p) for p in points]
     scan_plan = (eiger_scans.detector_scan(det, motor, points, md=_md) if cal.detector_scan
                  else list_scan([det], motor, points, md=_md))
     inner = point_progress(bpp.subs_wrapper(scan_plan, callbacks), len(points),

@@ -15,29 +15,10 @@ from calbench.analysis.eiger_callbacks import StepAnalysis
 from calbench.devices.base import InstrumentRefused, set_and_check
 from calbench.plans.eiger_scans import detector_scan
 from calbench.plans.xray import tube_on, xrf_exposure
+from eiger_lab_fixtures import box, det  # noqa: F401 - pytest fixtures
 from wait_support import wait_for
 
 KV, MA = 40.0, 40.0
-
-
-@pytest.fixture
-def box(lab):
-    box = lab.device("xraybox")
-    yield box
-    lab.backend("xraybox").make_safe()
-
-
-@pytest.fixture
-def det(lab):
-    det = lab.device("eiger")
-    det.data_dir = lab.cfg.data_dir
-    set_and_check(det.scan, "0")
-    for name, value in ((det.dynamic_range, 32), (det.exptime, 0.1), (det.frames, 1),
-                        (det.period, 0.0), (det.trimval, 32), (det.vthreshold, 1200),
-                        (det.dacs.vrpreamp, 3040), (det.dacs.vtrim, 2500), (det.test_pulses, 0)):
-        set_and_check(name, value)
-    yield det
-    set_and_check(det.scan, "0")
 
 
 def _collected(start, RE, uid):

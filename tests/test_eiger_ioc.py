@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import h5py
 import numpy as np
@@ -17,29 +18,10 @@ from calbench.contracts.trimfile import read_trim_file
 from calbench.devices.base import InstrumentRefused, set_and_check
 from calbench.devices.eiger import EigerError
 from calbench.plans.xray import tube_on, xrf_exposure
+from eiger_lab_fixtures import box, det  # noqa: F401 - pytest fixtures
 from wait_support import wait_for
 
 KV, MA = 40.0, 40.0
-
-
-@pytest.fixture
-def box(lab):
-    box = lab.device("xraybox")
-    yield box
-    lab.backend("xraybox").make_safe()
-
-
-@pytest.fixture
-def det(lab):
-    det = lab.device("eiger")
-    det.data_dir = lab.cfg.data_dir
-    sim = lab.backend("eiger")
-    for name, value in ((det.dynamic_range, 32), (det.exptime, 0.1), (det.frames, 1),
-                        (det.period, 0.0), (det.trimval, 32), (det.vthreshold, 1200),
-                        (det.dacs.vrpreamp, 3040), (det.dacs.vtrim, 2500), (det.test_pulses, 0)):
-        set_and_check(name, value)
-    yield det
-    sim.unresponsive = False
 
 
 def _beam_now(lab):
@@ -283,16 +265,29 @@ def test_a_reader_sees_the_frames_of_a_long_acquisition_while_it_runs(det):
         det.unstage()
 
 
+@contextmanager
+def _staged_short_then_long(det, trigger_timeout_s: float, exptime: float):
+    """The detector staged for one 0.1 s exposure (the trigger's deadline counts from that),
+    then set to 20 frames of ``exptime`` world seconds; put back afterwards."""
+    set_and_check(det.frames, 1)
+    set_and_check(det.exptime, 0.1)
+    det.trigger_timeout_s = trigger_timeout_s
+    det.stage()
+    try:
+        set_and_check(det.frames, 20)
+        set_and_check(det.exptime, exptime)
+        yield
+    finally:
+        det.trigger_timeout_s = 30.0
+        set_and_check(det.frames, 1)
+        set_and_check(det.exptime, 0.1)
+        det.unstage()
+
+
 def test_an_acquisition_that_stalls_past_its_timeout_fails_the_trigger(det):
     """The trigger's own timeout (no new frame for trigger_timeout_s past the exposures
     staged) fails the status with the PVs to look at; a later acquisition is not held up."""
-    set_and_check(det.frames, 1)
-    set_and_check(det.exptime, 0.1)
-    det.trigger_timeout_s = 0.5
-    det.stage()                                     # staged for one 0.1 s exposure ...
-    try:
-        set_and_check(det.frames, 20)               # ... which now takes 20 x 30 world seconds:
-        set_and_check(det.exptime, 30.0)            # no frame for 6 s at the X-ray world's 5x
+    with _staged_short_then_long(det, 0.5, 30.0):   # no frame for 6 s at the X-ray world's 5x
         status = det.trigger()
         with pytest.raises(EigerError, match="no new frame within 0.5 s.*DetectorState"):
             status.wait(60)
@@ -302,29 +297,15 @@ def test_an_acquisition_that_stalls_past_its_timeout_fails_the_trigger(det):
         set_and_check(det.exptime, 0.1)
         det.trigger_timeout_s = 30.0
         det.trigger().wait(60)                      # the next trigger is served at once
-    finally:
-        det.trigger_timeout_s = 30.0
-        det.unstage()
 
 
 def test_an_acquisition_that_keeps_taking_frames_outlives_the_trigger_timeout(det):
     """A big detector may write frames slower than it exposes them: a trigger fails only when
     the frames stop coming, not when the staged exposures are over."""
-    set_and_check(det.frames, 1)
-    set_and_check(det.exptime, 0.1)
-    det.trigger_timeout_s = 1.5
-    det.stage()                                     # staged for one 0.1 s exposure ...
-    try:
-        set_and_check(det.frames, 20)               # ... which now takes 20 x 1 world second:
-        set_and_check(det.exptime, 1.0)             # 4 s at the X-ray world's 5x, a frame a 0.2 s
+    with _staged_short_then_long(det, 1.5, 1.0):    # 4 s at the X-ray world's 5x, a frame a 0.2 s
         before = int(det.array_counter.get())
         det.trigger().wait(120)
         assert int(det.array_counter.get(use_monitor=False)) == before + 20
-    finally:
-        det.trigger_timeout_s = 30.0
-        set_and_check(det.frames, 1)
-        set_and_check(det.exptime, 0.1)
-        det.unstage()
 
 
 def test_a_detector_that_stops_answering_fails_the_trigger_with_the_reason(lab, det):

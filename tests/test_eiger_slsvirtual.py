@@ -538,17 +538,22 @@ def _psi_image(rig, dr: int, tmp_path) -> np.ndarray:
     return np.vstack([psi[256:], psi[:256]])
 
 
-@pytest.mark.parametrize("dr", [4, 16, 32])
-def test_one_frame_lands_in_hdf5_with_psis_geometry(rig, ca, dr, tmp_path):
+def _one_file_per_acquisition(rig, ca, name: str, dr: int) -> None:
+    """One 10 ms frame per acquisition at ``dr`` bit, each acquisition a file of its own."""
     ca.put("RateCorrTau", 0)
     ca.put("DynamicRange", dr)
     ca.put("NumImages", 1)
     ca.put("AcquireTime", 0.01)
     ca.put("AcquirePeriod", 0)
     ca.put("FilePath", str(rig.data))
-    ca.put("FileName", f"dr{dr}")
+    ca.put("FileName", name)
     ca.put("FileWriteMode", 0)                      # Single: one file per acquisition
     ca.put("Capture", 1)
+
+
+@pytest.mark.parametrize("dr", [4, 16, 32])
+def test_one_frame_lands_in_hdf5_with_psis_geometry(rig, ca, dr, tmp_path):
+    _one_file_per_acquisition(rig, ca, f"dr{dr}", dr)
     counter = ca.get("ArrayCounter_RBV")
     ca.put("Acquire", 1, timeout=WAIT_S)
     assert ca.get("DetectorState_RBV") == "Idle", ca.get("StatusMessage_RBV")
@@ -593,15 +598,7 @@ def test_a_detector_side_threshold_scan_takes_a_frame_per_step(rig, ca):
     """PSI's server runs the scan: slsdet's getScan and frames agree with the IOC, the receiver
     gets one frame per step, and the threshold is left at the last step."""
     d = rig.det
-    ca.put("RateCorrTau", 0)
-    ca.put("DynamicRange", 16)
-    ca.put("AcquireTime", 0.01)
-    ca.put("AcquirePeriod", 0)
-    ca.put("NumImages", 1)
-    ca.put("FilePath", str(rig.data))
-    ca.put("FileName", "scan")
-    ca.put("FileWriteMode", 0)
-    ca.put("Capture", 1)
+    _one_file_per_acquisition(rig, ca, "scan", 16)
     ca.put("Scan", "vthreshold 500 1500 250 2ms")
     assert ca.get("Scan_RBV") == "vthreshold 500 1500 250 2ms"
     assert ca.get("ScanSteps_RBV") == 5 == ca.get("NumImages_RBV") == d.frames
